@@ -1,0 +1,45 @@
+"""Typed errors. Every user-facing failure in pnc raises one of these.
+
+Each message says what was wrong and what to do instead; the CLI prints the
+message (no traceback) and exits with status 2.
+"""
+from __future__ import annotations
+
+
+class PncError(Exception):
+    """Base class of every error pnc raises on bad input."""
+
+
+class TraceError(PncError):
+    """torch.fx could not trace a model (names the module/op and how to mark it a leaf)."""
+
+
+class CutError(PncError, KeyError):
+    """A cut point name that does not exist in the traced graph."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelNotFoundError(PncError):
+    """An unknown architecture or zoo model name (lists close matches)."""
+
+
+class DataError(PncError):
+    """Missing, corrupt or empty data (says how to get it)."""
+
+
+class TaskError(PncError):
+    """An invalid clone task: overlapping, empty or out-of-range class sets."""
+
+
+class StoreError(PncError):
+    """A zoo checkpoint that is missing, corrupt or whose sha256 does not match its card."""
+
+
+class PatchError(PncError):
+    """A .pnc patch that is corrupt or made for other weights."""
+
+
+class ExportError(PncError):
+    """An ONNX file that is not a pnc export, or a branch/base that does not match its manifest."""
