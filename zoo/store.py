@@ -1,0 +1,209 @@
+"""The zoo's checkpoint store: ``<root>/<name>/model.safetensors`` + ``card.json``.
+
+The card records how to rebuild the model (architecture and kwargs), what its
+outputs mean (dataset class ids), how it was trained, and the sha256 of the
+weights file; :meth:`ZooStore.load` refuses weights whose hash does not match.
+Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+
+from pnc.surgery.errors import StoreError
+
+__all__ = ["state_dict_sha256", "file_sha256", "default_zoo_dir", "ModelCard", "ZooStore",
+           "atomic_write_bytes", "atomic_write_text", "package_versions"]
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "card.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def state_dict_sha256(module_or_state_dict: nn.Module | Mapping[str, Tensor]) -> str:
+    """Content hash of a state dict: for each key in sorted order, its name, dtype, shape and
+    the raw bytes of the contiguous CPU tensor. Equal iff every tensor is bitwise equal."""
+    state = module_or_state_dict.state_dict() if isinstance(module_or_state_dict, nn.Module) \
+        else module_or_state_dict
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file next to ``path``, then ``os.replace`` it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def default_zoo_dir(zoo_dir: str | Path | None = None) -> Path:
+    """``zoo_dir``, else ``$PNC_ZOO_DIR``, else ``$XDG_CACHE_HOME`` (or ``~/.cache``) ``/pnc/zoo``."""
+    if zoo_dir is not None:
+        return Path(zoo_dir).expanduser()
+    if os.environ.get("PNC_ZOO_DIR"):
+        return Path(os.environ["PNC_ZOO_DIR"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "pnc" / "zoo"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of torch, timm and pnc, recorded in every card."""
+    versions = {"torch": torch.__version__}
+    for pkg in ("timm", "pnc"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "unknown"
+    return versions
+
+
+@dataclass
+class ModelCard:
+    """What a zoo model is: rebuild recipe, output classes, training recipe, weights hash."""
+
+    name: str
+    arch: str
+    kwargs: dict[str, Any]  # archs.create kwargs, incl. in_chans and num_classes
+    dataset: str
+    classes: list[int]  # original dataset class ids = the model's outputs, in order
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: tuple[int, int, int]
+    test_accuracy: float
+    recipe: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""  # of model.safetensors bytes
+    versions: dict[str, str] = field(default_factory=package_versions)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelCard:
+        try:
+            data = json.loads(text)
+            data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
+            data["input_size"] = tuple(data["input_size"])
+            return cls(**data)
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise StoreError(f"not a pnc model card: {err}") from err
+
+
+class ZooStore:
+    """A folder of zoo models, ``<root>/<name>/{model.safetensors,card.json}``."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = default_zoo_dir(root)
+
+    def __repr__(self) -> str:
+        return f"ZooStore({str(self.root)!r})"
+
+    def path(self, name: str) -> Path:
+        if not _NAME.match(name):
+            raise StoreError(f"bad model name {name!r}: use letters, digits, '.', '_' and '-'")
+        return self.root / name
+
+    def names(self) -> list[str]:
+        """Names of the models that have a card, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.root.glob(f"*/{CARD_FILE}"))
+
+    def exists(self, name: str) -> bool:
+        return (self.path(name) / CARD_FILE).is_file()
+
+    def save(self, name: str, model: nn.Module, card: ModelCard) -> Path:
+        """Write the weights then the card (each atomically); fills ``card.sha256``."""
+        folder = self.path(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_model(model, tmp)
+            card.sha256 = file_sha256(tmp)
+            os.replace(tmp, folder / WEIGHTS_FILE)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        card.name = name
+        atomic_write_text(folder / CARD_FILE, card.to_json())
+        return folder
+
+    def _missing(self, name: str, what: str) -> StoreError:
+        have = ", ".join(self.names()) or "none"
+        return StoreError(f"zoo model {name!r} {what} in {self.root} (models there: {have}); train it "
+                          f"with `pnc zoo train --name {name} ...` or `pnc zoo pretrain-defaults`")
+
+    def card(self, name: str) -> ModelCard:
+        path = self.path(name) / CARD_FILE
+        if not path.is_file():
+            raise self._missing(name, "does not exist")
+        try:
+            return ModelCard.from_json(path.read_text())
+        except StoreError as err:
+            raise StoreError(f"{path}: {err}; retrain the model or delete {path.parent}") from err
+
+    def verify(self, name: str) -> bool:
+        """True iff the weights file exists and its sha256 equals the card's."""
+        card = self.card(name)
+        weights = self.path(name) / WEIGHTS_FILE
+        return weights.is_file() and file_sha256(weights) == card.sha256
+
+    def load(self, name: str) -> tuple[nn.Module, ModelCard]:
+        """Rebuild ``card.arch`` and load the verified weights; the model is in eval mode."""
+        from pnc.zoo import archs
+
+        card = self.card(name)
+        weights = self.path(name) / WEIGHTS_FILE
+        if not weights.is_file():
+            raise self._missing(name, f"has a card but no {WEIGHTS_FILE}")
+        actual = file_sha256(weights)
+        if actual != card.sha256:
+            raise StoreError(f"{weights} has sha256 {actual[:16]}..., its card says {card.sha256[:16]}...: "
+                             f"the weights were modified or corrupted; retrain with `pnc zoo train "
+                             f"--name {name} ...` (or `pnc zoo pretrain-defaults` for a default model)")
+        model = archs.create(card.arch, **card.kwargs)
+        try:
+            load_model(model, weights, strict=True)
+        except (SafetensorError, RuntimeError) as err:
+            raise StoreError(f"{weights} does not fit {card.arch}({card.kwargs}): {err}") from err
+        return model.eval(), card

@@ -1,0 +1,197 @@
+"""Class splits and the clone task (target classes T_t, source classes, cloned T_s).
+
+Label convention: a target model has ``len(target_classes)`` outputs (output j is
+class ``target_classes[j]``), a source model ``len(source_classes)``, and a cloned
+network outputs logits for ``target_classes + clone_classes`` in that order.
+"""
+from __future__ import annotations
+
+import json
+import re
+from numbers import Integral
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pnc.surgery.errors import TaskError
+from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
+
+__all__ = ["parse_classes", "select_classes", "CloneTask", "CLONE_PRESETS"]
+
+#: clone-set presets: the first round(p * n) source classes, at least one
+CLONE_PRESETS = {"S": 0.2, "M": 0.6}
+_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+
+
+def _class_id(token: str | int, class_names: list[str]) -> int:
+    n = len(class_names)
+    if isinstance(token, int) or (isinstance(token, str) and token.strip().isdigit()):
+        idx = int(token)
+        if not 0 <= idx < n:
+            raise TaskError(f"class id {idx} is out of range: the dataset has classes 0-{n - 1}")
+        return idx
+    lowered = {name.lower(): i for i, name in enumerate(class_names)}
+    idx = lowered.get(str(token).strip().lower())
+    if idx is None:
+        raise TaskError(f"unknown class {token!r}; use ids 0-{n - 1} or one of the names "
+                        f"{', '.join(class_names[:20])}{' ...' if n > 20 else ''}")
+    return idx
+
+
+def parse_classes(spec: str | Sequence[int | str], class_names: list[str]) -> list[int]:
+    """``"0-4"``, ``"5,7,9"``, ``"Sandal,Bag"`` or a sequence of ids/names -> class ids in the
+    given order. Duplicates, unknown names and out-of-range ids raise :class:`TaskError`."""
+    if isinstance(spec, str):
+        ids: list[int] = []
+        for part in (p for p in spec.split(",") if p.strip()):
+            match = _RANGE.match(part)
+            if match:
+                lo, hi = (_class_id(int(g), class_names) for g in match.groups())
+                if lo > hi:
+                    raise TaskError(f"class range {part.strip()!r} is empty; write it low-high")
+                ids.extend(range(lo, hi + 1))
+            else:
+                ids.append(_class_id(part, class_names))
+    else:
+        ids = [_class_id(t, class_names) for t in spec]
+    if not ids:
+        raise TaskError(f"empty class list {spec!r}; give ids like 0-4 or 5,7,9 or class names")
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise TaskError(f"class list {spec!r} names classes {dupes} more than once")
+    return ids
+
+
+def select_classes(data: ImageData, classes: Sequence[int], offset: int = 0) -> ImageData:
+    """Images of ``classes`` (dataset ids) relabelled ``offset + position in classes``."""
+    wanted = torch.as_tensor(list(classes), dtype=torch.int64)
+    index = torch.nonzero(torch.isin(data.y, wanted)).flatten()
+    position = (data.y[index].unsqueeze(1) == wanted).to(torch.int64).argmax(dim=1)
+    return data.subset(index, position + offset)
+
+
+@dataclass
+class CloneTask:
+    """Clone ``clone_classes`` (a subset of ``source_classes``, or the preset "S"/"M") from a
+    source model into a target model, with a ``fraction`` of their training images."""
+
+    dataset: DatasetSplits
+    target_classes: list[int]
+    source_classes: list[int]
+    clone_classes: list[int] | str
+    fraction: float = 0.3
+    seed: int = 0
+    _clone_index: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.dataset.classes)
+        for label, ids in (("target", self.target_classes), ("source", self.source_classes)):
+            if not ids:
+                raise TaskError(f"the {label} class set is empty")
+            self._check_ids(label, ids, n)
+        self.target_classes = [int(c) for c in self.target_classes]
+        self.source_classes = [int(c) for c in self.source_classes]
+        overlap = sorted(set(self.target_classes) & set(self.source_classes))
+        if overlap:
+            raise TaskError(f"target and source classes overlap in {overlap}; a clone task needs "
+                            "disjoint class sets")
+        if isinstance(self.clone_classes, str):
+            preset = self.clone_classes.upper()
+            if preset not in CLONE_PRESETS:
+                raise TaskError(f"unknown clone preset {self.clone_classes!r}; use "
+                                f"{' or '.join(CLONE_PRESETS)} or a list of source class ids")
+            count = max(1, round(CLONE_PRESETS[preset] * len(self.source_classes)))
+            self.clone_classes = self.source_classes[:count]
+        if not self.clone_classes:
+            raise TaskError("the clone class set is empty; use S, M or source class ids")
+        self._check_ids("clone", self.clone_classes, n)
+        self.clone_classes = [int(c) for c in self.clone_classes]
+        outside = [c for c in self.clone_classes if c not in self.source_classes]
+        if outside:
+            raise TaskError(f"clone classes {outside} are not source classes "
+                            f"{self.source_classes}; clone a subset of the source's classes")
+        if not 0.0 < self.fraction <= 1.0:
+            raise TaskError(f"fraction {self.fraction} must be in (0, 1]")
+
+    @staticmethod
+    def _check_ids(label: str, ids: Sequence[int], n: int) -> None:
+        bad = [c for c in ids if not (isinstance(c, Integral) and not isinstance(c, bool) and 0 <= c < n)]
+        if bad:
+            raise TaskError(f"{label} classes {bad} are out of range: the dataset has classes 0-{n - 1}")
+        if len(set(ids)) != len(ids):
+            raise TaskError(f"{label} classes {list(ids)} contain duplicates")
+
+    # --- per-model data -----------------------------------------------------------------
+    def target_train(self) -> ImageData:
+        return select_classes(self.dataset.train, self.target_classes)
+
+    def target_test(self) -> ImageData:
+        return select_classes(self.dataset.test, self.target_classes)
+
+    def source_train(self) -> ImageData:
+        return select_classes(self.dataset.train, self.source_classes)
+
+    def source_test(self) -> ImageData:
+        return select_classes(self.dataset.test, self.source_classes)
+
+    def source_label_index(self) -> list[int]:
+        """Output index in the source model of each clone class."""
+        return [self.source_classes.index(c) for c in self.clone_classes]
+
+    def clone_set(self) -> ImageData:
+        """A seeded ``fraction`` of each clone class's training images (at least one per class),
+        labelled ``len(target_classes) + position in clone_classes``."""
+        full = select_classes(self.dataset.train, self.clone_classes, offset=len(self.target_classes))
+        if self._clone_index is None:
+            gen = torch.Generator().manual_seed(self.seed)
+            picks = []
+            for label in range(len(self.target_classes), len(self.target_classes) + len(self.clone_classes)):
+                members = torch.nonzero(full.y == label).flatten()
+                keep = max(1, round(self.fraction * len(members)))
+                picks.append(members[torch.randperm(len(members), generator=gen)[:keep]])
+            self._clone_index = torch.cat(picks).sort().values
+        return full.subset(self._clone_index)
+
+    def eval_sets(self) -> dict[str, ImageData]:
+        """``ori``: test images of T_t (labels 0..|T_t|-1); ``tar``: of T_s (labels |T_t|+i);
+        ``avg``: both pooled. Labels index the cloned network's outputs."""
+        ori = self.target_test()
+        tar = select_classes(self.dataset.test, self.clone_classes, offset=len(self.target_classes))
+        pooled = ImageData(torch.cat([ori.x, tar.x]), torch.cat([ori.y, tar.y]))
+        return {"ori": ori, "tar": tar, "avg": pooled}
+
+    def joint_train(self) -> ImageData:
+        """All training images of T_t and T_s with the cloned network's labels (Joint baseline)."""
+        return select_classes(self.dataset.train, self.target_classes + self.clone_classes)
+
+    @property
+    def num_outputs(self) -> int:
+        """Outputs of the cloned network: |T_t| + |T_s|."""
+        return len(self.target_classes) + len(self.clone_classes)
+
+    # --- serialization ------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset.name, "data_dir": self.dataset.data_dir,
+                "input_size": list(self.dataset.input_size),
+                "target_classes": self.target_classes, "source_classes": self.source_classes,
+                "clone_classes": self.clone_classes, "fraction": self.fraction, "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, text: str | dict[str, Any], dataset: DatasetSplits | None = None) -> CloneTask:
+        """Rebuild a task; the dataset is reloaded unless ``dataset`` (the same one) is given."""
+        spec = json.loads(text) if isinstance(text, str) else dict(text)
+        try:
+            if dataset is None:
+                dataset = load_dataset(spec["dataset"], spec.get("data_dir"),
+                                       image_size=spec.get("input_size", [3, 64, 64])[-1])
+            elif dataset.name != spec["dataset"]:
+                raise TaskError(f"task is for dataset {spec['dataset']!r}, got {dataset.name!r}")
+            return cls(dataset, spec["target_classes"], spec["source_classes"], spec["clone_classes"],
+                       fraction=spec.get("fraction", 0.3), seed=spec.get("seed", 0))
+        except (KeyError, TypeError) as err:
+            raise TaskError(f"not a clone task description: missing or bad field {err}") from err

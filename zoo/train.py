@@ -1,0 +1,237 @@
+"""Seeded, resumable training of small classifiers, evaluation, and zoo model training.
+
+``fit`` runs minibatch SGD (Nesterov momentum 0.9, weight decay 5e-4, cosine learning
+rate per step) or AdamW. Every epoch draws its shuffling and its global RNG state
+(dropout, augmentation) from ``(seed, epoch)``, and the learning rate is a function of
+the step, so the only state to checkpoint is the weights and the optimizer buffers:
+an interrupted run resumed from its checkpoint ends with the same weights as an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import Tensor, nn
+
+from pnc.surgery.errors import DataError, StoreError
+from pnc.zoo import archs
+from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
+from pnc.zoo.store import ModelCard, ZooStore, atomic_write_bytes, atomic_write_text
+from pnc.zoo.tasks import parse_classes, select_classes
+
+__all__ = ["fit", "evaluate", "predict_logits", "train_zoo_model", "OPTIMIZERS", "STATE_FILE"]
+
+LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+#: optimizer name -> (factory(params, lr, weight_decay), its recorded hyper-parameters)
+OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]]] = {
+    "sgd": (lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd),
+            {"momentum": 0.9, "nesterov": True}),
+    "adamw": (lambda p, lr, wd: torch.optim.AdamW(p, lr=lr, weight_decay=wd), {"betas": [0.9, 0.999]}),
+}
+STATE_FILE = "state.json"
+
+
+def _cross_entropy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % (2**63)
+
+
+def _translate(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Random translation by up to H/8 pixels (zero = mean padding): (N, C, H, W) -> same."""
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=gen).tolist()
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[Tensor]:
+    """Shuffled index batches; the last partial batch is dropped unless it is the only one."""
+    order = torch.randperm(n, generator=gen)
+    full = n // batch_size
+    if full == 0:
+        return [order]
+    return list(order[: full * batch_size].split(batch_size))
+
+
+# --- checkpoints: <dir>/epoch-NNNN.safetensors (model + optimizer tensors) + state.json ---
+
+def _save_checkpoint(folder: Path, epoch: int, config: dict[str, Any], model: nn.Module,
+                     optimizer: torch.optim.Optimizer) -> None:
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim/{idx}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    weights = f"epoch-{epoch:04d}.safetensors"
+    atomic_write_bytes(folder / weights, save(tensors))
+    atomic_write_text(folder / STATE_FILE, json.dumps(
+        {"epoch": epoch, "weights": weights, "config": config, "optimizer_scalars": scalars}, indent=2))
+    for old in folder.glob("epoch-*.safetensors"):
+        if old.name != weights:
+            old.unlink()
+
+
+def _load_checkpoint(folder: Path, config: dict[str, Any], model: nn.Module,
+                     optimizer: torch.optim.Optimizer, console) -> int:
+    """Restore model and optimizer from ``folder``; returns the number of finished epochs."""
+    state_path = folder / STATE_FILE
+    if not state_path.is_file():
+        return 0
+    try:
+        state = json.loads(state_path.read_text())
+        if state["config"] != config:
+            changed = sorted(k for k in set(config) | set(state["config"])
+                             if config.get(k) != state["config"].get(k))
+            console.print(f"[yellow]checkpoint {folder} is from a run with other settings "
+                          f"({', '.join(changed)}); starting over[/]")
+            return 0
+        tensors = load_file(folder / state["weights"])
+    except (OSError, json.JSONDecodeError, KeyError, SafetensorError) as err:
+        raise StoreError(f"training checkpoint {folder} is unreadable ({err}); delete the folder "
+                         "to start the run over") from err
+    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    optim_state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, idx, name = key.split("/", 2)
+            optim_state.setdefault(int(idx), {})[name] = value
+    for idx, values in state["optimizer_scalars"].items():
+        optim_state.setdefault(int(idx), {}).update(values)
+    full = optimizer.state_dict()
+    full["state"] = optim_state
+    optimizer.load_state_dict(full)
+    return int(state["epoch"])
+
+
+def fit(model: nn.Module, data: ImageData, *, epochs: int, lr: float, seed: int,
+        batch_size: int = 128, checkpoint: Path | str | None = None, augment: bool = False,
+        loss_fn: LossFn | None = None, params: Iterable[nn.Parameter] | None = None,
+        progress: bool = True, desc: str = "train", optimizer: str = "sgd",
+        weight_decay: float = 5e-4,
+        on_epoch_end: Callable[[int, float], None] | None = None) -> nn.Module:
+    """Train ``model`` in place on ``data`` (x: (N, C, H, W), y: (N,)) and return it in eval mode.
+
+    ``loss_fn(model, x, y) -> scalar`` replaces cross-entropy on ``model(x)``; ``params``
+    restricts what is optimized (default: every parameter that requires grad). With
+    ``checkpoint`` (a folder) the run saves after each epoch and resumes from there.
+    ``on_epoch_end(epoch, mean_loss)`` runs after each epoch's checkpoint.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    if len(data) == 0:
+        raise DataError("cannot train on an empty dataset; check the class list")
+    loss_fn = loss_fn or _cross_entropy
+    trainable = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    opt = OPTIMIZERS[optimizer][0](trainable, lr, weight_decay)
+    config = {"epochs": epochs, "lr": lr, "seed": seed, "batch_size": batch_size, "augment": augment,
+              "optimizer": optimizer, "weight_decay": weight_decay, "samples": len(data)}
+    console = Console(stderr=True)
+    folder = Path(checkpoint) if checkpoint is not None else None
+    start = _load_checkpoint(folder, config, model, opt, console) if folder else 0
+    steps_per_epoch = len(_batches(len(data), batch_size, torch.Generator()))
+    total = max(1, epochs * steps_per_epoch)
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task(desc, total=total, completed=start * steps_per_epoch, loss=float("nan"))
+        for epoch in range(start, epochs):
+            model.train()
+            gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+            running, count = 0.0, 0
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_epoch_seed(seed, epoch))
+                for i, index in enumerate(_batches(len(data), batch_size, gen)):
+                    step = epoch * steps_per_epoch + i
+                    for group in opt.param_groups:
+                        group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / total))
+                    x, y = data.x[index], data.y[index]
+                    if augment:
+                        x = _translate(x, gen)
+                    loss = loss_fn(model, x, y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    running += float(loss.detach()) * len(index)
+                    count += len(index)
+                    bar.update(task, advance=1, loss=running / count,
+                               description=f"{desc} epoch {epoch + 1}/{epochs}")
+            if folder is not None:
+                _save_checkpoint(folder, epoch + 1, config, model, opt)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, running / count)
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: ImageData, batch_size: int = 512) -> Tensor:
+    """Logits (N, num_outputs) of ``model`` in eval mode; its train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(x) for x in data.x.split(batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model: nn.Module, data: ImageData, batch_size: int = 512) -> float:
+    """Top-1 accuracy (a fraction) of ``model`` on ``data``."""
+    if len(data) == 0:
+        raise DataError("cannot evaluate on an empty dataset; check the class list")
+    return float((predict_logits(model, data, batch_size).argmax(dim=1) == data.y).float().mean())
+
+
+def train_zoo_model(store: ZooStore, name: str, arch: str, dataset: str | DatasetSplits,
+                    classes: str | Sequence[int | str], epochs: int, lr: float, seed: int,
+                    data_dir: str | None = None, arch_kwargs: dict[str, Any] | None = None, *,
+                    batch_size: int = 128, optimizer: str = "sgd", weight_decay: float = 5e-4,
+                    augment: bool = False, progress: bool = True) -> ModelCard:
+    """Build ``arch`` (initialized from ``seed``) with one output per class of ``classes``,
+    train it on those classes' training images (checkpoints under ``<zoo>/<name>/.ckpt``,
+    removed when done), test it on their test images, and save it with its card."""
+    splits = dataset if isinstance(dataset, DatasetSplits) else load_dataset(dataset, data_dir)
+    class_ids = parse_classes(classes, splits.classes)
+    kwargs = {**archs.input_kwargs(arch, splits.input_size), **(arch_kwargs or {}),
+              "num_classes": len(class_ids)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = archs.create(arch, **kwargs)
+    ckpt = store.path(name) / ".ckpt"
+    began = time.perf_counter()
+    fit(model, select_classes(splits.train, class_ids), epochs=epochs, lr=lr, seed=seed,
+        batch_size=batch_size, checkpoint=ckpt, augment=augment, optimizer=optimizer,
+        weight_decay=weight_decay, progress=progress, desc=name)
+    seconds = time.perf_counter() - began
+    accuracy = evaluate(model, select_classes(splits.test, class_ids))
+    card = ModelCard(
+        name=name, arch=arch, kwargs=kwargs, dataset=splits.name, classes=class_ids,
+        class_names=[splits.classes[c] for c in class_ids], mean=splits.mean, std=splits.std,
+        input_size=splits.input_size, test_accuracy=round(accuracy, 6),
+        recipe={"epochs": epochs, "lr": lr, "seed": seed, "batch_size": batch_size,
+                "optimizer": optimizer, **OPTIMIZERS[optimizer][1], "weight_decay": weight_decay,
+                "schedule": "cosine per step", "augment": augment, "loss": "cross_entropy",
+                "train_images": int(sum(int((splits.train.y == c).sum()) for c in class_ids)),
+                "train_seconds": round(seconds, 2)})
+    store.save(name, model, card)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return card
