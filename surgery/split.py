@@ -1,0 +1,107 @@
+"""Cut a traced model into pieces that share its parameters.
+
+``extract(traced, start, outputs)`` builds the sub-graph that computes ``outputs`` from
+the tensor at node ``start``; ``split(model, cut)`` is the prefix/suffix pair with
+``suffix(prefix(x)) == model(x)`` exactly.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from pnc.surgery.errors import CutError
+from pnc.surgery.tracing import TracedModel, default_input, trace
+
+if TYPE_CHECKING:
+    from pnc.surgery.cut_points import CutPoint
+
+__all__ = ["extract", "split", "check_node_name"]
+
+
+def check_node_name(traced: TracedModel, name: str) -> None:
+    """Raise CutError unless ``name`` is a tensor-valued node of ``traced``."""
+    if name in traced.shapes:
+        return
+    near = difflib.get_close_matches(name, list(traced.shapes), n=6, cutoff=0.4)
+    hint = f" Did you mean {', '.join(near)}?" if near else ""
+    raise CutError(
+        f"{name!r} is not a tensor node of {type(traced.model).__name__}.{hint} "
+        "List the valid cut points with `pnc cuts MODEL` or pnc.surgery.cut_points.cut_points(model)."
+    )
+
+
+def _needed(traced: TracedModel, start: str, outputs: Sequence[str], from_input: bool) -> set[str]:
+    """Nodes computed between ``start`` and ``outputs``; CutError if a path bypasses ``start``."""
+    needed: set[str] = set()
+    for out in outputs:
+        stack = [out]
+        while stack:
+            name = stack.pop()
+            if name in needed:
+                continue
+            needed.add(name)
+            if name == start:
+                continue
+            if name == traced.input_node and not from_input:
+                raise CutError(
+                    f"{start!r} is not a cut for {out!r}: data reaches {out!r} from the input without "
+                    f"passing through {start!r} (a skip connection around it?). Pick a cut point listed by "
+                    "cut_points(), which every path from the input goes through."
+                )
+            stack.extend(traced.graph.predecessors(name))
+    return needed
+
+
+def extract(traced: TracedModel, start: str | None, outputs: Sequence[str]) -> fx.GraphModule:
+    """GraphModule mapping the tensor at node ``start`` (the model input if None) to ``outputs``.
+
+    Returns one tensor for one output name, else a tuple in the given order. Submodules,
+    parameters and buffers are the model's own objects (shared, not copied).
+    """
+    if isinstance(outputs, str):
+        outputs = [outputs]
+    if not outputs:
+        raise CutError("extract() needs at least one output node name.")
+    for name in [*([start] if start is not None else []), *outputs]:
+        check_node_name(traced, name)
+    source = traced.input_node if start is None else start
+    needed = _needed(traced, source, outputs, from_input=start is None)
+
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in traced.gm.graph.nodes:
+        if node.name not in needed:
+            continue
+        if node.name == source:
+            env[node] = graph.placeholder(node.name)
+            env[node].meta = dict(node.meta)
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    index = {n.name: n for n in traced.gm.graph.nodes}
+    results = [env[index[name]] for name in outputs]
+    graph.output(results[0] if len(results) == 1 else tuple(results))
+    graph.lint()
+    return fx.GraphModule(traced.gm, graph, f"{type(traced.model).__name__}Piece")
+
+
+def split(
+    model_or_traced: nn.Module | TracedModel, cut: str | CutPoint, example_input: torch.Tensor | None = None
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(prefix, suffix) at ``cut``: prefix(x) is the tensor at the cut, suffix(prefix(x)) == model(x).
+
+    ``model_or_traced`` may be an nn.Module, traced on ``example_input`` (default: one
+    image of the model's timm input size).
+    """
+    traced = model_or_traced if isinstance(model_or_traced, TracedModel) else trace(
+        model_or_traced, example_input if example_input is not None else default_input(model_or_traced)
+    )
+    name = cut if isinstance(cut, str) else cut.node
+    check_node_name(traced, name)
+    if name == traced.input_node or name == traced.output_node:
+        raise CutError(f"{name!r} is the model's input or output; a cut must lie strictly between them.")
+    return extract(traced, None, [name]), extract(traced, name, [traced.output_node])
+

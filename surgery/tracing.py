@@ -1,0 +1,386 @@
+"""Trace a backbone into an fx graph and a data-flow graph, specialised to one input shape.
+
+The tracer is torch.fx's, with timm's leaf modules and autowrapped functions, plus
+*concrete evaluation*: every node is also executed on the example input while it is
+traced. Reads of tensor metadata (``x.shape``, ``x.size(1)``, ``x.dim()``, ``len(x)``,
+``x.dtype``, ``x.device``) therefore return plain Python values instead of graph nodes,
+so ``B, N, C = x.shape`` becomes constants, shape-dependent Python branches are taken
+as they would be for that input, and the data-flow graph has no edge that carries only
+a shape. Branches on tensor *values* still fail: they are data-dependent.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx import _symbolic_trace
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.proxy import Attribute
+
+from pnc.surgery.errors import TraceError
+
+__all__ = ["TracedModel", "trace", "owning_module", "default_input", "evaluating"]
+
+#: tensor methods that only read metadata; traced as their value for the example input
+_METADATA_METHODS = frozenset({
+    "size", "dim", "ndimension", "numel", "nelement", "element_size", "stride",
+    "storage_offset", "get_device", "is_contiguous", "is_floating_point", "is_complex",
+})
+#: ops whose result depends on their tensor arguments' shape/dtype only (folded to constants)
+_SHAPE_ONLY_FUNCTIONS = frozenset({
+    torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.numel,
+})
+_SHAPE_ONLY_METHODS = frozenset({"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"})
+
+
+@dataclass
+class TracedModel:
+    """A model traced for one input shape.
+
+    ``gm`` shares the model's parameters and buffers (no copies); ``graph`` is the data
+    flow between fx node names (edge u -> v when v reads u's value); ``shapes`` maps every
+    tensor-valued node to its shape *including* the batch dimension.
+    """
+
+    gm: fx.GraphModule
+    graph: nx.DiGraph
+    shapes: dict[str, tuple[int, ...]]
+    example_input: torch.Tensor
+    model: nn.Module
+
+    @property
+    def input_node(self) -> str:
+        """Name of the placeholder that receives the model input."""
+        return next(n.name for n in self.gm.graph.nodes if n.op == "placeholder")
+
+    @property
+    def output_node(self) -> str:
+        """Name of the node whose value the model returns (the logits for a classifier)."""
+        out = next(n for n in self.gm.graph.nodes if n.op == "output")
+        value = out.args[0]
+        if not isinstance(value, fx.Node):
+            raise TraceError(
+                f"{type(self.model).__name__} returns {type(value).__name__}, not one tensor; "
+                "wrap it in a module whose forward returns the tensor to cut through."
+            )
+        return value.name
+
+    def node(self, name: str) -> fx.Node:
+        """The fx node called ``name`` (KeyError if absent)."""
+        return _node_index(self.gm)[name]
+
+
+def owning_module(node: fx.Node) -> str:
+    """Path of the innermost module whose forward created ``node`` ("" for the root)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""
+
+
+def _node_index(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {n.name: n for n in gm.graph.nodes}
+
+
+def _value(arg: Any) -> Any:
+    """Replace every proxy inside ``arg`` by its concrete value."""
+    return fx.node.map_aggregate(arg, lambda a: a.value if isinstance(a, fx.Proxy) else a)
+
+
+def _has_proxy(arg: Any) -> bool:
+    found = False
+
+    def visit(a: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(a, fx.Proxy)
+        return a
+
+    fx.node.map_aggregate(arg, visit)
+    return found
+
+
+class _ConcreteProxy(fx.Proxy):
+    """A proxy that also carries the value its node takes on the example input."""
+
+    value: Any
+
+    def __getattr__(self, k: str) -> Any:
+        if k == "value" or (k.startswith("__") and k.endswith("__")):
+            raise AttributeError(k)
+        attr = getattr(self.value, k)
+        if isinstance(attr, torch.Tensor) or callable(attr):
+            return _ConcreteAttribute(self, k)
+        return attr  # metadata: shape, ndim, dtype, device, requires_grad, ...
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    def __iter__(self) -> Iterator[Any]:
+        for i in range(len(self.value)):
+            yield self[i]
+
+    def __bool__(self) -> bool:
+        module = self.tracer.current_module()
+        raise TraceError(
+            f"data-dependent control flow in {module}: a Python `if`/`while`/`and`/`or` "
+            "reads the value of a tensor, which a graph cannot record."
+            + _leaf_hint(self.tracer.current_module_type())
+        )
+
+
+class _ConcreteAttribute(_ConcreteProxy, Attribute):
+    """``proxy.attr`` for tensor-valued attributes and methods (resolved lazily, as in fx)."""
+
+    @property
+    def value(self) -> Any:  # type: ignore[override]
+        return getattr(self.root.value, self.attr)
+
+
+def _leaf_hint(cls: type | None) -> str:
+    if cls is None or cls is type(None):
+        return " Fix the model's forward so that it does not branch on tensor values."
+    return (
+        f" Mark the module a leaf so that it is called as one opaque op: "
+        f"`timm.layers.register_notrace_module({cls.__module__}.{cls.__qualname__})` "
+        f"before tracing, or pass `leaf_modules=[{cls.__qualname__}]` to pnc.surgery.tracing.trace()."
+    )
+
+
+class _ConcreteTracer(fx.Tracer):
+    """torch.fx tracer that evaluates each node on concrete values while recording it."""
+
+    def __init__(self, leaf_modules: Sequence[type], autowrap_functions: Sequence[Callable], inputs: dict[str, Any]):
+        super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(autowrap_functions))
+        self.leaf_types = tuple(leaf_modules)
+        self.inputs = inputs
+
+    def current_module(self) -> str:
+        if not self.module_stack:
+            return "the model's own forward"
+        path, cls = next(reversed(self.module_stack.values()))
+        return f"module '{path}' ({cls.__qualname__})"
+
+    def current_module_type(self) -> type | None:
+        return next(reversed(self.module_stack.values()))[1] if self.module_stack else None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ConcreteProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if kind == "call_method" and (target in _METADATA_METHODS or target in _SHAPE_ONLY_METHODS):
+            return getattr(_value(args[0]), target)(*_value(args[1:]), **_value(kwargs))
+        if kind == "call_function" and target in _SHAPE_ONLY_FUNCTIONS:
+            return target(*_value(args), **_value(kwargs))
+        if kind == "call_method" and target == "type_as":  # only the other tensor's dtype is read
+            return self.create_proxy("call_method", "to", (args[0], _value(args[1]).dtype), {})
+        value = self._evaluate(kind, target, args, kwargs)
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        proxy.value = value
+        return proxy
+
+    def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        with _eager():
+            return self._run(kind, target, _value(args), _value(kwargs))
+
+    def _run(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        if kind == "placeholder":
+            return self.inputs[target] if target in self.inputs else (args[0] if args else None)
+        if kind == "get_attr":
+            obj: Any = self.root
+            for part in str(target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        if kind == "call_module":
+            return self.root.get_submodule(target)(*args, **kwargs)
+        if kind == "call_function":
+            return target(*args, **kwargs)
+        if kind == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        raise TraceError(f"unexpected fx node kind {kind!r} while tracing")
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block, then restore each module's training flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def _eager() -> Iterator[None]:
+    """Undo fx's patches of ``nn.Module.__call__``/``__getattr__`` to run ops for real."""
+    patched = nn.Module.__call__, nn.Module.__getattr__
+    tracing = _symbolic_trace._get_is_fx_tracing()
+    nn.Module.__call__, nn.Module.__getattr__ = _symbolic_trace._orig_module_call, _symbolic_trace._orig_module_getattr
+    _symbolic_trace._set_is_fx_tracing(False)
+    try:
+        yield
+    finally:
+        nn.Module.__call__, nn.Module.__getattr__ = patched
+        _symbolic_trace._set_is_fx_tracing(tracing)
+
+
+def default_input(model: nn.Module, input_size: tuple[int, int, int] | None = None, batch: int = 2) -> torch.Tensor:
+    """A seeded random batch (batch, C, H, W); size from ``input_size`` or the model's timm config."""
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+        input_size = cfg.get("input_size")
+    if input_size is None:
+        raise TraceError(
+            f"{type(model).__name__} does not declare its input size; pass input_size=(C, H, W) "
+            "or example_input=torch.randn(2, C, H, W)."
+        )
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, *input_size, generator=generator)
+
+
+def _timm_leaves() -> tuple[list[type], list[Callable]]:
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:  # timm is a dependency, but a user's own model does not need it
+        return [], []
+    return list(get_notrace_modules()), [f for f in get_notrace_functions() if callable(f)]
+
+
+def _concrete_args(model: nn.Module) -> tuple[str, dict[str, Any]]:
+    """Name of forward's first argument, and every other argument fixed to its default."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not positional:
+        raise TraceError(f"{type(model).__name__}.forward takes no positional input tensor.")
+    concrete: dict[str, Any] = {}
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise TraceError(
+                f"{type(model).__name__}.forward needs argument {p.name!r} besides the input; "
+                "wrap the model in a module whose forward takes the input tensor only."
+            )
+        concrete[p.name] = p.default
+    return positional[0].name, concrete
+
+
+def _drop_concrete_placeholders(graph: fx.Graph) -> None:
+    """Remove the placeholders fx makes for concrete args (and the asserts on them)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders[1:]:
+        checks, frontier = [ph], list(ph.users)
+        while frontier:
+            node = frontier.pop()
+            if node.op == "output":
+                raise TraceError(f"forward argument {ph.name!r} is returned; trace a forward that returns tensors only.")
+            if node not in checks:
+                checks.append(node)
+                frontier.extend(node.users)
+        for node in sorted(checks, key=_topo_index(graph), reverse=True):
+            graph.erase_node(node)
+
+
+def _topo_index(graph: fx.Graph) -> Callable[[fx.Node], int]:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return order.__getitem__
+
+
+def _eliminate_dead_code(graph: fx.Graph) -> None:
+    """DCE that keeps in-place tensor methods (``x.add_(y)``), whose result may go unused."""
+    for node in reversed(list(graph.nodes)):
+        if node.users or node.op in ("placeholder", "output"):
+            continue
+        if _mutates_first_arg(node) or (node.op != "call_method" and node.is_impure()):
+            continue
+        graph.erase_node(node)
+
+
+def _mutates_first_arg(node: fx.Node) -> bool:
+    return (node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("__")) or (
+        node.op == "call_function" and node.target is operator.setitem
+    )
+
+
+def _dataflow(gm: fx.GraphModule) -> nx.DiGraph:
+    """Edge u -> v when v reads u; an in-place op on u also feeds every later reader of u."""
+    graph = nx.DiGraph()
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        graph.add_node(node.name, op=node.op)
+        for src in node.all_input_nodes:
+            graph.add_edge(src.name, node.name)
+        if _mutates_first_arg(node) and isinstance(node.args[0], fx.Node):
+            for reader in node.args[0].users:
+                if order[reader] > order[node]:
+                    graph.add_edge(node.name, reader.name)
+    return graph
+
+
+def _shapes(gm: fx.GraphModule) -> dict[str, tuple[int, ...]]:
+    return {
+        n.name: tuple(n.meta["tensor_meta"].shape)
+        for n in gm.graph.nodes
+        if isinstance(n.meta.get("tensor_meta"), TensorMetadata)
+    }
+
+
+def trace(model: nn.Module, example_input: torch.Tensor, leaf_modules: Sequence[type] = ()) -> TracedModel:
+    """Trace ``model`` in eval mode for inputs shaped like ``example_input`` (B, C, H, W).
+
+    Modules of the types in ``leaf_modules`` (and timm's registered no-trace modules)
+    become single ``call_module`` nodes. The model's training flag is restored and its
+    parameters and buffers are left untouched. Raises TraceError naming the module or op
+    that torch.fx could not trace.
+    """
+    input_name, concrete = _concrete_args(model)
+    timm_modules, timm_functions = _timm_leaves()
+    tracer = _ConcreteTracer(
+        [*timm_modules, *leaf_modules], timm_functions, {input_name: example_input.detach().clone()}
+    )
+    try:
+        with evaluating(model), torch.no_grad():
+            graph = tracer.trace(model, concrete_args=concrete or None)
+            gm = fx.GraphModule(model, graph, type(model).__name__)
+            _drop_concrete_placeholders(gm.graph)
+            _eliminate_dead_code(gm.graph)
+            gm.graph.lint()
+            gm.recompile()
+            ShapeProp(gm).propagate(example_input)
+            same = _same_output(gm(example_input), model(example_input))
+    except TraceError:
+        raise
+    except Exception as err:  # torch.fx raises many types; name where it happened
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: in {tracer.current_module()}: "
+            f"{type(err).__name__}: {first_line}." + _leaf_hint(tracer.current_module_type())
+        ) from err
+    if not same:
+        raise TraceError(
+            f"the traced graph of {type(model).__name__} does not reproduce model(x) exactly "
+            "(a module with hidden state or randomness in eval mode?); mark it a leaf with leaf_modules=[...]."
+        )
+    return TracedModel(gm=gm, graph=_dataflow(gm), shapes=_shapes(gm), example_input=example_input, model=model)
+
+
+def _same_output(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_output(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_output(a[k], b[k]) for k in a)
+    return a == b
