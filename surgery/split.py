@@ -7,6 +7,7 @@ the tensor at node ``start``; ``split(model, cut)`` is the prefix/suffix pair wi
 from __future__ import annotations
 
 import difflib
+import operator
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -14,7 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from pnc.surgery.errors import CutError
-from pnc.surgery.tracing import TracedModel, default_input, trace
+from pnc.surgery.tracing import BATCH_META, BatchDim, TracedModel, default_input, trace
 
 if TYPE_CHECKING:
     from pnc.surgery.cut_points import CutPoint
@@ -56,6 +57,21 @@ def _needed(traced: TracedModel, start: str, outputs: Sequence[str], from_input:
     return needed
 
 
+def _batch_node(traced: TracedModel, graph: fx.Graph, placeholder: fx.Node, source: str) -> fx.Node:
+    """``(placeholder.size(dim) - offset) // scale``: the batch size, read from the piece's input."""
+    where = BatchDim(0, 1, 0) if source == traced.input_node else traced.batch_dims.get(source)
+    if where is None:
+        raise CutError(f"{source!r} does not carry the batch dimension, so a piece starting there cannot size its batch.")
+    value = graph.call_method("size", (placeholder, where.dim))
+    if where.offset:
+        value = graph.call_function(operator.sub, (value, where.offset))
+    if where.scale != 1:
+        value = graph.call_function(operator.floordiv, (value, where.scale))
+    for node in (value, *value.all_input_nodes):
+        node.meta[BATCH_META] = True
+    return value
+
+
 def extract(traced: TracedModel, start: str | None, outputs: Sequence[str]) -> fx.GraphModule:
     """GraphModule mapping the tensor at node ``start`` (the model input if None) to ``outputs``.
 
@@ -73,6 +89,14 @@ def extract(traced: TracedModel, start: str | None, outputs: Sequence[str]) -> f
 
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+
+    def arg(node: fx.Node) -> fx.Node:
+        if node not in env:  # the batch size, re-derived from this piece's own input
+            env[node] = _batch_node(traced, graph, env[index[source]], source) if node.op == "call_method" \
+                else graph.node_copy(node, arg)
+        return env[node]
+
+    index = {n.name: n for n in traced.gm.graph.nodes}
     for node in traced.gm.graph.nodes:
         if node.name not in needed:
             continue
@@ -80,8 +104,7 @@ def extract(traced: TracedModel, start: str | None, outputs: Sequence[str]) -> f
             env[node] = graph.placeholder(node.name)
             env[node].meta = dict(node.meta)
         else:
-            env[node] = graph.node_copy(node, lambda n: env[n])
-    index = {n.name: n for n in traced.gm.graph.nodes}
+            env[node] = graph.node_copy(node, arg)
     results = [env[index[name]] for name in outputs]
     graph.output(results[0] if len(results) == 1 else tuple(results))
     graph.lint()

@@ -14,7 +14,7 @@ import contextlib
 import inspect
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import networkx as nx
@@ -27,7 +27,10 @@ from torch.fx.proxy import Attribute
 
 from pnc.surgery.errors import TraceError
 
-__all__ = ["TracedModel", "trace", "owning_module", "default_input", "evaluating"]
+__all__ = ["TracedModel", "BatchDim", "trace", "owning_module", "default_input", "evaluating", "is_batch_node"]
+
+#: node.meta key marking the batch-size node ``x.size(0)`` and the scalars computed from it
+BATCH_META = "pnc_batch"
 
 #: tensor methods that only read metadata; traced as their value for the example input
 _METADATA_METHODS = frozenset({
@@ -41,11 +44,23 @@ _SHAPE_ONLY_FUNCTIONS = frozenset({
 _SHAPE_ONLY_METHODS = frozenset({"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"})
 
 
+@dataclass(frozen=True)
+class BatchDim:
+    """The batch size of a tensor: ``shape[dim] == scale * batch + offset``."""
+
+    dim: int
+    scale: int
+    offset: int
+
+
 @dataclass
 class TracedModel:
-    """A model traced for one input shape.
+    """A model traced for one input shape (C, H, W), at any batch size.
 
-    ``gm`` shares the model's parameters and buffers (no copies); ``graph`` is the data
+    Shapes are specialised to the example input, except the batch: a shape read that
+    changes with the batch size becomes ``scale * x.size(0) + offset`` in the graph
+    (found by tracing at two batch sizes). Where that fails (a Python branch on the batch
+    size), ``batch_size`` says the one batch size the graph is valid for. ``gm`` shares the model's parameters and buffers (no copies); ``graph`` is the data
     flow between fx node names (edge u -> v when v reads u's value); ``shapes`` maps every
     tensor-valued node to its shape *including* the batch dimension.
     """
@@ -55,6 +70,10 @@ class TracedModel:
     shapes: dict[str, tuple[int, ...]]
     example_input: torch.Tensor
     model: nn.Module
+    #: where each tensor node carries the batch (absent: it does not depend on the batch size)
+    batch_dims: dict[str, BatchDim] = field(default_factory=dict)
+    #: None if the graph (and every piece cut from it) runs at any batch size, else the one it needs
+    batch_size: int | None = None
 
     @property
     def input_node(self) -> str:
@@ -78,6 +97,11 @@ class TracedModel:
         return _node_index(self.gm)[name]
 
 
+def is_batch_node(node: fx.Node) -> bool:
+    """True for the batch-size scalar and the arithmetic on it (not data flow)."""
+    return bool(node.meta.get(BATCH_META))
+
+
 def owning_module(node: fx.Node) -> str:
     """Path of the innermost module whose forward created ``node`` ("" for the root)."""
     if node.op == "call_module":
@@ -93,18 +117,6 @@ def _node_index(gm: fx.GraphModule) -> dict[str, fx.Node]:
 def _value(arg: Any) -> Any:
     """Replace every proxy inside ``arg`` by its concrete value."""
     return fx.node.map_aggregate(arg, lambda a: a.value if isinstance(a, fx.Proxy) else a)
-
-
-def _has_proxy(arg: Any) -> bool:
-    found = False
-
-    def visit(a: Any) -> Any:
-        nonlocal found
-        found = found or isinstance(a, fx.Proxy)
-        return a
-
-    fx.node.map_aggregate(arg, visit)
-    return found
 
 
 class _ConcreteProxy(fx.Proxy):
@@ -190,8 +202,11 @@ class _ConcreteTracer(fx.Tracer):
         return proxy
 
     def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
-        with _eager():
-            return self._run(kind, target, _value(args), _value(kwargs))
+        args, kwargs = _value(args), _value(kwargs)
+        if kind == "call_method" or (kind == "call_function" and _is_builtin_op(target)):
+            return self._run(kind, target, args, kwargs)
+        with _eager():  # modules, attributes and user functions run as in eager mode
+            return self._run(kind, target, args, kwargs)
 
     def _run(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
         if kind == "placeholder":
@@ -208,6 +223,11 @@ class _ConcreteTracer(fx.Tracer):
         if kind == "call_method":
             return getattr(args[0], target)(*args[1:], **kwargs)
         raise TraceError(f"unexpected fx node kind {kind!r} while tracing")
+
+
+def _is_builtin_op(fn: Any) -> bool:
+    module = getattr(fn, "__module__", None) or ""
+    return module.split(".")[0] in ("torch", "_operator", "operator", "builtins", "math")
 
 
 @contextlib.contextmanager
@@ -319,9 +339,12 @@ def _dataflow(gm: fx.GraphModule) -> nx.DiGraph:
     graph = nx.DiGraph()
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
+        if is_batch_node(node):
+            continue
         graph.add_node(node.name, op=node.op)
         for src in node.all_input_nodes:
-            graph.add_edge(src.name, node.name)
+            if not is_batch_node(src):
+                graph.add_edge(src.name, node.name)
         if _mutates_first_arg(node) and isinstance(node.args[0], fx.Node):
             for reader in node.args[0].users:
                 if order[reader] > order[node]:
@@ -337,29 +360,15 @@ def _shapes(gm: fx.GraphModule) -> dict[str, tuple[int, ...]]:
     }
 
 
-def trace(model: nn.Module, example_input: torch.Tensor, leaf_modules: Sequence[type] = ()) -> TracedModel:
-    """Trace ``model`` in eval mode for inputs shaped like ``example_input`` (B, C, H, W).
-
-    Modules of the types in ``leaf_modules`` (and timm's registered no-trace modules)
-    become single ``call_module`` nodes. The model's training flag is restored and its
-    parameters and buffers are left untouched. Raises TraceError naming the module or op
-    that torch.fx could not trace.
-    """
+def _trace_once(model: nn.Module, x: torch.Tensor, leaf_modules: Sequence[type]) -> fx.GraphModule:
+    """fx-trace ``model`` on ``x`` with concrete evaluation; dead code removed."""
     input_name, concrete = _concrete_args(model)
     timm_modules, timm_functions = _timm_leaves()
-    tracer = _ConcreteTracer(
-        [*timm_modules, *leaf_modules], timm_functions, {input_name: example_input.detach().clone()}
-    )
+    tracer = _ConcreteTracer([*timm_modules, *leaf_modules], timm_functions, {input_name: x.detach().clone()})
+    own_attrs = set(vars(model))
     try:
-        with evaluating(model), torch.no_grad():
-            graph = tracer.trace(model, concrete_args=concrete or None)
-            gm = fx.GraphModule(model, graph, type(model).__name__)
-            _drop_concrete_placeholders(gm.graph)
-            _eliminate_dead_code(gm.graph)
-            gm.graph.lint()
-            gm.recompile()
-            ShapeProp(gm).propagate(example_input)
-            same = _same_output(gm(example_input), model(example_input))
+        graph = tracer.trace(model, concrete_args=concrete or None)
+        gm = fx.GraphModule(model, graph, type(model).__name__)
     except TraceError:
         raise
     except Exception as err:  # torch.fx raises many types; name where it happened
@@ -368,12 +377,143 @@ def trace(model: nn.Module, example_input: torch.Tensor, leaf_modules: Sequence[
             f"torch.fx could not trace {type(model).__name__}: in {tracer.current_module()}: "
             f"{type(err).__name__}: {first_line}." + _leaf_hint(tracer.current_module_type())
         ) from err
+    finally:
+        for name in set(vars(model)) - own_attrs:  # fx parks tensor constants on the root
+            delattr(model, name)
+    _drop_concrete_placeholders(gm.graph)
+    _eliminate_dead_code(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+class _NotBatchAffine(Exception):
+    """Two traces differ by more than batch-size arithmetic."""
+
+
+class _BatchRewriter:
+    """Builds ``scale * batch + offset`` nodes in a graph, after the batch-size node."""
+
+    def __init__(self, graph: fx.Graph, batches: tuple[int, int]):
+        self.graph, self.batches = graph, batches
+        placeholder = next(n for n in graph.nodes if n.op == "placeholder")
+        with graph.inserting_after(placeholder):
+            self.batch = graph.call_method("size", (placeholder, 0))
+        self.batch.meta[BATCH_META] = True
+        self.last = self.batch
+        self.cache: dict[tuple[int, int], fx.Node] = {(1, 0): self.batch}
+
+    def node(self, v1: int, v2: int) -> fx.Node:
+        (b1, b2) = self.batches
+        if (v2 - v1) % (b2 - b1):
+            raise _NotBatchAffine(f"{v1} at batch {b1} and {v2} at batch {b2}")
+        scale = (v2 - v1) // (b2 - b1)
+        key = (scale, v1 - scale * b1)
+        if key not in self.cache:
+            value = self.batch
+            for op, operand in ((operator.mul, key[0]), (operator.add, key[1])):
+                if operand != (1 if op is operator.mul else 0):
+                    with self.graph.inserting_after(self.last):
+                        value = self.last = self.graph.call_function(op, (value, operand))
+                    value.meta[BATCH_META] = True
+            self.cache[key] = value
+        return self.cache[key]
+
+    def merge(self, a1: Any, a2: Any) -> Any:
+        """``a1`` with each int that differs in ``a2`` replaced by its batch expression."""
+        if isinstance(a1, fx.Node) or isinstance(a2, fx.Node):
+            if not (isinstance(a1, fx.Node) and isinstance(a2, fx.Node) and a1.name == a2.name):
+                raise _NotBatchAffine(f"different arguments {a1} and {a2}")
+            return a1
+        if type(a1) is int and type(a2) is int:
+            return a1 if a1 == a2 else self.node(a1, a2)
+        if isinstance(a1, (tuple, list)) and isinstance(a2, (tuple, list)) and len(a1) == len(a2):
+            merged = [self.merge(x, y) for x, y in zip(a1, a2)]
+            if isinstance(a1, list):
+                return merged
+            return tuple(merged) if any(isinstance(m, fx.Node) for m in merged) else type(a1)(merged)
+        if isinstance(a1, dict) and isinstance(a2, dict) and a1.keys() == a2.keys():
+            return {k: self.merge(a1[k], a2[k]) for k in a1}
+        if isinstance(a1, slice) and isinstance(a2, slice):
+            return slice(*(self.merge(getattr(a1, f), getattr(a2, f)) for f in ("start", "stop", "step")))
+        if type(a1) is not type(a2) or not (a1 == a2 or (a1 != a1 and a2 != a2)):
+            raise _NotBatchAffine(f"{a1!r} and {a2!r}")
+        return a1
+
+
+def _generalise_batch(gm: fx.GraphModule, other: fx.GraphModule, batches: tuple[int, int]) -> fx.Graph | None:
+    """A copy of ``gm.graph`` valid at any batch size, or None if the traces differ otherwise."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    nodes1 = list(graph.nodes)
+    nodes2 = list(other.graph.nodes)
+    if [(n.op, n.target, n.name) for n in nodes1] != [(n.op, n.target, n.name) for n in nodes2]:
+        return None
+    for n1, n2 in zip(nodes1, nodes2):
+        if n1.op == "get_attr" and str(n1.target).startswith("_tensor_constant"):
+            if getattr(gm, str(n1.target)).shape != getattr(other, str(n2.target)).shape:
+                return None  # a constant made with the batch size
+    rewriter = _BatchRewriter(graph, batches)
+    try:
+        for n1, n2 in zip(nodes1, nodes2):
+            n1.args = rewriter.merge(n1.args, n2.args)
+            n1.kwargs = rewriter.merge(n1.kwargs, n2.kwargs)
+    except _NotBatchAffine:
+        return None
+    graph.lint()
+    return graph
+
+
+def _batch_dims(small: dict[str, tuple[int, ...]], large: dict[str, tuple[int, ...]], batches: tuple[int, int]) -> dict[str, BatchDim]:
+    dims = {}
+    for name, s1 in small.items():
+        s2 = large.get(name)
+        if s2 is None or len(s1) != len(s2):
+            continue
+        d = next((i for i, (u, v) in enumerate(zip(s1, s2)) if u != v), None)
+        if d is not None:
+            scale = s2[d] - s1[d]
+            dims[name] = BatchDim(d, scale, s1[d] - scale * batches[0])
+    return dims
+
+
+def trace(model: nn.Module, example_input: torch.Tensor, leaf_modules: Sequence[type] = ()) -> TracedModel:
+    """Trace ``model`` in eval mode for inputs shaped like ``example_input`` (B, C, H, W).
+
+    Modules of the types in ``leaf_modules`` (and timm's registered no-trace modules)
+    become single ``call_module`` nodes. The model's training flag is restored and its
+    parameters and buffers are left untouched. Raises TraceError naming the module or op
+    that torch.fx could not trace.
+    """
+    x1 = example_input
+    x2 = torch.cat([x1, x1[:1]])  # one more sample: shape reads that move with the batch
+    batches = (x1.shape[0], x2.shape[0])
+    with evaluating(model), torch.no_grad():
+        gm = _trace_once(model, x1, leaf_modules)
+        other = _trace_once(model, x2, leaf_modules)
+        fixed, graph = gm.graph, _generalise_batch(gm, other, batches)
+        large: dict[str, tuple[int, ...]] = {}
+        if graph is not None:
+            gm.graph = graph
+            ShapeProp(gm).propagate(x2)
+            large = _shapes(gm)
+            if not _same_output(gm(x2), model(x2)):
+                gm.graph, large = fixed, {}
+        batch_size = None if large else batches[0]
+        ShapeProp(gm).propagate(x1)
+        same = _same_output(gm(x1), model(x1))
     if not same:
         raise TraceError(
             f"the traced graph of {type(model).__name__} does not reproduce model(x) exactly "
             "(a module with hidden state or randomness in eval mode?); mark it a leaf with leaf_modules=[...]."
         )
-    return TracedModel(gm=gm, graph=_dataflow(gm), shapes=_shapes(gm), example_input=example_input, model=model)
+    shapes = _shapes(gm)
+    return TracedModel(
+        gm=gm, graph=_dataflow(gm), shapes=shapes, example_input=example_input, model=model,
+        batch_dims=_batch_dims(shapes, large, batches), batch_size=batch_size,
+    )
 
 
 def _same_output(a: Any, b: Any) -> bool:
