@@ -198,3 +198,31 @@ def test_select_classes_keeps_order_of_class_list():
     sub = select_classes(ds.train, [7, 2], offset=5)
     assert torch.bincount(sub.y).tolist()[5:] == [10, 10]
     assert torch.equal(ds.train.y[sub.x[:, 0, 0, 0].long()], torch.tensor([7, 2])[sub.y - 5])
+
+
+def test_cifar10_binary_version_without_pickle(tmp_path):
+    root = tmp_path / "cifar-10-batches-bin"
+    root.mkdir()
+    names = "airplane automobile bird cat deer dog frog horse ship truck".split()
+    (root / "batches.meta.txt").write_text("\n".join(names) + "\n\n")
+
+    def records(labels):
+        rows = []
+        for label in labels:
+            pixels = np.zeros((3, 32, 32), dtype=np.uint8)
+            pixels[label % 3] = 255  # one colour plane per record
+            rows.append(bytes([label]) + pixels.tobytes())
+        return b"".join(rows)
+    for i in range(1, 6):
+        (root / f"data_batch_{i}.bin").write_bytes(records([i, i + 2]))
+    (root / "test_batch.bin").write_bytes(records([0, 9, 4]))
+    splits = load_dataset("cifar10", data_dir=str(tmp_path))
+    assert splits.classes == names and splits.input_size == (3, 32, 32)
+    assert splits.train.y.tolist() == [1, 3, 2, 4, 3, 5, 4, 6, 5, 7] and splits.test.y.tolist() == [0, 9, 4]
+    raw = splits.test.x * torch.tensor(splits.std).view(3, 1, 1) + torch.tensor(splits.mean).view(3, 1, 1)
+    planes = raw.mean(dim=(2, 3)).argmax(dim=1)
+    assert planes.tolist() == [0, 0, 1]  # labels 0, 9, 4 -> red, red, green planes
+    assert raw[2].mean(dim=(1, 2)).tolist() == pytest.approx([0.0, 1.0, 0.0], abs=1e-5)
+    (root / "test_batch.bin").write_bytes(records([0])[:-7])
+    with pytest.raises(DataError, match="not a multiple"):
+        load_dataset("cifar10", data_dir=str(tmp_path))

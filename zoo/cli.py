@@ -8,7 +8,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from pnc.surgery.errors import ModelNotFoundError, StoreError
+from pnc.surgery.errors import DataError, StoreError
 from pnc.zoo.datasets import list_datasets
 from pnc.zoo.store import ZooStore
 
@@ -98,7 +98,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         print(f"{card.name:>24}: test accuracy {card.test_accuracy:.4f} "
               f"({card.recipe['train_seconds']:.1f} s training)")
     if not cards:
-        raise ModelNotFoundError("no default model could be built: their data is missing (see above)")
+        raise DataError("no default model could be built: their data is missing (see above)")
     return 0
 
 

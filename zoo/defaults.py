@@ -53,7 +53,7 @@ def _pair(prefix: str, arch: str, dataset: str, epochs: int, lr: float) -> list[
 DEFAULTS: dict[str, DefaultModel] = {m.name: m for m in [
     *_pair("digits", "cnn4", "digits", epochs=10, lr=0.05),
     *_pair("fmnist", "lenet5", "fashion-mnist", epochs=15, lr=0.05),
-    *_pair("fmnist", "resnetc20", "fashion-mnist", epochs=4, lr=0.1),
+    *_pair("fmnist", "resnetc20", "fashion-mnist", epochs=3, lr=0.1),
 ]}
 
 

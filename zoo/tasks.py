@@ -83,7 +83,7 @@ class CloneTask:
     clone_classes: list[int] | str
     fraction: float = 0.3
     seed: int = 0
-    _clone_index: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _clone_index: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.dataset.classes)

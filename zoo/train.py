@@ -148,7 +148,7 @@ def fit(model: nn.Module, data: ImageData, *, epochs: int, lr: float, seed: int,
     console = Console(stderr=True)
     folder = Path(checkpoint) if checkpoint is not None else None
     start = _load_checkpoint(folder, config, model, opt, console) if folder else 0
-    steps_per_epoch = len(_batches(len(data), batch_size, torch.Generator()))
+    steps_per_epoch = max(1, len(data) // batch_size)
     total = max(1, epochs * steps_per_epoch)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
