@@ -20,7 +20,7 @@ Example::
     >>> [(g.name, g.size) for g in mb.groups]        # conv0 out + bn1 + linear in
     [('0', 8)]
     >>> keep = mb.binarize(ratio=0.5)                 # top-4 channels by mask value
-    >>> small = mb.prune()                            # physically smaller copy, no hooks
+    >>> small, _ = mb.prune()                         # physically smaller copy, no hooks
     >>> small[0].out_channels
     4
 """
@@ -138,27 +138,41 @@ def _build_groups(body: nn.Module, example: Tensor, layout: str, frozen: list[nn
 
 
 def _close(a, b) -> bool:
-    a, b = (t if isinstance(t, Tensor) else t[0] for t in (a, b))
-    if a.shape != b.shape:
-        return False
-    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(a.abs().max()))))
+    """Outputs (a tensor or a tuple of tensors) equal up to float summation order.
+
+    Outputs whose shape pruning changed (pre-logits read by a frozen classifier) are
+    skipped; at least one output must keep its shape (the logits)."""
+    a, b = ((t,) if isinstance(t, Tensor) else tuple(t) for t in (a, b))
+    pairs = [(x, y) for x, y in zip(a, b) if x.shape == y.shape]
+    return len(a) == len(b) and bool(pairs) and all(
+        torch.allclose(x, y, rtol=1e-4, atol=1e-5 * max(1.0, float(x.abs().max()))) for x, y in pairs
+    )
 
 
 def prune_structurally(
     body: nn.Module, example: Tensor, layout: str, keep: dict[str, Tensor], frozen_names: list[str]
 ) -> nn.Module:
-    """Remove, in place, every channel of each named group not listed in ``keep[name]``."""
+    """Remove, in place, every channel of each named group not listed in ``keep[name]``.
+
+    Returns the body and, for each frozen module, the input channels removed from it
+    (e.g. the pre-logit features a frozen classifier no longer reads)."""
     modules = dict(body.named_modules())
     frozen = [modules[n] for n in frozen_names]
     dg, _, _, _ = _build_groups(body, example, layout, frozen)
+    removed: dict[str, set[int]] = {n: set() for n in frozen_names}
     for name, kept in keep.items():
         root = modules[name]
         width = dg.get_out_channels(root)
         drop = sorted(set(range(width)) - set(kept.tolist()))
         if drop:
             pruner = dg.get_pruner_of_module(root)
-            dg.get_pruning_group(root, pruner.prune_out_channels, drop).prune(record_history=False)
-    return body
+            group = dg.get_pruning_group(root, pruner.prune_out_channels, drop)
+            for dep, idxs in group:
+                for fname, fmod in zip(frozen_names, frozen):
+                    if dep.target.module is fmod and dg.is_in_channel_pruning_fn(dep.handler):
+                        removed[fname].update(int(i) for i in idxs)
+            group.prune(record_history=False)
+    return body, removed
 
 
 class MaskedBody(nn.Module):
@@ -206,9 +220,10 @@ class MaskedBody(nn.Module):
             self.set_keep(keep)
             with torch.no_grad():
                 masked = self(self.example)
-                pruned = prune_structurally(
+                pruned, _ = prune_structurally(
                     copy.deepcopy(self.pristine), self.example, self.layout, keep, self.frozen_names
-                )(self.example)
+                )
+                pruned = pruned(self.example)
             return _close(masked, pruned)
         except (RuntimeError, ValueError, IndexError):  # pruning broke a shape
             return False
@@ -304,8 +319,9 @@ class MaskedBody(nn.Module):
         """Kept channel indices per group (binary mode)."""
         return {n: m.nonzero().flatten() for n, m in self.binary.items()}
 
-    def prune(self) -> nn.Module:
-        """A physically smaller copy of the body keeping the binary masks' channels.
+    def prune(self) -> tuple[nn.Module, dict[str, set[int]]]:
+        """A physically smaller copy of the body keeping the binary masks' channels, and
+        the input channels removed from each frozen module (see :func:`prune_structurally`).
 
         Its outputs equal this module's in binary mode (the zero-masked body)."""
         if self.mode != "binary":

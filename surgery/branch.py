@@ -1,0 +1,153 @@
+"""A cloned branch: adapter A, transferable module M_f and head extension F_c.
+
+The branch reads the target's features at its cut R and its pre-logit features, and gives
+(correction to the target's logits, logits of the cloned classes)::
+
+    cut (B, *target_cut_shape) --A--> (B, *source_cut_shape) --M_f--> feats (B, d_f)
+    correction = W_old @ feats                          (B, |T_t|), W_old starts at zero
+    new        = W_new @ [target_prelogits, feats] + b  (B, |T_s|), feats' part starts as
+                                                         the source classifier's T_s rows
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from pnc.surgery.channel_groups import prune_structurally
+
+
+class ExtendedHead(nn.Module):
+    """F_c: the extension of the target's classifier (the target's own head is untouched).
+
+    Args:
+        target_dim: width of the target's pre-logit features.
+        branch_dim: width of the transferable module's output features.
+        num_old / num_new: |T_t| and |T_s|.
+    """
+
+    def __init__(self, target_dim: int, branch_dim: int, num_old: int, num_new: int):
+        super().__init__()
+        self.old = nn.Linear(branch_dim, num_old, bias=False)
+        self.new = nn.Linear(target_dim + branch_dim, num_new)
+        nn.init.zeros_(self.old.weight)
+        nn.init.zeros_(self.new.weight)
+        nn.init.zeros_(self.new.bias)
+        self.target_dim = target_dim
+
+    def init_from_source(self, weight: Tensor, bias: Tensor | None) -> None:
+        """Source classifier rows for T_s: weight (|T_s|, branch_dim), bias (|T_s|,)."""
+        with torch.no_grad():
+            self.new.weight[:, self.target_dim:] = weight
+            if bias is not None:
+                self.new.bias.copy_(bias)
+
+    def forward(self, target_feats: Tensor, branch_feats: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, target_dim), (B, branch_dim) -> correction (B, |T_t|), new logits (B, |T_s|)."""
+        return self.old(branch_feats), self.new(torch.cat([target_feats, branch_feats], 1))
+
+    def keep_branch_features(self, kept: Tensor) -> "ExtendedHead":
+        """A copy that reads only the branch features ``kept`` (after structural pruning)."""
+        head = ExtendedHead(self.target_dim, len(kept), self.old.out_features, self.new.out_features)
+        with torch.no_grad():
+            head.old.weight.copy_(self.old.weight[:, kept])
+            head.new.weight.copy_(torch.cat([self.new.weight[:, : self.target_dim],
+                                             self.new.weight[:, self.target_dim:][:, kept]], 1))
+            head.new.bias.copy_(self.new.bias)
+        return head
+
+
+@dataclass
+class PruneReport:
+    """Size of the source's layers after the cut, before and after structural pruning."""
+
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+
+
+class TransferableModule(nn.Module):
+    """M_f: the source's layers from its cut R' to its pre-logit features, structurally
+    pruned to the kept channels. A copy: the source itself is never touched.
+
+    forward: (B, *source_cut_shape) -> (B, d_f) with d_f = len(self.features).
+    """
+
+    def __init__(self, body: torch.fx.GraphModule, features: Tensor, keep: dict[str, Tensor],
+                 report: PruneReport | None = None):
+        super().__init__()
+        self.body = body
+        self.register_buffer("features", features, persistent=False)
+        self.keep = keep
+        self.report = report
+
+    @classmethod
+    def from_keep(cls, body_with_head: torch.fx.GraphModule, head: str, example: Tensor, layout: str,
+                  keep: dict[str, Tensor]) -> "TransferableModule":
+        """Prune a copy of ``body_with_head`` (cut -> (pre-logits, logits), the classifier
+        at path ``head`` kept whole) to ``keep`` and drop the classifier.
+
+        ``features`` holds the pre-logit indices that survive (those the pruned classifier
+        still reads)."""
+        before = _count(body_with_head, example)
+        pruned, removed = prune_structurally(copy.deepcopy(body_with_head), example, layout, keep, [head])
+        width = dict(body_with_head.named_modules())[head].in_features
+        features = torch.tensor(sorted(set(range(width)) - removed[head]), dtype=torch.long)
+        graph = pruned.graph
+        out = next(n for n in graph.nodes if n.op == "output")
+        out.args = (out.args[0][0],)  # keep the pre-logits only
+        graph.eliminate_dead_code()
+        pruned.delete_all_unused_submodules()
+        pruned.recompile()
+        after = _count(pruned, example)
+        report = PruneReport(params_before=before[1], params_after=after[1],
+                             macs_before=before[0], macs_after=after[0])
+        return cls(pruned.eval().requires_grad_(False), features, keep, report)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def train(self, mode: bool = True) -> "TransferableModule":
+        """The source's layers stay in eval mode (frozen BatchNorm statistics)."""
+        return super().train(False)
+
+
+def _count(module: nn.Module, example: Tensor) -> tuple[int, int]:
+    """(MACs, params) of ``module`` on one example, with torch-pruning's counter."""
+    import torch_pruning as tp
+
+    macs, params = tp.utils.count_ops_and_params(module, example[:1])
+    return int(macs), int(params)
+
+
+class Branch(nn.Module):
+    """One cloned branch; ``body`` is a :class:`MaskedBody` while searching and a
+    :class:`TransferableModule` once pruned.
+
+    Attributes (metadata kept for patches and ONNX export):
+        target_cut / source_cut: fx node names of R in the target and R' in the source.
+        classes: names of the cloned classes, in output order.
+        source_outputs: the source's output index of each cloned class.
+    """
+
+    def __init__(self, adapter: nn.Module, body: nn.Module, head: ExtendedHead, *, target_cut: str,
+                 source_cut: str, classes: list[str], source_outputs: list[int], source_name: str = "",
+                 source_sha256: str = ""):
+        super().__init__()
+        self.adapter, self.body, self.head = adapter, body, head
+        self.target_cut, self.source_cut = target_cut, source_cut
+        self.classes, self.source_outputs = list(classes), list(source_outputs)
+        self.source_name, self.source_sha256 = source_name, source_sha256
+
+    def features(self, cut: Tensor) -> Tensor:
+        """Target cut features -> branch features (B, d_f)."""
+        out = self.body(self.adapter(cut))
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward(self, cut: Tensor, target_prelogits: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (correction (B, |T_t|), new-class logits (B, |T_s|))."""
+        return self.head(target_prelogits, self.features(cut))

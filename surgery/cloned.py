@@ -1,0 +1,101 @@
+"""ClonedNetwork: a frozen target plus detachable cloned branches (Eq. 6, M_c).
+
+The target is held by reference and never modified: no parameter, buffer or
+``requires_grad`` flag of it changes, and it always runs in eval mode. With no branch the
+forward *is* ``target(x)``; with branches, one fx pass over the target taps its cut
+tensors, pre-logits and logits, and each branch adds its classes::
+
+    logits = [target_logits + sum_b correction_b, new_logits_1, ..., new_logits_P]
+             (B, |T_t| + sum_p |T_s^p|)
+
+Example::
+
+    >>> net = ClonedNetwork(target, example_input, target_classes=["0", "1"])
+    >>> net.add_branch("fmnist-5", branch)       # from pnc.surgery.clone(...)
+    >>> net(x).shape                              # (B, 2 + |T_s|)
+    >>> net.detach("fmnist-5")                    # back to target(x), bit for bit
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pnc.surgery.branch import Branch
+from pnc.surgery.cut_points import classifier_of
+from pnc.surgery.errors import CutError
+from pnc.surgery.split import extract
+from pnc.surgery.tracing import TracedModel, trace
+
+
+class ClonedNetwork(nn.Module):
+    """M_c: ``target`` with any number of named :class:`Branch` es.
+
+    Args:
+        target: the frozen target network (logits over its ``target_classes``).
+        example_input: (B, C, H, W) used to trace it.
+        target_classes: names of the target's classes, in output order.
+    """
+
+    def __init__(self, target: nn.Module, example_input: Tensor, target_classes: list[str],
+                 traced: TracedModel | None = None):
+        super().__init__()
+        self.target = target
+        self.target_classes = list(target_classes)
+        self.traced = traced or trace(target, example_input)
+        self.classifier = classifier_of(self.traced)
+        self.branches = nn.ModuleDict()
+        self._taps: dict[str, object] = {}  # fx taps, rebuilt when branches change; not a submodule
+
+    # -- branches ------------------------------------------------------------------
+    def add_branch(self, name: str, branch: Branch) -> None:
+        if name in self.branches:
+            raise ValueError(f"a branch named {name!r} exists; pick another name or detach it first")
+        self.branches[name] = branch
+        self._taps.clear()
+
+    def detach(self, name: str) -> Branch:
+        """Remove and return a branch; the others keep working."""
+        if name not in self.branches:
+            raise CutError(f"no branch named {name!r}; branches: {', '.join(self.branches) or 'none'}")
+        branch = self.branches.pop(name)
+        self._taps.clear()
+        return branch
+
+    def detach_all(self) -> list[Branch]:
+        """Remove every branch: the network is the target again."""
+        return [self.detach(name) for name in list(self.branches)]
+
+    @property
+    def classes(self) -> list[str]:
+        """Output class names: the target's, then each branch's."""
+        return self.target_classes + [c for b in self.branches.values() for c in b.classes]
+
+    def taps(self) -> tuple[list[str], nn.Module]:
+        """(cut names, fx module x -> (those cut tensors..., target pre-logits, target logits))."""
+        if not self._taps:
+            cuts = sorted({b.target_cut for b in self.branches.values()})
+            self._taps["cuts"] = cuts
+            self._taps["module"] = extract(self.traced, None, cuts + [self.classifier.input_node, self.classifier.node])
+        return self._taps["cuts"], self._taps["module"]
+
+    # -- forward -------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C, H, W) -> logits (B, len(self.classes))."""
+        if not self.branches:
+            return self.target(x)
+        names, taps = self.taps()
+        *cuts, prelogits, logits = taps(x)
+        at = dict(zip(names, cuts))
+        new = []
+        for branch in self.branches.values():
+            correction, logits_new = branch(at[branch.target_cut], prelogits)
+            logits = logits + correction
+            new.append(logits_new)
+        return torch.cat([logits, *new], 1)
+
+    def train(self, mode: bool = True) -> "ClonedNetwork":
+        """Only the adapters and heads follow ``mode``; the target and the transferable
+        modules stay in eval mode, so no BatchNorm statistic of theirs ever moves."""
+        super().train(mode)
+        self.target.eval()
+        return self

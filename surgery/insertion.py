@@ -1,0 +1,334 @@
+"""Localization and insertion search (Eq. 5-8): learn M, A and F_c at each candidate R.
+
+At each candidate target cut R (block-level cuts, last to first) and its source cut R'
+(the source block cut at the nearest relative depth):
+
+1. *localize* (Eq. 5): soft masks on the source's channel groups after R' are trained so
+   that the masked source's T_s logits on perturbed images match the local models G,
+   under the channel budget;
+2. *joint* (Eq. 8): adapter A, head F_c and the masks together, L_loc + L_ins;
+3. *binary*: the masks are binarized to the top-c channels per group and A, F_c are
+   trained on with them; the mean loss of this last epoch is R's converged loss.
+
+L_ins (Eq. 7) distils the joint logit vector [old, new] of the cloned network to
+[target logits, source logits of T_s] on the same perturbed image (a KL at temperature
+T); it never sees an image of the target's classes, and a loss on the new classes alone
+cannot win, because the old-class term holds the target's behaviour in place. The R with
+the least converged loss is kept. Each R's result is checkpointed, so an interrupted
+search resumes and ends with the same answer.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load, save
+from torch import Tensor, nn
+
+from pnc.adapters import least_squares_init, make_adapter
+from pnc.surgery.branch import Branch, ExtendedHead, TransferableModule
+from pnc.surgery.channel_groups import MaskedBody
+from pnc.surgery.cut_points import CutPoint, classifier_of, cut_points
+from pnc.surgery.errors import CutError
+from pnc.surgery.local_models import LocalModelSet, apply_masks
+from pnc.surgery.split import extract
+from pnc.surgery.tracing import TracedModel
+from pnc.zoo.store import atomic_write_bytes
+
+
+@dataclass
+class SearchConfig:
+    """Settings of the localization + insertion search (defaults: the paper's, scaled to CPU).
+
+    ``mask_ratio`` is the kept fraction c/|W| per group (``mask_scope="global"``: of all
+    maskable channels); ``use_masks=False`` is the "w/o Local" ablation (every channel
+    kept) and ``candidates`` fixes the target cuts to try (["first"] is "w/o Insert").
+    """
+
+    mask_ratio: float = 0.5
+    mask_scope: str = "group"
+    use_masks: bool = True
+    loc_epochs: int = 2
+    joint_epochs: int = 3
+    binary_epochs: int = 3
+    lr: float = 3e-3
+    batch_size: int = 64
+    temperature: float = 2.0
+    loc_weight: float = 1.0
+    budget_weight: float = 1.0
+    clean_fraction: float = 0.25
+    candidates: list[str] | None = None
+    seed: int = 0
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class CandidateResult:
+    """What one candidate R gave: its converged loss, accuracies and learned parts."""
+
+    target_cut: str
+    source_cut: str
+    loss: float
+    accuracy: dict[str, float]
+    kept_fraction: float
+    seconds: float
+    adapter_spec: dict
+    tensors: dict[str, Tensor] = field(repr=False, default_factory=dict)
+
+    def summary(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "tensors"}
+
+
+def nearest_cut(depth: float, cuts: list[CutPoint]) -> CutPoint:
+    """The cut at the nearest relative depth (the later one on a tie)."""
+    return min(reversed(cuts), key=lambda c: abs(c.depth - depth))
+
+
+def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """KL(softmax(teacher/T) || softmax(student/T)) * T^2 over the joint logit vector (B, K)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
+
+
+def random_patch_masks(n: int, patches: int, clean_fraction: float, gen: torch.Generator) -> Tensor:
+    """(n, patches) masks: a ``clean_fraction`` keeps everything, the rest keep each patch
+    with a per-image probability drawn from U(0.5, 1)."""
+    keep = 0.5 + 0.5 * torch.rand(n, 1, generator=gen)
+    masks = (torch.rand(n, patches, generator=gen) < keep).float()
+    masks[: int(round(clean_fraction * n))] = 1.0
+    return masks
+
+
+class SearchContext:
+    """Everything the candidates share: traced networks, clone images, G, eval sets."""
+
+    def __init__(self, target: TracedModel, source: TracedModel, clone_x: Tensor, source_outputs: list[int],
+                 g: LocalModelSet, eval_sets: dict[str, tuple[Tensor, Tensor]], num_old: int):
+        self.target, self.source = target, source
+        self.clone_x, self.source_outputs, self.g = clone_x, source_outputs, g
+        self.eval_sets, self.num_old = eval_sets, num_old
+        self.t_cls, self.s_cls = classifier_of(target), classifier_of(source)
+        self.t_blocks = cut_points(target, blocks=True, verify=False)
+        self.s_blocks = cut_points(source, blocks=True, verify=False)
+        self.grid = int(round(g.masks.shape[1] ** 0.5))
+
+    def candidates(self, names: list[str] | None) -> list[tuple[CutPoint, CutPoint]]:
+        """(R, R') pairs, R from the last target block cut to the first."""
+        if names is None:
+            chosen = list(reversed(self.t_blocks))
+        else:
+            t_cuts = {c.node: c for c in cut_points(self.target, verify=False)}
+            aliases = {"first": self.t_blocks[0].node, "last": self.t_blocks[-1].node}
+            chosen = []
+            for name in (aliases.get(n, n) for n in names):
+                if name not in t_cuts:
+                    near = difflib.get_close_matches(name, list(t_cuts), n=5, cutoff=0.3)
+                    raise CutError(f"{name!r} is not a cut point of the target; nearest: {', '.join(near) or 'none'}")
+                chosen.append(t_cuts[name])
+        return [(r, nearest_cut(r.depth, self.s_blocks)) for r in chosen]
+
+
+class CandidateTrainer:
+    """Trains A, F_c and the masks at one (R, R') pair."""
+
+    def __init__(self, ctx: SearchContext, r: CutPoint, r_src: CutPoint, config: SearchConfig):
+        self.ctx, self.r, self.r_src, self.config = ctx, r, r_src, config
+        t, s = ctx.target, ctx.source
+        self.taps = extract(t, None, [r.node, ctx.t_cls.input_node, ctx.t_cls.node])
+        self.s_prefix = extract(s, None, [r_src.node])
+        self.s_body = extract(s, r_src.node, [ctx.s_cls.input_node, ctx.s_cls.node])
+        self.teacher_source = extract(s, None, [ctx.s_cls.node])
+        gen = torch.Generator().manual_seed(config.seed)
+        sample = ctx.clone_x[torch.randperm(len(ctx.clone_x), generator=gen)[:256]]
+        with torch.no_grad():
+            t_cut, t_pre, _ = self.taps(sample)
+            s_cut = self.s_prefix(sample)
+        layout = "NCHW" if r_src.layout == "NCHW" else "NLC"
+        head_module = dict(self.s_body.named_modules())[ctx.s_cls.module]
+        self.masked = MaskedBody(self.s_body, s_cut[:8], layout, frozen=[head_module])
+        self.adapter = make_adapter(r.shape, r.layout, r_src.shape, r_src.layout,
+                                    src_prefix_tokens=r.prefix_tokens, dst_prefix_tokens=r_src.prefix_tokens,
+                                    relu=bool((s_cut >= 0).all()))
+        least_squares_init(self.adapter, t_cut, s_cut)
+        self.head = ExtendedHead(t_pre.shape[1], ctx.s_cls.in_features, ctx.num_old, len(ctx.source_outputs))
+        w = head_module.weight[ctx.source_outputs]
+        b = head_module.bias[ctx.source_outputs] if head_module.bias is not None else None
+        self.head.init_from_source(w.detach(), None if b is None else b.detach())
+
+    # -- forward pieces --------------------------------------------------------------
+    def cloned_logits(self, x: Tensor) -> Tensor:
+        """The cloned network with this candidate's branch: (B, |T_t| + |T_s|)."""
+        with torch.no_grad():
+            cut, pre, logits = self.taps(x)
+        feats = self.masked(self.adapter(cut))[0]
+        correction, new = self.head(pre, feats)
+        return torch.cat([logits + correction, new], 1)
+
+    def loss_ins(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            teacher = torch.cat([self.taps(x)[2], self.teacher_source(x)[:, self.ctx.source_outputs]], 1)
+        return kd_loss(self.cloned_logits(x), teacher, self.config.temperature)
+
+    def loss_loc(self, rows: Tensor, mask_ids: Tensor) -> Tensor:
+        """Eq. 5: relative squared error between the masked source's T_s logits and G."""
+        g = self.ctx.g
+        x = apply_masks(self.ctx.clone_x[g.index[rows]], g.masks[mask_ids])
+        with torch.no_grad():
+            cut = self.s_prefix(x)
+            target = g.predict(g.masks[mask_ids], which=rows)
+        pred = self.masked(cut)[1][:, self.ctx.source_outputs]
+        return ((pred - target) ** 2).sum() / (target**2).sum().clamp_min(1e-8)
+
+    # -- phases ----------------------------------------------------------------------
+    def run_phase(self, phase: str, epochs: int, gen: torch.Generator, tick) -> float:
+        """Train for ``epochs``; return the mean selection loss of the last epoch."""
+        cfg, ctx = self.config, self.ctx
+        params = {
+            "localize": list(self.masked.logits.parameters()),
+            "joint": list(self.adapter.parameters()) + list(self.head.parameters()) + list(self.masked.logits.parameters()),
+            "binary": list(self.adapter.parameters()) + list(self.head.parameters()),
+        }[phase]
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+        n, last = len(ctx.clone_x), float("nan")
+        steps = math.ceil(n / cfg.batch_size)
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=gen)
+            total, seen = 0.0, 0
+            for step in range(steps):
+                rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                g_rows = torch.randint(len(ctx.g.index), (len(rows),), generator=gen)
+                g_masks = torch.randint(ctx.g.masks.shape[0], (len(rows),), generator=gen)
+                loc = self.loss_loc(g_rows, g_masks) if cfg.use_masks else torch.zeros(())
+                if phase == "localize":
+                    loss = loc + cfg.budget_weight * self.masked.budget_penalty(cfg.mask_ratio)
+                    selection = loss
+                else:
+                    masks = random_patch_masks(len(rows), self.ctx.grid**2, cfg.clean_fraction, gen)
+                    ins = self.loss_ins(apply_masks(ctx.clone_x[rows], masks))
+                    selection = ins + cfg.loc_weight * loc.detach()
+                    loss = ins + cfg.loc_weight * loc
+                    if phase == "joint" and cfg.use_masks:
+                        loss = loss + cfg.budget_weight * self.masked.budget_penalty(cfg.mask_ratio)
+                opt.zero_grad(set_to_none=True)
+                if loss.requires_grad:
+                    loss.backward()
+                    opt.step()
+                total += float(selection.detach()) * len(rows)
+                seen += len(rows)
+                tick()
+            last = total / seen
+        return last
+
+    def train(self, tick) -> CandidateResult:
+        cfg = self.config
+        start = time.perf_counter()
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.adapter.train()
+        self.head.train()
+        if cfg.use_masks and self.masked.groups:
+            self.masked.mode = "soft"
+            self.run_phase("localize", cfg.loc_epochs, gen, tick)
+            self.run_phase("joint", cfg.joint_epochs, gen, tick)
+            self.masked.binarize(cfg.mask_ratio, cfg.mask_scope)
+        else:
+            self.masked.binarize(1.0)
+            self.run_phase("joint", cfg.joint_epochs, gen, tick)
+        loss = self.run_phase("binary", cfg.binary_epochs, gen, tick)
+        self.adapter.eval()
+        self.head.eval()
+        tensors = {f"adapter.{k}": v.detach().clone() for k, v in self.adapter.state_dict().items()}
+        tensors |= {f"head.{k}": v.detach().clone() for k, v in self.head.state_dict().items()}
+        tensors |= {f"keep.{k}": v for k, v in self.masked.keep().items()}
+        return CandidateResult(
+            target_cut=self.r.node, source_cut=self.r_src.node, loss=loss, accuracy=self.accuracy(),
+            kept_fraction=self.masked.kept_fraction(), seconds=time.perf_counter() - start,
+            adapter_spec=asdict(self.adapter.spec), tensors=tensors,
+        )
+
+    @torch.no_grad()
+    def accuracy(self) -> dict[str, float]:
+        """Ori / Tar / Avg of this candidate (reported, never used to select)."""
+        out = {}
+        for name, (x, y) in self.ctx.eval_sets.items():
+            pred = torch.cat([self.cloned_logits(xb).argmax(1) for xb in x.split(512)])
+            out[name] = float((pred == y).float().mean())
+        return out
+
+    def steps(self) -> int:
+        cfg = self.config
+        epochs = cfg.joint_epochs + cfg.binary_epochs + (cfg.loc_epochs if cfg.use_masks and self.masked.groups else 0)
+        return epochs * math.ceil(len(self.ctx.clone_x) / cfg.batch_size)
+
+
+def build_branch(ctx: SearchContext, result: CandidateResult, *, classes: list[str],
+                 source_name: str = "", source_sha256: str = "") -> Branch:
+    """The final branch of a candidate: structurally pruned M_f, its A and F_c."""
+    r_src = next(c for c in ctx.s_blocks + cut_points(ctx.source, verify=False) if c.node == result.source_cut)
+    s_prefix = extract(ctx.source, None, [r_src.node])
+    s_body = extract(ctx.source, r_src.node, [ctx.s_cls.input_node, ctx.s_cls.node])
+    with torch.no_grad():
+        example = s_prefix(ctx.clone_x[:8])
+    keep = {k[len("keep."):]: v for k, v in result.tensors.items() if k.startswith("keep.")}
+    layout = "NCHW" if r_src.layout == "NCHW" else "NLC"
+    module = TransferableModule.from_keep(s_body, ctx.s_cls.module, example, layout, keep)
+    adapter = make_adapter(**result.adapter_spec)
+    adapter.load_state_dict({k[len("adapter."):]: v for k, v in result.tensors.items() if k.startswith("adapter.")})
+    head = ExtendedHead(ctx.t_cls.in_features, ctx.s_cls.in_features, ctx.num_old, len(ctx.source_outputs))
+    head.load_state_dict({k[len("head."):]: v for k, v in result.tensors.items() if k.startswith("head.")})
+    branch = Branch(adapter.eval(), module, head.keep_branch_features(module.features).eval(),
+                    target_cut=result.target_cut, source_cut=result.source_cut, classes=classes,
+                    source_outputs=ctx.source_outputs, source_name=source_name, source_sha256=source_sha256)
+    return branch
+
+
+def _save_result(path: Path, result: CandidateResult, key: str) -> None:
+    meta = {"key": key, "result": json.dumps(result.summary())}
+    atomic_write_bytes(path, save(result.tensors, metadata=meta))
+
+
+def _load_result(path: Path, key: str) -> CandidateResult | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata()
+        if meta.get("key") != key:
+            return None
+        return CandidateResult(**json.loads(meta["result"]), tensors=load(path.read_bytes()))
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None  # a corrupt or foreign checkpoint: recompute that candidate
+
+
+def search(ctx: SearchContext, config: SearchConfig, *, run_key: str = "", checkpoint_dir: Path | None = None,
+           progress: bool = True) -> tuple[CandidateResult, list[CandidateResult]]:
+    """Train every candidate R (last block to first); return (best, all) by least loss."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    pairs = ctx.candidates(config.candidates)
+    key = hashlib.sha256((run_key + config.key()).encode()).hexdigest()
+    results = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
+        for i, (r, r_src) in enumerate(pairs):
+            path = None if checkpoint_dir is None else Path(checkpoint_dir) / f"candidate-{i}-{r.node}.safetensors"
+            done = _load_result(path, key) if path is not None and path.exists() else None
+            if done is None:
+                torch.manual_seed(config.seed + i)
+                trainer = CandidateTrainer(ctx, r, r_src, config)
+                task = bar.add_task(f"R={r.node} <- R'={r_src.node}", total=trainer.steps())
+                done = trainer.train(lambda: bar.advance(task))
+                if path is not None:
+                    _save_result(path, done, key)
+            results.append(done)
+    best = min(results, key=lambda res: res.loss)
+    return best, results

@@ -1,0 +1,171 @@
+"""The local model set G of Eq. 4: one LIME-style linear model per image.
+
+For each image x_i, |B| binary patch masks b (a ``grid x grid`` split of the image; the
+first mask keeps every patch) give perturbed images b * x_i (a masked patch takes the
+dataset mean, i.e. zero after normalization). g_i is the weighted ridge regression from
+the mask bits to the network's logits of the classes of interest::
+
+    g_i = argmin_g  sum_b  pi_b * || f(b * x_i) - g(b) ||^2 + ridge * ||g||^2
+
+with the LIME locality weight pi_b = exp(-d_b^2 / width^2), d_b the cosine distance from b
+to the all-ones mask. The masks are shared by all images (Zest-style), so the normal
+equations have one matrix for every image and every g_i comes out of one batched solve.
+
+Shapes: N images, P = grid^2 patches, K classes of interest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save
+from torch import Tensor, nn
+
+from pnc.surgery.errors import DataError
+from pnc.zoo.store import atomic_write_bytes, state_dict_sha256
+
+
+def patch_masks(num_masks: int, grid: int, seed: int) -> Tensor:
+    """(num_masks, grid*grid) binary masks; row 0 keeps everything, the rest keep each
+    patch with probability 1/2 (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    masks = (torch.rand(num_masks, grid * grid, generator=g) < 0.5).float()
+    masks[0] = 1.0
+    return masks
+
+
+def apply_masks(images: Tensor, masks: Tensor) -> Tensor:
+    """images (N, C, H, W), masks (N, P) -> images with the dropped patches set to 0."""
+    n, _, h, w = images.shape
+    grid = int(round(masks.shape[1] ** 0.5))
+    pixel = F.interpolate(masks.view(n, 1, grid, grid), size=(h, w), mode="nearest")
+    return images * pixel
+
+
+def locality_weights(masks: Tensor, width: float = 0.25) -> Tensor:
+    """LIME kernel on the cosine distance to the all-ones mask: (|B|, P) -> (|B|,)."""
+    kept = masks.sum(1) / masks.shape[1]
+    distance = 1.0 - kept.sqrt()
+    return torch.exp(-(distance**2) / width**2)
+
+
+@dataclass
+class LocalModelSet:
+    """G: ``coef[i]`` maps [mask bits, 1] (P+1,) to K logits for image i.
+
+    Attributes:
+        masks: (|B|, P) the perturbation masks, shared by all images.
+        coef: (N, P+1, K) one linear model per image (last row = intercept).
+        index: (N,) positions of the images in the set G was fitted on.
+    """
+
+    masks: Tensor
+    coef: Tensor
+    index: Tensor
+
+    def predict(self, masks: Tensor, which: Tensor | None = None) -> Tensor:
+        """g_i(b) for masks (M, P) -> (N, M, K), or for paired rows when ``which`` (M,)
+        names the model of each mask -> (M, K)."""
+        z = torch.cat([masks, torch.ones(masks.shape[0], 1)], 1)
+        if which is None:
+            return torch.einsum("mp,npk->nmk", z, self.coef)
+        return torch.einsum("mp,mpk->mk", z, self.coef[which])
+
+    def signature(self) -> Tensor:
+        """All models' coefficients, concatenated: the Zest signature (N*(P+1)*K,)."""
+        return self.coef.flatten()
+
+    def similarity(self, other: "LocalModelSet") -> float:
+        """Cosine between two local model sets fitted with the same masks on the same images."""
+        if not torch.equal(self.masks, other.masks) or self.coef.shape != other.coef.shape:
+            raise ValueError("local model sets must share masks and images to be compared")
+        return float(F.cosine_similarity(self.signature(), other.signature(), dim=0))
+
+    def save(self, path: Path) -> None:
+        atomic_write_bytes(Path(path), save({"masks": self.masks, "coef": self.coef, "index": self.index}))
+
+    @classmethod
+    def load(cls, path: Path) -> "LocalModelSet":
+        t = load_file(str(path))
+        return cls(t["masks"], t["coef"], t["index"])
+
+
+@torch.no_grad()
+def perturbed_logits(
+    model: nn.Module, images: Tensor, masks: Tensor, outputs: list[int] | None, batch_size: int = 1024
+) -> Tensor:
+    """The model's logits on every (image, mask) pair: (N, |B|, K), one batched forward
+    per chunk of pairs."""
+    n, m = images.shape[0], masks.shape[0]
+    pairs = torch.arange(n * m)
+    chunks = []
+    for chunk in pairs.split(batch_size):
+        i, b = chunk // m, chunk % m
+        logits = model(apply_masks(images[i], masks[b]))
+        chunks.append(logits if outputs is None else logits[:, outputs])
+    return torch.cat(chunks).view(n, m, -1)
+
+
+def solve_local_models(masks: Tensor, targets: Tensor, width: float = 0.25, ridge: float = 1e-2) -> Tensor:
+    """Weighted ridge least squares for all images at once.
+
+    masks (|B|, P), targets (N, |B|, K) -> coef (N, P+1, K). The intercept is not penalised.
+    """
+    z = torch.cat([masks, torch.ones(masks.shape[0], 1)], 1).double()
+    w = locality_weights(masks, width).double()
+    gram = z.T @ (w[:, None] * z)
+    penalty = torch.eye(z.shape[1], dtype=torch.float64) * ridge
+    penalty[-1, -1] = 0.0
+    rhs = torch.einsum("bp,b,nbk->npk", z, w, targets.double())
+    coef = torch.linalg.solve(gram + penalty, rhs)  # broadcasts over N
+    return coef.float()
+
+
+def fit_local_models(
+    model: nn.Module,
+    images: Tensor,
+    outputs: list[int] | None,
+    *,
+    num_images: int | None = None,
+    num_masks: int = 100,
+    grid: int = 4,
+    seed: int = 0,
+    width: float = 0.25,
+    ridge: float = 1e-2,
+    cache_dir: Path | None = None,
+) -> LocalModelSet:
+    """Fit G for ``model`` on a seeded subset of ``images`` (N, C, H, W).
+
+    Args:
+        outputs: the logit indices modelled (the to-be-cloned classes); None = all.
+        num_images: size of the subset (default: all images).
+        cache_dir: if given, G is cached there as safetensors, keyed by the model's
+            state_dict hash, the images and every setting.
+    """
+    if images.shape[0] == 0:
+        raise DataError("no images to fit the local model set on: the clone set is empty")
+    n = images.shape[0] if num_images is None else min(num_images, images.shape[0])
+    index = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    path = None
+    if cache_dir is not None:
+        key = json.dumps(
+            [state_dict_sha256(model), hashlib.sha256(images[index].numpy().tobytes()).hexdigest(),
+             outputs, num_masks, grid, seed, width, ridge]
+        )
+        path = Path(cache_dir) / f"G-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+        if path.exists():
+            return LocalModelSet.load(path)
+    masks = patch_masks(num_masks, grid, seed)
+    was_training = model.training
+    model.eval()
+    targets = perturbed_logits(model, images[index], masks, outputs)
+    model.train(was_training)
+    g = LocalModelSet(masks, solve_local_models(masks, targets, width, ridge), index)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        g.save(path)
+    return g
