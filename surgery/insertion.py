@@ -47,6 +47,8 @@ from pnc.zoo.store import atomic_write_bytes
 class SearchConfig:
     """Settings of the localization + insertion search (defaults: the paper's, scaled to CPU).
 
+    An epoch is a pass over the clone set with fresh perturbations, and at least
+    ``min_steps_per_epoch`` batches (tiny clone sets are cycled).
     ``mask_ratio`` is the kept fraction c/|W| per group (``mask_scope="global"``: of all
     maskable channels); ``use_masks=False`` is the "w/o Local" ablation (every channel
     kept) and ``candidates`` fixes the target cuts to try (["first"] is "w/o Insert").
@@ -64,6 +66,7 @@ class SearchConfig:
     loc_weight: float = 1.0
     budget_weight: float = 1.0
     clean_fraction: float = 0.25
+    min_steps_per_epoch: int = 25
     candidates: list[str] | None = None
     seed: int = 0
 
@@ -101,8 +104,8 @@ def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
 
 def random_patch_masks(n: int, patches: int, clean_fraction: float, gen: torch.Generator) -> Tensor:
     """(n, patches) masks: a ``clean_fraction`` keeps everything, the rest keep each patch
-    with a per-image probability drawn from U(0.5, 1)."""
-    keep = 0.5 + 0.5 * torch.rand(n, 1, generator=gen)
+    with a per-image probability drawn from U(0.1, 1)."""
+    keep = 0.1 + 0.9 * torch.rand(n, 1, generator=gen)
     masks = (torch.rand(n, patches, generator=gen) < keep).float()
     masks[: int(round(clean_fraction * n))] = 1.0
     return masks
@@ -122,7 +125,10 @@ class SearchContext:
         self.grid = int(round(g.masks.shape[1] ** 0.5))
 
     def candidates(self, names: list[str] | None) -> list[tuple[CutPoint, CutPoint]]:
-        """(R, R') pairs, R from the last target block cut to the first."""
+        """(R, R') pairs, R from the last target block cut to the first.
+
+        By default, block cuts after which the source has no layer left (only pooling
+        before its classifier) are skipped: there would be nothing to clone."""
         if names is None:
             chosen = list(reversed(self.t_blocks))
         else:
@@ -134,7 +140,17 @@ class SearchContext:
                     near = difflib.get_close_matches(name, list(t_cuts), n=5, cutoff=0.3)
                     raise CutError(f"{name!r} is not a cut point of the target; nearest: {', '.join(near) or 'none'}")
                 chosen.append(t_cuts[name])
-        return [(r, nearest_cut(r.depth, self.s_blocks)) for r in chosen]
+        pairs = [(r, nearest_cut(r.depth, self.s_blocks)) for r in chosen]
+        if names is None:  # M_f must hold some of the source's layers, not only its pooling
+            pairs = [(r, r_src) for r, r_src in pairs if self.layers_after(r_src)]
+        if not pairs:
+            raise CutError("no target block cut leaves source layers to clone; name cuts with candidates=[...]")
+        return pairs
+
+    def layers_after(self, r_src: CutPoint) -> int:
+        """Parameters of the source between R' and its pre-logits."""
+        body = extract(self.source, r_src.node, [self.s_cls.input_node])
+        return sum(p.numel() for p in body.parameters())
 
 
 class CandidateTrainer:
@@ -199,9 +215,9 @@ class CandidateTrainer:
         }[phase]
         opt = torch.optim.Adam(params, lr=cfg.lr)
         n, last = len(ctx.clone_x), float("nan")
-        steps = math.ceil(n / cfg.batch_size)
+        steps = self.steps_per_epoch()
         for _ in range(epochs):
-            order = torch.randperm(n, generator=gen)
+            order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(steps * cfg.batch_size / n))])
             total, seen = 0.0, 0
             for step in range(steps):
                 rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
@@ -263,31 +279,47 @@ class CandidateTrainer:
             out[name] = float((pred == y).float().mean())
         return out
 
+    def steps_per_epoch(self) -> int:
+        return max(math.ceil(len(self.ctx.clone_x) / self.config.batch_size), self.config.min_steps_per_epoch)
+
     def steps(self) -> int:
         cfg = self.config
         epochs = cfg.joint_epochs + cfg.binary_epochs + (cfg.loc_epochs if cfg.use_masks and self.masked.groups else 0)
-        return epochs * math.ceil(len(self.ctx.clone_x) / cfg.batch_size)
+        return epochs * self.steps_per_epoch()
 
 
 def build_branch(ctx: SearchContext, result: CandidateResult, *, classes: list[str],
                  source_name: str = "", source_sha256: str = "") -> Branch:
     """The final branch of a candidate: structurally pruned M_f, its A and F_c."""
-    r_src = next(c for c in ctx.s_blocks + cut_points(ctx.source, verify=False) if c.node == result.source_cut)
-    s_prefix = extract(ctx.source, None, [r_src.node])
-    s_body = extract(ctx.source, r_src.node, [ctx.s_cls.input_node, ctx.s_cls.node])
-    with torch.no_grad():
-        example = s_prefix(ctx.clone_x[:8])
-    keep = {k[len("keep."):]: v for k, v in result.tensors.items() if k.startswith("keep.")}
-    layout = "NCHW" if r_src.layout == "NCHW" else "NLC"
-    module = TransferableModule.from_keep(s_body, ctx.s_cls.module, example, layout, keep)
+    tensors = result.tensors
+    module = transferable_module(ctx.source, result.source_cut, ctx.clone_x[:8], _prefixed(tensors, "keep."))
     adapter = make_adapter(**result.adapter_spec)
-    adapter.load_state_dict({k[len("adapter."):]: v for k, v in result.tensors.items() if k.startswith("adapter.")})
+    adapter.load_state_dict(_prefixed(tensors, "adapter."))
     head = ExtendedHead(ctx.t_cls.in_features, ctx.s_cls.in_features, ctx.num_old, len(ctx.source_outputs))
-    head.load_state_dict({k[len("head."):]: v for k, v in result.tensors.items() if k.startswith("head.")})
-    branch = Branch(adapter.eval(), module, head.keep_branch_features(module.features).eval(),
-                    target_cut=result.target_cut, source_cut=result.source_cut, classes=classes,
-                    source_outputs=ctx.source_outputs, source_name=source_name, source_sha256=source_sha256)
-    return branch
+    head.load_state_dict(_prefixed(tensors, "head."))
+    return Branch(adapter.eval(), module, head.keep_branch_features(module.features).eval(),
+                  target_cut=result.target_cut, source_cut=result.source_cut, classes=classes,
+                  source_outputs=ctx.source_outputs, source_name=source_name, source_sha256=source_sha256)
+
+
+def transferable_module(source: TracedModel, source_cut: str, images: Tensor,
+                        keep: dict[str, Tensor]) -> TransferableModule:
+    """M_f: the source's layers from ``source_cut`` to its pre-logits, pruned to ``keep``.
+
+    images: (B, C, H, W) inputs of the source, used to trace the layers."""
+    cls = classifier_of(source)
+    cut = next((c for c in cut_points(source, verify=False) if c.node == source_cut), None)
+    if cut is None:
+        raise CutError(f"{source_cut!r} is not a cut point of the source")
+    with torch.no_grad():
+        example = extract(source, None, [cut.node])(images)
+    body = extract(source, cut.node, [cls.input_node, cls.node])
+    layout = "NCHW" if cut.layout == "NCHW" else "NLC"
+    return TransferableModule.from_keep(body, cls.module, example, layout, keep)
+
+
+def _prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _save_result(path: Path, result: CandidateResult, key: str) -> None:
