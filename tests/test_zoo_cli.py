@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -62,10 +58,10 @@ def test_zoo_errors_exit_2_with_a_message(tmp_path, capsys):
               "--name", "x", "--epochs", "0"])
 
 
-def test_pnc_console_script_lists_an_empty_zoo(tmp_path):
-    env = {**os.environ, "PNC_ZOO_DIR": str(tmp_path)}
-    script = Path(sys.executable).with_name("pnc")
-    done = subprocess.run([str(script), "zoo", "list", "--json"], capture_output=True, text=True,
-                          env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == []
+def test_list_empty_zoo_from_env(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PNC_ZOO_DIR", str(tmp_path))
+    assert main(["zoo", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["zoo", "list"]) == 0
+    assert f"no models in {tmp_path}" in capsys.readouterr().out
+    assert main(["zoo", "verify"]) == 2
