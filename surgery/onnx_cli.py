@@ -1,0 +1,88 @@
+"""``pnc export`` and ``pnc detach``: ONNX with detachable cloned branches.
+
+    pnc export digits-cnn4-target --out target.onnx        # a zoo model
+    pnc export runs/x/clone.pnc --out clone.onnx            # a clone: target + branches
+    pnc detach clone.onnx --branch NAME --out smaller.onnx
+    pnc detach clone.onnx --all --out target.onnx           # == target.onnx, byte for byte
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+import torch
+
+from pnc.surgery.errors import ExportError
+from pnc.surgery.onnx_export import OPSET, to_onnx
+from pnc.surgery.onnx_merge import MANIFEST_KEY, read_manifest
+from pnc.zoo.store import ZooStore, atomic_write_bytes
+
+
+def _load_source(source: str, zoo_dir: str | None):
+    """(model, example input (1, C, H, W)) for a zoo name or a .pnc patch."""
+    store = ZooStore(zoo_dir)
+    if source.endswith(".pnc") or "/" in source:  # zoo names have no "/"
+        from pnc.surgery.patch import load_patch
+
+        net, meta = load_patch(source, store)
+        return net, torch.zeros(1, *meta["input_size"])
+    model, card = store.load(source)
+    return model, torch.zeros(1, *card.input_size)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    model, example = _load_source(args.source, args.zoo_dir)
+    proto = to_onnx(model, example, args.opset)
+    data = proto.SerializeToString()
+    atomic_write_bytes(Path(args.out), data)
+    print(f"{args.out}: opset {args.opset}, {len(data):,} bytes, sha256 {hashlib.sha256(data).hexdigest()}")
+    if any(p.key == MANIFEST_KEY for p in proto.metadata_props):
+        manifest = read_manifest(proto)
+        print(f"  base (the target alone) sha256 {manifest['base_sha256']}; outputs 'logits' "
+              f"(target) and 'cloned_logits' ({len(manifest['classes'])} classes)")
+        for b in manifest["branches"]:
+            print(f"  branch {b['name']!r}: reads {b['info']['cut_tensor']!r} (fx {b['info']['target_cut']!r}), "
+                  f"{len(b['nodes'])} nodes, classes {', '.join(b['info']['classes'])}")
+    return 0
+
+
+def _cmd_detach(args: argparse.Namespace) -> int:
+    from pnc.surgery.onnx_detach import branch_names, detach_model, load_onnx
+
+    model = load_onnx(args.file)
+    if args.list:
+        print("\n".join(branch_names(model)))
+        return 0
+    if args.out is None:
+        raise ExportError("say where to write the result: --out FILE.onnx")
+    before = branch_names(model)
+    result = detach_model(model, None if args.all else args.branch)
+    data = result.SerializeToString()
+    atomic_write_bytes(Path(args.out), data)
+    left = [b for b in before if b not in (before if args.all else args.branch)]
+    print(f"{args.out}: branches left: {', '.join(left) or 'none (the target alone)'}; "
+          f"sha256 {hashlib.sha256(data).hexdigest()}")
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser("export", help="export a zoo model or a .pnc clone to ONNX (detachable branches)",
+                            description="Export to ONNX (TorchScript exporter, dynamic batch axis, input "
+                                        "'input', output 'logits'; a clone adds 'cloned_logits').")
+    export.add_argument("source", help="a zoo model name, or a .pnc patch made by `pnc clone`")
+    export.add_argument("--out", required=True, help="the .onnx file to write")
+    export.add_argument("--zoo-dir", help="zoo folder (default $PNC_ZOO_DIR or ~/.cache/pnc/zoo)")
+    export.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    export.set_defaults(func=_cmd_export)
+
+    detach = sub.add_parser("detach", help="remove cloned branches from a pnc ONNX export",
+                            description="Remove branches; with --all the result is the target's own export, "
+                                        "byte for byte.")
+    detach.add_argument("file", help="an .onnx file written by `pnc export` from a clone")
+    which = detach.add_mutually_exclusive_group(required=True)
+    which.add_argument("--branch", action="append", metavar="NAME", help="a branch to detach (repeatable)")
+    which.add_argument("--all", action="store_true", help="detach every branch")
+    which.add_argument("--list", action="store_true", help="print the branch names and exit")
+    detach.add_argument("--out", help="the .onnx file to write")
+    detach.set_defaults(func=_cmd_detach)
