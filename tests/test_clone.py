@@ -1,0 +1,160 @@
+"""Partial network cloning end to end on tiny digits models: accuracy, invariants, patches."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from pnc.surgery.channel_groups import MaskedBody
+from pnc.surgery.clone import clone
+from pnc.surgery.cli import main
+from pnc.surgery.errors import PatchError, TaskError
+from pnc.surgery.insertion import SearchConfig
+from pnc.surgery.patch import load_patch, read_patch, save_patch
+from pnc.zoo.archs import create
+from pnc.zoo.datasets import load_dataset
+from pnc.zoo.store import ModelCard, ZooStore, state_dict_sha256
+from pnc.zoo.tasks import CloneTask
+from pnc.zoo.train import evaluate, fit
+
+QUICK = dict(loc_epochs=1, joint_epochs=1, binary_epochs=2, min_steps_per_epoch=10)
+
+
+def _trained(arch: str, task_data, num_classes: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = create(arch, in_chans=1, num_classes=num_classes, img_size=8) if arch == "lenet5" else \
+        create(arch, in_chans=1, num_classes=num_classes)
+    return fit(model, task_data, epochs=10, lr=0.05, seed=seed, progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = load_dataset("digits")
+    task = CloneTask(ds, target_classes=list(range(5)), source_classes=list(range(5, 10)), clone_classes="S",
+                     fraction=0.3, seed=0)
+    target = _trained("cnn4", task.target_train(), 5, seed=1)
+    source = _trained("cnn4", task.source_train(), 5, seed=2)
+    return ds, task, target, source
+
+
+@pytest.fixture(scope="module")
+def cloned(digits):
+    ds, task, target, source = digits
+    hashes = state_dict_sha256(target), state_dict_sha256(source)
+    flags = [p.requires_grad for p in target.parameters()] + [p.requires_grad for p in source.parameters()]
+    net = clone(target, source, task, config=SearchConfig(seed=0, **QUICK), source_name="src", progress=False)
+    return net, hashes, flags
+
+
+def _accuracy(model, data) -> float:
+    with torch.no_grad():
+        return float((model(data.x).argmax(1) == data.y).float().mean())
+
+
+def test_clone_learns_new_class_and_keeps_old(digits, cloned):
+    _, task, target, _ = digits
+    net, _, _ = cloned
+    ev = task.eval_sets()
+    tar, ori = _accuracy(net, ev["tar"]), _accuracy(net, ev["ori"])
+    assert tar > 0.8, f"Tar {tar:.3f} is not well above chance (1/6)"
+    assert ori > evaluate(target, task.target_test()) - 0.05
+    assert net(ev["ori"].x[:3]).shape == (3, len(task.target_classes) + len(task.clone_classes))
+    report = net.branches["src"].report
+    assert report.params_after < report.params_before
+    assert {c["target_cut"] for c in report.candidates} >= {report.target_cut}
+    assert report.target_cut == min(report.candidates, key=lambda c: c["loss"])["target_cut"]
+
+
+def test_invariants_unchanged_and_detach_exact(digits, cloned):
+    _, task, target, source = digits
+    net, hashes, flags = cloned
+    assert (state_dict_sha256(target), state_dict_sha256(source)) == hashes
+    x = task.eval_sets()["avg"].x[:64]
+    net.train()  # must not move any BatchNorm statistic of the target
+    net(x)
+    net.eval()
+    assert state_dict_sha256(target) == hashes[0]
+    assert [p.requires_grad for p in target.parameters()] + [p.requires_grad for p in source.parameters()] == flags
+    detached = copy.deepcopy(net)
+    detached.detach_all()
+    with torch.no_grad():
+        assert torch.equal(detached(x), target(x))
+
+
+def test_structural_pruning_equals_zero_masking():
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    for m in body.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics, so a bias survives masking
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.bias.data.uniform_(-1, 1)
+    body.eval()
+    x = torch.randn(4, 3, 6, 6)
+    masked = MaskedBody(body, x, "NCHW", frozen=[body[8]])
+    assert [g.size for g in masked.groups] == [8]  # conv, bn, depthwise conv, bn: one group
+    keep = masked.binarize(0.5)
+    small, _ = masked.prune()
+    assert small[0].out_channels == 4 and small[3].out_channels == 4
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(masked(x), body(x))  # masking did something
+    assert len(keep) == 1  # named by its root layer
+
+
+def test_patch_round_trip_and_refusals(digits, cloned, tmp_path):
+    ds, task, target, source = digits
+    net, _, _ = cloned
+    store = ZooStore(tmp_path / "zoo")
+    for name, model, classes in (("t", target, task.target_classes), ("src", source, task.source_classes)):
+        card = ModelCard(name=name, arch="cnn4", kwargs={"in_chans": 1, "num_classes": 5}, dataset="digits",
+                         classes=classes, class_names=[ds.classes[c] for c in classes], mean=ds.mean,
+                         std=ds.std, input_size=ds.input_size, test_accuracy=0.0)
+        store.save(name, model, card)
+    path = tmp_path / "clone.pnc"
+    size = save_patch(net, path, target_name="t", input_size=ds.input_size, tasks={"src": task.to_dict()})
+    assert size == path.stat().st_size < 0.5 * (store.path("src") / "model.safetensors").stat().st_size
+    rebuilt, meta = load_patch(path, store)
+    assert meta["branches"][0]["target_cut"] == net.branches["src"].target_cut
+    x = task.eval_sets()["avg"].x
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), net(x), rtol=1e-5, atol=1e-5)
+
+    # the same patch against other weights of the source is refused
+    other = copy.deepcopy(source)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    store.save("src", other, store.card("src"))
+    with pytest.raises(PatchError, match="other weights"):
+        load_patch(path, store)
+
+    path.write_bytes(b"not a patch")
+    with pytest.raises(PatchError, match="not a pnc patch"):
+        read_patch(path)
+
+
+def test_heterogeneous_pair_plain_cnn_target_resnet_source(digits):
+    ds, task, target, _ = digits
+    source = _trained("resnetc20", task.source_train(), 5, seed=3)
+    net = clone(target, source, task, config=SearchConfig(seed=0, **QUICK), progress=False)
+    branch = next(iter(net.branches.values()))
+    assert branch.adapter.spec.src_shape != branch.adapter.spec.dst_shape or \
+        branch.target_cut != branch.source_cut
+    assert _accuracy(net, task.eval_sets()["tar"]) > 0.5
+
+
+def test_bad_class_spec_is_refused(digits, tmp_path, capsys):
+    ds, _, _, _ = digits
+    with pytest.raises(TaskError):
+        CloneTask(ds, target_classes=[0, 1], source_classes=[1, 2], clone_classes=[1])
+    with pytest.raises(TaskError):
+        CloneTask(ds, target_classes=[0, 1], source_classes=[2, 3], clone_classes=[12])
+    code = main(["clone", "--target", "a", "--source", "b", "--classes", "S", "--classes", "M",
+                 "--out", str(tmp_path), "--zoo-dir", str(tmp_path)])
+    assert code == 2
+    assert "one --classes per --source" in capsys.readouterr().err
