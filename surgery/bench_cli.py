@@ -1,0 +1,126 @@
+"""``pnc bench {paper,...}``: the paper's tables and figures on the data this machine has.
+
+The work lives in :mod:`pnc.zoo.bench` and its siblings; this module only parses flags.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from pnc.surgery.errors import TaskError
+
+
+def _csv(kind: type):
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}: {err}") from err
+        if not values:
+            raise argparse.ArgumentTypeError("empty list")
+        return values
+    return parse
+
+
+def _command() -> str:
+    return "pnc " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _cmd_paper(args: argparse.Namespace) -> int:
+    from pnc.zoo.baselines import METHODS
+    from pnc.zoo.bench import run_paper
+
+    methods = args.methods or list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise TaskError(f"unknown methods {unknown}; choose from {', '.join(repr(m) for m in METHODS)}")
+    dataset = args.dataset or ("digits" if args.quick else "fashion-mnist")
+    arch = args.arch or ("cnn4" if args.quick else "lenet5")
+    scales = args.scales or (["S"] if args.quick else ["S", "M"])
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    result = run_paper(dataset, arch, scales=scales, seeds=seeds, methods=methods, quick=args.quick,
+                       zoo_dir=args.zoo_dir, data_dir=args.data_dir, out_dir=Path(args.out),
+                       workdir=args.workdir, fresh=args.fresh, command=_command())
+    stem = Path(args.out) / ("table1-" + result["dataset"] + "-" + arch + ("-quick" if args.quick else ""))
+    print(f"wrote {stem}.md and {stem}.json")
+    return 0
+
+
+def _cmd_figures(args: argparse.Namespace) -> int:
+    from pnc.zoo.bench_figures import run_figures
+
+    dataset = args.dataset or ("digits" if args.quick else "fashion-mnist")
+    arch = args.arch or ("cnn4" if args.quick else "lenet5")
+    seed = (args.seeds or [0])[0]
+    path = run_figures(dataset, arch, figures=args.figures, seed=seed, quick=args.quick, zoo_dir=args.zoo_dir,
+                       data_dir=args.data_dir, out_dir=Path(args.out), workdir=args.workdir, command=_command())
+    print(f"wrote {path} and its plots")
+    return 0
+
+
+def _cmd_hetero(args: argparse.Namespace) -> int:
+    from pnc.zoo.bench_hetero import HETERO_METHODS, run_hetero
+
+    results = run_hetero(args.pairs, seeds=args.seeds or [0], methods=args.methods or HETERO_METHODS,
+                         zoo_dir=args.zoo_dir, data_dir=args.data_dir, out_dir=Path(args.out), workdir=args.workdir,
+                         command=_command())
+    for key in args.pairs:
+        print(f"wrote {Path(args.out) / f'table2-{key}.md'}")
+    return 0 if results else 1
+
+
+def _cmd_incremental(args: argparse.Namespace) -> int:
+    from pnc.zoo.bench_incremental import INCREMENTAL_METHODS, run_incremental
+
+    path = run_incremental(args.dataset or ("digits" if args.quick else "fashion-mnist"),
+                           args.arch or ("cnn4" if args.quick else "lenet5"), step_sizes=args.step_sizes,
+                           seeds=args.seeds or [0], methods=args.methods or INCREMENTAL_METHODS, quick=args.quick,
+                           zoo_dir=args.zoo_dir, data_dir=args.data_dir, out_dir=Path(args.out),
+                           workdir=args.workdir, command=_command())
+    print(f"wrote {path} and its plot")
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Add ``pnc bench ...`` to the ``pnc`` command."""
+    bench = sub.add_parser("bench", help="reproduce the paper's tables and figures")
+    cmds = bench.add_subparsers(dest="bench_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--zoo-dir", help="zoo folder (default: $PNC_ZOO_DIR or ~/.cache/pnc/zoo)")
+    common.add_argument("--data-dir", help="dataset folder (default: $PNC_DATA_DIR/<dataset> or the system one)")
+    common.add_argument("--out", default="benchmarks/results", help="where tables, JSON and plots go")
+    common.add_argument("--workdir", type=Path, help="checkpoints and caches (default: beside the zoo, bench/)")
+    common.add_argument("--seeds", type=_csv(int), help="comma-separated seeds (task subset + training seeds)")
+    common.add_argument("--quick", action="store_true", help="tiny budget on digits (for tests and smoke runs)")
+
+    paper = cmds.add_parser("paper", parents=[common],
+                            help="Table 1: PNC against the baselines and ablations, S and M scales")
+    paper.add_argument("--dataset", help="default fashion-mnist (digits with --quick)")
+    paper.add_argument("--arch", help="architecture of the default zoo pair: lenet5, resnetc20, cnn4 "
+                                      "(default lenet5; cnn4 with --quick)")
+    paper.add_argument("--scales", type=_csv(str), help="S, M or S,M (default S,M; S with --quick)")
+    paper.add_argument("--methods", type=_csv(str), help="comma-separated method names (default: all)")
+    paper.add_argument("--fresh", action="store_true", help="ignore cached rows and recompute")
+    paper.set_defaults(func=_cmd_paper)
+
+    figures = cmds.add_parser("figures", parents=[common],
+                              help="Fig. 3 (accuracy vs mask ratio and R) and Fig. 4 (similarity matrices)")
+    figures.add_argument("--dataset", help="default fashion-mnist (digits with --quick)")
+    figures.add_argument("--arch", help="architecture of the default zoo pair (default lenet5; cnn4 with --quick)")
+    figures.add_argument("--figures", type=_csv(int), default=[3, 4], help="3, 4 or 3,4 (default)")
+    figures.set_defaults(func=_cmd_figures)
+
+    hetero = cmds.add_parser("hetero", parents=[common], help="Table 2: cloning between heterogeneous architectures")
+    hetero.add_argument("--pairs", type=_csv(str), default=["resnetc20-cnn4", "resnet18-mobilenetv2"],
+                        help="resnetc20-cnn4 and/or resnet18-mobilenetv2 (default both)")
+    hetero.add_argument("--methods", type=_csv(str), help="default Pre-trained,Continual,Continual+KD,Direct Ensemble,PNC")
+    hetero.set_defaults(func=_cmd_hetero)
+
+    inc = cmds.add_parser("incremental", parents=[common], help="Table 3: class-incremental steps by cloning")
+    inc.add_argument("--dataset", help="default fashion-mnist (digits with --quick)")
+    inc.add_argument("--arch", help="architecture of the default zoo pair (default lenet5; cnn4 with --quick)")
+    inc.add_argument("--step-sizes", type=_csv(int), default=[1], help="classes added per step (default 1)")
+    inc.add_argument("--methods", type=_csv(str), help="default Direct Ensemble,Continual,Continual+KD,PNC")
+    inc.set_defaults(func=_cmd_incremental)

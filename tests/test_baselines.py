@@ -1,0 +1,164 @@
+"""Every Table 1 method on digits with the quick budget, through ``pnc bench paper --quick``
+(pnc.zoo.baselines, pnc.zoo.bench, pnc.surgery.bench_cli)."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import pytest
+import torch
+
+from pnc.surgery.cli import main
+from pnc.zoo.baselines import METHODS, PeakMemory, extend_classifier, run_method
+from pnc.zoo.bench import QUICK_BUDGET
+from pnc.zoo.datasets import load_dataset
+from pnc.zoo.metrics import evaluate_clone, logits_of
+from pnc.zoo.store import ZooStore, state_dict_sha256
+from pnc.zoo.tasks import CloneTask
+from pnc.zoo.train import evaluate
+
+STEM = "table1-digits-cnn4-quick"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One quick run of all methods, then a second run that must come from the cache."""
+    root = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "paper", "--quick", "--zoo-dir", str(root / "zoo"), "--out", str(root / "out"),
+            "--workdir", str(root / "work")]
+    torch.set_num_threads(1)
+    assert main(argv) == 0
+    first = json.loads((root / "out" / f"{STEM}.json").read_text())
+    store = ZooStore(root / "zoo")
+    hashes = {n: state_dict_sha256(store.load(n)[0]) for n in ("digits-cnn4-target", "digits-cnn4-source")}
+    began = time.perf_counter()
+    assert main(argv) == 0
+    rerun = time.perf_counter() - began
+    second = json.loads((root / "out" / f"{STEM}.json").read_text())
+    cache = json.loads((root / "out" / f"{STEM}.rows.json").read_text())
+    return {"root": root, "first": first, "second": second, "cache": cache, "store": store, "hashes": hashes,
+            "rerun": rerun, "argv": argv}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _row(result, method):
+    return next(r for r in result["rows"] if r["method"] == method)
+
+
+def test_table_json_has_every_method_with_fractions_and_costs(bench):
+    result = bench["first"]
+    assert result["dataset"] == "digits" and result["arch"] == "cnn4"
+    assert [r["method"] for r in result["rows"]] == list(METHODS)
+    for r in result["rows"]:
+        assert r["scale"] == "S" and r["seeds"] == [0]
+        for part in ("ori", "tar", "avg"):
+            assert 0.0 <= r[f"{part}_acc"] <= 1.0 and r[f"{part}_std"] == 0.0
+        assert r["seconds"] >= 0 and r["peak_mb"] >= 0 and r["macs"] > 0 and r["params"] > 0
+        assert set(r["delta_vs_Continual+KD"]) == {"ori", "tar", "avg"}
+    assert _row(result, "Continual+KD")["delta_vs_Continual+KD"]["avg"] == 0.0
+    md = (bench["root"] / "out" / f"{STEM}.md").read_text()
+    assert "| PNC (w/o Insert) |" in md and "## Goals" in md
+
+
+def test_pretrained_and_ensemble_match_independent_computations(bench, digits):
+    store = bench["store"]
+    target, _ = store.load("digits-cnn4-target")
+    source, _ = store.load("digits-cnn4-source")
+    task = CloneTask(digits, list(range(5)), list(range(5, 10)), "S", seed=0)
+    pre = _row(bench["first"], "Pre-trained")
+    assert pre["tar_acc"] == 0.0
+    assert pre["ori_acc"] == pytest.approx(evaluate(target, task.target_test()), abs=1e-7)
+    sets = task.eval_sets()
+    x, y = sets["avg"].x, sets["avg"].y
+    with torch.no_grad():
+        pred = torch.cat([target(x), source(x)[:, [0]]], 1).argmax(1)
+    old = y < 5
+    ens = _row(bench["first"], "Direct Ensemble")
+    assert ens["avg_acc"] == pytest.approx(float((pred == y).float().mean()), abs=1e-7)
+    assert ens["tar_acc"] == pytest.approx(float((pred[~old] == y[~old]).float().mean()), abs=1e-7)
+    assert ens["macs"] == 2 * pre["macs"] and ens["params"] == 2 * pre["params"]
+
+
+def test_methods_learn_the_new_class_and_pnc_costs_less_than_the_ensemble(bench):
+    result = bench["first"]
+    assert _row(result, "Continual")["tar_acc"] > 0.8  # fine-tuning learns the new class ...
+    pnc, ens, pre = (_row(result, m) for m in ("PNC", "Direct Ensemble", "Pre-trained"))
+    assert pre["macs"] < pnc["macs"] < ens["macs"]  # ... PNC adds a pruned branch, not a network
+    assert pre["params"] < pnc["params"] < ens["params"]
+
+
+def test_ablations_are_what_they_claim(bench):
+    search = {s["method"]: s for s in bench["first"]["pnc_search"]}
+    assert search["PNC (w/o Local)"]["kept_fraction"] == 1.0
+    assert all(c["kept_fraction"] == 1.0 for c in search["PNC (w/o Local)"]["candidates"])
+    full = [c["target_cut"] for c in search["PNC"]["candidates"]]
+    assert len(full) > 1 and [c["target_cut"] for c in search["PNC (w/o Insert)"]["candidates"]] == [full[-1]]
+    # PNC-F starts from PNC's very search
+    assert search["PNC-F"]["candidates"] == search["PNC"]["candidates"]
+    hp = bench["first"]["hparams"]
+    assert hp["Continual"]["epochs"] == QUICK_BUDGET.epochs == 3
+    assert hp["Joint+Full"]["epochs"] == QUICK_BUDGET.scratch_epochs
+
+
+def test_zoo_models_untouched_and_rerun_resumes_from_cache(bench):
+    store = bench["store"]
+    for name, digest in bench["hashes"].items():
+        assert store.verify(name)
+        assert state_dict_sha256(store.load(name)[0]) == digest
+    assert len(bench["cache"]) == len(METHODS)
+    assert bench["second"]["rows"] == bench["first"]["rows"]
+    assert bench["rerun"] < 0.5 * sum(r["seconds"] for r in bench["first"]["rows"]) + 20
+
+
+def test_pnc_f_changes_the_clone_and_leaves_the_target(bench, digits):
+    store = bench["store"]
+    target, _ = store.load("digits-cnn4-target")
+    source, _ = store.load("digits-cnn4-source")
+    before = state_dict_sha256(target)
+    task = CloneTask(digits, list(range(5)), list(range(5, 10)), "S", seed=0)
+    work = bench["root"] / "work" / STEM / "S-0"  # resumes the fixture's checkpointed search
+    pnc = run_method("PNC", task, target, source, 0, QUICK_BUDGET, workdir=work)
+    tuned = run_method("PNC-F", task, target, source, 0, QUICK_BUDGET, workdir=work)
+    x = task.eval_sets()["avg"].x
+    assert not torch.allclose(logits_of(pnc.model, x), logits_of(tuned.model, x))
+    assert state_dict_sha256(target) == before
+    assert evaluate_clone(pnc.model, task.eval_sets())["avg"] == pytest.approx(_row(bench["first"], "PNC")["avg_acc"])
+
+
+def test_extend_classifier_keeps_old_outputs(bench, digits):
+    target, _ = bench["store"].load("digits-cnn4-target")
+    x = digits.test.x[:16]
+    wide = extend_classifier(copy.deepcopy(target), 2, x, seed=0)
+    out = wide(x)
+    assert out.shape == (16, 7)
+    assert torch.allclose(out[:, :5], target(x), atol=1e-6)
+    assert target.head.out_features == 5
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with PeakMemory() as small:
+        time.sleep(0.03)
+    with PeakMemory() as big:
+        block = torch.ones(32 * 2**20 // 4 * 4)  # 128 MiB of float32, written
+        time.sleep(0.05)
+        del block
+    assert big.peak_mb > 100 and small.peak_mb < 20
+
+
+def test_unknown_method_and_scale_are_rejected(bench, capsys):
+    assert main([*bench["argv"], "--methods", "PNC,Nope"]) == 2
+    assert "unknown methods ['Nope']" in capsys.readouterr().err
+    assert main([*bench["argv"], "--scales", "L"]) == 2

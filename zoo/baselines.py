@@ -1,0 +1,345 @@
+"""The paper's Table 1 methods on one :class:`CloneTask`: baselines, PNC and its ablations.
+
+Every method gets the same data (the clone set: a ``task.fraction`` of T_s's training
+images, no image of T_t; Joint + Full alone sees all training images of both class sets)
+and the same epoch budget, :class:`Budget`: a method that trains on the clone set runs
+``budget.epochs`` = loc + joint + binary epochs, the epochs PNC spends on *each*
+candidate cut R (default 2 + 3 + 3 = 8). Nothing is tuned on test images.
+
+``METHODS`` maps the paper's method names to ``fn(task, target, source, seed, budget,
+workdir) -> (model, hparams, details)``; :func:`run_method` runs one under a wall clock
+and a resident-memory sampler and adds its inference MACs. The zoo models are never
+modified: methods that train work on ``copy.deepcopy`` of the target, and their hashes
+are checked after every run.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import resource
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pnc.surgery.clone import clone
+from pnc.surgery.cut_points import classifier_of
+from pnc.surgery.errors import TaskError
+from pnc.surgery.insertion import SearchConfig, kd_loss
+from pnc.surgery.tracing import trace
+from pnc.zoo.metrics import LogitsFn, inference_macs
+from pnc.zoo.store import state_dict_sha256
+from pnc.zoo.tasks import CloneTask
+from pnc.zoo.train import fit
+
+__all__ = ["Budget", "MethodRun", "METHODS", "run_method", "extend_classifier", "PeakMemory"]
+
+Model = nn.Module | LogitsFn
+MethodFn = Callable[..., tuple[Model, dict[str, Any], dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Training budget and hyper-parameters shared by all methods (none tuned on test data).
+
+    ``loc_epochs + joint_epochs + binary_epochs`` are PNC's epochs per candidate R and
+    also the epochs of every baseline that trains on the clone set (:attr:`epochs`);
+    ``scratch_epochs`` / ``scratch_lr`` are Joint + Full's from-scratch recipe (the zoo
+    recipe of the target). Fine-tuning: SGD, Nesterov 0.9, weight decay 5e-4, cosine.
+    """
+
+    loc_epochs: int = 2
+    joint_epochs: int = 3
+    binary_epochs: int = 3
+    lr: float = 0.01
+    batch_size: int = 64
+    kd_temperature: float = 2.0
+    scratch_epochs: int = 15
+    scratch_lr: float = 0.05
+    scratch_batch_size: int = 128
+    num_masks: int = 100
+    g_fraction: float = 0.3
+
+    @property
+    def epochs(self) -> int:
+        """Passes over the clone set of a fine-tuning method = PNC's epochs per candidate."""
+        return self.loc_epochs + self.joint_epochs + self.binary_epochs
+
+    def search(self, seed: int, **overrides: Any) -> SearchConfig:
+        """PNC's search settings under this budget."""
+        return SearchConfig(loc_epochs=self.loc_epochs, joint_epochs=self.joint_epochs,
+                            binary_epochs=self.binary_epochs, seed=seed, **overrides)
+
+
+@dataclass
+class MethodRun:
+    """One method on one task: its model (x (B, C, H, W) -> logits (B, |T_t| + |T_s|)) and costs.
+
+    ``seconds``: wall time of building/training it; ``peak_mb``: peak resident memory above
+    the level at its start (sampled, see :class:`PeakMemory`); ``macs`` / ``params``: one
+    image's inference multiply-accumulates and the parameters used at inference.
+    """
+
+    method: str
+    model: Model = field(repr=False)
+    seconds: float
+    peak_mb: float
+    macs: int
+    params: int
+    hparams: dict[str, Any]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class PeakMemory:
+    """Peak resident set size above the starting level, in MiB, for a ``with`` block.
+
+    A thread samples ``/proc/self/statm`` every ``interval`` seconds (torch's CPU tensors
+    come from malloc, which tracemalloc does not see). Without /proc it falls back to the
+    ``resource.getrusage`` maxrss delta, which reads 0 when an earlier peak was higher.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int | None:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * self._page
+        except OSError:
+            return None
+
+    def _sample(self, start: int) -> None:
+        peak = start
+        while not self._stop.wait(self.interval):
+            peak = max(peak, self._rss() or 0)
+        self.peak_mb = max(peak, self._rss() or 0) - start
+        self.peak_mb /= 2**20
+
+    def __enter__(self) -> "PeakMemory":
+        start = self._rss()
+        if start is None:
+            self._maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self._thread = None
+        else:
+            self._thread = threading.Thread(target=self._sample, args=(start,), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is None:
+            self.peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self._maxrss) / 1024
+            return
+        self._stop.set()
+        self._thread.join()
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def extend_classifier(model: nn.Module, num_new: int, example: Tensor, seed: int) -> nn.Module:
+    """Replace ``model``'s nn.Linear classifier (found by tracing) in place with one having
+    ``num_new`` more outputs: old rows copied, new rows default-initialized from ``seed``."""
+    cls = classifier_of(trace(model, example[:2]))
+    old = model.get_submodule(cls.module)
+    if not isinstance(old, nn.Linear):
+        raise TaskError(f"the classifier {cls.module!r} is a {type(old).__name__}; the fine-tuning "
+                        "baselines extend an nn.Linear head only")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = nn.Linear(old.in_features, old.out_features + num_new, bias=old.bias is not None)
+    with torch.no_grad():
+        new.weight[: old.out_features] = old.weight
+        if old.bias is not None:
+            new.bias[: old.out_features] = old.bias
+    model.set_submodule(cls.module, new)
+    return model
+
+
+def _reinitialized(model: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``model`` with every parameter re-drawn by its module's ``reset_parameters``."""
+    fresh = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in fresh.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return fresh.requires_grad_(True)
+
+
+def _count_params(*modules: nn.Module) -> int:
+    seen = {id(p): p.numel() for m in modules for p in m.parameters()}
+    return sum(seen.values())
+
+
+def _finetune_hparams(budget: Budget, **extra: Any) -> dict[str, Any]:
+    return {"epochs": budget.epochs, "lr": budget.lr, "batch_size": budget.batch_size, "optimizer": "sgd",
+            "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "schedule": "cosine per step",
+            "data": "clone set", **extra}
+
+
+# --- the methods -----------------------------------------------------------------------------
+
+def pretrained(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
+               workdir: Path | None = None):
+    """The target alone: its own logits, and -inf for every cloned class (Tar = 0)."""
+    num_new = len(task.clone_classes)
+
+    def logits(x: Tensor) -> Tensor:
+        out = target(x)
+        return torch.cat([out, out.new_full((len(x), num_new), float("-inf"))], 1)
+
+    return logits, {}, {"params": _count_params(target)}
+
+
+def direct_ensemble(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
+                    workdir: Path | None = None):
+    """Concatenate the target's logits and the source's logits of T_s."""
+    index = task.source_label_index()
+
+    def logits(x: Tensor) -> Tensor:
+        return torch.cat([target(x), source(x)[:, index]], 1)
+
+    return logits, {}, {"params": _count_params(target, source)}
+
+
+def joint_full(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
+               workdir: Path | None = None):
+    """The target's architecture, re-initialized, trained from scratch on all training
+    images of T_t and T_s (``task.joint_train()``) with cross-entropy."""
+    data = task.joint_train()
+    model = _reinitialized(target, seed)
+    extend_classifier(model, len(task.clone_classes), data.x, seed)
+    fit(model, data, epochs=budget.scratch_epochs, lr=budget.scratch_lr, seed=seed,
+        batch_size=budget.scratch_batch_size, progress=False)
+    hp = _finetune_hparams(budget, epochs=budget.scratch_epochs, lr=budget.scratch_lr,
+                           batch_size=budget.scratch_batch_size, data="all training images of T_t and T_s",
+                           init="reset_parameters (PyTorch default)")
+    return model, hp, {"train_images": len(data)}
+
+
+def _continual(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, kd: bool):
+    data = task.clone_set()
+    model = extend_classifier(copy.deepcopy(target).requires_grad_(True), len(task.clone_classes), data.x, seed)
+    index, t = task.source_label_index(), budget.kd_temperature
+
+    def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        logits = m(x)
+        loss = F.cross_entropy(logits, y)
+        if kd:
+            with torch.no_grad():
+                teacher = torch.cat([target(x), source(x)[:, index]], 1)
+            loss = loss + kd_loss(logits, teacher, t)
+        return loss
+
+    fit(model, data, epochs=budget.epochs, lr=budget.lr, seed=seed, batch_size=budget.batch_size,
+        loss_fn=loss_fn, progress=False)
+    extra = {"loss": "cross_entropy"}
+    if kd:
+        extra = {"loss": "cross_entropy + KD(joint logits -> [frozen target logits, source T_s logits])",
+                 "kd_temperature": t, "kd_weight": 1.0}
+    return model, _finetune_hparams(budget, **extra), {"train_images": len(data)}
+
+
+def continual(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
+              workdir: Path | None = None):
+    """Fine-tune a copy of the target, head extended by |T_s| rows, on the clone set (cross-entropy)."""
+    return _continual(task, target, source, seed, budget, kd=False)
+
+
+def continual_kd(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
+                 workdir: Path | None = None):
+    """Continual plus KD (temperature T) of the old logits to the frozen target and of the new
+    logits to the source's logits of T_s, as one KL over the joint vector [old, new] towards
+    [target logits, source logits of T_s] (separate KLs would leave the old-vs-new scale free,
+    and a KL over one new logit is identically zero)."""
+    return _continual(task, target, source, seed, budget, kd=True)
+
+
+def _clone(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
+           workdir: Path | None, **overrides: Any):
+    config = budget.search(seed, **overrides)
+    ckpt = None
+    if workdir is not None:
+        ckpt = Path(workdir) / f"search-{hashlib.sha256(config.key().encode()).hexdigest()[:12]}"
+    # G is refitted by every run (no cache_dir), so each row's time includes it
+    net = clone(target, source, task, config=config, g_fraction=budget.g_fraction, num_masks=budget.num_masks,
+                checkpoint_dir=ckpt, progress=False)
+    report = next(iter(net.branches.values())).report
+    hp = {"search": asdict(config), "g_fraction": budget.g_fraction, "num_masks": budget.num_masks,
+          "grid": report.settings["grid"]}
+    return net, hp, {"report": asdict(report)}
+
+
+def pnc(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
+        workdir: Path | None = None):
+    """Partial network cloning with the default search (every block cut, masks on)."""
+    return _clone(task, target, source, seed, budget, workdir)
+
+
+def pnc_wo_local(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
+                 workdir: Path | None = None):
+    """PNC without localization: every channel of the source after R' is kept."""
+    return _clone(task, target, source, seed, budget, workdir, use_masks=False)
+
+
+def pnc_wo_insert(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
+                  workdir: Path | None = None):
+    """PNC without the insertion search: R fixed to the first block cut."""
+    return _clone(task, target, source, seed, budget, workdir, candidates=["first"])
+
+
+def pnc_f(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
+          workdir: Path | None = None):
+    """PNC, then every weight of a deep copy of the cloned network (target, adapter,
+    transferable module, head) fine-tuned on the clone set with cross-entropy. BatchNorm
+    statistics stay frozen (the cloned network keeps its target and modules in eval mode)."""
+    net, hp, details = _clone(task, target, source, seed, budget, workdir)
+    tuned = copy.deepcopy(net).requires_grad_(True)
+    data = task.clone_set()
+    fit(tuned, data, epochs=budget.epochs, lr=budget.lr, seed=seed, batch_size=budget.batch_size, progress=False)
+    hp = {"pnc": hp, "finetune": _finetune_hparams(budget, loss="cross_entropy", weights="all")}
+    return tuned, hp, details
+
+
+METHODS: dict[str, MethodFn] = {
+    "Pre-trained": pretrained,
+    "Joint+Full": joint_full,
+    "Continual": continual,
+    "Continual+KD": continual_kd,
+    "Direct Ensemble": direct_ensemble,
+    "PNC-F": pnc_f,
+    "PNC (w/o Local)": pnc_wo_local,
+    "PNC (w/o Insert)": pnc_wo_insert,
+    "PNC": pnc,
+}
+
+
+def run_method(name: str, task: CloneTask, target: nn.Module, source: nn.Module, seed: int,
+               budget: Budget, workdir: Path | None = None) -> MethodRun:
+    """Run METHODS[name] timed and memory-sampled; add its inference MACs and parameters."""
+    if name not in METHODS:
+        raise TaskError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    hashes = state_dict_sha256(target), state_dict_sha256(source)
+    target.eval(), source.eval()
+    with PeakMemory() as memory:
+        began = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model, hparams, details = METHODS[name](task, target, source, seed, budget, workdir)
+        seconds = time.perf_counter() - began
+    if (state_dict_sha256(target), state_dict_sha256(source)) != hashes:
+        raise RuntimeError(f"pnc bug: method {name!r} changed the target's or the source's weights")
+    params = details.pop("params", None)
+    if params is None:
+        params = _count_params(model)
+    example = task.clone_set().x[:1]
+    return MethodRun(method=name, model=model, seconds=seconds, peak_mb=memory.peak_mb,
+                     macs=inference_macs(model, example), params=params, hparams=hparams, details=details)

@@ -1,0 +1,352 @@
+"""Table-1-style benchmark: every method of :mod:`pnc.zoo.baselines` on one (target, source)
+pair of zoo models, at the "S" and "M" clone scales, over several seeds.
+
+A *row* is one (method, scale, seed); each finished row is written at once to a JSON
+cache (``<stem>.rows.json`` beside the tables), keyed by the row and a fingerprint of
+its settings and model hashes, so a re-run resumes where it stopped and an edited
+setting recomputes only the rows it touches. PNC's searches also checkpoint each
+candidate under ``workdir``. The seed picks the task's clone subset and every training
+seed; the zoo models are the same for every seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pnc.surgery.errors import TaskError
+from pnc.zoo.baselines import METHODS, Budget, run_method
+from pnc.zoo.datasets import DatasetSplits
+from pnc.zoo.metrics import evaluate_clone
+from pnc.zoo.store import ModelCard, ZooStore, atomic_write_text, package_versions
+from pnc.zoo.tasks import CloneTask
+
+__all__ = ["TableSpec", "RowCache", "jsonable", "run_table", "summarize", "write_table", "goal_checks", "machine_info",
+           "QUICK_BUDGET"]
+
+#: the tiny budget of ``--quick`` runs (tests, smoke checks)
+QUICK_BUDGET = Budget(loc_epochs=1, joint_epochs=1, binary_epochs=1, scratch_epochs=2, num_masks=20)
+#: the reference method of the paper's deltas
+REFERENCE = "Continual+KD"
+#: execution order: cheap rows first, PNC before PNC-F (which resumes PNC's search), Joint last
+RUN_ORDER = ["Pre-trained", "Direct Ensemble", "Continual", "Continual+KD", "PNC", "PNC-F", "PNC (w/o Local)",
+             "PNC (w/o Insert)", "Joint+Full"]
+
+
+@dataclass
+class TableSpec:
+    """One table: zoo models ``target`` / ``source`` (names) on ``dataset``, and what to run."""
+
+    stem: str
+    title: str
+    target: str
+    source: str
+    scales: list[str]
+    seeds: list[int]
+    methods: list[str]
+    budget: Budget
+    fraction: float = 0.3
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise TaskError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        bad = [s for s in self.scales if s not in ("S", "M")]
+        if bad:
+            raise TaskError(f"unknown scales {bad}; use S and/or M")
+
+
+class RowCache:
+    """Finished rows in one JSON file, written atomically after every row."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            try:
+                self.rows = json.loads(self.path.read_text())
+            except json.JSONDecodeError:
+                self.rows = {}  # a truncated file from a killed run: start over
+
+    def get(self, key: str, fingerprint: str) -> dict[str, Any] | None:
+        row = self.rows.get(key)
+        return row if row is not None and row.get("fingerprint") == fingerprint else None
+
+    def put(self, key: str, row: dict[str, Any]) -> None:
+        self.rows[key] = row
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(self.rows, indent=1, default=jsonable))
+
+
+def jsonable(value: Any) -> Any:
+    """``json.dumps(default=...)`` for tensors, tuples and sets (anything else: its str)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), **package_versions()}
+
+
+def run_table(spec: TableSpec, store: ZooStore, splits: DatasetSplits, cache: RowCache, workdir: Path,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run (or reuse from ``cache``) every row of ``spec``; returns the per-seed rows.
+
+    Rows run seed by seed, then scale by scale, so that a full first seed of the table
+    exists early."""
+    target, t_card = store.load(spec.target)
+    source, s_card = store.load(spec.source)
+    rows = []
+    for seed in spec.seeds:
+        for scale in spec.scales:
+            task = CloneTask(splits, t_card.classes, s_card.classes, scale, fraction=spec.fraction, seed=seed)
+            for method in sorted(spec.methods, key=RUN_ORDER.index):
+                key = f"{method}|{scale}|{seed}"
+                fingerprint = _fingerprint(spec, method, task, t_card, s_card)
+                row = cache.get(key, fingerprint)
+                if row is None:
+                    began = time.perf_counter()
+                    run = run_method(method, task, target, source, seed, spec.budget,
+                                     workdir=Path(workdir) / spec.stem / f"{scale}-{seed}")
+                    acc = evaluate_clone(run.model, task.eval_sets())
+                    row = {"method": method, "scale": scale, "seed": seed, "clone_classes": task.clone_classes,
+                           "ori": acc["ori"], "tar": acc["tar"], "avg": acc["avg"], "seconds": run.seconds,
+                           "peak_mb": run.peak_mb, "macs": run.macs, "params": run.params,
+                           "hparams": run.hparams, "details": run.details, "fingerprint": fingerprint,
+                           "commit": _git_commit(), "load_avg": os.getloadavg()[0],
+                           "row_seconds": time.perf_counter() - began}
+                    cache.put(key, row)
+                    status = "done"
+                else:
+                    status = "cached"
+                log(f"{spec.stem}: {method:>17} {scale} seed {seed}: ori {row['ori']:.4f} tar {row['tar']:.4f} "
+                    f"avg {row['avg']:.4f}  {row['seconds']:.1f} s  {row['peak_mb']:.0f} MiB  ({status})")
+                rows.append(row)
+    return rows
+
+
+def _fingerprint(spec: TableSpec, method: str, task: CloneTask, t_card: ModelCard, s_card: ModelCard) -> str:
+    blob = json.dumps({"method": method, "budget": asdict(spec.budget), "task": task.to_dict(),
+                       "target": t_card.sha256, "source": s_card.sha256}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(per_seed: list[dict[str, Any]], methods: list[str], scales: list[str]) -> list[dict[str, Any]]:
+    """Mean and (sample) standard deviation over seeds of every (method, scale)."""
+    out = []
+    for scale in scales:
+        for method in methods:
+            rows = [r for r in per_seed if r["method"] == method and r["scale"] == scale]
+            if not rows:
+                continue
+            entry: dict[str, Any] = {"method": method, "scale": scale, "seeds": [r["seed"] for r in rows]}
+            for part in ("ori", "tar", "avg"):
+                entry[f"{part}_acc"], entry[f"{part}_std"] = _mean_std([r[part] for r in rows])
+            for cost in ("seconds", "peak_mb"):
+                entry[cost], entry[f"{cost}_std"] = _mean_std([r[cost] for r in rows])
+            entry["macs"], entry["params"] = rows[0]["macs"], rows[0]["params"]
+            if method.startswith("PNC"):
+                entry["macs"] = statistics.fmean(r["macs"] for r in rows)
+                entry["params"] = statistics.fmean(r["params"] for r in rows)
+                entry["cuts"] = [r["details"]["report"]["target_cut"] for r in rows]
+            out.append(entry)
+    for entry in out:
+        ref = next((e for e in out if e["method"] == REFERENCE and e["scale"] == entry["scale"]), None)
+        if ref is not None:
+            entry[f"delta_vs_{REFERENCE}"] = {p: entry[f"{p}_acc"] - ref[f"{p}_acc"] for p in ("ori", "tar", "avg")}
+    return out
+
+
+def goal_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The project's accuracy/cost goals for PNC, measured per scale (points = percent)."""
+    checks = []
+    for scale in sorted({r["scale"] for r in rows}):
+        at = {r["method"]: r for r in rows if r["scale"] == scale}
+        if "PNC" not in at:
+            continue
+        p = at["PNC"]
+
+        def add(goal: str, value: float, need: str, met: bool) -> None:
+            checks.append({"scale": scale, "goal": goal, "value": round(value, 3), "need": need, "met": bool(met)})
+
+        if REFERENCE in at:
+            gap = 100 * (p["avg_acc"] - at[REFERENCE]["avg_acc"])
+            add("Avg(PNC) - Avg(Continual+KD), points", gap, ">= 5", gap >= 5)
+        if "Direct Ensemble" in at:
+            gap = 100 * (p["avg_acc"] - at["Direct Ensemble"]["avg_acc"])
+            add("Avg(PNC) - Avg(Direct Ensemble), points", gap, ">= -0.5", gap >= -0.5)
+            ratio = p["macs"] / at["Direct Ensemble"]["macs"]
+            add("MACs(PNC) / MACs(Direct Ensemble)", ratio, "< 1", ratio < 1)
+        if "Pre-trained" in at:
+            gap = 100 * (p["ori_acc"] - at["Pre-trained"]["ori_acc"])
+            add("Ori(PNC) - Ori(Pre-trained), points", gap, ">= -1", gap >= -1)
+    return checks
+
+
+def _cell(entry: dict[str, Any] | None, part: str) -> str:
+    if entry is None:
+        return "-"
+    mean, std = 100 * entry[f"{part}_acc"], 100 * entry[f"{part}_std"]
+    text = f"{mean:.1f} ± {std:.1f}"
+    delta = entry.get(f"delta_vs_{REFERENCE}")
+    if delta is not None and entry["method"] != REFERENCE:
+        text += f" ({100 * delta[part]:+.1f})"
+    return text
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The Table-1-style markdown of a :func:`write_table` result."""
+    rows, scales, methods = result["rows"], result["scales"], result["methods"]
+    by = {(r["method"], r["scale"]): r for r in rows}
+    budget = result["budget"]
+    lines = [f"# {result['title']}", "",
+             f"Target `{result['target']}` (classes {result['target_classes']}), source `{result['source']}` "
+             f"(classes {result['source_classes']}); S clones {result['clone_classes'].get('S', '-')}, "
+             f"M clones {result['clone_classes'].get('M', '-')}, from {int(100 * result['fraction'])}% of their "
+             f"training images (no image of the target's classes, except Joint+Full which sees all training "
+             f"images of both sets). Accuracies in %, mean ± sample std over seeds {result['seeds']}; in "
+             f"brackets the difference to {REFERENCE}, in points, as the paper prints it. Ori/Tar/Avg: test "
+             f"images of the target's / the cloned classes / both pooled, argmax over all outputs.", "",
+             "| Method | " + " | ".join(f"Ori-{s} | Tar-{s} | Avg-{s}" for s in scales) + " |",
+             "|---|" + "---|" * (3 * len(scales))]
+    for m in methods:
+        cells = [_cell(by.get((m, s)), p) for s in scales for p in ("ori", "tar", "avg")]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "## Cost", "",
+              "Wall time of building/training the model (seconds, mean over seeds) and peak resident memory "
+              "above the level at the method's start (MiB, sampled every 5 ms from /proc/self/statm); "
+              "inference MACs per image (torch FlopCounterMode, convolutions and matrix products, / 2) "
+              "and parameters used at inference.", "",
+              "| Method | Scale | seconds | peak MiB | MACs / image | params |", "|---|---|---|---|---|---|"]
+    for s in scales:
+        for m in methods:
+            e = by.get((m, s))
+            if e is not None:
+                lines.append(f"| {m} | {s} | {e['seconds']:.1f} | {e['peak_mb']:.0f} | {e['macs']:,.0f} | "
+                             f"{e['params']:,.0f} |")
+    lines += ["", f"Budget: PNC trains {budget['loc_epochs']} + {budget['joint_epochs']} + "
+              f"{budget['binary_epochs']} (localize + joint + binary) epochs per candidate cut R; Continual, "
+              f"Continual+KD and PNC-F's fine-tuning run the same {budget['loc_epochs'] + budget['joint_epochs'] + budget['binary_epochs']} "
+              f"epochs over the clone set (SGD lr {budget['lr']}, batch {budget['batch_size']}, Nesterov 0.9, "
+              f"wd 5e-4, cosine); KD temperature {budget['kd_temperature']}. Joint+Full: the target architecture "
+              f"from scratch, the target's zoo recipe ({budget['scratch_epochs']} epochs, lr {budget['scratch_lr']}). "
+              f"G: {budget['num_masks']} masks on {int(100 * budget['g_fraction'])}% of the clone set. PNC-F "
+              "resumes PNC's checkpointed search, so its time is mostly the fine-tuning.", ""]
+    search = result.get("pnc_search", [])
+    if search:
+        lines += ["## PNC's search (per seed)", "",
+                  "| Method | Scale | seed | chosen R (target) | R' (source) | kept | candidates: R -> loss, Ori/Tar/Avg % |",
+                  "|---|---|---|---|---|---|---|"]
+        for s in search:
+            cands = "; ".join(f"{c['target_cut']} -> {c['loss']:.4f}, {100 * c['accuracy']['ori']:.1f}/"
+                              f"{100 * c['accuracy']['tar']:.1f}/{100 * c['accuracy']['avg']:.1f}"
+                              for c in s["candidates"])
+            lines.append(f"| {s['method']} | {s['scale']} | {s['seed']} | {s['target_cut']} | {s['source_cut']} | "
+                         f"{s['kept_fraction']:.2f} | {cands} |")
+        lines.append("")
+    if result.get("goals"):
+        lines += ["## Goals", "", "| Scale | Goal | Value | Need | Met |", "|---|---|---|---|---|"]
+        for g in result["goals"]:
+            lines.append(f"| {g['scale']} | {g['goal']} | {g['value']} | {g['need']} | {'yes' if g['met'] else 'NO'} |")
+        lines.append("")
+    commits = sorted({r["commit"] for r in result["per_seed"]})
+    lines += [f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores shared with other jobs, "
+              f"torch {result['machine']['torch']} ({result['machine']['torch_threads']} thread(s)). "
+              f"Code: commit(s) {', '.join(commits)}. Command: `{result['command']}`.", ""]
+    return "\n".join(lines)
+
+
+def write_table(spec: TableSpec, per_seed: list[dict[str, Any]], t_card: ModelCard, s_card: ModelCard,
+                splits: DatasetSplits, out_dir: Path, command: str) -> dict[str, Any]:
+    """Write ``<stem>.json`` and ``<stem>.md`` under ``out_dir``; returns the JSON object."""
+    rows = summarize(per_seed, spec.methods, spec.scales)
+    clone_classes = {s: CloneTask(splits, t_card.classes, s_card.classes, s).clone_classes for s in spec.scales}
+    search = [{"method": r["method"], "scale": r["scale"], "seed": r["seed"],
+               **{k: r["details"]["report"][k] for k in ("target_cut", "source_cut", "kept_fraction", "candidates")}}
+              for r in per_seed if r["method"].startswith("PNC") and "report" in r["details"]]
+    result = {"title": spec.title, "dataset": splits.name, "arch": t_card.arch, "source_arch": s_card.arch,
+              "target": spec.target, "source": spec.source, "target_classes": t_card.classes,
+              "source_classes": s_card.classes, "clone_classes": clone_classes, "fraction": spec.fraction,
+              "scales": spec.scales, "seeds": spec.seeds, "methods": spec.methods, "budget": asdict(spec.budget),
+              "rows": rows, "goals": goal_checks(rows), "pnc_search": search,
+              "per_seed": [{k: v for k, v in r.items() if k not in ("details", "hparams")} for r in per_seed],
+              "hparams": {r["method"]: r["hparams"] for r in per_seed},
+              "machine": machine_info(), "command": command}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / f"{spec.stem}.json", json.dumps(result, indent=1, default=jsonable))
+    atomic_write_text(out_dir / f"{spec.stem}.md", render_markdown(result))
+    return result
+
+
+def budget_for(card: ModelCard, quick: bool) -> Budget:
+    """The default budget, Joint+Full on the target's own zoo recipe (tiny with ``quick``)."""
+    base = QUICK_BUDGET if quick else Budget()
+    if quick:
+        return base
+    recipe = card.recipe
+    return Budget(**{**asdict(base), "scratch_epochs": int(recipe.get("epochs", base.scratch_epochs)),
+                     "scratch_lr": float(recipe.get("lr", base.scratch_lr)),
+                     "scratch_batch_size": int(recipe.get("batch_size", base.scratch_batch_size))})
+
+
+def run_paper(dataset: str, arch: str, *, scales: list[str], seeds: list[int], methods: list[str],
+              quick: bool = False, zoo_dir: str | None = None, data_dir: str | None = None,
+              out_dir: Path = Path("benchmarks/results"), workdir: Path | None = None, fresh: bool = False,
+              command: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Table 1 on ``dataset`` with the default (target, source) zoo pair of ``arch``."""
+    from pnc.zoo.datasets import load_dataset
+    from pnc.zoo.defaults import default_pair, ensure_default
+    from pnc.zoo.store import default_zoo_dir
+
+    store = ZooStore(zoo_dir)
+    splits = load_dataset(dataset if dataset != "fmnist" else "fashion-mnist", data_dir)
+    target_name, source_name = default_pair(splits.name, arch)
+    t_card = ensure_default(store, target_name, dataset=splits, progress=False)
+    s_card = ensure_default(store, source_name, dataset=splits, progress=False)
+    stem = f"table1-{splits.name}-{arch}" + ("-quick" if quick else "")
+    spec = TableSpec(stem=stem, title=f"Table 1 analogue: {splits.name}, {arch} target and source"
+                     + (" (quick budget)" if quick else ""), target=target_name, source=source_name,
+                     scales=scales, seeds=seeds, methods=methods, budget=budget_for(t_card, quick))
+    cache = RowCache(Path(out_dir) / f"{stem}.rows.json")
+    if fresh:
+        cache.rows.clear()
+    workdir = Path(workdir) if workdir is not None else default_zoo_dir(zoo_dir).parent / "bench"
+    per_seed = run_table(spec, store, splits, cache, workdir, log=log)
+    return write_table(spec, per_seed, t_card, s_card, splits, out_dir, command)
