@@ -158,3 +158,31 @@ def test_bad_class_spec_is_refused(digits, tmp_path, capsys):
                  "--out", str(tmp_path), "--zoo-dir", str(tmp_path)])
     assert code == 2
     assert "one --classes per --source" in capsys.readouterr().err
+
+
+def test_interrupted_search_resumes_to_the_same_result(digits, tmp_path, monkeypatch):
+    from pnc.surgery import insertion
+
+    _, task, target, source = digits
+    config = SearchConfig(seed=0, **QUICK)
+    x = task.eval_sets()["avg"].x[:50]
+    reference = clone(target, source, task, config=config, progress=False)
+
+    real_train, calls = insertion.CandidateTrainer.train, []
+
+    def crash_on_second(self, tick):
+        calls.append(self.r.node)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(self, tick)
+
+    monkeypatch.setattr(insertion.CandidateTrainer, "train", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        clone(target, source, task, config=config, checkpoint_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("candidate-*.safetensors"))) == 1
+    monkeypatch.setattr(insertion.CandidateTrainer, "train", real_train)
+    resumed = clone(target, source, task, config=config, checkpoint_dir=tmp_path, progress=False)
+    with torch.no_grad():
+        assert torch.equal(resumed(x), reference(x))
+    ref, res = (next(iter(n.branches.values())).report for n in (reference, resumed))
+    assert [c["loss"] for c in res.candidates] == [c["loss"] for c in ref.candidates]
