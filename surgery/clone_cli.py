@@ -20,9 +20,11 @@ from pnc.surgery.clone import clone
 from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.errors import PncError, TaskError
 from pnc.surgery.insertion import SearchConfig
+from pnc.surgery.onnx_detach import detach_onnx
+from pnc.surgery.onnx_export import export_onnx
 from pnc.surgery.patch import load_patch, save_patch
 from pnc.zoo.datasets import ImageData, load_dataset
-from pnc.zoo.store import WEIGHTS_FILE, ZooStore, atomic_write_text
+from pnc.zoo.store import WEIGHTS_FILE, ZooStore, atomic_write_text, file_sha256
 from pnc.zoo.tasks import CloneTask
 
 
@@ -65,10 +67,11 @@ def compare(net: ClonedNetwork, target: nn.Module, sources: list[tuple[nn.Module
 
 def run_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]], out: Path, *, seed: int = 0,
               data_dir: str | None = None, fraction: float = 0.3, config: SearchConfig | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True) -> tuple[ClonedNetwork, dict]:
     """Clone each (source name, class spec) into the target; write DIR/clone.pnc and DIR/report.json.
 
-    An interrupted run resumes from the checkpoints in DIR/.ckpt."""
+    Returns (the cloned network, the report). An interrupted run resumes from the
+    checkpoints in DIR/.ckpt."""
     start = time.perf_counter()
     target, t_card = store.load(target_name)
     dataset = load_dataset(t_card.dataset, data_dir)
@@ -101,7 +104,7 @@ def run_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]],
         "seconds": round(time.perf_counter() - start, 2), "branches": branches,
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    return report
+    return net, report
 
 
 def _class_spec(spec: str, names: list[str]) -> list[int]:
@@ -150,7 +153,7 @@ def _cmd_clone(args) -> int:
     if len(args.source) != len(args.classes):
         raise TaskError("give one --classes per --source (e.g. --source A --classes S --source B --classes 7)")
     config = SearchConfig(seed=args.seed, mask_ratio=args.mask_ratio)
-    report = run_clone(_store(args), args.target, list(zip(args.source, args.classes)), Path(args.out),
+    _, report = run_clone(_store(args), args.target, list(zip(args.source, args.classes)), Path(args.out),
                        seed=args.seed, data_dir=args.data_dir, fraction=args.fraction, config=config,
                        progress=not args.json)
     if args.json:
@@ -189,12 +192,19 @@ def _cmd_demo(args) -> int:
         print(f"zoo: {name} ({card.arch} on {card.dataset}, classes {card.classes}, "
               f"test accuracy {100 * card.test_accuracy:.2f}%)")
     out = Path(args.out)
-    report = run_clone(store, target, [(source, "S")], out, seed=args.seed, data_dir=args.data_dir)
+    net, report = run_clone(store, target, [(source, "S")], out, seed=args.seed, data_dir=args.data_dir)
     print_table(report)
     print(f"cloned {report['branches'][0]['classes']} from {source} into {target} at R = {report['target_cut']}; "
-          f"patch {report['patch_bytes']:,} bytes (source checkpoint {report['source_bytes']:,}); "
-          f"clone {report['seconds']:.0f} s, demo {time.perf_counter() - start:.0f} s; wrote {out}")
-    return 0
+          f"patch {report['patch_bytes']:,} bytes (source checkpoint {report['source_bytes']:,})")
+    example = torch.zeros(1, *store.card(target).input_size)
+    export_onnx(net, out / "clone.onnx", example)
+    export_onnx(net.target, out / "target.onnx", example)
+    detach_onnx(out / "clone.onnx", None, out / "detached.onnx")
+    same = file_sha256(out / "detached.onnx") == file_sha256(out / "target.onnx")
+    print(f"ONNX: {out}/clone.onnx (detachable branch); detaching it gives a file "
+          f"{'byte-identical to' if same else 'DIFFERENT from'} {out}/target.onnx")
+    print(f"demo {time.perf_counter() - start:.0f} s (clone {report['seconds']:.0f} s); wrote {out}")
+    return 0 if same else 1
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
