@@ -160,8 +160,11 @@ def _cmd_clone(args) -> int:
         print(json.dumps(report, indent=2))
     else:
         print_table(report)
-        print(f"R = {report['target_cut']} (target) <- {report['source_cut']} (source); patch "
-              f"{report['patch_bytes']:,} bytes vs source checkpoint {report['source_bytes']:,} bytes; "
+        for b in report["branches"]:
+            print(f"branch {b['name']!r}: R = {b['target_cut']} (target) <- R' = {b['source_cut']} (source); "
+                  f"transferable module {b['params_before']:,} -> {b['params_after']:,} params, "
+                  f"{b['macs_before']:,} -> {b['macs_after']:,} MACs")
+        print(f"patch {report['patch_bytes']:,} bytes vs source checkpoint {report['source_bytes']:,} bytes; "
               f"{report['seconds']:.0f} s; wrote {args.out}/clone.pnc and report.json")
     return 0
 

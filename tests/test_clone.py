@@ -186,3 +186,20 @@ def test_interrupted_search_resumes_to_the_same_result(digits, tmp_path, monkeyp
         assert torch.equal(resumed(x), reference(x))
     ref, res = (next(iter(n.branches.values())).report for n in (reference, resumed))
     assert [c["loss"] for c in res.candidates] == [c["loss"] for c in ref.candidates]
+
+
+def test_multi_branch_clone_and_partial_detach(digits, cloned):
+    ds, task, target, source = digits
+    net, _, _ = cloned
+    single = copy.deepcopy(net)
+    second = CloneTask(ds, task.target_classes, task.source_classes, clone_classes=[6], fraction=0.3, seed=0)
+    multi = clone(target, source, second, config=SearchConfig(seed=0, **QUICK), into=copy.deepcopy(net),
+                  name="six", progress=False)
+    assert list(multi.branches) == ["src", "six"]
+    assert multi.classes == single.classes + [ds.classes[6]]
+    x = second.eval_sets()["tar"].x
+    with torch.no_grad():
+        assert multi(x).shape == (len(x), 7)
+        assert float((multi(x).argmax(1) == 6).float().mean()) > 0.5  # the "6" branch answers its class
+        multi.detach("six")
+        assert torch.equal(multi(x), single(x))
