@@ -56,11 +56,16 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temp file next to ``path``, then ``os.replace`` it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -160,6 +165,7 @@ class ZooStore:
         try:
             save_model(model, tmp)
             card.sha256 = file_sha256(tmp)
+            os.chmod(tmp, 0o666 & ~_UMASK)
             os.replace(tmp, folder / WEIGHTS_FILE)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

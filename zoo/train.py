@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from pnc.surgery.errors import DataError, StoreError
+from pnc.surgery.errors import DataError, PncError, StoreError
 from pnc.zoo import archs
 from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
 from pnc.zoo.store import ModelCard, ZooStore, atomic_write_bytes, atomic_write_text
@@ -137,7 +137,7 @@ def fit(model: nn.Module, data: ImageData, *, epochs: int, lr: float, seed: int,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        raise PncError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
     if len(data) == 0:
         raise DataError("cannot train on an empty dataset; check the class list")
     loss_fn = loss_fn or _cross_entropy
