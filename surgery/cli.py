@@ -22,13 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pnc", description="Partial network cloning.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:  # that part of pnc is not built yet
-                continue
-            raise
-        module.add_cli(sub)
+        importlib.import_module(name).add_cli(sub)
     return parser
 
 
