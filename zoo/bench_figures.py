@@ -168,7 +168,7 @@ def plot_figure3(result: dict[str, Any], path: Path) -> None:
         axes[0].plot([p["ratio"] for p in result["ratio"]], [100 * p[key] for p in result["ratio"]], style, label=label)
         axes[1].plot([p["block"] + 1 for p in result["cut"]], [100 * p[key] for p in result["cut"]], style, label=label)
     axes[0].set_xlabel("mask ratio c/|W| (kept channels per group)")
-    axes[1].set_xlabel("R (block cut; larger R = smaller module)")
+    axes[1].set_xlabel("R (index of the block cut, input to output)")
     axes[1].set_xticks([p["block"] + 1 for p in result["cut"]],
                        [f"{p['block'] + 1}\n{p['cut']}" for p in result["cut"]], fontsize=7)
     searched = next((p for p in result["cut"] if p["cut"] == result["searched_cut"]), None)
