@@ -20,6 +20,7 @@ from pnc.surgery.insertion import SearchConfig
 from pnc.surgery.onnx_detach import branch_names, detach_model, detach_onnx
 from pnc.surgery.onnx_export import LOGITS, export_onnx, locate_tensors, run, to_onnx
 from pnc.surgery.onnx_merge import CLONED_OUTPUT, read_manifest
+from pnc.surgery.patch import save_patch
 from pnc.zoo.archs import create
 from pnc.zoo.datasets import load_dataset
 from pnc.zoo.store import ModelCard, ZooStore, file_sha256
@@ -175,6 +176,19 @@ def test_partial_detach_equals_export_of_the_smaller_clone(tmp_path, multi, mult
     # detaching in steps ends at the target, byte for byte
     step = detach_model(detach_model(multi_onnx, ["vit"]), ["cnn", "res"])
     assert step.SerializeToString() == to_onnx(multi.target, images["real"][:1]).SerializeToString()
+
+
+def test_export_of_a_patch_equals_export_of_the_network(tmp_path, task, images):
+    """`pnc export clone.pnc` rebuilds the clone from the zoo and writes the same bytes."""
+    target, source = _model("cnn4", 1), _model("cnn4", 2)
+    store = _save_to_zoo(tmp_path / "zoo", "t", target, "cnn4")
+    _save_to_zoo(tmp_path / "zoo", "s", source, "cnn4")
+    net = clone(target, source, task, config=_config("block2_3"), source_name="s", num_masks=10, progress=False)
+    save_patch(net, tmp_path / "clone.pnc", target_name="t", input_size=(1, 8, 8))
+    out = tmp_path / "clone.onnx"
+    assert cli.main(["export", str(tmp_path / "clone.pnc"), "--zoo-dir", str(store.root), "--out", str(out)]) == 0
+    assert out.read_bytes() == to_onnx(net, torch.zeros(1, 1, 8, 8)).SerializeToString()
+    assert branch_names(out) == ["s"]
 
 
 # ------------------------------------------------------------------ other pairs
