@@ -122,13 +122,14 @@ def _default_tokens(ndim: int) -> _Tokens:
 
 def _reshaped(tokens: _Tokens, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> _Tokens:
     """Layout after a reshape: channels stay last (or second) if that axis keeps its size."""
-    if "C" in tokens:
+    k = len(out_shape)
+    if "C" in tokens and k >= 2:
         c = tokens.index("C")
         if c == len(tokens) - 1 and out_shape[-1] == in_shape[c]:
-            return {2: ("N", "C"), 3: ("N", "L", "C"), 4: ("N", "H", "W", "C")}.get(len(out_shape), _default_tokens(len(out_shape)))
-        if c == 1 and len(out_shape) > 1 and out_shape[1] == in_shape[1]:
-            return {2: ("N", "C"), 3: ("N", "C", "L"), 4: ("N", "C", "H", "W")}.get(len(out_shape), _default_tokens(len(out_shape)))
-    return _default_tokens(len(out_shape))
+            return {2: ("N", "C"), 3: ("N", "L", "C"), 4: ("N", "H", "W", "C")}.get(k, ("N",) + ("?",) * (k - 2) + ("C",))
+        if c == 1 and out_shape[1] == in_shape[1]:
+            return {2: ("N", "C"), 3: ("N", "C", "L"), 4: ("N", "C", "H", "W")}.get(k, ("N", "C") + ("?",) * (k - 2))
+    return _default_tokens(k)
 
 
 def _dims_arg(node: fx.Node) -> list[int]:
@@ -163,7 +164,7 @@ def _node_tokens(node: fx.Node, tokens: dict[str, _Tokens], shapes: dict[str, tu
         start = _axis(int(node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)), len(t))
         end = _axis(int(node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)), len(t))
         merged = "".join(t[start:end + 1])
-        merged = "C" if "C" in merged and len(shape) == 2 else merged
+        merged = "C" if "C" in merged else merged  # channels absorb what is flattened into them
         return t[:start] + (merged,) + t[end + 1:]
     if name in ("reshape", "view", "unflatten"):
         return _reshaped(t, in_shape, shape)
@@ -174,20 +175,12 @@ def _node_tokens(node: fx.Node, tokens: dict[str, _Tokens], shapes: dict[str, tu
     return _default_tokens(len(shape))
 
 
-_LAYOUT_NAMES = {
-    ("N", "C", "H", "W"): "NCHW", ("N", "H", "W", "C"): "NHWC", ("N", "C"): "NC",
-}
-
-
 def _layout_name(tokens: _Tokens) -> str:
-    if tokens in _LAYOUT_NAMES:
-        return _LAYOUT_NAMES[tokens]
-    if len(tokens) == 3 and tokens[0] == "N":
-        if tokens[2] == "C" and "C" not in tokens[1]:
-            return "NLC"
-        if tokens[1] == "C":
-            return "NCL"
-    return ""
+    if tokens[0] != "N" or tokens.count("C") != 1 or len(tokens) not in (2, 3, 4):
+        return ""
+    channels_last = tokens[-1] == "C"
+    return {2: "NC", 3: "NLC" if channels_last else "NCL", 4: "NHWC" if channels_last else "NCHW"}[len(tokens)] \
+        if channels_last or tokens[1] == "C" else ""
 
 
 def _layouts(traced: TracedModel) -> dict[str, str]:
@@ -418,7 +411,7 @@ def _create_timm(name: str, input_size: tuple[int, int, int] | None, own: Sequen
         raise ModelNotFoundError(f"unknown model {name!r}.{hint} A model of your own: package.module:factory.")
     kwargs: dict[str, Any] = {"in_chans": input_size[0]} if input_size is not None else {}
     model = timm.create_model(name, pretrained=False, **kwargs)
-    if input_size is not None and "img_size" in inspect.signature(type(model).__init__).parameters:
+    if input_size is not None and any("img_size" in inspect.signature(c.__init__).parameters for c in type(model).__mro__[:-2]):
         model = timm.create_model(name, pretrained=False, img_size=tuple(input_size[1:]), **kwargs)
     return model
 

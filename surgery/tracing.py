@@ -11,6 +11,7 @@ a shape. Branches on tensor *values* still fail: they are data-dependent.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import operator
@@ -32,6 +33,8 @@ __all__ = ["TracedModel", "BatchDim", "trace", "owning_module", "default_input",
 #: node.meta key marking the batch-size node ``x.size(0)`` and the scalars computed from it
 BATCH_META = "pnc_batch"
 
+#: layers kept whole even when subclassed (timm's Linear, Conv2dSame, ...): one node per layer
+_LAYER_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 #: tensor methods that only read metadata; traced as their value for the example input
 _METADATA_METHODS = frozenset({
     "size", "dim", "ndimension", "numel", "nelement", "element_size", "stride",
@@ -130,9 +133,11 @@ class _ConcreteProxy(fx.Proxy):
         attr = getattr(self.value, k)
         if isinstance(attr, torch.Tensor) or callable(attr):
             return _ConcreteAttribute(self, k)
+        self.tracer.shape_reads += k in ("shape", "ndim")
         return attr  # metadata: shape, ndim, dtype, device, requires_grad, ...
 
     def __len__(self) -> int:
+        self.tracer.shape_reads += isinstance(self.value, torch.Tensor)
         return len(self.value)
 
     def __iter__(self) -> Iterator[Any]:
@@ -171,8 +176,9 @@ class _ConcreteTracer(fx.Tracer):
 
     def __init__(self, leaf_modules: Sequence[type], autowrap_functions: Sequence[Callable], inputs: dict[str, Any]):
         super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(autowrap_functions))
-        self.leaf_types = tuple(leaf_modules)
+        self.leaf_types = (*_LAYER_TYPES, *leaf_modules)
         self.inputs = inputs
+        self.shape_reads = 0  # metadata reads specialised to constants (0: nothing depends on shapes)
 
     def current_module(self) -> str:
         if not self.module_stack:
@@ -186,13 +192,17 @@ class _ConcreteTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
 
+    leaf_types: tuple[type, ...]
+
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ConcreteProxy(node, self)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         if kind == "call_method" and (target in _METADATA_METHODS or target in _SHAPE_ONLY_METHODS):
+            self.shape_reads += 1
             return getattr(_value(args[0]), target)(*_value(args[1:]), **_value(kwargs))
         if kind == "call_function" and target in _SHAPE_ONLY_FUNCTIONS:
+            self.shape_reads += 1
             return target(*_value(args), **_value(kwargs))
         if kind == "call_method" and target == "type_as":  # only the other tensor's dtype is read
             return self.create_proxy("call_method", "to", (args[0], _value(args[1]).dtype), {})
@@ -240,6 +250,30 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@contextlib.contextmanager
+def _preserved_state(model: nn.Module) -> Iterator[None]:
+    """Undo what a forward stores on its modules (caches such as LeViT's attention biases)."""
+    saved = []
+    for module in model.modules():
+        state = {k: v for k, v in vars(module).items() if not k.startswith("_")}
+        saved.append((module, state, {k: copy.copy(v) for k, v in state.items() if isinstance(v, (dict, list, set))}))
+    try:
+        yield
+    finally:
+        for module, state, containers in saved:
+            for k in [k for k in vars(module) if not k.startswith("_") and k not in state]:
+                delattr(module, k)
+            for k, v in state.items():
+                if k in containers:
+                    v.clear()
+                    if isinstance(v, list):
+                        v.extend(containers[k])
+                    else:
+                        v.update(containers[k])
+                if vars(module).get(k) is not v:
+                    vars(module)[k] = v
 
 
 @contextlib.contextmanager
@@ -360,14 +394,15 @@ def _shapes(gm: fx.GraphModule) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _trace_once(model: nn.Module, x: torch.Tensor, leaf_modules: Sequence[type]) -> fx.GraphModule:
-    """fx-trace ``model`` on ``x`` with concrete evaluation; dead code removed."""
+def _trace_once(model: nn.Module, x: torch.Tensor, leaf_modules: Sequence[type]) -> tuple[fx.GraphModule, int]:
+    """fx-trace ``model`` on ``x`` with concrete evaluation, dead code removed; and its number of shape reads."""
     input_name, concrete = _concrete_args(model)
     timm_modules, timm_functions = _timm_leaves()
     tracer = _ConcreteTracer([*timm_modules, *leaf_modules], timm_functions, {input_name: x.detach().clone()})
     own_attrs = set(vars(model))
     try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
+        with _preserved_state(model):
+            graph = tracer.trace(model, concrete_args=concrete or None)
         gm = fx.GraphModule(model, graph, type(model).__name__)
     except TraceError:
         raise
@@ -384,7 +419,7 @@ def _trace_once(model: nn.Module, x: torch.Tensor, leaf_modules: Sequence[type])
     _eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
-    return gm
+    return gm, tracer.shape_reads
 
 
 class _NotBatchAffine(Exception):
@@ -490,20 +525,21 @@ def trace(model: nn.Module, example_input: torch.Tensor, leaf_modules: Sequence[
     x1 = example_input
     x2 = torch.cat([x1, x1[:1]])  # one more sample: shape reads that move with the batch
     batches = (x1.shape[0], x2.shape[0])
-    with evaluating(model), torch.no_grad():
-        gm = _trace_once(model, x1, leaf_modules)
-        other = _trace_once(model, x2, leaf_modules)
-        fixed, graph = gm.graph, _generalise_batch(gm, other, batches)
+    with evaluating(model), torch.no_grad(), _preserved_state(model):
+        gm, shape_reads = _trace_once(model, x1, leaf_modules)
+        fixed, graph = gm.graph, gm.graph
+        if shape_reads:  # trace again one sample larger to see which constants are the batch size
+            graph = _generalise_batch(gm, _trace_once(model, x2, leaf_modules)[0], batches)
         large: dict[str, tuple[int, ...]] = {}
         if graph is not None:
-            gm.graph = graph
-            ShapeProp(gm).propagate(x2)
-            large = _shapes(gm)
-            if not _same_output(gm(x2), model(x2)):
-                gm.graph, large = fixed, {}
+            if graph is not fixed:
+                gm.graph = graph
+            if _same_output(ShapeProp(gm).propagate(x2), model(x2)):
+                large = _shapes(gm)
+            else:
+                gm.graph = fixed
         batch_size = None if large else batches[0]
-        ShapeProp(gm).propagate(x1)
-        same = _same_output(gm(x1), model(x1))
+        same = _same_output(ShapeProp(gm).propagate(x1), model(x1))
     if not same:
         raise TraceError(
             f"the traced graph of {type(model).__name__} does not reproduce model(x) exactly "
