@@ -87,11 +87,11 @@ def clone(
     if len(clone_set) == 0:
         raise DataError("the clone set is empty: the clone classes have no training images")
     x = clone_set.x
+    target.eval()  # frozen: never let a forward pass move their BatchNorm statistics
+    source.eval()
     _check_outputs(target, x, len(task.target_classes), "target")
     _check_outputs(source, x, len(task.source_classes), "source")
     grid = grid or (4 if x.shape[-1] <= 32 else 8)
-    target.eval()
-    source.eval()
     g = fit_local_models(source, x, task.source_label_index(), num_images=max(1, round(g_fraction * len(x))),
                          num_masks=num_masks, grid=grid, seed=config.seed, cache_dir=cache_dir)
     t_traced = into.traced if into is not None else trace(target, x[:2])

@@ -45,6 +45,8 @@ def cloned(digits):
     ds, task, target, source = digits
     hashes = state_dict_sha256(target), state_dict_sha256(source)
     flags = [p.requires_grad for p in target.parameters()] + [p.requires_grad for p in source.parameters()]
+    target.train()  # handed over in train mode: cloning must still not move a BatchNorm statistic
+    source.train()
     net = clone(target, source, task, config=SearchConfig(seed=0, **QUICK), source_name="src", progress=False)
     return net, hashes, flags
 
