@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load, save
-from torch import Tensor, nn
+from torch import Tensor
 
 from pnc.adapters import least_squares_init, make_adapter
 from pnc.surgery.branch import Branch, ExtendedHead, TransferableModule

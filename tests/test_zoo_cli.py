@@ -4,17 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from pnc.surgery.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_zoo_train_list_show_verify(tmp_path, capsys):

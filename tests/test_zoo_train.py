@@ -13,14 +13,6 @@ from pnc.zoo.tasks import select_classes
 from pnc.zoo.train import evaluate, fit, predict_logits, train_zoo_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convs on a shared 2-core CPU: one intra-op thread is faster and deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def digits():

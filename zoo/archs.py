@@ -13,7 +13,6 @@ import difflib
 import inspect
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 
 from pnc.surgery.errors import ModelNotFoundError
