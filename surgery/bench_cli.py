@@ -93,9 +93,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     common.add_argument("--out", default="benchmarks/results", help="where tables, JSON and plots go")
     common.add_argument("--workdir", type=Path, help="checkpoints and caches (default: beside the zoo, bench/)")
     common.add_argument("--seeds", type=_csv(int), help="comma-separated seeds (task subset + training seeds)")
-    common.add_argument("--quick", action="store_true", help="tiny budget on digits (for tests and smoke runs)")
+    quick = argparse.ArgumentParser(add_help=False)
+    quick.add_argument("--quick", action="store_true", help="tiny budget on digits (for tests and smoke runs)")
 
-    paper = cmds.add_parser("paper", parents=[common],
+    paper = cmds.add_parser("paper", parents=[common, quick],
                             help="Table 1: PNC against the baselines and ablations, S and M scales")
     paper.add_argument("--dataset", help="default fashion-mnist (digits with --quick)")
     paper.add_argument("--arch", help="architecture of the default zoo pair: lenet5, resnetc20, cnn4 "
@@ -105,7 +106,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     paper.add_argument("--fresh", action="store_true", help="ignore cached rows and recompute")
     paper.set_defaults(func=_cmd_paper)
 
-    figures = cmds.add_parser("figures", parents=[common],
+    figures = cmds.add_parser("figures", parents=[common, quick],
                               help="Fig. 3 (accuracy vs mask ratio and R) and Fig. 4 (similarity matrices)")
     figures.add_argument("--dataset", help="default fashion-mnist (digits with --quick)")
     figures.add_argument("--arch", help="architecture of the default zoo pair (default lenet5; cnn4 with --quick)")
@@ -118,7 +119,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     hetero.add_argument("--methods", type=_csv(str), help="default Pre-trained,Continual,Continual+KD,Direct Ensemble,PNC")
     hetero.set_defaults(func=_cmd_hetero)
 
-    inc = cmds.add_parser("incremental", parents=[common], help="Table 3: class-incremental steps by cloning")
+    inc = cmds.add_parser("incremental", parents=[common, quick], help="Table 3: class-incremental steps by cloning")
     inc.add_argument("--dataset", help="default fashion-mnist (digits with --quick)")
     inc.add_argument("--arch", help="architecture of the default zoo pair (default lenet5; cnn4 with --quick)")
     inc.add_argument("--step-sizes", type=_csv(int), default=[1], help="classes added per step (default 1)")
