@@ -16,10 +16,11 @@ searches an insertion position. The blocks of a model are, by the first rule tha
    ``blocks.i``, ``stages.i``, ``layers.i``; torchvision's ``features.i``);
 3. ``layer1``, ``layer2``, ... children (ResNet style), plus the stem;
 4. the modules of timm's ``feature_info`` (which start with the stem);
-5. each top-level child of the model.
+5. each top-level child of the model that holds parameters.
 
 The cut of a block is the last cut point inside that module (for the stem: the last one
-before the first block); blocks at or after the classifier's input (the head) are left out.
+before the first block); blocks whose cut comes after the classifier's input (the head)
+are left out.
 """
 from __future__ import annotations
 
@@ -249,7 +250,7 @@ def block_modules(model: nn.Module) -> tuple[list[str], bool]:
     features = _feature_modules(model)
     if features:
         return features, False
-    return [name for name, _ in model.named_children()], False
+    return [name for name, child in model.named_children() if any(True for _ in child.parameters())], False
 
 
 def _block_cuts(traced: TracedModel, chain: list[str], modules: dict[str, str], order: dict[str, int], head_at: int) -> list[tuple[str, str]]:
@@ -265,7 +266,7 @@ def _block_cuts(traced: TracedModel, chain: list[str], modules: dict[str, str], 
             found.append((modules[stem[-1]].split(".")[0] or "stem", stem[-1]))
     for path in paths:
         inside = [n for n in chain if _within(modules[n], path)]
-        if inside and order[inside[-1]] < head_at and all(c != inside[-1] for _, c in found):
+        if inside and order[inside[-1]] <= head_at and all(c != inside[-1] for _, c in found):
             found.append((path, inside[-1]))
     return found
 
@@ -452,7 +453,7 @@ def _print_table(name: str, size: tuple[int, ...], cuts: Sequence[CutPoint]) -> 
 
     table = Table(title=f"{name} cut points at input {size}")
     for column in ("block", "node", "module", "shape", "layout", "depth", "stage", "ok"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # node names are what users type: never elide them
     for c in cuts:
         table.add_row(
             "" if c.block is None else str(c.block), c.node, c.module, str(c.shape), c.layout,

@@ -162,7 +162,7 @@ class _ConcreteAttribute(_ConcreteProxy, Attribute):
 
 
 def _leaf_hint(cls: type | None) -> str:
-    if cls is None or cls is type(None):
+    if cls is None:
         return " Fix the model's forward so that it does not branch on tensor values."
     return (
         f" Mark the module a leaf so that it is called as one opaque op: "
@@ -173,6 +173,8 @@ def _leaf_hint(cls: type | None) -> str:
 
 class _ConcreteTracer(fx.Tracer):
     """torch.fx tracer that evaluates each node on concrete values while recording it."""
+
+    leaf_types: tuple[type, ...]
 
     def __init__(self, leaf_modules: Sequence[type], autowrap_functions: Sequence[Callable], inputs: dict[str, Any]):
         super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(autowrap_functions))
@@ -191,8 +193,6 @@ class _ConcreteTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
-
-    leaf_types: tuple[type, ...]
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ConcreteProxy(node, self)

@@ -118,8 +118,8 @@ def test_user_module_with_residual_and_concat():
     assert [c.layout for c in cuts] == ["NCHW"] * 7 + ["NC"]
     cls = classifier_of(traced)
     assert (cls.module, cls.input_node, cls.num_classes, cls.in_features) == ("fc", "flatten", 3, 8)
-    # top-level children before the head: stem, res, left/right are not cut points; cat has no module
-    assert [c.node for c in cut_points(traced, blocks=True)] == ["stem_2", "pool"]
+    # blocks = top-level children with parameters: res/left/right hold no cut point, fc is the head
+    assert [c.node for c in cut_points(traced, blocks=True)] == ["stem_2"]
 
 
 def test_declared_pnc_blocks_override_the_rule():
@@ -150,6 +150,13 @@ def test_cli_user_factory(capsys):
     code = main(["cuts", f"{__name__}:ResidualConcat", "--input-size", "3,8,8", "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert code == 0 and doc["verified"] and len(doc["cuts"]) == 8
+
+
+def test_cli_zoo_lenet5_has_the_papers_three_blocks(capsys):
+    code = main(["cuts", "lenet5", "--input-size", "1,28,28", "--blocks", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["verified"]
+    assert [c["module"].split(".")[0] for c in doc["cuts"]] == ["block1", "block2", "block3"]
 
 
 def test_cli_unknown_model_is_a_clean_error(capsys):
