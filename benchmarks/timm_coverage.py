@@ -2,8 +2,8 @@
 
 For every module of ``timm.list_modules()`` the representative is its model with the
 fewest parameters (counted on the meta device among the names that look smallest).
-It is built without weights, traced at a small input (64x64, or the model's own input
-size when it cannot run that small), cut at every cut point and split-verified
+It is built without weights, traced at a small input (the first of 64, 112, 56, 128 px that
+the model runs on, else its own input size), cut at every cut point and split-verified
 (``suffix(prefix(x))`` equal to ``model(x)`` with ``torch.equal``), and its block-level
 cut points are listed. A family counts as *verified* when tracing succeeds, at least one
 cut point is found and every one of them splits exactly.
@@ -37,6 +37,8 @@ from pnc.surgery.tracing import default_input, trace
 
 RESULTS = Path(__file__).parent / "results"
 SMALL = 64
+#: input sizes tried in turn until the model runs (patch 14/16 and stride-32 nets need others than 64)
+SMALL_SIZES = (SMALL, 112, 56, 128)
 #: size words in timm names, smallest first (a prefilter before counting parameters)
 _SIZE_WORDS = [
     "atto", "femto", "pico", "nano", "xxxs", "micro", "xxs", "xs", "mini", "tiny", "t", "extra_small",
@@ -45,7 +47,7 @@ _SIZE_WORDS = [
 _CANDIDATES = 10
 
 
-class _Timeout(Exception):
+class _Timeout(BaseException):  # not an Exception: code under test must not swallow it
     pass
 
 
@@ -132,12 +134,17 @@ def run_family(module: str, timeout: int) -> dict[str, Any]:
         with _time_limit(timeout):
             name, params = representative(module)
             record.update(model=name, params=params)
-            try:
-                record.update(_run_model(name, SMALL))
-            except (PncError, RuntimeError, AssertionError, ValueError, TypeError) as small_err:
-                # many models only run at their own input size (fixed position tables, windows)
-                record.update(_run_model(name, None))
-                record["small_input_error"] = _one_line(small_err)
+            errors = []
+            for size in (*SMALL_SIZES, None):  # None: the model's own input size
+                try:
+                    record.update(_run_model(name, size))
+                    break
+                except Exception as err:  # built or run at a size the model does not take: try the next
+                    if size is None:
+                        raise
+                    errors.append(f"{size}x{size}: {_one_line(err)}")
+            if errors:
+                record["small_input_error"] = " | ".join(errors)
     except _Timeout as err:
         record.update(status="timeout", reason=str(err))
     except PncError as err:
@@ -166,14 +173,17 @@ def _markdown(doc: dict[str, Any]) -> str:
         "# timm coverage of pnc cut points",
         "",
         f"One model per timm family (smallest by parameter count), timm {doc['timm']}, torch {doc['torch']}, "
-        f"built without weights, input {SMALL}x{SMALL} where the model allows it. "
+        f"built without weights, at the first input size of {', '.join(map(str, SMALL_SIZES))} px the model runs on "
+        "(else its own). "
         "Verified = traced, and every cut point splits with `suffix(prefix(x))` `torch.equal` to `model(x)`.",
         "",
         f"**{s['verified']} / {s['families']} families verified ({s['percent']:.1f}%)**; "
-        f"{s['any_batch_size']} traced batch-size-generic; total {s['seconds']:.0f} s.",
+        f"{s['any_batch_size']} traced batch-size-generic; `classifier_of` found the classifier in "
+        f"{s['classifier_found']} (the others average two heads, add an auxiliary head, or are encoders "
+        f"without one); total {s['seconds']:.0f} s.",
         "",
-        "| family | model | params (M) | input | status | cuts | blocks | block layout | s | reason |",
-        "|---|---|---:|---|---|---:|---:|---|---:|---|",
+        "| family | model | params (M) | input | status | cuts | blocks | block layout | classifier | s | reason |",
+        "|---|---|---:|---|---|---:|---:|---|---|---:|---|",
     ]
     for r in doc["results"]:
         params = f"{r['params'] / 1e6:.1f}" if r.get("params") else ""
@@ -182,7 +192,8 @@ def _markdown(doc: dict[str, Any]) -> str:
         reason = (r.get("reason") or "").replace("|", "\\|")
         lines.append(
             f"| {r['family']} | {r.get('model', '')} | {params} | {size} | {r['status']} | {cuts} | "
-            f"{r.get('blocks', '')} | {','.join(r.get('block_layouts', []))} | {r['seconds']} | {reason} |"
+            f"{r.get('blocks', '')} | {','.join(r.get('block_layouts', []))} | "
+            f"{'none' if str(r.get('classifier', 'none')).startswith('none') else r['classifier']} | {r['seconds']} | {reason} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -231,6 +242,7 @@ def _save(out: Path, done: dict[str, dict[str, Any]]) -> None:
             "verified": verified,
             "percent": 100.0 * verified / max(len(results), 1),
             "any_batch_size": sum(bool(r.get("any_batch_size")) for r in results),
+            "classifier_found": sum(not str(r.get("classifier", "none")).startswith("none") for r in results),
             "seconds": sum(r["seconds"] for r in results),
         },
         "results": results,

@@ -18,6 +18,8 @@ searches an insertion position. The blocks of a model are, by the first rule tha
 4. the modules of timm's ``feature_info`` (which start with the stem);
 5. each top-level child of the model that holds parameters.
 
+The first rule that yields two or more block cuts is used (a declared ``pnc_blocks`` always).
+
 The cut of a block is the last cut point inside that module (for the stem: the last one
 before the first block); blocks whose cut comes after the classifier's input (the head)
 are left out.
@@ -45,7 +47,7 @@ from pnc.surgery.split import split
 from pnc.surgery.tracing import TracedModel, default_input, evaluating, owning_module, trace
 
 __all__ = [
-    "CutPoint", "Classifier", "cut_points", "dominator_chain", "classifier_of", "create_model",
+    "CutPoint", "Classifier", "cut_points", "dominator_chain", "classifier_of", "create_model", "block_rules",
     "verify_cut", "add_cli",
 ]
 
@@ -234,40 +236,44 @@ def _stage_container(model: nn.Module) -> str | None:
     return None
 
 
-def block_modules(model: nn.Module) -> tuple[list[str], bool]:
-    """Module paths of the model's blocks (see the module docstring) and whether a stem precedes them."""
+def block_rules(model: nn.Module) -> list[tuple[list[str], bool]]:
+    """Candidate block lists, by rule (see the module docstring): (module paths, stem before them)."""
     declared = getattr(model, "pnc_blocks", None)
     if declared is not None:
-        return [str(p) for p in declared], False
+        return [([str(p) for p in declared], False)]
+    rules = []
     container = _stage_container(model)
     if container is not None:
-        return [f"{container}.{name}" for name, _ in model.get_submodule(container).named_children()], True
+        rules.append(([f"{container}.{name}" for name, _ in model.get_submodule(container).named_children()], True))
     layers = sorted(
         (name for name, _ in model.named_children() if re.fullmatch(r"layer\d+", name)), key=lambda n: int(n[5:])
     )
     if len(layers) >= 2:
-        return layers, True
-    features = _feature_modules(model)
-    if features:
-        return features, False
-    return [name for name, child in model.named_children() if any(True for _ in child.parameters())], False
+        rules.append((layers, True))
+    if _feature_modules(model):
+        rules.append((_feature_modules(model), False))
+    rules.append(([name for name, child in model.named_children() if any(True for _ in child.parameters())], False))
+    return rules
 
 
 def _block_cuts(traced: TracedModel, chain: list[str], modules: dict[str, str], order: dict[str, int], head_at: int) -> list[tuple[str, str]]:
-    """(module path, cut node) per block, in order, before the head."""
-    paths, has_stem = block_modules(traced.model)
+    """(module path, cut node) per block, in order, before the head: by the first rule giving two or more."""
     found: list[tuple[str, str]] = []
-    first_block_start = min(
-        (order[n] for n, m in modules.items() if any(_within(m, p) for p in paths)), default=None
-    )
-    if has_stem and first_block_start is not None:
-        stem = [n for n in chain if order[n] < first_block_start]
-        if stem:
-            found.append((modules[stem[-1]].split(".")[0] or "stem", stem[-1]))
-    for path in paths:
-        inside = [n for n in chain if _within(modules[n], path)]
-        if inside and order[inside[-1]] <= head_at and all(c != inside[-1] for _, c in found):
-            found.append((path, inside[-1]))
+    for paths, has_stem in block_rules(traced.model):
+        found = []
+        first_block_start = min(
+            (order[n] for n, m in modules.items() if any(_within(m, p) for p in paths)), default=None
+        )
+        if has_stem and first_block_start is not None:
+            stem = [n for n in chain if order[n] < first_block_start]
+            if stem:
+                found.append((modules[stem[-1]].split(".")[0] or "stem", stem[-1]))
+        for path in paths:
+            inside = [n for n in chain if _within(modules[n], path)]
+            if inside and order[inside[-1]] <= head_at and all(c != inside[-1] for _, c in found):
+                found.append((path, inside[-1]))
+        if len(found) >= 2:
+            break
     return found
 
 

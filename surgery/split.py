@@ -97,13 +97,11 @@ def extract(traced: TracedModel, start: str | None, outputs: Sequence[str]) -> f
         return env[node]
 
     index = {n.name: n for n in traced.gm.graph.nodes}
+    start_node = index[source]  # first: nodes before it in graph order may need the batch size
+    env[start_node] = graph.placeholder(source)
+    env[start_node].meta = dict(start_node.meta)
     for node in traced.gm.graph.nodes:
-        if node.name not in needed:
-            continue
-        if node.name == source:
-            env[node] = graph.placeholder(node.name)
-            env[node].meta = dict(node.meta)
-        else:
+        if node.name in needed and node is not start_node:
             env[node] = graph.node_copy(node, arg)
     results = [env[index[name]] for name in outputs]
     graph.output(results[0] if len(results) == 1 else tuple(results))

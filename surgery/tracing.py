@@ -408,6 +408,7 @@ def _trace_once(model: nn.Module, x: torch.Tensor, leaf_modules: Sequence[type])
         raise
     except Exception as err:  # torch.fx raises many types; name where it happened
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        _check_runs_eagerly(model, x)
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: in {tracer.current_module()}: "
             f"{type(err).__name__}: {first_line}." + _leaf_hint(tracer.current_module_type())
@@ -420,6 +421,20 @@ def _trace_once(model: nn.Module, x: torch.Tensor, leaf_modules: Sequence[type])
     gm.graph.lint()
     gm.recompile()
     return gm, tracer.shape_reads
+
+
+def _check_runs_eagerly(model: nn.Module, x: torch.Tensor) -> None:
+    """Raise TraceError if the model itself fails on ``x``: then no tracer is to blame."""
+    try:
+        with _preserved_state(model):
+            model(x)
+    except Exception as err:
+        lines = str(err).strip().splitlines()
+        raise TraceError(
+            f"{type(model).__name__} does not run on an input of shape {tuple(x.shape)}: {type(err).__name__}: "
+            f"{lines[0] if lines else ''}. Use an input size the model accepts (input_size=(C, H, W), "
+            "or `--input-size C,H,W` on the command line)."
+        ) from err
 
 
 class _NotBatchAffine(Exception):
@@ -486,10 +501,14 @@ def _generalise_batch(gm: fx.GraphModule, other: fx.GraphModule, batches: tuple[
     nodes2 = list(other.graph.nodes)
     if [(n.op, n.target, n.name) for n in nodes1] != [(n.op, n.target, n.name) for n in nodes2]:
         return None
+    per_sample: list[tuple[fx.Node, torch.Tensor]] = []
     for n1, n2 in zip(nodes1, nodes2):
         if n1.op == "get_attr" and str(n1.target).startswith("_tensor_constant"):
-            if getattr(gm, str(n1.target)).shape != getattr(other, str(n2.target)).shape:
-                return None  # a constant made with the batch size
+            c1, c2 = getattr(gm, str(n1.target)), getattr(other, str(n2.target))
+            if c1.shape != c2.shape:  # a constant made with the batch size
+                if not _repeated_sample(c1, c2, batches):
+                    return None
+                per_sample.append((n1, c1[:1].clone()))
     rewriter = _BatchRewriter(graph, batches)
     try:
         for n1, n2 in zip(nodes1, nodes2):
@@ -497,8 +516,23 @@ def _generalise_batch(gm: fx.GraphModule, other: fx.GraphModule, batches: tuple[
             n1.kwargs = rewriter.merge(n1.kwargs, n2.kwargs)
     except _NotBatchAffine:
         return None
+    for node, sample in per_sample:  # one stored sample, expanded to the batch
+        name = f"{node.target}_sample"
+        setattr(gm, name, sample)
+        with graph.inserting_after(node):
+            expanded = graph.call_method("expand", (node, rewriter.batch, *[-1] * (sample.dim() - 1)))
+        node.replace_all_uses_with(expanded, delete_user_cb=lambda user: user is not expanded)
+        node.target = name
     graph.lint()
     return graph
+
+
+def _repeated_sample(c1: torch.Tensor, c2: torch.Tensor, batches: tuple[int, int]) -> bool:
+    """True if both constants are one sample repeated along a leading batch dimension."""
+    return (
+        c1.dim() > 0 and (c1.shape[0], c2.shape[0]) == batches and c1.shape[1:] == c2.shape[1:]
+        and torch.equal(c1[:1], c2[:1]) and bool((c1 == c1[:1]).all()) and bool((c2 == c2[:1]).all())
+    )
 
 
 def _batch_dims(small: dict[str, tuple[int, ...]], large: dict[str, tuple[int, ...]], batches: tuple[int, int]) -> dict[str, BatchDim]:

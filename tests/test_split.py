@@ -94,3 +94,29 @@ def test_unknown_cut_lists_near_names(user_traced):
 def test_input_and_output_are_not_cuts(user_traced):
     with pytest.raises(CutError, match="strictly between"):
         split(user_traced, user_traced.output_node)
+
+
+class EarlyToken(nn.Module):
+    """A class token expanded to the batch *before* the cut, in graph order, and used after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.conv = nn.Conv2d(3, 8, 2, stride=2)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls = self.cls.expand(x.shape[0], -1, -1)
+        tokens = self.norm(self.conv(x).flatten(2).transpose(1, 2))
+        return self.head(torch.cat([cls, tokens], dim=1).mean(1))
+
+
+def test_suffix_recomputes_the_batch_size_from_its_own_input():
+    torch.manual_seed(0)
+    model = EarlyToken().eval()
+    traced = trace(model, torch.randn(2, 3, 4, 4))
+    prefix, suffix = split(traced, "norm")
+    x = torch.randn(3, 3, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(suffix(prefix(x)), model(x))

@@ -176,3 +176,34 @@ def test_forward_with_required_extra_argument_is_rejected():
 
     with pytest.raises(TraceError, match="needs argument 'y'"):
         trace(TwoInputs(), torch.randn(1, 3))
+
+
+class PerSampleConstant(nn.Module):
+    """Builds a (B, 4) constant from the batch size, the same row for every sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(4, dtype=x.dtype).repeat(x.shape[0], 1)
+        return self.fc(x.flatten(1)) + positions
+
+
+def test_constants_repeated_over_the_batch_follow_the_batch_size():
+    model = PerSampleConstant()
+    traced = trace(model, torch.randn(2, 3, 2, 2))
+    assert traced.batch_size is None
+    x = torch.randn(5, 3, 2, 2)
+    with torch.no_grad():
+        assert torch.equal(traced.gm(x), model.eval()(x))
+
+
+def test_model_that_cannot_take_the_input_is_told_so():
+    class NeedsEven(nn.Module):
+        def forward(self, x):
+            assert x.shape[-1] % 2 == 0, "width must be even"
+            return x
+
+    with pytest.raises(TraceError, match=r"does not run on an input of shape \(1, 3, 5, 5\).*input size"):
+        trace(NeedsEven(), torch.randn(1, 3, 5, 5))
