@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from pnc.surgery.errors import TaskError
-from pnc.zoo.baselines import METHODS, Budget, run_method
+from pnc.zoo.baselines import METHODS, Budget, budget_fields, run_method
 from pnc.zoo.datasets import DatasetSplits
 from pnc.zoo.metrics import clone_accuracy, logits_of, per_class_accuracy
 from pnc.zoo.store import ModelCard, ZooStore, atomic_write_text, package_versions
@@ -160,7 +160,7 @@ def run_table(spec: TableSpec, store: ZooStore, splits: DatasetSplits, cache: Ro
 
 
 def _fingerprint(spec: TableSpec, method: str, task: CloneTask, t_card: ModelCard, s_card: ModelCard) -> str:
-    blob = json.dumps({"method": method, "budget": asdict(spec.budget), "task": task.to_dict(),
+    blob = json.dumps({"method": method, "budget": budget_fields(spec.budget, method), "task": task.to_dict(),
                        "target": t_card.sha256, "source": s_card.sha256}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -266,14 +266,15 @@ def render_markdown(result: dict[str, Any]) -> str:
             if e is not None:
                 lines.append(f"| {m} | {s} | {e['seconds']:.1f} | {e['peak_mb']:.0f} | {e['macs']:,.0f} | "
                              f"{e['params']:,.0f} |")
-    lines += ["", f"Budget: PNC trains {budget['loc_epochs']} + {budget['joint_epochs']} + "
-              f"{budget['binary_epochs']} (localize + joint + binary) epochs per candidate cut R; Continual, "
-              f"Continual+KD and PNC-F's fine-tuning run the same {budget['loc_epochs'] + budget['joint_epochs'] + budget['binary_epochs']} "
-              f"epochs over the clone set (SGD lr {budget['lr']}, batch {budget['batch_size']}, Nesterov 0.9, "
-              f"wd 5e-4, cosine); KD temperature {budget['kd_temperature']}. Joint+Full: the target architecture "
-              f"from scratch, the target's zoo recipe ({budget['scratch_epochs']} epochs, lr {budget['scratch_lr']}). "
-              f"G: {budget['num_masks']} masks on {int(100 * budget['g_fraction'])}% of the clone set. PNC-F "
-              "resumes PNC's checkpointed search, so its time is mostly the fine-tuning.", ""]
+    per_candidate = budget["loc_epochs"] + budget["joint_epochs"] + budget["binary_epochs"]
+    lines += ["", f"Budget: PNC trains {budget['loc_epochs']} + {budget['joint_epochs']} + {budget['binary_epochs']} "
+              f"(localize + joint + binary) epochs per candidate cut R; Continual, Continual+KD and PNC-F's "
+              f"fine-tuning run the same {per_candidate} epochs over the clone set (SGD, batch {budget['batch_size']}, "
+              f"Nesterov 0.9, wd 5e-4, cosine; lr {budget['lr']}, PNC-F lr {budget['finetune_lr']} with BatchNorm "
+              f"frozen); KD temperature {budget['kd_temperature']}. Joint+Full: the target architecture from scratch, "
+              f"the target's zoo recipe ({budget['scratch_epochs']} epochs, lr {budget['scratch_lr']}). G: "
+              f"{budget['num_masks']} masks on {int(100 * budget['g_fraction'])}% of the clone set. PNC-F resumes "
+              "PNC's checkpointed search, so its time is mostly G and the fine-tuning.", ""]
     search = result.get("pnc_search", [])
     if search:
         lines += ["## PNC's search (per seed)", "",

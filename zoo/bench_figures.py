@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from pnc.surgery.cut_points import classifier_of, cut_points
 from pnc.surgery.local_models import patch_masks
 from pnc.surgery.split import extract
 from pnc.surgery.tracing import trace
-from pnc.zoo.baselines import Budget
+from pnc.zoo.baselines import Budget, budget_fields
 from pnc.zoo.bench import RowCache, jsonable, machine_info
 from pnc.zoo.datasets import DatasetSplits
 from pnc.zoo.metrics import evaluate_clone, local_model_set
@@ -92,7 +91,8 @@ def figure3(store: ZooStore, splits: DatasetSplits, target_name: str, source_nam
     jobs = [("ratio", r, {"mask_ratio": r}) for r in ratios] + \
            [("cut", c.node, {"candidates": [c.node]}) for c in cuts]
     for kind, value, overrides in jobs:
-        key = f"fig3|{target_name}|{source_name}|{scale}|{seed}|{kind}|{value}|{json.dumps(asdict(budget))}"
+        budget_key = json.dumps(budget_fields(budget, "PNC"))
+        key = f"fig3|{target_name}|{source_name}|{scale}|{seed}|{kind}|{value}|{budget_key}"
         row = cache.get(key, key)
         if row is None:
             _, row = _clone_point(task, target, source, budget, seed, Path(workdir), f"{kind}-{value}", **overrides)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from pnc.surgery.clone import clone
 from pnc.surgery.insertion import kd_loss
-from pnc.zoo.baselines import Budget, extend_classifier
+from pnc.zoo.baselines import Budget, budget_fields, extend_classifier
 from pnc.zoo.bench import RowCache, jsonable, machine_info
 from pnc.zoo.datasets import DatasetSplits, ImageData
 from pnc.zoo.metrics import inference_macs, logits_of
@@ -128,7 +128,7 @@ def run_incremental(dataset: str, arch: str, *, step_sizes: list[int], seeds: li
         for seed in seeds:
             for method in methods:
                 key = f"{method}|{step_size}|{seed}"
-                fingerprint = json.dumps([asdict(budget), t_card.sha256, s_card.sha256])
+                fingerprint = json.dumps([budget_fields(budget, method), t_card.sha256, s_card.sha256])
                 row = cache.get(key, fingerprint)
                 if row is None:
                     row = incremental_run(method, splits, target, source, t_card.classes, s_card.classes, step_size,
