@@ -38,6 +38,7 @@ def check_node_name(traced: TracedModel, name: str) -> None:
 def _needed(traced: TracedModel, start: str, outputs: Sequence[str], from_input: bool) -> set[str]:
     """Nodes computed between ``start`` and ``outputs``; CutError if a path bypasses ``start``."""
     needed: set[str] = set()
+    model_input = traced.input_node
     for out in outputs:
         stack = [out]
         while stack:
@@ -47,7 +48,7 @@ def _needed(traced: TracedModel, start: str, outputs: Sequence[str], from_input:
             needed.add(name)
             if name == start:
                 continue
-            if name == traced.input_node and not from_input:
+            if name == model_input and not from_input:
                 raise CutError(
                     f"{start!r} is not a cut for {out!r}: data reaches {out!r} from the input without "
                     f"passing through {start!r} (a skip connection around it?). Pick a cut point listed by "
@@ -76,7 +77,9 @@ def extract(traced: TracedModel, start: str | None, outputs: Sequence[str]) -> f
     """GraphModule mapping the tensor at node ``start`` (the model input if None) to ``outputs``.
 
     Returns one tensor for one output name, else a tuple in the given order. Submodules,
-    parameters and buffers are the model's own objects (shared, not copied).
+    parameters and buffers are the model's own objects (shared, not copied), so the piece
+    follows the model's train/eval mode. It runs at any batch size unless
+    ``traced.batch_size`` names the one it was traced for.
     """
     if isinstance(outputs, str):
         outputs = [outputs]
