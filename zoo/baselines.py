@@ -229,14 +229,15 @@ def joint_full(task: CloneTask, target: nn.Module, source: nn.Module, seed: int,
     return model, hp, {"train_images": len(data)}
 
 
-def _continual(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, kd: bool):
+def _continual(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, kd: bool,
+               ce: bool = True):
     data = task.clone_set()
     model = extend_classifier(copy.deepcopy(target).requires_grad_(True), len(task.clone_classes), data.x, seed)
     index, t = task.source_label_index(), budget.kd_temperature
 
     def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         logits = m(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y) if ce else logits.new_zeros(())
         if kd:
             with torch.no_grad():
                 teacher = torch.cat([target(x), source(x)[:, index]], 1)
@@ -247,8 +248,8 @@ def _continual(task: CloneTask, target: nn.Module, source: nn.Module, seed: int,
         loss_fn=loss_fn, progress=False)
     extra = {"loss": "cross_entropy"}
     if kd:
-        extra = {"loss": "cross_entropy + KD(joint logits -> [frozen target logits, source T_s logits])",
-                 "kd_temperature": t, "kd_weight": 1.0}
+        extra = {"loss": ("cross_entropy + " if ce else "") + "KD(joint logits -> [frozen target logits, source "
+                 "T_s logits])", "kd_temperature": t, "kd_weight": 1.0}
     return model, _finetune_hparams(budget, **extra), {"train_images": len(data)}
 
 
@@ -265,6 +266,14 @@ def continual_kd(task: CloneTask, target: nn.Module, source: nn.Module, seed: in
     [target logits, source logits of T_s] (separate KLs would leave the old-vs-new scale free,
     and a KL over one new logit is identically zero)."""
     return _continual(task, target, source, seed, budget, kd=True)
+
+
+def continual_kd_only(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
+                      workdir: Path | None = None):
+    """Continual+KD without the cross-entropy term: the fine-tuned target learns from the two
+    teachers only (PNC's own objective, but on a shared, trainable backbone). Not in the
+    paper; it shows whether Continual+KD's collapse comes from the cross-entropy."""
+    return _continual(task, target, source, seed, budget, kd=True, ce=False)
 
 
 def _clone(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
@@ -331,6 +340,7 @@ METHODS: dict[str, MethodFn] = {
     "Joint+Full": joint_full,
     "Continual": continual,
     "Continual+KD": continual_kd,
+    "Continual+KD (no CE)": continual_kd_only,
     "Direct Ensemble": direct_ensemble,
     "PNC-F": pnc_f,
     "PNC (w/o Local)": pnc_wo_local,

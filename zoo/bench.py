@@ -42,8 +42,8 @@ REFERENCE = "Continual+KD"
 #: rows printed without a delta, as in the paper (the reference itself and the upper references)
 NO_DELTA = (REFERENCE, "Pre-trained", "Joint+Full")
 #: execution order: cheap rows first, PNC before PNC-F (which resumes PNC's search), Joint last
-RUN_ORDER = ["Pre-trained", "Direct Ensemble", "Continual", "Continual+KD", "PNC", "PNC-F", "PNC (w/o Local)",
-             "PNC (w/o Insert)", "Joint+Full"]
+RUN_ORDER = ["Pre-trained", "Direct Ensemble", "Continual", "Continual+KD", "Continual+KD (no CE)", "PNC", "PNC-F",
+             "PNC (w/o Local)", "PNC (w/o Insert)", "Joint+Full"]
 
 
 @dataclass
@@ -153,7 +153,7 @@ def run_table(spec: TableSpec, store: ZooStore, splits: DatasetSplits, cache: Ro
                     status = "done"
                 else:
                     status = "cached"
-                log(f"{spec.stem}: {method:>17} {scale} seed {seed}: ori {row['ori']:.4f} tar {row['tar']:.4f} "
+                log(f"{spec.stem}: {method:>20} {scale} seed {seed}: ori {row['ori']:.4f} tar {row['tar']:.4f} "
                     f"avg {row['avg']:.4f}  {row['seconds']:.1f} s  {row['peak_mb']:.0f} MiB  ({status})")
                 rows.append(row)
     return rows
@@ -268,7 +268,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                              f"{e['params']:,.0f} |")
     per_candidate = budget["loc_epochs"] + budget["joint_epochs"] + budget["binary_epochs"]
     lines += ["", f"Budget: PNC trains {budget['loc_epochs']} + {budget['joint_epochs']} + {budget['binary_epochs']} "
-              f"(localize + joint + binary) epochs per candidate cut R; Continual, Continual+KD and PNC-F's "
+              f"(localize + joint + binary) epochs per candidate cut R; Continual, Continual+KD (with and without "
+              f"its cross-entropy term) and PNC-F's "
               f"fine-tuning run the same {per_candidate} epochs over the clone set (SGD, batch {budget['batch_size']}, "
               f"Nesterov 0.9, wd 5e-4, cosine; lr {budget['lr']}, PNC-F lr {budget['finetune_lr']} with BatchNorm "
               f"frozen); KD temperature {budget['kd_temperature']}. Joint+Full: the target architecture from scratch, "
