@@ -181,9 +181,11 @@ def _node_tokens(node: fx.Node, tokens: dict[str, _Tokens], shapes: dict[str, tu
 def _layout_name(tokens: _Tokens) -> str:
     if tokens[0] != "N" or tokens.count("C") != 1 or len(tokens) not in (2, 3, 4):
         return ""
-    channels_last = tokens[-1] == "C"
-    return {2: "NC", 3: "NLC" if channels_last else "NCL", 4: "NHWC" if channels_last else "NCHW"}[len(tokens)] \
-        if channels_last or tokens[1] == "C" else ""
+    if tokens[-1] == "C":
+        return {2: "NC", 3: "NLC", 4: "NHWC"}[len(tokens)]
+    if tokens[1] == "C":
+        return {3: "NCL", 4: "NCHW"}[len(tokens)]
+    return ""
 
 
 def _layouts(traced: TracedModel) -> dict[str, str]:
@@ -250,8 +252,9 @@ def block_rules(model: nn.Module) -> list[tuple[list[str], bool]]:
     )
     if len(layers) >= 2:
         rules.append((layers, True))
-    if _feature_modules(model):
-        rules.append((_feature_modules(model), False))
+    features = _feature_modules(model)
+    if features:
+        rules.append((features, False))
     rules.append(([name for name, child in model.named_children() if any(True for _ in child.parameters())], False))
     return rules
 

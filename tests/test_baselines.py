@@ -23,21 +23,12 @@ from pnc.zoo.train import evaluate
 STEM = "table1-digits-cnn4-quick"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     """One quick run of all methods, then a second run that must come from the cache."""
     root = tmp_path_factory.mktemp("bench")
     argv = ["bench", "paper", "--quick", "--zoo-dir", str(root / "zoo"), "--out", str(root / "out"),
             "--workdir", str(root / "work")]
-    torch.set_num_threads(1)
     assert main(argv) == 0
     first = json.loads((root / "out" / f"{STEM}.json").read_text())
     store = ZooStore(root / "zoo")

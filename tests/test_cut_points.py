@@ -12,15 +12,6 @@ from pnc.surgery.cut_points import classifier_of, create_model, cut_points
 from pnc.surgery.errors import CutError, ModelNotFoundError
 from pnc.surgery.tracing import default_input, trace
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny inputs: one intra-op thread is faster, and fair to the other jobs on the machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # (timm name, C,H,W, expected number of block-level cuts or None, layout of the block cuts)
 TIMM_MODELS = [
     ("resnet18", (3, 32, 32), 5, "NCHW"),

@@ -12,15 +12,6 @@ from pnc.surgery.tracing import default_input, evaluating, trace
 from test_cut_points import ResidualConcat
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny inputs: one intra-op thread is faster, and fair to the other jobs on the machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def user_traced():
     torch.manual_seed(0)

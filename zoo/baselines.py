@@ -329,7 +329,6 @@ def pnc_f(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budg
 METHOD_ONLY_FIELDS = {"finetune_lr": "PNC-F"}
 
 
-
 def budget_fields(budget: Budget, method: str) -> dict[str, Any]:
     """The budget's fields that ``method`` reads (for cache fingerprints)."""
     return {k: v for k, v in asdict(budget).items() if METHOD_ONLY_FIELDS.get(k, method) == method}
