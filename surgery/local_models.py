@@ -86,7 +86,8 @@ class LocalModelSet:
         return float(F.cosine_similarity(self.signature(), other.signature(), dim=0))
 
     def save(self, path: Path) -> None:
-        atomic_write_bytes(Path(path), save({"masks": self.masks, "coef": self.coef, "index": self.index}))
+        tensors = {"masks": self.masks, "coef": self.coef, "index": self.index}
+        atomic_write_bytes(Path(path), save({k: v.contiguous() for k, v in tensors.items()}))
 
     @classmethod
     def load(cls, path: Path) -> "LocalModelSet":
@@ -121,8 +122,8 @@ def solve_local_models(masks: Tensor, targets: Tensor, width: float = 0.25, ridg
     penalty = torch.eye(z.shape[1], dtype=torch.float64) * ridge
     penalty[-1, -1] = 0.0
     rhs = torch.einsum("bp,b,nbk->npk", z, w, targets.double())
-    coef = torch.linalg.solve(gram + penalty, rhs)  # broadcasts over N
-    return coef.float()
+    coef = torch.linalg.solve(gram + penalty, rhs)  # broadcasts over N; the result is strided
+    return coef.float().contiguous()
 
 
 def fit_local_models(
