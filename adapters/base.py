@@ -19,10 +19,10 @@ import abc
 import torch
 from torch import Tensor, nn
 
-from pnc.surgery.errors import PncError
 
 
-class AdapterError(PncError, ValueError):
+
+class AdapterError(ValueError):
     """Shapes or layouts no adapter maps, or features that do not fit an adapter."""
 
 

@@ -34,8 +34,8 @@ from pnc.surgery.cut_points import classifier_of
 from pnc.surgery.errors import TaskError
 from pnc.surgery.insertion import SearchConfig, kd_loss
 from pnc.surgery.tracing import trace
-from pnc.zoo.metrics import LogitsFn, inference_macs
-from pnc.zoo.store import state_dict_sha256
+from pnc.bench.metrics import LogitsFn, inference_macs
+from pnc.surgery.io import state_dict_sha256
 from pnc.zoo.tasks import CloneTask
 from pnc.zoo.train import fit
 
@@ -283,7 +283,7 @@ def _clone(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, bud
     if workdir is not None:
         ckpt = Path(workdir) / f"search-{hashlib.sha256(config.key().encode()).hexdigest()[:12]}"
     # G is refitted by every run (no cache_dir), so each row's time includes it
-    net = clone(target, source, task, config=config, g_fraction=budget.g_fraction, num_masks=budget.num_masks,
+    net = clone(target, source, **task.clone_inputs(), config=config, g_fraction=budget.g_fraction, num_masks=budget.num_masks,
                 checkpoint_dir=ckpt, progress=False)
     report = next(iter(net.branches.values())).report
     hp = {"search": asdict(config), "g_fraction": budget.g_fraction, "num_masks": budget.num_masks,

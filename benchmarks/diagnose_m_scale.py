@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from pnc.zoo.baselines import Budget, run_method
+from pnc.bench.baselines import Budget, run_method
 from pnc.zoo.datasets import load_dataset
-from pnc.zoo.metrics import confusion_matrix, evaluate_clone, logits_of
-from pnc.zoo.store import ZooStore, atomic_write_text
+from pnc.bench.metrics import confusion_matrix, evaluate_clone, logits_of
+from pnc.surgery.io import atomic_write_text
+from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import CloneTask
 
 OUT = Path(__file__).resolve().parent / "results"

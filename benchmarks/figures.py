@@ -34,11 +34,12 @@ from pnc.surgery.cut_points import classifier_of, cut_points
 from pnc.surgery.local_models import patch_masks
 from pnc.surgery.split import extract
 from pnc.surgery.tracing import trace
-from pnc.zoo.baselines import Budget, budget_fields
-from pnc.zoo.bench import RowCache, jsonable, machine_info
+from pnc.bench.baselines import Budget, budget_fields
+from pnc.bench.paper import RowCache, jsonable, machine_info
 from pnc.zoo.datasets import DatasetSplits
-from pnc.zoo.metrics import evaluate_clone, local_model_set
-from pnc.zoo.store import ZooStore, atomic_write_text
+from pnc.bench.metrics import evaluate_clone, local_model_set
+from pnc.surgery.io import atomic_write_text
+from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import CloneTask, select_classes
 
 __all__ = ["LocalizedModule", "figure3", "figure4", "plot_figure3", "plot_figure4", "write_figures", "run_figures",
@@ -70,7 +71,7 @@ class LocalizedModule(nn.Module):
 def _clone_point(task: CloneTask, target: nn.Module, source: nn.Module, budget: Budget, seed: int,
                  workdir: Path, tag: str, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
     config = budget.search(seed, **overrides)
-    net = clone(target, source, task, config=config, g_fraction=budget.g_fraction, num_masks=budget.num_masks,
+    net = clone(target, source, **task.clone_inputs(), config=config, g_fraction=budget.g_fraction, num_masks=budget.num_masks,
                 checkpoint_dir=workdir / tag, cache_dir=workdir / "G", progress=False)
     report = next(iter(net.branches.values())).report
     acc = evaluate_clone(net, task.eval_sets())
@@ -267,13 +268,13 @@ def run_figures(dataset: str, arch: str, *, figures: list[int], seed: int = 0, q
                 zoo_dir: str | None = None, data_dir: str | None = None, out_dir: Path = Path("benchmarks/results"),
                 workdir: Path | None = None, command: str = "", log: Callable[[str], None] = print) -> Path:
     """Figures 3 and/or 4 for the default zoo pair of ``arch`` on ``dataset``; returns the markdown path."""
-    from pnc.zoo.bench import QUICK_BUDGET, budget_for
+    from pnc.bench.paper import QUICK_BUDGET, budget_for
     from pnc.zoo.datasets import load_dataset
     from pnc.zoo.defaults import default_pair, ensure_default
     from pnc.zoo.store import default_zoo_dir
 
     store = ZooStore(zoo_dir)
-    splits = load_dataset(dataset if dataset != "fmnist" else "fashion-mnist", data_dir)
+    splits = load_dataset(dataset, data_dir)
     target_name, source_name = default_pair(splits.name, arch)
     t_card = ensure_default(store, target_name, dataset=splits, progress=False)
     ensure_default(store, source_name, dataset=splits, progress=False)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pnc.surgery.errors import TaskError
-from pnc.zoo.bench import RowCache, TableSpec, budget_for, run_table, write_table
+from pnc.bench.paper import RowCache, TableSpec, budget_for, run_table, write_table
 from pnc.zoo.datasets import DatasetSplits, ImageData
 from pnc.zoo.defaults import DefaultModel, ensure_default, DEFAULTS
 from pnc.zoo.store import ModelCard, ZooStore

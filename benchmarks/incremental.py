@@ -26,11 +26,12 @@ from torch import Tensor, nn
 
 from pnc.surgery.clone import clone
 from pnc.surgery.insertion import kd_loss
-from pnc.zoo.baselines import Budget, budget_fields, extend_classifier
-from pnc.zoo.bench import RowCache, jsonable, machine_info
+from pnc.bench.baselines import Budget, budget_fields, extend_classifier
+from pnc.bench.paper import RowCache, jsonable, machine_info
 from pnc.zoo.datasets import DatasetSplits, ImageData
-from pnc.zoo.metrics import inference_macs, logits_of
-from pnc.zoo.store import ZooStore, atomic_write_text
+from pnc.bench.metrics import inference_macs, logits_of
+from pnc.surgery.io import atomic_write_text
+from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import CloneTask, select_classes
 from pnc.zoo.train import fit
 
@@ -80,7 +81,7 @@ def _step(method: str, model: Any, task: CloneTask, target: nn.Module, source: n
         logits.source_index = added
         return logits
     if method == "PNC":
-        return clone(target, source, task, config=budget.search(seed), into=model if k else None,
+        return clone(target, source, **task.clone_inputs(), config=budget.search(seed), into=model if k else None,
                      name=f"step{k}", g_fraction=budget.g_fraction, num_masks=budget.num_masks,
                      checkpoint_dir=None if workdir is None else Path(workdir) / f"step{k}", progress=False)
     data = task.clone_set()
@@ -107,13 +108,13 @@ def run_incremental(dataset: str, arch: str, *, step_sizes: list[int], seeds: li
                     out_dir: Path = Path("benchmarks/results"), workdir: Path | None = None, command: str = "",
                     log: Callable[[str], None] = print) -> Path:
     """The Table 3 analogue for the default zoo pair of ``arch``; returns the markdown path."""
-    from pnc.zoo.bench import QUICK_BUDGET, budget_for
+    from pnc.bench.paper import QUICK_BUDGET, budget_for
     from pnc.zoo.datasets import load_dataset
     from pnc.zoo.defaults import default_pair, ensure_default
     from pnc.zoo.store import default_zoo_dir
 
     store = ZooStore(zoo_dir)
-    splits = load_dataset(dataset if dataset != "fmnist" else "fashion-mnist", data_dir)
+    splits = load_dataset(dataset, data_dir)
     target_name, source_name = default_pair(splits.name, arch)
     ensure_default(store, target_name, dataset=splits, progress=False)
     ensure_default(store, source_name, dataset=splits, progress=False)
@@ -199,7 +200,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pnc.zoo.bench_figures import save_figure
+    from pnc.bench.figures import save_figure
 
     sizes = sorted({s["step_size"] for s in result["summary"]})
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 3.6), squeeze=False)

@@ -36,14 +36,15 @@ import torch_pruning as tp
 from rich.progress import Progress
 from torch import Tensor, nn
 
-from pnc.surgery import cli
-from pnc.surgery.clone_cli import run_clone
+from pnc.bench import cli
+from pnc.bench.metrics import clone_accuracy
+from pnc.bench.cli.clone import run_clone
 from pnc.surgery.onnx_export import LOGITS, OPSET, to_onnx
 from pnc.surgery.onnx_merge import CLONED_OUTPUT, read_manifest
-from pnc.surgery.patch import load_patch
 from pnc.zoo.datasets import load_dataset
 from pnc.zoo.defaults import default_pair, ensure_default
-from pnc.zoo.store import ZooStore, atomic_write_bytes, atomic_write_text, file_sha256, package_versions
+from pnc.surgery.io import atomic_write_bytes, atomic_write_text, file_sha256
+from pnc.zoo.store import ZooStore, package_versions
 from pnc.zoo.tasks import CloneTask
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -105,10 +106,7 @@ def _latency(paths: dict[str, Path], outputs: dict[str, str], x: Tensor, batch: 
 
 
 def _accuracy(logits: np.ndarray, labels: Tensor, num_old: int) -> dict[str, float]:
-    right = torch.from_numpy(logits).argmax(1) == labels
-    old = labels < num_old
-    return {"ori": float(right[old].float().mean()), "tar": float(right[~old].float().mean()),
-            "avg": float(right.float().mean())}
+    return clone_accuracy(torch.from_numpy(logits), labels, num_old)
 
 
 def bench_pair(store: ZooStore, dataset: str, arch: str, work: Path, data_dir: str | None, warmup: int,
@@ -119,7 +117,7 @@ def bench_pair(store: ZooStore, dataset: str, arch: str, work: Path, data_dir: s
         ensure_default(store, name, dataset=splits)
     _, report = run_clone(store, target_name, [(source_name, "S")], work, data_dir=data_dir)
     patch = work / "clone.pnc"
-    net, meta = load_patch(patch, store)
+    net, meta = store.load_patch(patch)
     target, t_card = store.load(target_name)
     source, s_card = store.load(source_name)
     task = CloneTask.from_json(meta["branches"][0]["task"], dataset=splits)

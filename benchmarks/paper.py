@@ -1,4 +1,4 @@
-"""Table-1-style benchmark: every method of :mod:`pnc.zoo.baselines` on one (target, source)
+"""Table-1-style benchmark: every method of :mod:`pnc.bench.baselines` on one (target, source)
 pair of zoo models, at the "S" and "M" clone scales, over several seeds.
 
 A *row* is one (method, scale, seed); each finished row is written at once to a JSON
@@ -26,10 +26,11 @@ from typing import Any
 import torch
 
 from pnc.surgery.errors import TaskError
-from pnc.zoo.baselines import METHODS, Budget, budget_fields, run_method
+from pnc.bench.baselines import METHODS, Budget, budget_fields, run_method
 from pnc.zoo.datasets import DatasetSplits
-from pnc.zoo.metrics import clone_accuracy, logits_of, per_class_accuracy
-from pnc.zoo.store import ModelCard, ZooStore, atomic_write_text, package_versions
+from pnc.bench.metrics import clone_accuracy, logits_of, per_class_accuracy
+from pnc.surgery.io import atomic_write_text
+from pnc.zoo.store import ModelCard, ZooStore, package_versions
 from pnc.zoo.tasks import CloneTask
 
 __all__ = ["TableSpec", "RowCache", "jsonable", "run_table", "summarize", "write_table", "goal_checks", "machine_info",
@@ -344,7 +345,7 @@ def run_paper(dataset: str, arch: str, *, scales: list[str], seeds: list[int], m
     from pnc.zoo.store import default_zoo_dir
 
     store = ZooStore(zoo_dir)
-    splits = load_dataset(dataset if dataset != "fmnist" else "fashion-mnist", data_dir)
+    splits = load_dataset(dataset, data_dir)
     target_name, source_name = default_pair(splits.name, arch)
     t_card = ensure_default(store, target_name, dataset=splits, progress=False)
     s_card = ensure_default(store, source_name, dataset=splits, progress=False)

@@ -31,7 +31,8 @@ from typing import Any, Iterator
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pnc.surgery.cut_points import classifier_of, create_model, cut_points
+from pnc.surgery.cut_points import classifier_of, cut_points
+from pnc.zoo.resolve import resolve_model
 from pnc.surgery.errors import CutError, PncError
 from pnc.surgery.tracing import default_input, trace
 
@@ -104,7 +105,7 @@ def _run_model(name: str, size: int | None) -> dict[str, Any]:
     own = tuple(timm.get_pretrained_cfg(name).input_size) if timm.get_pretrained_cfg(name) else (3, 224, 224)
     input_size = (own[0], size, size) if size else own
     torch.manual_seed(0)
-    model = create_model(name, input_size)
+    model, _ = resolve_model(name, input_size)
     x = default_input(model, input_size)
     traced = trace(model, x)
     cuts = cut_points(traced)

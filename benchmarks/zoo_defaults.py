@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from pnc.zoo.defaults import DEFAULTS, pretrain_defaults
-from pnc.zoo.store import ZooStore, atomic_write_text, package_versions
+from pnc.surgery.io import atomic_write_text
+from pnc.zoo.store import ZooStore, package_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

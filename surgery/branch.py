@@ -11,13 +11,20 @@ The branch reads the target's features at its cut R and its pre-logit features, 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 
+from pnc.adapters import make_adapter
 from pnc.surgery.channel_groups import prune_structurally
+from pnc.surgery.cut_points import classifier_of, cut_points
+from pnc.surgery.errors import CutError
+from pnc.surgery.split import extract
+from pnc.surgery.tracing import TracedModel
 
 
 class ExtendedHead(nn.Module):
@@ -37,6 +44,16 @@ class ExtendedHead(nn.Module):
         nn.init.zeros_(self.new.weight)
         nn.init.zeros_(self.new.bias)
         self.target_dim = target_dim
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Tensor]) -> "ExtendedHead":
+        """A head sized and loaded from its own state_dict (``old.weight`` (|T_t|, branch_dim),
+        ``new.weight`` (|T_s|, target_dim + branch_dim))."""
+        num_old, branch_dim = state["old.weight"].shape
+        num_new, width = state["new.weight"].shape
+        head = cls(width - branch_dim, branch_dim, num_old, num_new)
+        head.load_state_dict(dict(state))
+        return head
 
     def init_from_source(self, weight: Tensor, bias: Tensor | None) -> None:
         """Source classifier rows for T_s: weight (|T_s|, branch_dim), bias (|T_s|,)."""
@@ -58,6 +75,23 @@ class ExtendedHead(nn.Module):
                                              self.new.weight[:, self.target_dim:][:, kept]], 1))
             head.new.bias.copy_(self.new.bias)
         return head
+
+
+@dataclass
+class CloneReport:
+    """What the clone run that made a branch did: the chosen R, every candidate's summary,
+    the transferable module's size before/after pruning, and time."""
+
+    target_cut: str
+    source_cut: str
+    candidates: list[dict]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    kept_fraction: float
+    seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -132,7 +166,10 @@ class Branch(nn.Module):
         target_cut / source_cut: fx node names of R in the target and R' in the source.
         classes: names of the cloned classes, in output order.
         source_outputs: the source's output index of each cloned class.
+        report: how the branch was found (set by ``clone``; kept in patches).
     """
+
+    report: CloneReport | None
 
     def __init__(self, adapter: nn.Module, body: nn.Module, head: ExtendedHead, *, target_cut: str,
                  source_cut: str, classes: list[str], source_outputs: list[int], source_name: str = "",
@@ -142,6 +179,7 @@ class Branch(nn.Module):
         self.target_cut, self.source_cut = target_cut, source_cut
         self.classes, self.source_outputs = list(classes), list(source_outputs)
         self.source_name, self.source_sha256 = source_name, source_sha256
+        self.report = None
 
     def features(self, cut: Tensor) -> Tensor:
         """Target cut features -> branch features (B, d_f)."""
@@ -151,3 +189,51 @@ class Branch(nn.Module):
     def forward(self, cut: Tensor, target_prelogits: Tensor) -> tuple[Tensor, Tensor]:
         """-> (correction (B, |T_t|), new-class logits (B, |T_s|))."""
         return self.head(target_prelogits, self.features(cut))
+
+
+def transferable_module(source: TracedModel, source_cut: str, images: Tensor,
+                        keep: Mapping[str, Tensor]) -> TransferableModule:
+    """M_f: the source's layers from ``source_cut`` to its pre-logits, pruned to ``keep``.
+
+    images: (B, C, H, W) inputs of the source, used to trace the layers."""
+    cls = classifier_of(source)
+    cut = next((c for c in cut_points(source, verify=False) if c.node == source_cut), None)
+    if cut is None:
+        raise CutError(f"{source_cut!r} is not a cut point of the source")
+    with torch.no_grad():
+        example = extract(source, None, [cut.node])(images)
+    body = extract(source, cut.node, [cls.input_node, cls.node])
+    layout = "NCHW" if cut.layout == "NCHW" else "NLC"
+    return TransferableModule.from_keep(body, cls.module, example, layout, dict(keep))
+
+
+def _prefixed(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def branch_tensors(keep: Mapping[str, Tensor], adapter: nn.Module, head: nn.Module) -> dict[str, Tensor]:
+    """{M, A, F_c} as flat tensors: ``keep.<group>`` (kept channel indices of each coupling
+    group), ``adapter.<param>``, ``head.<param>`` (copies); :func:`assemble_branch` reads them back."""
+    tensors = {f"keep.{g}": idx.to(torch.int64) for g, idx in keep.items()}
+    for part, module in (("adapter", adapter), ("head", head)):
+        tensors |= {f"{part}.{k}": v.detach().clone() for k, v in module.state_dict().items()}
+    return tensors
+
+
+def assemble_branch(source: TracedModel, images: Tensor, parts: Mapping[str, Tensor], *, source_cut: str,
+                    adapter_spec: Mapping[str, Any], target_cut: str, classes: list[str],
+                    source_outputs: list[int], source_name: str = "", source_sha256: str = "") -> Branch:
+    """The one way a branch is built from its learned parts {M, A, F_c} (``parts`` as
+    :func:`branch_tensors` writes them): by the search (head over every source feature)
+    and by ``load_patch`` (head already pruned).
+
+    images: (B, C, H, W) inputs of the source, used to trace M_f."""
+    module = transferable_module(source, source_cut, images, _prefixed(parts, "keep."))
+    adapter = make_adapter(**adapter_spec)
+    adapter.load_state_dict(_prefixed(parts, "adapter."))
+    head = ExtendedHead.from_state(_prefixed(parts, "head."))
+    if head.old.in_features != len(module.features):
+        head = head.keep_branch_features(module.features)
+    return Branch(adapter.eval(), module, head.eval(), target_cut=target_cut, source_cut=source_cut,
+                  classes=classes, source_outputs=source_outputs, source_name=source_name,
+                  source_sha256=source_sha256)

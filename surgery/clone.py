@@ -1,4 +1,4 @@
-"""``clone(target, source, task) -> ClonedNetwork``: partial network cloning, Eq. 1.
+"""``clone(target, source, images, source_outputs) -> ClonedNetwork``: partial network cloning, Eq. 1.
 
     M_c <- Clone(M_t, M, M_s, R):  fit G on the source (Eq. 4), then search R with
     localization and insertion trained jointly (Eq. 5-8), then prune the source's layers
@@ -8,51 +8,37 @@ Neither network is modified: their state_dict hashes are checked before and afte
 """
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from pnc.surgery.branch import CloneReport
 from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.errors import DataError, TaskError
 from pnc.surgery.insertion import SearchConfig, SearchContext, build_branch, search
+from pnc.surgery.io import state_dict_sha256
 from pnc.surgery.local_models import fit_local_models
 from pnc.surgery.tracing import trace
-from pnc.zoo.store import state_dict_sha256
-from pnc.zoo.tasks import CloneTask
 
 
-@dataclass
-class CloneReport:
-    """What a clone run did: per-R losses/accuracies, the chosen R, sizes and time."""
-
-    target_cut: str
-    source_cut: str
-    candidates: list[dict]
-    params_before: int
-    params_after: int
-    macs_before: int
-    macs_after: int
-    kept_fraction: float
-    seconds: float
-    settings: dict = field(default_factory=dict)
-
-
-def _check_outputs(model: nn.Module, x: torch.Tensor, expected: int, role: str) -> None:
+def _num_outputs(model: nn.Module, x: Tensor) -> int:
     with torch.no_grad():
-        n = model(x[:1]).shape[1]
-    if n != expected:
-        raise TaskError(f"the {role} has {n} outputs but the task gives it {expected} classes; "
-                        f"check --classes against the {role}'s zoo card")
+        return int(model(x[:1]).shape[1])
 
 
 def clone(
     target: nn.Module,
     source: nn.Module,
-    task: CloneTask,
+    images: Tensor,
+    source_outputs: Sequence[int],
     *,
+    class_names: Sequence[str] | None = None,
+    target_classes: Sequence[str] | None = None,
+    eval_sets: Mapping[str, tuple[Tensor, Tensor]] | None = None,
     config: SearchConfig | None = None,
     into: ClonedNetwork | None = None,
     name: str | None = None,
@@ -64,13 +50,17 @@ def clone(
     cache_dir: Path | None = None,
     progress: bool = True,
 ) -> ClonedNetwork:
-    """Clone ``task.clone_classes`` from ``source`` into ``target``.
+    """Clone the classes behind ``source_outputs`` from ``source`` into ``target``.
 
     Args:
-        target / source: frozen networks with ``len(task.target_classes)`` and
-            ``len(task.source_classes)`` outputs.
-        task: classes, clone set (a fraction of T_s's training images) and seed.
-        config: search settings (:class:`SearchConfig`); its seed defaults to the task's.
+        target / source: frozen networks, (B, C, H, W) -> logits; never modified.
+        images: (N, C, H, W) training images of the classes to clone (the clone set).
+        source_outputs: the source's logit index of each class to clone, in output order.
+        class_names: names of the cloned classes (default: the source output indices).
+        target_classes: names of the target's outputs (default ``"0"``, ``"1"``, ...).
+        eval_sets: name -> (images (M, C, H, W), labels (M,) over the cloned network's
+            outputs); every candidate's accuracy on them is reported, never used to select.
+        config: search settings (:class:`SearchConfig`).
         into: an existing ClonedNetwork on the same target to add the branch to
             (multi-source cloning); a new one otherwise.
         name: the branch name (default ``source_name`` or ``"branch<k>"``).
@@ -78,32 +68,39 @@ def clone(
             images it is fitted on, |B|, and the patch grid (4 for <= 32 px, else 8).
         checkpoint_dir: per-candidate checkpoints; an interrupted clone resumes there.
         cache_dir: cache for G.
-    Returns the cloned network; the branch's :class:`CloneReport` is ``branch.report``.
+    Returns the cloned network (B, C, H, W) -> (B, |T_t| + |T_s|); the branch's
+    :class:`~pnc.surgery.branch.CloneReport` is ``net.branches[name].report``.
+    A :class:`~pnc.zoo.CloneTask` gives every data argument: ``clone(t, s, **task.clone_inputs())``.
     """
     start = time.perf_counter()
-    config = config or SearchConfig(seed=task.seed)
-    hashes = state_dict_sha256(target), state_dict_sha256(source)
-    clone_set = task.clone_set()
-    if len(clone_set) == 0:
+    config = config or SearchConfig()
+    if len(images) == 0:
         raise DataError("the clone set is empty: the clone classes have no training images")
-    x = clone_set.x
+    source_outputs = [int(i) for i in source_outputs]
+    hashes = state_dict_sha256(target), state_dict_sha256(source)
     target.eval()  # frozen: never let a forward pass move their BatchNorm statistics
     source.eval()
-    _check_outputs(target, x, len(task.target_classes), "target")
-    _check_outputs(source, x, len(task.source_classes), "source")
-    grid = grid or (4 if x.shape[-1] <= 32 else 8)
-    g = fit_local_models(source, x, task.source_label_index(), num_images=max(1, round(g_fraction * len(x))),
+    n_source, n_target = _num_outputs(source, images), _num_outputs(target, images)
+    if not source_outputs or min(source_outputs) < 0 or max(source_outputs) >= n_source:
+        raise TaskError(f"source_outputs {source_outputs} must be indices into the source's {n_source} outputs")
+    if len(set(source_outputs)) != len(source_outputs):
+        raise TaskError(f"source_outputs {source_outputs} names a class more than once")
+    target_classes = list(target_classes) if target_classes is not None else [str(i) for i in range(n_target)]
+    if len(target_classes) != n_target:
+        raise TaskError(f"the target has {n_target} outputs but {len(target_classes)} target class names were "
+                        "given; check the classes against the target's zoo card")
+    names = list(class_names) if class_names is not None else [str(i) for i in source_outputs]
+    grid = grid or (4 if images.shape[-1] <= 32 else 8)
+    g = fit_local_models(source, images, source_outputs, num_images=max(1, round(g_fraction * len(images))),
                          num_masks=num_masks, grid=grid, seed=config.seed, cache_dir=cache_dir)
-    t_traced = into.traced if into is not None else trace(target, x[:2])
-    evals = {k: (v.x, v.y) for k, v in task.eval_sets().items()}
-    ctx = SearchContext(t_traced, trace(source, x[:2]), x, task.source_label_index(), g, evals,
-                        len(task.target_classes))
-    run_key = f"{hashes}{task.to_json()}{g_fraction}{num_masks}{grid}"
+    t_traced = into.traced if into is not None else trace(target, images[:2])
+    ctx = SearchContext(t_traced, trace(source, images[:2]), images, source_outputs, g, dict(eval_sets or {}),
+                        n_target)
+    images_sha = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+    run_key = f"{hashes}{images_sha}{source_outputs}{g_fraction}{num_masks}{grid}"
     best, results = search(ctx, config, run_key=run_key, checkpoint_dir=checkpoint_dir, progress=progress)
-    names = task.dataset.classes
-    branch = build_branch(ctx, best, classes=[names[c] for c in task.clone_classes], source_name=source_name,
-                          source_sha256=hashes[1])
-    net = into or ClonedNetwork(target, x[:2], [names[c] for c in task.target_classes], traced=t_traced)
+    branch = build_branch(ctx, best, classes=names, source_name=source_name, source_sha256=hashes[1])
+    net = into or ClonedNetwork(target, images[:2], target_classes, traced=t_traced)
     name = name or source_name or f"branch{len(net.branches)}"
     net.add_branch(name, branch)
     if (state_dict_sha256(target), state_dict_sha256(source)) != hashes:

@@ -1,4 +1,4 @@
-"""Valid cut points of a traced model, and the ``pnc cuts`` command.
+"""Valid cut points of a traced model.
 
 A *cut point* is a tensor node that dominates the output in the data-flow graph: every
 path from the input to the output goes through it, so the model splits there into a
@@ -26,29 +26,22 @@ are left out.
 """
 from __future__ import annotations
 
-import argparse
-import difflib
-import importlib
-import inspect
-import json
 import math
 import re
-import sys
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass
 
 import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
 
-from pnc.surgery.errors import CutError, ModelNotFoundError, PncError
+from pnc.surgery.errors import CutError, PncError
 from pnc.surgery.split import split
 from pnc.surgery.tracing import TracedModel, default_input, evaluating, owning_module, trace
 
 __all__ = [
-    "CutPoint", "Classifier", "cut_points", "dominator_chain", "classifier_of", "create_model", "block_rules",
-    "verify_cut", "add_cli",
+    "CutPoint", "Classifier", "cut_points", "dominator_chain", "classifier_of", "block_rules",
+    "verify_cut",
 ]
 
 _STAGE_CONTAINERS = ("stages", "layers", "blocks", "features")
@@ -386,101 +379,3 @@ def cut_points(
             reason=reason,
         ))
     return cuts
-
-
-# ---------------------------------------------------------------- models by name and the CLI
-
-
-def create_model(spec: str, input_size: tuple[int, int, int] | None = None) -> nn.Module:
-    """A model from ``package.module:factory``, a pnc zoo name, or a timm name (no weights).
-
-    timm models whose constructor takes ``img_size`` are built for ``input_size``.
-    """
-    if ":" in spec:
-        module_name, _, factory = spec.partition(":")
-        try:
-            return getattr(importlib.import_module(module_name), factory)()
-        except (ImportError, AttributeError) as err:
-            raise ModelNotFoundError(f"cannot load {spec!r}: {err}. Use package.module:factory, a callable returning an nn.Module.") from err
-    try:
-        archs = importlib.import_module("pnc.zoo.archs")
-    except ModuleNotFoundError:
-        archs = None
-    own = archs.list_archs() if archs is not None and hasattr(archs, "list_archs") else []
-    if spec in own:
-        return archs.create(spec, **(archs.input_kwargs(spec, input_size) if input_size else {}))
-    return _create_timm(spec, input_size, own)
-
-
-def _create_timm(name: str, input_size: tuple[int, int, int] | None, own: Sequence[str] = ()) -> nn.Module:
-    import timm
-
-    if not timm.is_model(name):
-        near = difflib.get_close_matches(name, [*own, *timm.list_models()], n=5, cutoff=0.6)
-        hint = f" Close matches: {', '.join(near)}." if near else " See `timm.list_models('*pattern*')`."
-        raise ModelNotFoundError(f"unknown model {name!r}.{hint} A model of your own: package.module:factory.")
-    kwargs: dict[str, Any] = {"in_chans": input_size[0]} if input_size is not None else {}
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    if input_size is not None and any("img_size" in inspect.signature(c.__init__).parameters for c in type(model).__mro__[:-2]):
-        model = timm.create_model(name, pretrained=False, img_size=tuple(input_size[1:]), **kwargs)
-    return model
-
-
-def _parse_size(text: str) -> tuple[int, int, int]:
-    try:
-        size = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        size = ()
-    if len(size) != 3 or min(size) <= 0:
-        raise argparse.ArgumentTypeError(f"expected C,H,W such as 3,32,32, got {text!r}")
-    return size  # type: ignore[return-value]
-
-
-def _run(args: argparse.Namespace) -> int:
-    model = create_model(args.model, args.input_size)
-    x = default_input(model, args.input_size)
-    cuts = cut_points(model, example_input=x, blocks=args.blocks)
-    verified = all(c.verified for c in cuts)
-    if args.json:
-        doc = {
-            "model": args.model,
-            "input_size": list(x.shape[1:]),
-            "blocks": args.blocks,
-            "verified": verified,
-            "cuts": [asdict(c) for c in cuts],
-        }
-        json.dump(doc, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        _print_table(args.model, tuple(x.shape[1:]), cuts)
-    return 0 if verified else 1
-
-
-def _print_table(name: str, size: tuple[int, ...], cuts: Sequence[CutPoint]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{name} cut points at input {size}")
-    for column in ("block", "node", "module", "shape", "layout", "depth", "stage", "ok"):
-        table.add_column(column, overflow="fold")  # node names are what users type: never elide them
-    for c in cuts:
-        table.add_row(
-            "" if c.block is None else str(c.block), c.node, c.module, str(c.shape), c.layout,
-            f"{c.depth:.2f}", "" if c.stage is None else str(c.stage), "yes" if c.verified else f"no: {c.reason}",
-        )
-    Console().print(table)
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``pnc cuts MODEL [--input-size C,H,W] [--blocks] [--json]``."""
-    parser = sub.add_parser(
-        "cuts",
-        help="list the valid cut points of a model (each split-verified)",
-        description="Trace MODEL, list the nodes every input-to-output path goes through, and verify "
-        "that splitting at each one reproduces the model's output exactly. Exit status 1 if a cut fails.",
-    )
-    parser.add_argument("model", help="timm name (built without weights), pnc zoo name, or package.module:factory")
-    parser.add_argument("--input-size", type=_parse_size, default=None, help="C,H,W (default: the model's own)")
-    parser.add_argument("--blocks", action="store_true", help="only the block-level cut points")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(func=_run)

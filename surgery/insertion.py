@@ -29,18 +29,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load, save
+from safetensors.torch import load
 from torch import Tensor
 
 from pnc.adapters import least_squares_init, make_adapter
-from pnc.surgery.branch import Branch, ExtendedHead, TransferableModule
+from pnc.surgery.branch import Branch, ExtendedHead, assemble_branch, branch_tensors
 from pnc.surgery.channel_groups import MaskedBody
 from pnc.surgery.cut_points import CutPoint, classifier_of, cut_points
 from pnc.surgery.errors import CutError
 from pnc.surgery.local_models import LocalModelSet, apply_masks
 from pnc.surgery.split import extract
 from pnc.surgery.tracing import TracedModel
-from pnc.zoo.store import atomic_write_bytes
+from pnc.surgery.io import save_tensors
 
 
 @dataclass
@@ -261,9 +261,7 @@ class CandidateTrainer:
         loss = self.run_phase("binary", cfg.binary_epochs, gen, tick)
         self.adapter.eval()
         self.head.eval()
-        tensors = {f"adapter.{k}": v.detach().clone() for k, v in self.adapter.state_dict().items()}
-        tensors |= {f"head.{k}": v.detach().clone() for k, v in self.head.state_dict().items()}
-        tensors |= {f"keep.{k}": v for k, v in self.masked.keep().items()}
+        tensors = branch_tensors(self.masked.keep(), self.adapter, self.head)
         return CandidateResult(
             target_cut=self.r.node, source_cut=self.r_src.node, loss=loss, accuracy=self.accuracy(),
             kept_fraction=self.masked.kept_fraction(), seconds=time.perf_counter() - start,
@@ -291,40 +289,14 @@ class CandidateTrainer:
 def build_branch(ctx: SearchContext, result: CandidateResult, *, classes: list[str],
                  source_name: str = "", source_sha256: str = "") -> Branch:
     """The final branch of a candidate: structurally pruned M_f, its A and F_c."""
-    tensors = result.tensors
-    module = transferable_module(ctx.source, result.source_cut, ctx.clone_x[:8], _prefixed(tensors, "keep."))
-    adapter = make_adapter(**result.adapter_spec)
-    adapter.load_state_dict(_prefixed(tensors, "adapter."))
-    head = ExtendedHead(ctx.t_cls.in_features, ctx.s_cls.in_features, ctx.num_old, len(ctx.source_outputs))
-    head.load_state_dict(_prefixed(tensors, "head."))
-    return Branch(adapter.eval(), module, head.keep_branch_features(module.features).eval(),
-                  target_cut=result.target_cut, source_cut=result.source_cut, classes=classes,
-                  source_outputs=ctx.source_outputs, source_name=source_name, source_sha256=source_sha256)
-
-
-def transferable_module(source: TracedModel, source_cut: str, images: Tensor,
-                        keep: dict[str, Tensor]) -> TransferableModule:
-    """M_f: the source's layers from ``source_cut`` to its pre-logits, pruned to ``keep``.
-
-    images: (B, C, H, W) inputs of the source, used to trace the layers."""
-    cls = classifier_of(source)
-    cut = next((c for c in cut_points(source, verify=False) if c.node == source_cut), None)
-    if cut is None:
-        raise CutError(f"{source_cut!r} is not a cut point of the source")
-    with torch.no_grad():
-        example = extract(source, None, [cut.node])(images)
-    body = extract(source, cut.node, [cls.input_node, cls.node])
-    layout = "NCHW" if cut.layout == "NCHW" else "NLC"
-    return TransferableModule.from_keep(body, cls.module, example, layout, keep)
-
-
-def _prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return assemble_branch(
+        ctx.source, ctx.clone_x[:8], result.tensors, source_cut=result.source_cut,
+        adapter_spec=result.adapter_spec, target_cut=result.target_cut, classes=classes,
+        source_outputs=ctx.source_outputs, source_name=source_name, source_sha256=source_sha256)
 
 
 def _save_result(path: Path, result: CandidateResult, key: str) -> None:
-    meta = {"key": key, "result": json.dumps(result.summary())}
-    atomic_write_bytes(path, save(result.tensors, metadata=meta))
+    save_tensors(path, result.tensors, metadata={"key": key, "result": json.dumps(result.summary())})
 
 
 def _load_result(path: Path, key: str) -> CandidateResult | None:

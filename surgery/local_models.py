@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from pnc.surgery.errors import DataError
-from pnc.zoo.store import atomic_write_bytes, state_dict_sha256
+from pnc.surgery.io import save_tensors, state_dict_sha256
 
 
 def patch_masks(num_masks: int, grid: int, seed: int) -> Tensor:
@@ -87,7 +87,7 @@ class LocalModelSet:
 
     def save(self, path: Path) -> None:
         tensors = {"masks": self.masks, "coef": self.coef, "index": self.index}
-        atomic_write_bytes(Path(path), save({k: v.contiguous() for k, v in tensors.items()}))
+        save_tensors(path, tensors)
 
     @classmethod
     def load(cls, path: Path) -> "LocalModelSet":

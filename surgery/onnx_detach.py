@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 
 from pnc.surgery.errors import ExportError
 from pnc.surgery.onnx_merge import merge, read_manifest, split
-from pnc.zoo.store import atomic_write_bytes
+from pnc.surgery.io import atomic_write_bytes
 
 __all__ = ["detach_onnx", "detach_model", "branch_names", "load_onnx"]
 

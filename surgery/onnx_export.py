@@ -38,7 +38,7 @@ from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.errors import ExportError
 from pnc.surgery.onnx_merge import CLONED_OUTPUT, BranchGraph, merge
 from pnc.surgery.tracing import evaluating
-from pnc.zoo.store import atomic_write_bytes
+from pnc.surgery.io import atomic_write_bytes
 
 __all__ = ["OPSET", "INPUT", "LOGITS", "RTOL", "ATOL", "export_onnx", "to_onnx", "locate_tensors", "session",
            "run"]

@@ -10,20 +10,21 @@ rebuilds the cloned network anywhere; weights whose hash differs are refused.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import load
 
-from pnc.adapters import make_adapter
-from pnc.surgery.branch import Branch, ExtendedHead
+from torch import nn
+
+from pnc.surgery.branch import CloneReport, assemble_branch, branch_tensors
 from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.errors import PatchError
-from pnc.surgery.insertion import transferable_module
+from pnc.surgery.io import save_tensors, state_dict_sha256
 from pnc.surgery.tracing import trace
-from pnc.zoo.store import ZooStore, atomic_write_bytes, state_dict_sha256
 
 FORMAT = "pnc-patch/1"
 
@@ -39,20 +40,16 @@ def save_patch(net: ClonedNetwork, path: str | Path, *, target_name: str, input_
     """
     tensors, branches = {}, []
     for name, b in net.branches.items():
-        for part, module in (("adapter", b.adapter), ("head", b.head)):
-            tensors |= {f"{name}/{part}.{k}": v.detach().contiguous() for k, v in module.state_dict().items()}
-        tensors |= {f"{name}/keep.{g}": idx.to(torch.int64) for g, idx in b.body.keep.items()}
+        tensors |= {f"{name}/{k}": v for k, v in branch_tensors(b.body.keep, b.adapter, b.head).items()}
         branches.append({
             "name": name, "source": {"name": b.source_name, "sha256": b.source_sha256},
             "target_cut": b.target_cut, "source_cut": b.source_cut, "classes": b.classes,
             "source_outputs": b.source_outputs, "adapter": asdict(b.adapter.spec),
-            "task": (tasks or {}).get(name),
+            "task": (tasks or {}).get(name), "report": None if b.report is None else asdict(b.report),
         })
     meta = {"format": FORMAT, "input_size": list(input_size), "branches": branches,
             "target": {"name": target_name, "sha256": state_dict_sha256(net.target), "classes": net.target_classes}}
-    data = save(tensors, metadata={"pnc": json.dumps(meta)})
-    atomic_write_bytes(Path(path), data)
-    return len(data)
+    return save_tensors(path, tensors, metadata={"pnc": json.dumps(meta)})
 
 
 def read_patch(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -72,37 +69,49 @@ def read_patch(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def _verified(store: ZooStore, name: str, sha256: str, role: str):
-    model, card = store.load(name)
+def _check_weights(model: nn.Module, sha256: str, role: str, name: str) -> None:
     actual = state_dict_sha256(model)
     if actual != sha256:
-        raise PatchError(f"the patch was made for other weights of {role} {name!r}: expected sha256 "
-                         f"{sha256[:12]}..., the zoo has {actual[:12]}...; use the zoo model the patch names "
-                         f"(`pnc zoo show {name}`) or re-run `pnc clone`")
-    return model, card
+        raise PatchError(f"the patch was made for other weights of {role} {name!r}: expected state_dict sha256 "
+                         f"{sha256[:12]}..., got {actual[:12]}...; pass the model the patch names, or re-run "
+                         f"`pnc clone`")
 
 
-def load_patch(path: str | Path, store: ZooStore) -> tuple[ClonedNetwork, dict]:
-    """Rebuild the cloned network of a patch from the zoo; returns (network, metadata)."""
+SourceResolver = Callable[[str], nn.Module] | Mapping[str, nn.Module]
+
+
+def load_patch(path: str | Path, target: nn.Module, sources: SourceResolver) -> tuple[ClonedNetwork, dict]:
+    """Rebuild the cloned network of a patch on ``target``; returns (network, metadata).
+
+    Args:
+        target: the network the patch was made for (its state_dict hash is checked).
+        sources: each branch's source network by the name the patch records
+            (``meta["branches"][i]["source"]["name"]``): a mapping, or a callable such as
+            ``lambda name: store.load(name)[0]``. Hashes are checked too.
+    Raises :class:`PatchError` on a corrupt file or weights that differ from the patch's.
+
+    Example (``pnc.zoo.ZooStore.load_patch`` does this with the zoo)::
+
+        net, meta = load_patch("clone.pnc", target, {"fmnist-lenet5-source": source})
+        net(x).shape    # (B, |T_t| + sum |T_s|)
+    """
     meta, tensors = read_patch(path)
-    target, _ = _verified(store, meta["target"]["name"], meta["target"]["sha256"], "target")
+    resolve = sources.__getitem__ if isinstance(sources, Mapping) else sources
+    _check_weights(target, meta["target"]["sha256"], "target", meta["target"]["name"])
     example = torch.zeros(2, *meta["input_size"])
     net = ClonedNetwork(target, example, meta["target"]["classes"])
     for b in meta["branches"]:
-        name = b["name"]
-        source, _ = _verified(store, b["source"]["name"], b["source"]["sha256"], "source")
-
-        def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        module = transferable_module(trace(source, example), b["source_cut"], example, part(f"{name}/keep."))
-        adapter = make_adapter(**b["adapter"])
-        adapter.load_state_dict(part(f"{name}/adapter."))
-        head = ExtendedHead(net.classifier.in_features, len(module.features), len(net.target_classes),
-                            len(b["classes"]))
-        head.load_state_dict(part(f"{name}/head."))
-        net.add_branch(name, Branch(adapter.eval(), module, head.eval(), target_cut=b["target_cut"],
-                                    source_cut=b["source_cut"], classes=b["classes"],
-                                    source_outputs=b["source_outputs"], source_name=b["source"]["name"],
-                                    source_sha256=b["source"]["sha256"]))
+        name, source_name = b["name"], b["source"]["name"]
+        try:
+            source = resolve(source_name)
+        except KeyError:
+            raise PatchError(f"{path}: no source network given for {source_name!r} (branch {name!r})") from None
+        _check_weights(source, b["source"]["sha256"], "source", source_name)
+        parts = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}/")}
+        branch = assemble_branch(
+            trace(source.eval(), example), example, parts, source_cut=b["source_cut"], adapter_spec=b["adapter"],
+            target_cut=b["target_cut"], classes=b["classes"], source_outputs=b["source_outputs"],
+            source_name=source_name, source_sha256=b["source"]["sha256"])
+        branch.report = CloneReport(**b["report"]) if b.get("report") else None
+        net.add_branch(name, branch)
     return net, meta

@@ -1,5 +1,5 @@
 """Every Table 1 method on digits with the quick budget, through ``pnc bench paper --quick``
-(pnc.zoo.baselines, pnc.zoo.bench, pnc.surgery.bench_cli)."""
+(pnc.bench.baselines, pnc.bench.paper, pnc.bench.cli.bench)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,12 +11,13 @@ import time
 import pytest
 import torch
 
-from pnc.surgery.cli import main
-from pnc.zoo.baselines import METHODS, PeakMemory, extend_classifier, run_method
-from pnc.zoo.bench import QUICK_BUDGET
+from pnc.bench.cli import main
+from pnc.bench.baselines import METHODS, PeakMemory, extend_classifier, run_method
+from pnc.bench.paper import QUICK_BUDGET
 from pnc.zoo.datasets import load_dataset
-from pnc.zoo.metrics import evaluate_clone, logits_of
-from pnc.zoo.store import ZooStore, state_dict_sha256
+from pnc.bench.metrics import evaluate_clone, logits_of
+from pnc.surgery.io import state_dict_sha256
+from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import CloneTask
 from pnc.zoo.train import evaluate
 

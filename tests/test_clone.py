@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -9,13 +11,14 @@ from torch import nn
 
 from pnc.surgery.channel_groups import MaskedBody
 from pnc.surgery.clone import clone
-from pnc.surgery.cli import main
+from pnc.bench.cli import main
 from pnc.surgery.errors import PatchError, TaskError
 from pnc.surgery.insertion import SearchConfig
 from pnc.surgery.patch import load_patch, read_patch, save_patch
 from pnc.zoo.archs import create
 from pnc.zoo.datasets import load_dataset
-from pnc.zoo.store import ModelCard, ZooStore, state_dict_sha256
+from pnc.surgery.io import state_dict_sha256
+from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import CloneTask
 from pnc.zoo.train import evaluate, fit
 
@@ -46,7 +49,7 @@ def cloned(digits):
     flags = [p.requires_grad for p in target.parameters()] + [p.requires_grad for p in source.parameters()]
     target.train()  # handed over in train mode: cloning must still not move a BatchNorm statistic
     source.train()
-    net = clone(target, source, task, config=SearchConfig(seed=0, **QUICK), source_name="src", progress=False)
+    net = clone(target, source, **task.clone_inputs(), config=SearchConfig(seed=0, **QUICK), source_name="src", progress=False)
     return net, hashes, flags
 
 
@@ -120,11 +123,21 @@ def test_patch_round_trip_and_refusals(digits, cloned, tmp_path):
     path = tmp_path / "clone.pnc"
     size = save_patch(net, path, target_name="t", input_size=ds.input_size, tasks={"src": task.to_dict()})
     assert size == path.stat().st_size < 0.5 * (store.path("src") / "model.safetensors").stat().st_size
-    rebuilt, meta = load_patch(path, store)
+    rebuilt, meta = store.load_patch(path)
     assert meta["branches"][0]["target_cut"] == net.branches["src"].target_cut
+    # the search's report travels along (as JSON: tuples come back as lists)
+    assert asdict(rebuilt.branches["src"].report) == json.loads(json.dumps(asdict(net.branches["src"].report)))
     x = task.eval_sets()["avg"].x
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), net(x), rtol=1e-5, atol=1e-5)
+    # the core needs no zoo: the target and a mapping of sources by name
+    direct, _ = load_patch(path, target, {"src": source})
+    with torch.no_grad():
+        assert torch.equal(direct(x), rebuilt(x))
+    with pytest.raises(PatchError, match="no source network given for 'src'"):
+        load_patch(path, target, {})
+    with pytest.raises(PatchError, match="other weights of target"):
+        load_patch(path, source, {"src": source})
 
     # the same patch against other weights of the source is refused
     other = copy.deepcopy(source)
@@ -132,7 +145,7 @@ def test_patch_round_trip_and_refusals(digits, cloned, tmp_path):
         next(other.parameters()).add_(1e-3)
     store.save("src", other, store.card("src"))
     with pytest.raises(PatchError, match="other weights"):
-        load_patch(path, store)
+        store.load_patch(path)
 
     path.write_bytes(b"not a patch")
     with pytest.raises(PatchError, match="not a pnc patch"):
@@ -142,7 +155,7 @@ def test_patch_round_trip_and_refusals(digits, cloned, tmp_path):
 def test_heterogeneous_pair_plain_cnn_target_resnet_source(digits):
     ds, task, target, _ = digits
     source = _trained("resnetc20", task.source_train(), 5, seed=3)
-    net = clone(target, source, task, config=SearchConfig(seed=0, **QUICK), progress=False)
+    net = clone(target, source, **task.clone_inputs(), config=SearchConfig(seed=0, **QUICK), progress=False)
     branch = next(iter(net.branches.values()))
     assert branch.adapter.spec.src_shape != branch.adapter.spec.dst_shape or \
         branch.target_cut != branch.source_cut
@@ -167,7 +180,7 @@ def test_interrupted_search_resumes_to_the_same_result(digits, tmp_path, monkeyp
     _, task, target, source = digits
     config = SearchConfig(seed=0, **QUICK)
     x = task.eval_sets()["avg"].x[:50]
-    reference = clone(target, source, task, config=config, progress=False)
+    reference = clone(target, source, **task.clone_inputs(), config=config, progress=False)
 
     real_train, calls = insertion.CandidateTrainer.train, []
 
@@ -179,10 +192,10 @@ def test_interrupted_search_resumes_to_the_same_result(digits, tmp_path, monkeyp
 
     monkeypatch.setattr(insertion.CandidateTrainer, "train", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        clone(target, source, task, config=config, checkpoint_dir=tmp_path, progress=False)
+        clone(target, source, **task.clone_inputs(), config=config, checkpoint_dir=tmp_path, progress=False)
     assert len(list(tmp_path.glob("candidate-*.safetensors"))) == 1
     monkeypatch.setattr(insertion.CandidateTrainer, "train", real_train)
-    resumed = clone(target, source, task, config=config, checkpoint_dir=tmp_path, progress=False)
+    resumed = clone(target, source, **task.clone_inputs(), config=config, checkpoint_dir=tmp_path, progress=False)
     with torch.no_grad():
         assert torch.equal(resumed(x), reference(x))
     ref, res = (next(iter(n.branches.values())).report for n in (reference, resumed))
@@ -194,7 +207,7 @@ def test_multi_branch_clone_and_partial_detach(digits, cloned):
     net, _, _ = cloned
     single = copy.deepcopy(net)
     second = CloneTask(ds, task.target_classes, task.source_classes, clone_classes=[6], fraction=0.3, seed=0)
-    multi = clone(target, source, second, config=SearchConfig(seed=0, **QUICK), into=copy.deepcopy(net),
+    multi = clone(target, source, **second.clone_inputs(), config=SearchConfig(seed=0, **QUICK), into=copy.deepcopy(net),
                   name="six", progress=False)
     assert list(multi.branches) == ["src", "six"]
     assert multi.classes == single.classes + [ds.classes[6]]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from pnc.surgery.cli import main
+from pnc.bench.cli import main
 
 
 def _idx(array: np.ndarray) -> bytes:

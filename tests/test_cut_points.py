@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from pnc.surgery.cli import main
-from pnc.surgery.cut_points import classifier_of, create_model, cut_points
+from pnc.bench.cli import main
+from pnc.surgery.cut_points import classifier_of, cut_points
+from pnc.zoo.resolve import resolve_model
 from pnc.surgery.errors import CutError, ModelNotFoundError
 from pnc.surgery.tracing import default_input, trace
 
@@ -57,7 +58,7 @@ class ResidualConcat(nn.Module):
 def timm_case(request):
     torch.manual_seed(0)
     name, size, n_blocks, layout = request.param
-    model = create_model(name, size)
+    model, _ = resolve_model(name, size)
     return trace(model, default_input(model, size)), n_blocks, layout
 
 
@@ -89,7 +90,7 @@ def test_block_cuts_of_timm_backbones(timm_case):
 
 
 def test_resnet_blocks_are_stem_and_four_stages():
-    model = create_model("resnet18", (3, 32, 32))
+    model, _ = resolve_model("resnet18", (3, 32, 32))
     blocks = cut_points(model, (3, 32, 32), blocks=True)
     assert [c.module for c in blocks] == ["maxpool", "layer1.1.act2", "layer2.1.act2", "layer3.1.act2", "layer4.1.act2"]
     assert [c.shape for c in blocks] == [(64, 8, 8), (64, 8, 8), (128, 4, 4), (256, 2, 2), (512, 1, 1)]
@@ -157,6 +158,6 @@ def test_cli_unknown_model_is_a_clean_error(capsys):
     assert "unknown" in err and "resnet18" in err and "Traceback" not in err
 
 
-def test_create_model_unknown_name_lists_close_matches():
+def test_resolve_model_unknown_name_lists_close_matches():
     with pytest.raises(ModelNotFoundError, match="efficientnet_b0"):
-        create_model("efficentnet_b0")
+        resolve_model("efficentnet_b0")

@@ -1,4 +1,4 @@
-"""Metrics on hand-made predictions with known answers (pnc.zoo.metrics)."""
+"""Metrics on hand-made predictions with known answers (pnc.bench.metrics)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ from torch import nn
 from pnc.surgery.errors import DataError, TaskError
 from pnc.surgery.local_models import patch_masks, perturbed_logits
 from pnc.zoo.datasets import ImageData
-from pnc.zoo.metrics import (clone_accuracy, confusion_matrix, evaluate_clone, inference_macs, local_model_set,
+from pnc.bench.metrics import (clone_accuracy, confusion_matrix, evaluate_clone, inference_macs, local_model_set,
                              locality_similarity, logits_of, per_class_accuracy)
 
 

@@ -12,7 +12,7 @@ import onnx
 import pytest
 import torch
 
-from pnc.surgery import cli
+from pnc.bench import cli
 from pnc.surgery.clone import clone
 from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.errors import ExportError
@@ -23,7 +23,8 @@ from pnc.surgery.onnx_merge import CLONED_OUTPUT, read_manifest
 from pnc.surgery.patch import save_patch
 from pnc.zoo.archs import create
 from pnc.zoo.datasets import load_dataset
-from pnc.zoo.store import ModelCard, ZooStore, file_sha256
+from pnc.surgery.io import file_sha256
+from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import CloneTask
 
 VIT = dict(img_size=8, patch_size=2, depth=2)  # vit_tiny_patch16_224 at the digits' 8x8
@@ -63,10 +64,10 @@ def images(task) -> dict[str, torch.Tensor]:
 def multi(task) -> ClonedNetwork:
     """cnn4 target with three branches: cnn4 (same arch), resnetc20 (residual), ViT-tiny (tokens)."""
     target = _model("cnn4", 1)
-    net = clone(target, _model("cnn4", 2), task, config=_config("first"), name="cnn", num_masks=10, progress=False)
-    clone(target, _model("resnetc20", 3, **RESNET), task, config=_config("block3_2"), into=net, name="res", num_masks=10,
+    net = clone(target, _model("cnn4", 2), **task.clone_inputs(), config=_config("first"), name="cnn", num_masks=10, progress=False)
+    clone(target, _model("resnetc20", 3, **RESNET), **task.clone_inputs(), config=_config("block3_2"), into=net, name="res", num_masks=10,
           progress=False)
-    clone(target, _model("vit_tiny_patch16_224", 4, **VIT), task, config=_config("first"), into=net, name="vit",
+    clone(target, _model("vit_tiny_patch16_224", 4, **VIT), **task.clone_inputs(), config=_config("first"), into=net, name="vit",
           num_masks=10, progress=False)
     return net
 
@@ -183,7 +184,7 @@ def test_export_of_a_patch_equals_export_of_the_network(tmp_path, task, images):
     target, source = _model("cnn4", 1), _model("cnn4", 2)
     store = _save_to_zoo(tmp_path / "zoo", "t", target, "cnn4")
     _save_to_zoo(tmp_path / "zoo", "s", source, "cnn4")
-    net = clone(target, source, task, config=_config("block2_3"), source_name="s", num_masks=10, progress=False)
+    net = clone(target, source, **task.clone_inputs(), config=_config("block2_3"), source_name="s", num_masks=10, progress=False)
     save_patch(net, tmp_path / "clone.pnc", target_name="t", input_size=(1, 8, 8))
     out = tmp_path / "clone.onnx"
     assert cli.main(["export", str(tmp_path / "clone.pnc"), "--zoo-dir", str(store.root), "--out", str(out)]) == 0
@@ -200,7 +201,7 @@ def test_export_of_a_patch_equals_export_of_the_network(tmp_path, task, images):
 ])
 def test_round_trip(tmp_path, task, images, target_arch, target_kw, source_arch, source_kw, cut):
     target = _model(target_arch, 1, **target_kw)
-    net = clone(target, _model(source_arch, 2, **source_kw), task, config=_config(cut), name="b", num_masks=10,
+    net = clone(target, _model(source_arch, 2, **source_kw), **task.clone_inputs(), config=_config(cut), name="b", num_masks=10,
                 progress=False)
     path = export_onnx(net, tmp_path / "clone.onnx", images["real"][:1])
     proto = onnx.load(path)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from pnc.surgery.cut_points import create_model, cut_points
+from pnc.surgery.cut_points import cut_points
+from pnc.zoo.resolve import resolve_model
 from pnc.surgery.errors import CutError
 from pnc.surgery.split import extract, split
 from pnc.surgery.tracing import default_input, evaluating, trace
@@ -23,7 +24,7 @@ def user_traced():
 )
 def test_block_splits_are_exact_at_another_batch_size(name, size):
     torch.manual_seed(0)
-    model = create_model(name, size)
+    model, _ = resolve_model(name, size)
     traced = trace(model, default_input(model, size))
     x = torch.randn(3, *size)
     with evaluating(model), torch.no_grad():

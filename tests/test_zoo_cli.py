@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pnc.surgery.cli import main
+from pnc.bench.cli import main
 
 
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from pnc.surgery.errors import ModelNotFoundError, StoreError
 from pnc.zoo import archs
-from pnc.zoo.store import ModelCard, ZooStore, default_zoo_dir, file_sha256, state_dict_sha256
+from pnc.surgery.io import file_sha256, state_dict_sha256
+from pnc.zoo.store import ModelCard, ZooStore, default_zoo_dir
 
 
 @pytest.mark.parametrize("name, size, blocks", [

@@ -8,7 +8,8 @@ from pnc.surgery.errors import ModelNotFoundError
 from pnc.zoo import archs
 from pnc.zoo.datasets import load_dataset
 from pnc.zoo.defaults import DEFAULTS, default_pair, ensure_default
-from pnc.zoo.store import ZooStore, state_dict_sha256
+from pnc.surgery.io import state_dict_sha256
+from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import select_classes
 from pnc.zoo.train import evaluate, fit, predict_logits, train_zoo_model
 

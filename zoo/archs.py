@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -154,14 +155,28 @@ def list_archs() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def input_kwargs(name: str, input_size: tuple[int, int, int]) -> dict[str, int]:
-    """Constructor kwargs that a registered architecture needs for a (C, H, W) input:
-    ``in_chans`` always, ``img_size`` where the constructor takes one (LeNet-5)."""
-    kwargs = {"in_chans": int(input_size[0])}
+def input_kwargs(name: str, input_size: tuple[int, int, int]) -> dict[str, Any]:
+    """Constructor kwargs that an architecture needs for a (C, H, W) input: ``in_chans``
+    always, ``img_size`` where the constructor takes one (LeNet-5: the side; timm ViTs and
+    other timm models whose class takes ``img_size``: (H, W))."""
+    kwargs: dict[str, Any] = {"in_chans": int(input_size[0])}
     factory = _REGISTRY.get(name)
-    if factory is not None and "img_size" in inspect.signature(factory).parameters:
-        kwargs["img_size"] = int(input_size[-1])
+    if factory is not None:
+        if "img_size" in inspect.signature(factory).parameters:
+            kwargs["img_size"] = int(input_size[-1])
+    elif _timm_takes_img_size(name):
+        kwargs["img_size"] = tuple(int(v) for v in input_size[1:])
     return kwargs
+
+
+def _timm_takes_img_size(name: str) -> bool:
+    """Whether the class that timm builds for ``name`` takes ``img_size`` (built once, tiny head)."""
+    import timm
+
+    if not timm.is_model(name):
+        return False
+    model = timm.create_model(name, pretrained=False, num_classes=1)
+    return any("img_size" in inspect.signature(c.__init__).parameters for c in type(model).__mro__[:-2])
 
 
 def create(name: str, in_chans: int = 3, num_classes: int = 1000, **kwargs) -> nn.Module:

@@ -283,6 +283,15 @@ _REGISTRY: dict[str, _Loader] = {
 }
 
 
+#: other names users type for a registered dataset
+DATASET_ALIASES = {"fmnist": "fashion-mnist"}
+
+
+def canonical_dataset(name: str) -> str:
+    """The registered name of a dataset name or alias (``"fmnist"`` -> ``"fashion-mnist"``)."""
+    return DATASET_ALIASES.get(name, name)
+
+
 def list_datasets() -> list[str]:
     """Registered dataset names (plus ``imagefolder:PATH`` for any folder tree)."""
     return sorted(_REGISTRY)
@@ -316,6 +325,7 @@ def load_dataset(name: str, data_dir: str | None = None, download: bool = False,
     training split's per-channel mean/std. ``data_dir`` is the dataset's folder (or a
     parent holding a ``<name>`` subfolder); without it ``$PNC_DATA_DIR/<name>`` and then
     the system default are tried. ``image_size`` applies to image folders only."""
+    name = canonical_dataset(name)
     if name.startswith(IMAGEFOLDER_PREFIX):
         root = name[len(IMAGEFOLDER_PREFIX):]
         return _normalize(name, _read_image_folder(root, image_size), root)

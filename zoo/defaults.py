@@ -13,14 +13,13 @@ from typing import Any
 from rich.console import Console
 
 from pnc.surgery.errors import DataError, ModelNotFoundError
-from pnc.zoo.datasets import DatasetSplits, load_dataset
+from pnc.zoo.datasets import DatasetSplits, canonical_dataset, load_dataset
 from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import parse_classes
 from pnc.zoo.train import train_zoo_model
 
 __all__ = ["DefaultModel", "DEFAULTS", "default_pair", "ensure_default", "pretrain_defaults"]
 
-_DATASET_ALIASES = {"fmnist": "fashion-mnist"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ DEFAULTS: dict[str, DefaultModel] = {m.name: m for m in [
 
 def default_pair(dataset: str, arch: str) -> tuple[str, str]:
     """Names of the default (target, source) zoo models for ``dataset`` and ``arch``."""
-    dataset = _DATASET_ALIASES.get(dataset, dataset)
+    dataset = canonical_dataset(dataset)
     names = [m.name for m in DEFAULTS.values() if (m.dataset, m.arch) == (dataset, arch)]
     if len(names) != 2:
         pairs = sorted({f"{m.dataset}/{m.arch}" for m in DEFAULTS.values()})

@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -21,63 +19,19 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
-from torch import Tensor, nn
+from safetensors.torch import load_model
+from torch import nn
 
+from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.errors import StoreError
+from pnc.surgery.patch import load_patch, read_patch
+from pnc.surgery.io import atomic_write_bytes, atomic_write_text, file_sha256, tensor_bytes
 
-__all__ = ["state_dict_sha256", "file_sha256", "default_zoo_dir", "ModelCard", "ZooStore",
-           "atomic_write_bytes", "atomic_write_text", "package_versions"]
+__all__ = ["default_zoo_dir", "ModelCard", "ZooStore", "package_versions"]
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def state_dict_sha256(module_or_state_dict: nn.Module | Mapping[str, Tensor]) -> str:
-    """Content hash of a state dict: for each key in sorted order, its name, dtype, shape and
-    the raw bytes of the contiguous CPU tensor. Equal iff every tensor is bitwise equal."""
-    state = module_or_state_dict.state_dict() if isinstance(module_or_state_dict, nn.Module) \
-        else module_or_state_dict
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().cpu().contiguous()
-        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file next to ``path``, then ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def default_zoo_dir(zoo_dir: str | Path | None = None) -> Path:
@@ -159,17 +113,9 @@ class ZooStore:
     def save(self, name: str, model: nn.Module, card: ModelCard) -> Path:
         """Write the weights then the card (each atomically); fills ``card.sha256``."""
         folder = self.path(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_model(model, tmp)
-            card.sha256 = file_sha256(tmp)
-            os.chmod(tmp, 0o666 & ~_UMASK)
-            os.replace(tmp, folder / WEIGHTS_FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        data = tensor_bytes(model.state_dict())
+        card.sha256 = hashlib.sha256(data).hexdigest()
+        atomic_write_bytes(folder / WEIGHTS_FILE, data)
         card.name = name
         atomic_write_text(folder / CARD_FILE, card.to_json())
         return folder
@@ -213,3 +159,10 @@ class ZooStore:
         except (SafetensorError, RuntimeError) as err:
             raise StoreError(f"{weights} does not fit {card.arch}({card.kwargs}): {err}") from err
         return model.eval(), card
+
+    def load_patch(self, path: str | Path) -> tuple[ClonedNetwork, dict]:
+        """A ``.pnc`` patch rebuilt on the zoo models it names: (network, metadata).
+        Weights whose hash differs from the patch's are refused (:class:`PatchError`)."""
+        meta, _ = read_patch(path)
+        target, _ = self.load(meta["target"]["name"])
+        return load_patch(path, target, lambda name: self.load(name)[0])

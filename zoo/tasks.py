@@ -162,6 +162,15 @@ class CloneTask:
         pooled = ImageData(torch.cat([ori.x, tar.x]), torch.cat([ori.y, tar.y]))
         return {"ori": ori, "tar": tar, "avg": pooled}
 
+    def clone_inputs(self) -> dict[str, Any]:
+        """The data arguments of :func:`pnc.surgery.clone` for this task:
+        ``clone(target, source, **task.clone_inputs(), config=...)``."""
+        names = self.dataset.classes
+        return {"images": self.clone_set().x, "source_outputs": self.source_label_index(),
+                "class_names": [names[c] for c in self.clone_classes],
+                "target_classes": [names[c] for c in self.target_classes],
+                "eval_sets": {k: (v.x, v.y) for k, v in self.eval_sets().items()}}
+
     def joint_train(self) -> ImageData:
         """All training images of T_t and T_s with the cloned network's labels (Joint baseline)."""
         return select_classes(self.dataset.train, self.target_classes + self.clone_classes)

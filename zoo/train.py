@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from pnc.surgery.errors import DataError, PncError, StoreError
 from pnc.zoo import archs
 from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
-from pnc.zoo.store import ModelCard, ZooStore, atomic_write_bytes, atomic_write_text
+from pnc.surgery.io import atomic_write_bytes, atomic_write_text
+from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import parse_classes, select_classes
 
 __all__ = ["fit", "evaluate", "predict_logits", "train_zoo_model", "OPTIMIZERS", "STATE_FILE"]

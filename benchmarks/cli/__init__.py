@@ -1,28 +1,24 @@
-"""The ``pnc`` command. Each sub-command lives next to the code it drives and
-registers itself through an ``add_cli(subparsers)`` function listed here."""
+"""The ``pnc`` command. Each sub-command group is a module of this package with an
+``add_cli(subparsers)`` function; :data:`COMMANDS` lists them in help order."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from pnc.adapters import AdapterError
 from pnc.surgery.errors import PncError
 
-#: modules whose ``add_cli(subparsers)`` adds sub-commands, in help order
-COMMAND_MODULES = (
-    "pnc.surgery.cut_points",
-    "pnc.zoo.cli",
-    "pnc.surgery.clone_cli",
-    "pnc.surgery.onnx_cli",
-    "pnc.surgery.bench_cli",
-)
+from . import bench, clone, cuts, onnx, zoo
+
+#: sub-command groups, in help order
+COMMANDS = (cuts, zoo, clone, onnx, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pnc", description="Partial network cloning.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_cli(sub)
+    for group in COMMANDS:
+        group.add_cli(sub)
     return parser
 
 
@@ -31,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except PncError as err:
+    except (PncError, AdapterError) as err:
         print(f"pnc {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,6 +1,6 @@
 """``pnc bench {paper,...}``: the paper's tables and figures on the data this machine has.
 
-The work lives in :mod:`pnc.zoo.bench` and its siblings; this module only parses flags.
+The work lives in :mod:`pnc.bench.paper` and its siblings; this module only parses flags.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 from pnc.surgery.errors import TaskError
+
+from .common import add_data_dir, add_zoo_dir
 
 
 def _csv(kind: type):
@@ -29,8 +31,8 @@ def _command() -> str:
 
 
 def _cmd_paper(args: argparse.Namespace) -> int:
-    from pnc.zoo.baselines import METHODS
-    from pnc.zoo.bench import run_paper
+    from pnc.bench.baselines import METHODS
+    from pnc.bench.paper import run_paper
 
     methods = args.methods or list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
@@ -49,7 +51,7 @@ def _cmd_paper(args: argparse.Namespace) -> int:
 
 
 def _cmd_figures(args: argparse.Namespace) -> int:
-    from pnc.zoo.bench_figures import run_figures
+    from pnc.bench.figures import run_figures
 
     dataset = args.dataset or ("digits" if args.quick else "fashion-mnist")
     arch = args.arch or ("cnn4" if args.quick else "lenet5")
@@ -61,7 +63,7 @@ def _cmd_figures(args: argparse.Namespace) -> int:
 
 
 def _cmd_hetero(args: argparse.Namespace) -> int:
-    from pnc.zoo.bench_hetero import HETERO_METHODS, run_hetero
+    from pnc.bench.hetero import HETERO_METHODS, run_hetero
 
     results = run_hetero(args.pairs, seeds=args.seeds or [0], methods=args.methods or HETERO_METHODS,
                          zoo_dir=args.zoo_dir, data_dir=args.data_dir, out_dir=Path(args.out), workdir=args.workdir,
@@ -72,7 +74,7 @@ def _cmd_hetero(args: argparse.Namespace) -> int:
 
 
 def _cmd_incremental(args: argparse.Namespace) -> int:
-    from pnc.zoo.bench_incremental import INCREMENTAL_METHODS, run_incremental
+    from pnc.bench.incremental import INCREMENTAL_METHODS, run_incremental
 
     path = run_incremental(args.dataset or ("digits" if args.quick else "fashion-mnist"),
                            args.arch or ("cnn4" if args.quick else "lenet5"), step_sizes=args.step_sizes,
@@ -88,8 +90,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="reproduce the paper's tables and figures")
     cmds = bench.add_subparsers(dest="bench_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--zoo-dir", help="zoo folder (default: $PNC_ZOO_DIR or ~/.cache/pnc/zoo)")
-    common.add_argument("--data-dir", help="dataset folder (default: $PNC_DATA_DIR/<dataset> or the system one)")
+    add_zoo_dir(common)
+    add_data_dir(common)
     common.add_argument("--out", default="benchmarks/results", help="where tables, JSON and plots go")
     common.add_argument("--workdir", type=Path, help="checkpoints and caches (default: beside the zoo, bench/)")
     common.add_argument("--seeds", type=_csv(int), help="comma-separated seeds (task subset + training seeds)")

@@ -14,26 +14,22 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from pnc.bench.metrics import clone_accuracy, logits_of
 from pnc.surgery.clone import clone
 from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.errors import PncError, TaskError
 from pnc.surgery.insertion import SearchConfig
 from pnc.surgery.onnx_detach import detach_onnx
 from pnc.surgery.onnx_export import export_onnx
-from pnc.surgery.patch import load_patch, save_patch
+from pnc.surgery.patch import save_patch
 from pnc.zoo.datasets import ImageData, load_dataset
-from pnc.zoo.store import WEIGHTS_FILE, ZooStore, atomic_write_text, file_sha256
+from pnc.surgery.io import atomic_write_text, file_sha256
+from pnc.zoo.store import WEIGHTS_FILE, ZooStore
 from pnc.zoo.tasks import CloneTask
 
-
-def accuracies(logits: Tensor, labels: Tensor, num_old: int) -> dict[str, float]:
-    """Ori (labels < num_old), Tar (the others) and Avg (pooled) accuracy, as fractions."""
-    right = logits.argmax(1) == labels
-    old = labels < num_old
-    return {"ori": float(right[old].float().mean()), "tar": float(right[~old].float().mean()),
-            "avg": float(right.float().mean())}
+from .common import add_data_dir, add_zoo_dir
 
 
 def eval_set(tasks: list[CloneTask]) -> ImageData:
@@ -47,11 +43,6 @@ def eval_set(tasks: list[CloneTask]) -> ImageData:
     return ImageData(torch.cat([s.x for s in sets]), torch.cat([s.y for s in sets]))
 
 
-@torch.no_grad()
-def logits_of(fn, x: Tensor, batch: int = 512) -> Tensor:
-    return torch.cat([fn(xb) for xb in x.split(batch)])
-
-
 def compare(net: ClonedNetwork, target: nn.Module, sources: list[tuple[nn.Module, list[int]]],
             tasks: list[CloneTask]) -> dict[str, dict[str, float]]:
     """Ori/Tar/Avg of the target alone, the clone and the direct ensemble on the same images."""
@@ -60,9 +51,9 @@ def compare(net: ClonedNetwork, target: nn.Module, sources: list[tuple[nn.Module
     target_logits = logits_of(target, data.x)
     padded = torch.cat([target_logits, torch.full((len(data), n_all - n_old), -torch.inf)], 1)
     ensemble = torch.cat([target_logits] + [logits_of(s, data.x)[:, idx] for s, idx in sources], 1)
-    return {"target": accuracies(padded, data.y, n_old),
-            "clone": accuracies(logits_of(net, data.x), data.y, n_old),
-            "ensemble": accuracies(ensemble, data.y, n_old)}
+    return {"target": clone_accuracy(padded, data.y, n_old),
+            "clone": clone_accuracy(logits_of(net, data.x), data.y, n_old),
+            "ensemble": clone_accuracy(ensemble, data.y, n_old)}
 
 
 def run_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]], out: Path, *, seed: int = 0,
@@ -84,7 +75,7 @@ def run_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]],
         task = CloneTask(dataset, t_card.classes, s_card.classes,
                          spec if spec in ("S", "M") else _class_spec(spec, dataset.classes), fraction, seed)
         name = source_name if source_name not in (b["name"] for b in branches) else f"{source_name}-{k}"
-        net = clone(target, source, task, config=config or SearchConfig(seed=seed), into=net, name=name,
+        net = clone(target, source, **task.clone_inputs(), config=config or SearchConfig(seed=seed), into=net, name=name,
                     source_name=source_name, checkpoint_dir=out / ".ckpt" / name, cache_dir=out / ".cache",
                     progress=progress)
         rep = net.branches[name].report
@@ -115,7 +106,7 @@ def _class_spec(spec: str, names: list[str]) -> list[int]:
 
 def evaluate_patch(path: Path, store: ZooStore, data_dir: str | None = None) -> dict:
     """Rebuild a patch's clone from the zoo and measure it like ``pnc clone`` did."""
-    net, meta = load_patch(path, store)
+    net, meta = store.load_patch(path)
     target, t_card = store.load(meta["target"]["name"])
     dataset = load_dataset(t_card.dataset, data_dir)
     tasks, models = [], []
@@ -212,8 +203,8 @@ def _cmd_demo(args) -> int:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--zoo-dir", help="zoo folder (default $PNC_ZOO_DIR or ~/.cache/pnc/zoo)")
-        p.add_argument("--data-dir", help="data folder (default $PNC_DATA_DIR or the dataset's default)")
+        add_zoo_dir(p)
+        add_data_dir(p)
 
     p = sub.add_parser("clone", help="clone classes of source zoo models into a target zoo model")
     p.add_argument("--target", required=True, help="the target's zoo name")

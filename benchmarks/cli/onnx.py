@@ -16,16 +16,18 @@ import torch
 from pnc.surgery.errors import ExportError
 from pnc.surgery.onnx_export import OPSET, to_onnx
 from pnc.surgery.onnx_merge import MANIFEST_KEY, read_manifest
-from pnc.zoo.store import ZooStore, atomic_write_bytes
+from pnc.surgery.io import atomic_write_bytes
+from pnc.zoo.store import ZooStore
+
+from .common import add_zoo_dir
 
 
 def _load_source(source: str, zoo_dir: str | None):
     """(model, example input (1, C, H, W)) for a zoo name or a .pnc patch."""
     store = ZooStore(zoo_dir)
     if source.endswith(".pnc") or "/" in source:  # zoo names have no "/"
-        from pnc.surgery.patch import load_patch
 
-        net, meta = load_patch(source, store)
+        net, meta = store.load_patch(source)
         return net, torch.zeros(1, *meta["input_size"])
     model, card = store.load(source)
     return model, torch.zeros(1, *card.input_size)
@@ -72,7 +74,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                                         "'input', output 'logits'; a clone adds 'cloned_logits').")
     export.add_argument("source", help="a zoo model name, or a .pnc patch made by `pnc clone`")
     export.add_argument("--out", required=True, help="the .onnx file to write")
-    export.add_argument("--zoo-dir", help="zoo folder (default $PNC_ZOO_DIR or ~/.cache/pnc/zoo)")
+    add_zoo_dir(export)
     export.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
     export.set_defaults(func=_cmd_export)
 

@@ -12,14 +12,7 @@ from pnc.surgery.errors import DataError, StoreError
 from pnc.zoo.datasets import list_datasets
 from pnc.zoo.store import ZooStore
 
-
-def _positive(kind: type):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
+from .common import add_data_dir, add_zoo_dir, positive
 
 
 def _json_object(text: str) -> dict:
@@ -109,7 +102,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     zoo = sub.add_parser("zoo", help="train, list and verify zoo models")
     cmds = zoo.add_subparsers(dest="zoo_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--zoo-dir", help="zoo folder (default: $PNC_ZOO_DIR or ~/.cache/pnc/zoo)")
+    add_zoo_dir(common)
 
     train = cmds.add_parser("train", parents=[common], help="train a model on some classes of a dataset")
     train.add_argument("--arch", required=True, help="lenet5, cnn4, resnetc20 or any timm model name")
@@ -117,15 +110,15 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                        help=f"{', '.join(list_datasets())} or imagefolder:PATH")
     train.add_argument("--classes", required=True, help='class ids or names: "0-4", "5,7,9", "Sandal,Bag"')
     train.add_argument("--name", required=True, help="zoo model name")
-    train.add_argument("--epochs", type=_positive(int), default=10)
-    train.add_argument("--lr", type=_positive(float), default=0.05)
+    train.add_argument("--epochs", type=positive(int), default=10)
+    train.add_argument("--lr", type=positive(float), default=0.05)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--batch-size", type=_positive(int), default=128)
+    train.add_argument("--batch-size", type=positive(int), default=128)
     train.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     train.add_argument("--augment", action="store_true", help="random translations")
     train.add_argument("--arch-kwargs", type=_json_object, default=None,
                        help='extra constructor kwargs as JSON, e.g. \'{"width": 16}\'')
-    train.add_argument("--data-dir", help="dataset folder (default: $PNC_DATA_DIR/<dataset>)")
+    add_data_dir(train)
     train.add_argument("--download", action="store_true", help="download the dataset if missing")
     train.set_defaults(func=_cmd_train)
 
@@ -147,5 +140,5 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                           help="train (or reuse) the default target/source pairs")
     pre.add_argument("--only", nargs="+", choices=list(DEFAULTS), metavar="NAME",
                      help=f"only these: {', '.join(DEFAULTS)}")
-    pre.add_argument("--data-dir", help="dataset folder (default: $PNC_DATA_DIR/<dataset>)")
+    add_data_dir(pre)
     pre.set_defaults(func=_cmd_pretrain)
