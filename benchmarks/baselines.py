@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pnc.surgery.clone import clone
-from pnc.surgery.cut_points import classifier_of
+from pnc.surgery.cloning import clone
+from pnc.surgery.cuts import classifier_of
 from pnc.surgery.errors import TaskError
 from pnc.surgery.insertion import SearchConfig, kd_loss
 from pnc.surgery.tracing import trace

@@ -29,10 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from pnc.surgery.branch import Branch
-from pnc.surgery.clone import clone
-from pnc.surgery.cut_points import classifier_of, cut_points
+from pnc.surgery.cloning import clone
+from pnc.surgery.cuts import classifier_of, cut_points
 from pnc.surgery.local_models import patch_masks
-from pnc.surgery.split import extract
+from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import trace
 from pnc.bench.baselines import Budget, budget_fields
 from pnc.bench.paper import RowCache, jsonable, machine_info

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pnc.surgery.clone import clone
+from pnc.surgery.cloning import clone
 from pnc.surgery.insertion import kd_loss
 from pnc.bench.baselines import Budget, budget_fields, extend_classifier
 from pnc.bench.paper import RowCache, jsonable, machine_info

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pnc.surgery.cut_points import classifier_of, cut_points
+from pnc.surgery.cuts import classifier_of, cut_points
 from pnc.zoo.resolve import resolve_model
 from pnc.surgery.errors import CutError, PncError
 from pnc.surgery.tracing import default_input, trace

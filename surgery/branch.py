@@ -21,9 +21,9 @@ from torch import Tensor, nn
 
 from pnc.adapters import make_adapter
 from pnc.surgery.channel_groups import prune_structurally
-from pnc.surgery.cut_points import classifier_of, cut_points
+from pnc.surgery.cuts import classifier_of, cut_points
 from pnc.surgery.errors import CutError
-from pnc.surgery.split import extract
+from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import TracedModel
 
 

@@ -15,7 +15,7 @@ statistics run over all channels; grouped convs; channels tied to the body's inp
 Example::
 
     >>> body = nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
-    ...                      nn.Flatten(), nn.LazyLinear(3))
+    ...                      nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
     >>> mb = MaskedBody(body, torch.randn(2, 4, 6, 6), layout="NCHW", frozen=[body[4]])
     >>> [(g.name, g.size) for g in mb.groups]        # conv0 out + bn1 + linear in
     [('0', 8)]
@@ -151,7 +151,7 @@ def _close(a, b) -> bool:
 
 def prune_structurally(
     body: nn.Module, example: Tensor, layout: str, keep: dict[str, Tensor], frozen_names: list[str]
-) -> nn.Module:
+) -> tuple[nn.Module, dict[str, set[int]]]:
     """Remove, in place, every channel of each named group not listed in ``keep[name]``.
 
     Returns the body and, for each frozen module, the input channels removed from it

@@ -8,22 +8,32 @@ tensors, pre-logits and logits, and each branch adds its classes::
     logits = [target_logits + sum_b correction_b, new_logits_1, ..., new_logits_P]
              (B, |T_t| + sum_p |T_s^p|)
 
-Example::
+Example (``tiny_clone`` clones one class of a 2-class source into a 3-class target)::
 
-    >>> net = ClonedNetwork(target, example_input, target_classes=["0", "1"])
-    >>> net.add_branch("fmnist-5", branch)       # from pnc.surgery.clone(...)
-    >>> net(x).shape                              # (B, 2 + |T_s|)
-    >>> net.detach("fmnist-5")                    # back to target(x), bit for bit
+    >>> from pnc.surgery.examples import tiny_clone
+    >>> net, target, source, x = tiny_clone()
+    >>> list(net.branches), net(x).shape          # (B, 3 + 1)
+    (['src'], torch.Size([16, 4]))
+    >>> with net.disabled("src"):                 # temporarily without it
+    ...     net(x).shape
+    torch.Size([16, 3])
+    >>> branch = net.detach("src")                # removed: target(x), bit for bit
+    >>> torch.equal(net(x), target(x))
+    True
+    >>> net.add_branch("src", branch)             # and back
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from pnc.surgery.branch import Branch
-from pnc.surgery.cut_points import classifier_of
-from pnc.surgery.errors import CutError
-from pnc.surgery.split import extract
+from pnc.surgery.cuts import classifier_of
+from pnc.surgery.errors import BranchError
+from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import TracedModel, trace
 
 
@@ -49,17 +59,34 @@ class ClonedNetwork(nn.Module):
     # -- branches ------------------------------------------------------------------
     def add_branch(self, name: str, branch: Branch) -> None:
         if name in self.branches:
-            raise ValueError(f"a branch named {name!r} exists; pick another name or detach it first")
+            raise BranchError(f"a branch named {name!r} exists; pick another name or detach it first")
         self.branches[name] = branch
         self._taps.clear()
 
     def detach(self, name: str) -> Branch:
         """Remove and return a branch; the others keep working."""
         if name not in self.branches:
-            raise CutError(f"no branch named {name!r}; branches: {', '.join(self.branches) or 'none'}")
+            raise BranchError(f"no branch named {name!r}; branches: {', '.join(self.branches) or 'none'}")
         branch = self.branches.pop(name)
         self._taps.clear()
         return branch
+
+    @contextlib.contextmanager
+    def disabled(self, *names: str) -> Iterator[ClonedNetwork]:
+        """Run without the named branches (default: all) inside the block, then restore them
+        in their order. With every branch disabled the forward is ``target(x)`` exactly."""
+        unknown = [n for n in names if n not in self.branches]
+        if unknown:
+            raise BranchError(f"no branch named {', '.join(map(repr, unknown))}; "
+                              f"branches: {', '.join(self.branches) or 'none'}")
+        saved = self.branches
+        self.branches = nn.ModuleDict({k: v for k, v in saved.items() if names and k not in names})
+        self._taps.clear()
+        try:
+            yield self
+        finally:
+            self.branches = saved
+            self._taps.clear()
 
     def detach_all(self) -> list[Branch]:
         """Remove every branch: the network is the target again."""

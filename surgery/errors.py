@@ -21,6 +21,13 @@ class CutError(PncError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class BranchError(PncError, KeyError):
+    """An unknown branch name, or a name already taken, on a cloned network or its ONNX export."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
 class ModelNotFoundError(PncError):
     """An unknown architecture or zoo model name (lists close matches)."""
 

@@ -35,10 +35,10 @@ from torch import Tensor
 from pnc.adapters import least_squares_init, make_adapter
 from pnc.surgery.branch import Branch, ExtendedHead, assemble_branch, branch_tensors
 from pnc.surgery.channel_groups import MaskedBody
-from pnc.surgery.cut_points import CutPoint, classifier_of, cut_points
+from pnc.surgery.cuts import CutPoint, classifier_of, cut_points
 from pnc.surgery.errors import CutError
 from pnc.surgery.local_models import LocalModelSet, apply_masks
-from pnc.surgery.split import extract
+from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import TracedModel
 from pnc.surgery.io import save_tensors
 

@@ -5,8 +5,8 @@ checked against the manifest before anything is written); detaching some gives t
 graph of the cloned network with the other branches, ``cloned_logits`` (batch,
 |T_t| + sum of the remaining |T_s|), byte-identical to exporting that network.
 
-    >>> detach_onnx("clone.onnx", ["fmnist-5"], "smaller.onnx")
-    >>> detach_onnx("clone.onnx", None, "target.onnx")   # every branch
+    detach_onnx("clone.onnx", ["fmnist-5"], "smaller.onnx")
+    detach_onnx("clone.onnx", None, "target.onnx")   # every branch
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from pnc.surgery.errors import ExportError
+from pnc.surgery.errors import BranchError, ExportError
 from pnc.surgery.onnx_merge import merge, read_manifest, split
 from pnc.surgery.io import atomic_write_bytes
 
@@ -47,7 +47,7 @@ def detach_model(model: onnx.ModelProto, branches: list[str] | None = None) -> o
     drop = names if branches is None else list(branches)
     unknown = [b for b in drop if b not in names]
     if unknown:
-        raise ExportError(f"no branch named {', '.join(map(repr, unknown))} in this export; its branches are "
+        raise BranchError(f"no branch named {', '.join(map(repr, unknown))} in this export; its branches are "
                           f"{', '.join(names)} (list them with `pnc detach FILE --list`)")
     if not drop:
         raise ExportError("name at least one branch to detach (--branch NAME), or --all")
@@ -57,7 +57,20 @@ def detach_model(model: onnx.ModelProto, branches: list[str] | None = None) -> o
 
 def detach_onnx(path_or_model: str | Path | onnx.ModelProto, branches: list[str] | None, out: str | Path) -> Path:
     """Write ``path_or_model`` without ``branches`` (None: all) to ``out``, atomically and only
-    once every check passed (unknown branch, missing manifest, modified base: ExportError)."""
+    once every check passed (unknown branch, missing manifest, modified base: ExportError).
+
+    >>> import tempfile
+    >>> from pnc.surgery import export_onnx
+    >>> from pnc.surgery.examples import tiny_clone
+    >>> net, target, _, images = tiny_clone()
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> clone_onnx = export_onnx(net, folder / "clone.onnx", images[:1])
+    >>> branch_names(load_onnx(clone_onnx))
+    ['src']
+    >>> out = detach_onnx(clone_onnx, ["src"], folder / "target.onnx")
+    >>> out.read_bytes() == export_onnx(target, folder / "t.onnx", images[:1]).read_bytes()
+    True
+    """
     result = detach_model(load_onnx(path_or_model), branches)
     out = Path(out)
     atomic_write_bytes(out, result.SerializeToString())

@@ -19,8 +19,7 @@ A :class:`~pnc.surgery.cloned.ClonedNetwork` exports as:
 A detach manifest (``pnc.surgery.onnx_merge``) in ``metadata_props`` lets
 :func:`pnc.surgery.onnx_detach.detach_onnx` remove branches and restore the base exactly.
 
-    >>> export_onnx(net, "clone.onnx", x[:1])        # x: (B, C, H, W)
-    >>> detach_onnx("clone.onnx", None, "base.onnx") # == export_onnx(net.target, ...)
+Example: see :func:`export_onnx`.
 """
 from __future__ import annotations
 
@@ -58,6 +57,18 @@ def export_onnx(model: nn.Module | ClonedNetwork, path: str | Path, example_inpu
             become detachable; with none it exports as its target).
         example_input: (B, C, H, W); only its shape (C, H, W) matters, the batch axis is dynamic.
         opset: ONNX opset of the default domain.
+
+    >>> import tempfile, onnx
+    >>> from pnc.surgery import detach_onnx
+    >>> from pnc.surgery.examples import tiny_clone
+    >>> net, target, source, images = tiny_clone()
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> path = export_onnx(net, folder / "clone.onnx", images[:1])
+    >>> [o.name for o in onnx.load(path).graph.output]   # (B, 3) and (B, 3 + 1)
+    ['logits', 'cloned_logits']
+    >>> base = detach_onnx(path, None, folder / "base.onnx")
+    >>> base.read_bytes() == export_onnx(target, folder / "target.onnx", images[:1]).read_bytes()
+    True
     """
     proto = to_onnx(model, example_input, opset)
     path = Path(path)

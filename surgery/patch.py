@@ -37,6 +37,14 @@ def save_patch(net: ClonedNetwork, path: str | Path, *, target_name: str, input_
         target_name: the target's zoo name.
         input_size: (C, H, W) of the network's input.
         tasks: per branch, the clone task as ``CloneTask.to_dict()`` (for ``pnc eval``).
+
+    Tensors per branch ``b``: ``b/keep.<group>`` (M), ``b/adapter.*`` (A), ``b/head.*`` (F_c).
+
+    >>> import tempfile
+    >>> from pnc.surgery.examples import tiny_clone
+    >>> net, *_ = tiny_clone()
+    >>> save_patch(net, Path(tempfile.mkdtemp()) / "clone.pnc", target_name="t", input_size=(1, 8, 8)) < 10_000
+    True
     """
     tensors, branches = {}, []
     for name, b in net.branches.items():
@@ -90,10 +98,19 @@ def load_patch(path: str | Path, target: nn.Module, sources: SourceResolver) -> 
             ``lambda name: store.load(name)[0]``. Hashes are checked too.
     Raises :class:`PatchError` on a corrupt file or weights that differ from the patch's.
 
-    Example (``pnc.zoo.ZooStore.load_patch`` does this with the zoo)::
+    ``pnc.zoo.ZooStore.load_patch(path)`` does this with the zoo models the patch names.
 
-        net, meta = load_patch("clone.pnc", target, {"fmnist-lenet5-source": source})
-        net(x).shape    # (B, |T_t| + sum |T_s|)
+    >>> import tempfile
+    >>> from pnc.surgery.examples import tiny_clone
+    >>> net, target, source, x = tiny_clone()       # branch "src", made from source "src"
+    >>> path = Path(tempfile.mkdtemp()) / "clone.pnc"
+    >>> size = save_patch(net, path, target_name="t", input_size=(1, 8, 8))
+    >>> rebuilt, meta = load_patch(path, target, {"src": source})
+    >>> torch.allclose(rebuilt(x), net(x)), meta["branches"][0]["target_cut"]
+    (True, 'conv')
+    >>> load_patch(path, source, {"src": source})   # other weights are refused
+    Traceback (most recent call last):
+    pnc.surgery.errors.PatchError: the patch was made for other weights of target 't': ...
     """
     meta, tensors = read_patch(path)
     resolve = sources.__getitem__ if isinstance(sources, Mapping) else sources

@@ -26,12 +26,10 @@ from torch.fx import _symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.fx.proxy import Attribute
 
+from pnc.surgery.batch import BATCH_META, BatchDim, batch_dims, generalise_batch
 from pnc.surgery.errors import TraceError
 
 __all__ = ["TracedModel", "BatchDim", "trace", "owning_module", "default_input", "evaluating", "is_batch_node"]
-
-#: node.meta key marking the batch-size node ``x.size(0)`` and the scalars computed from it
-BATCH_META = "pnc_batch"
 
 #: layers kept whole even when subclassed (timm's Linear, Conv2dSame, ...): one node per layer
 _LAYER_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
@@ -45,15 +43,6 @@ _SHAPE_ONLY_FUNCTIONS = frozenset({
     torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.numel,
 })
 _SHAPE_ONLY_METHODS = frozenset({"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"})
-
-
-@dataclass(frozen=True)
-class BatchDim:
-    """The batch size of a tensor: ``shape[dim] == scale * batch + offset``."""
-
-    dim: int
-    scale: int
-    offset: int
 
 
 @dataclass
@@ -437,117 +426,6 @@ def _check_runs_eagerly(model: nn.Module, x: torch.Tensor) -> None:
         ) from err
 
 
-class _NotBatchAffine(Exception):
-    """Two traces differ by more than batch-size arithmetic."""
-
-
-class _BatchRewriter:
-    """Builds ``scale * batch + offset`` nodes in a graph, after the batch-size node."""
-
-    def __init__(self, graph: fx.Graph, batches: tuple[int, int]):
-        self.graph, self.batches = graph, batches
-        placeholder = next(n for n in graph.nodes if n.op == "placeholder")
-        with graph.inserting_after(placeholder):
-            self.batch = graph.call_method("size", (placeholder, 0))
-        self.batch.meta[BATCH_META] = True
-        self.last = self.batch
-        self.cache: dict[tuple[int, int], fx.Node] = {(1, 0): self.batch}
-
-    def node(self, v1: int, v2: int) -> fx.Node:
-        (b1, b2) = self.batches
-        if (v2 - v1) % (b2 - b1):
-            raise _NotBatchAffine(f"{v1} at batch {b1} and {v2} at batch {b2}")
-        scale = (v2 - v1) // (b2 - b1)
-        key = (scale, v1 - scale * b1)
-        if key not in self.cache:
-            value = self.batch
-            for op, operand in ((operator.mul, key[0]), (operator.add, key[1])):
-                if operand != (1 if op is operator.mul else 0):
-                    with self.graph.inserting_after(self.last):
-                        value = self.last = self.graph.call_function(op, (value, operand))
-                    value.meta[BATCH_META] = True
-            self.cache[key] = value
-        return self.cache[key]
-
-    def merge(self, a1: Any, a2: Any) -> Any:
-        """``a1`` with each int that differs in ``a2`` replaced by its batch expression."""
-        if isinstance(a1, fx.Node) or isinstance(a2, fx.Node):
-            if not (isinstance(a1, fx.Node) and isinstance(a2, fx.Node) and a1.name == a2.name):
-                raise _NotBatchAffine(f"different arguments {a1} and {a2}")
-            return a1
-        if type(a1) is int and type(a2) is int:
-            return a1 if a1 == a2 else self.node(a1, a2)
-        if isinstance(a1, (tuple, list)) and isinstance(a2, (tuple, list)) and len(a1) == len(a2):
-            merged = [self.merge(x, y) for x, y in zip(a1, a2)]
-            if isinstance(a1, list):
-                return merged
-            return tuple(merged) if any(isinstance(m, fx.Node) for m in merged) else type(a1)(merged)
-        if isinstance(a1, dict) and isinstance(a2, dict) and a1.keys() == a2.keys():
-            return {k: self.merge(a1[k], a2[k]) for k in a1}
-        if isinstance(a1, slice) and isinstance(a2, slice):
-            return slice(*(self.merge(getattr(a1, f), getattr(a2, f)) for f in ("start", "stop", "step")))
-        if type(a1) is not type(a2) or not (a1 == a2 or (a1 != a1 and a2 != a2)):
-            raise _NotBatchAffine(f"{a1!r} and {a2!r}")
-        return a1
-
-
-def _generalise_batch(gm: fx.GraphModule, other: fx.GraphModule, batches: tuple[int, int]) -> fx.Graph | None:
-    """A copy of ``gm.graph`` valid at any batch size, or None if the traces differ otherwise."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(gm.graph, env)
-    graph.output(out)
-    nodes1 = list(graph.nodes)
-    nodes2 = list(other.graph.nodes)
-    if [(n.op, n.target, n.name) for n in nodes1] != [(n.op, n.target, n.name) for n in nodes2]:
-        return None
-    per_sample: list[tuple[fx.Node, torch.Tensor]] = []
-    for n1, n2 in zip(nodes1, nodes2):
-        if n1.op == "get_attr" and str(n1.target).startswith("_tensor_constant"):
-            c1, c2 = getattr(gm, str(n1.target)), getattr(other, str(n2.target))
-            if c1.shape != c2.shape:  # a constant made with the batch size
-                if not _repeated_sample(c1, c2, batches):
-                    return None
-                per_sample.append((n1, c1[:1].clone()))
-    rewriter = _BatchRewriter(graph, batches)
-    try:
-        for n1, n2 in zip(nodes1, nodes2):
-            n1.args = rewriter.merge(n1.args, n2.args)
-            n1.kwargs = rewriter.merge(n1.kwargs, n2.kwargs)
-    except _NotBatchAffine:
-        return None
-    for node, sample in per_sample:  # one stored sample, expanded to the batch
-        name = f"{node.target}_sample"
-        setattr(gm, name, sample)
-        with graph.inserting_after(node):
-            expanded = graph.call_method("expand", (node, rewriter.batch, *[-1] * (sample.dim() - 1)))
-        node.replace_all_uses_with(expanded, delete_user_cb=lambda user: user is not expanded)
-        node.target = name
-    graph.lint()
-    return graph
-
-
-def _repeated_sample(c1: torch.Tensor, c2: torch.Tensor, batches: tuple[int, int]) -> bool:
-    """True if both constants are one sample repeated along a leading batch dimension."""
-    return (
-        c1.dim() > 0 and (c1.shape[0], c2.shape[0]) == batches and c1.shape[1:] == c2.shape[1:]
-        and torch.equal(c1[:1], c2[:1]) and bool((c1 == c1[:1]).all()) and bool((c2 == c2[:1]).all())
-    )
-
-
-def _batch_dims(small: dict[str, tuple[int, ...]], large: dict[str, tuple[int, ...]], batches: tuple[int, int]) -> dict[str, BatchDim]:
-    dims = {}
-    for name, s1 in small.items():
-        s2 = large.get(name)
-        if s2 is None or len(s1) != len(s2):
-            continue
-        d = next((i for i, (u, v) in enumerate(zip(s1, s2)) if u != v), None)
-        if d is not None:
-            scale = s2[d] - s1[d]
-            dims[name] = BatchDim(d, scale, s1[d] - scale * batches[0])
-    return dims
-
-
 def trace(model: nn.Module, example_input: torch.Tensor, leaf_modules: Sequence[type] = ()) -> TracedModel:
     """Trace ``model`` in eval mode for inputs shaped like ``example_input`` (B, C, H, W).
 
@@ -555,6 +433,11 @@ def trace(model: nn.Module, example_input: torch.Tensor, leaf_modules: Sequence[
     become single ``call_module`` nodes. The model's training flag is restored and its
     parameters and buffers are left untouched. Raises TraceError naming the module or op
     that torch.fx could not trace.
+
+    >>> from pnc.surgery.examples import tiny_cnn
+    >>> traced = trace(tiny_cnn(3, seed=0), torch.randn(2, 1, 8, 8))
+    >>> traced.shapes["conv2"], traced.shapes["flat"]   # node name -> shape at this batch
+    ((2, 4, 4, 4), (2, 4))
     """
     x1 = example_input
     x2 = torch.cat([x1, x1[:1]])  # one more sample: shape reads that move with the batch
@@ -563,7 +446,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, leaf_modules: Sequence[
         gm, shape_reads = _trace_once(model, x1, leaf_modules)
         fixed, graph = gm.graph, gm.graph
         if shape_reads:  # trace again one sample larger to see which constants are the batch size
-            graph = _generalise_batch(gm, _trace_once(model, x2, leaf_modules)[0], batches)
+            graph = generalise_batch(gm, _trace_once(model, x2, leaf_modules)[0], batches)
         large: dict[str, tuple[int, ...]] = {}
         if graph is not None:
             if graph is not fixed:
@@ -582,7 +465,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, leaf_modules: Sequence[
     shapes = _shapes(gm)
     return TracedModel(
         gm=gm, graph=_dataflow(gm), shapes=shapes, example_input=example_input, model=model,
-        batch_dims=_batch_dims(shapes, large, batches), batch_size=batch_size,
+        batch_dims=batch_dims(shapes, large, batches), batch_size=batch_size,
     )
 
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from pnc.surgery.channel_groups import MaskedBody
-from pnc.surgery.clone import clone
+from pnc.surgery.cloning import clone
 from pnc.bench.cli import main
-from pnc.surgery.errors import PatchError, TaskError
+from pnc.surgery.errors import BranchError, PatchError, TaskError
 from pnc.surgery.insertion import SearchConfig
 from pnc.surgery.patch import load_patch, read_patch, save_patch
 from pnc.zoo.archs import create
@@ -215,5 +215,13 @@ def test_multi_branch_clone_and_partial_detach(digits, cloned):
     with torch.no_grad():
         assert multi(x).shape == (len(x), 7)
         assert float((multi(x).argmax(1) == 6).float().mean()) > 0.5  # the "6" branch answers its class
+        with multi.disabled("six"):  # temporarily the single-branch clone
+            assert torch.equal(multi(x), single(x))
+        with multi.disabled():  # temporarily the target
+            assert torch.equal(multi(x), target(x))
+        assert multi(x).shape == (len(x), 7)  # both branches are back
+        with pytest.raises(BranchError, match="no branch named 'nine'"):
+            with multi.disabled("nine"):
+                pass
         multi.detach("six")
         assert torch.equal(multi(x), single(x))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pnc.bench.cli import main
-from pnc.surgery.cut_points import classifier_of, cut_points
+from pnc.surgery.cuts import classifier_of, cut_points
 from pnc.zoo.resolve import resolve_model
 from pnc.surgery.errors import CutError, ModelNotFoundError
 from pnc.surgery.tracing import default_input, trace

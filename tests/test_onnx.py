@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from pnc.bench import cli
-from pnc.surgery.clone import clone
+from pnc.surgery.cloning import clone
 from pnc.surgery.cloned import ClonedNetwork
-from pnc.surgery.errors import ExportError
+from pnc.surgery.errors import BranchError, ExportError
 from pnc.surgery.insertion import SearchConfig
 from pnc.surgery.onnx_detach import branch_names, detach_model, detach_onnx
 from pnc.surgery.onnx_export import LOGITS, export_onnx, locate_tensors, run, to_onnx
@@ -223,7 +223,7 @@ def _no_output(tmp_path) -> None:
 def test_unknown_branch_is_refused(tmp_path, multi_onnx, capsys):
     src = tmp_path / "in.onnx"
     src.write_bytes(multi_onnx.SerializeToString())
-    with pytest.raises(ExportError, match="no branch named 'nope'.*cnn, res, vit"):
+    with pytest.raises(BranchError, match="no branch named 'nope'.*cnn, res, vit"):
         detach_onnx(src, ["cnn", "nope"], tmp_path / "out.onnx")
     assert cli.main(["detach", str(src), "--branch", "nope", "--out", str(tmp_path / "out.onnx")]) == 2
     assert "no branch named 'nope'" in capsys.readouterr().err

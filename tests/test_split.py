@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from pnc.surgery.cut_points import cut_points
+from pnc.surgery.cuts import cut_points
 from pnc.zoo.resolve import resolve_model
 from pnc.surgery.errors import CutError
-from pnc.surgery.split import extract, split
+from pnc.surgery.splitting import extract, split
 from pnc.surgery.tracing import default_input, evaluating, trace
 from test_cut_points import ResidualConcat
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pnc.surgery.cut_points import dominator_chain
+from pnc.surgery.cuts import dominator_chain
 from pnc.surgery.errors import TraceError
 from pnc.surgery.tracing import evaluating, is_batch_node, trace
 

@@ -163,7 +163,7 @@ class CloneTask:
         return {"ori": ori, "tar": tar, "avg": pooled}
 
     def clone_inputs(self) -> dict[str, Any]:
-        """The data arguments of :func:`pnc.surgery.clone` for this task:
+        """The data arguments of :func:`pnc.surgery.cloning` for this task:
         ``clone(target, source, **task.clone_inputs(), config=...)``."""
         names = self.dataset.classes
         return {"images": self.clone_set().x, "source_outputs": self.source_label_index(),

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pnc.bench.metrics import clone_accuracy, logits_of
-from pnc.surgery.clone import clone
+from pnc.surgery.cloning import clone
 from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.errors import PncError, TaskError
 from pnc.surgery.insertion import SearchConfig

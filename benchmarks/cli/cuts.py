@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from pnc.surgery.cut_points import CutPoint, cut_points
+from pnc.surgery.cuts import CutPoint, cut_points
 from pnc.surgery.tracing import default_input
 from pnc.zoo.resolve import resolve_model
 from pnc.zoo.store import ZooStore

@@ -36,7 +36,7 @@ import torch.fx as fx
 from torch import nn
 
 from pnc.surgery.errors import CutError, PncError
-from pnc.surgery.split import split
+from pnc.surgery.splitting import split
 from pnc.surgery.tracing import TracedModel, default_input, evaluating, owning_module, trace
 
 __all__ = [
@@ -338,7 +338,12 @@ def cut_points(
     """The model's cut points, input to output; ``blocks=True`` keeps one per block.
 
     A model is traced on ``example_input`` or on a seeded random batch of ``input_size``
-    (C, H, W), by default the model's timm ``input_size``.
+    (C, H, W), by default the model's timm ``input_size``. Each cut's ``shape`` is the
+    tensor's shape without the batch axis.
+
+    >>> from pnc.surgery.examples import tiny_cnn
+    >>> [(c.node, c.shape, c.layout) for c in cut_points(tiny_cnn(3, seed=0), (1, 8, 8), blocks=True)]
+    [('conv', (4, 6, 6), 'NCHW'), ('conv2', (4, 4, 4), 'NCHW')]
     """
     if isinstance(model_or_traced, TracedModel):
         traced = model_or_traced

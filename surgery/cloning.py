@@ -71,6 +71,17 @@ def clone(
     Returns the cloned network (B, C, H, W) -> (B, |T_t| + |T_s|); the branch's
     :class:`~pnc.surgery.branch.CloneReport` is ``net.branches[name].report``.
     A :class:`~pnc.zoo.CloneTask` gives every data argument: ``clone(t, s, **task.clone_inputs())``.
+
+    >>> from pnc.surgery.examples import tiny_pair
+    >>> target, source, images = tiny_pair()        # 3 and 2 classes; images (16, 1, 8, 8)
+    >>> config = SearchConfig(loc_epochs=1, joint_epochs=1, binary_epochs=1, min_steps_per_epoch=2)
+    >>> net = clone(target, source, images, [1], class_names=["new"], config=config, num_masks=8,
+    ...             progress=False)
+    >>> net(images).shape, net.classes              # the target's 3 classes, then the clone's
+    (torch.Size([16, 4]), ['0', '1', '2', 'new'])
+    >>> with net.disabled():                        # the target alone, bit for bit
+    ...     torch.equal(net(images), target(images))
+    True
     """
     start = time.perf_counter()
     config = config or SearchConfig()

@@ -15,10 +15,11 @@ import torch.fx as fx
 from torch import nn
 
 from pnc.surgery.errors import CutError
-from pnc.surgery.tracing import BATCH_META, BatchDim, TracedModel, default_input, trace
+from pnc.surgery.batch import BATCH_META, BatchDim
+from pnc.surgery.tracing import TracedModel, default_input, trace
 
 if TYPE_CHECKING:
-    from pnc.surgery.cut_points import CutPoint
+    from pnc.surgery.cuts import CutPoint
 
 __all__ = ["extract", "split", "check_node_name"]
 
@@ -31,7 +32,7 @@ def check_node_name(traced: TracedModel, name: str) -> None:
     hint = f" Did you mean {', '.join(near)}?" if near else ""
     raise CutError(
         f"{name!r} is not a tensor node of {type(traced.model).__name__}.{hint} "
-        "List the valid cut points with `pnc cuts MODEL` or pnc.surgery.cut_points.cut_points(model)."
+        "List the valid cut points with `pnc cuts MODEL` or pnc.surgery.cuts.cut_points(model)."
     )
 
 
@@ -118,7 +119,15 @@ def split(
     """(prefix, suffix) at ``cut``: prefix(x) is the tensor at the cut, suffix(prefix(x)) == model(x).
 
     ``model_or_traced`` may be an nn.Module, traced on ``example_input`` (default: one
-    image of the model's timm input size).
+    image of the model's timm input size). Both pieces share the model's parameters and
+    take any batch size.
+
+    >>> from pnc.surgery.examples import tiny_cnn
+    >>> model = tiny_cnn(3, seed=0)
+    >>> prefix, suffix = split(model, "conv2", torch.randn(2, 1, 8, 8))
+    >>> x = torch.randn(5, 1, 8, 8)
+    >>> prefix(x).shape, torch.equal(suffix(prefix(x)), model(x))
+    (torch.Size([5, 4, 4, 4]), True)
     """
     traced = model_or_traced if isinstance(model_or_traced, TracedModel) else trace(
         model_or_traced, example_input if example_input is not None else default_input(model_or_traced)
