@@ -15,6 +15,7 @@ for every adapter without knowing its class.
 from __future__ import annotations
 
 import abc
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +27,20 @@ class AdapterError(ValueError):
     """Shapes or layouts no adapter maps, or features that do not fit an adapter."""
 
 
+def weight_and_bias(layer: nn.Conv2d | nn.Linear) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of an adapter's channel map layer (built with a bias)."""
+    if layer.bias is None:
+        raise AdapterError(f"{type(layer).__name__} of an adapter must have a bias")
+    return layer.weight, layer.bias
+
+
 class Adapter(nn.Module, abc.ABC):
-    """Base class of every shape-matching adapter (see the module docstring)."""
+    """Base class of every shape-matching adapter (see the module docstring).
+
+    ``spec`` is the :class:`~pnc.adapters.factory.AdapterSpec` it was made from (set by
+    ``make_adapter``; patches store it to rebuild the adapter)."""
+
+    spec: Any
 
     @abc.abstractmethod
     def resample(self, x: Tensor) -> Tensor:
@@ -38,7 +51,7 @@ class Adapter(nn.Module, abc.ABC):
         """Destination rows: (B, *dst_shape) -> (B, P, out_features), same order as ``resample``."""
 
     @abc.abstractmethod
-    def channel_map(self) -> tuple[nn.Parameter, nn.Parameter]:
+    def channel_map(self) -> tuple[Tensor, Tensor]:
         """The learned channel map: (weight with out x in leading dims, bias (out,))."""
 
     def fit_prefix(self, y: Tensor) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import Adapter, activation
+from .base import Adapter, activation, weight_and_bias
 from .resample import map_to_rows, resampler
 
 
@@ -33,8 +33,8 @@ class ConvAdapter(Adapter):
         """(B, out_ch, H, W) -> (B, H*W, out_ch)."""
         return map_to_rows(y)
 
-    def channel_map(self) -> tuple[nn.Parameter, nn.Parameter]:
-        return self.proj.weight, self.proj.bias
+    def channel_map(self) -> tuple[Tensor, Tensor]:
+        return weight_and_bias(self.proj)
 
 
 class SpatialConvAdapter(ConvAdapter):

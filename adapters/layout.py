@@ -35,7 +35,7 @@ class ChannelsLast(Adapter):
     def dst_rows(self, y: Tensor) -> Tensor:
         return self.inner.dst_rows(_nchw(y) if self.dst_nhwc else y)
 
-    def channel_map(self) -> tuple[nn.Parameter, nn.Parameter]:
+    def channel_map(self) -> tuple[Tensor, Tensor]:
         return self.inner.channel_map()
 
     def fit_prefix(self, y: Tensor) -> None:

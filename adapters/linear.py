@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import Adapter, activation
+from .base import Adapter, activation, weight_and_bias
 
 
 class LinearAdapter(Adapter):
@@ -33,5 +33,5 @@ class LinearAdapter(Adapter):
         """(B, ..., out_f) -> (B, P, out_f)."""
         return y.reshape(y.shape[0], -1, y.shape[-1])
 
-    def channel_map(self) -> tuple[nn.Parameter, nn.Parameter]:
-        return self.proj.weight, self.proj.bias
+    def channel_map(self) -> tuple[Tensor, Tensor]:
+        return weight_and_bias(self.proj)

@@ -13,13 +13,13 @@ def resampler(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> nn.Module:
     ``nn.Upsample(size=out_hw, align_corners=False)`` (exports as Resize); it does not
     anti-alias, so a non-integer shrink skips some input pixels.
     """
-    in_hw, out_hw = tuple(in_hw), tuple(out_hw)
-    if in_hw == out_hw:
+    (in_h, in_w), (out_h, out_w) = in_hw, out_hw
+    if (in_h, in_w) == (out_h, out_w):
         return nn.Identity()
-    if all(i % o == 0 for i, o in zip(in_hw, out_hw)):
-        kernel = tuple(i // o for i, o in zip(in_hw, out_hw))
+    if in_h % out_h == 0 and in_w % out_w == 0:
+        kernel = (in_h // out_h, in_w // out_w)
         return nn.AvgPool2d(kernel, stride=kernel)
-    return nn.Upsample(size=out_hw, mode="bilinear", align_corners=False)
+    return nn.Upsample(size=(out_h, out_w), mode="bilinear", align_corners=False)
 
 
 def map_to_rows(x: Tensor) -> Tensor:

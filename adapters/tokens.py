@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, AdapterError, activation
+from .base import Adapter, AdapterError, activation, weight_and_bias
 from .resample import map_to_rows, resampler, rows_to_map
 
 
@@ -84,8 +84,8 @@ class MapToTokens(_LearnedPrefix):
         """(B, prefix + gh*gw, out_dim) -> (B, gh*gw, out_dim): patch tokens only."""
         return y[:, 0 if self.prefix is None else self.prefix.shape[1] :]
 
-    def channel_map(self) -> tuple[nn.Parameter, nn.Parameter]:
-        return self.proj.weight, self.proj.bias
+    def channel_map(self) -> tuple[Tensor, Tensor]:
+        return weight_and_bias(self.proj)
 
 
 class TokensToMap(Adapter):
@@ -106,7 +106,7 @@ class TokensToMap(Adapter):
     ) -> None:
         super().__init__()
         self.in_prefix = in_prefix
-        self.in_grid = tuple(in_grid)
+        self.in_grid = (int(in_grid[0]), int(in_grid[1]))
         self.resize = resampler(in_grid, out_hw)
         self.proj = nn.Conv2d(in_dim, out_ch, kernel_size=1)
         self.act = activation(relu)
@@ -126,8 +126,8 @@ class TokensToMap(Adapter):
         """(B, out_ch, H, W) -> (B, H*W, out_ch)."""
         return map_to_rows(y)
 
-    def channel_map(self) -> tuple[nn.Parameter, nn.Parameter]:
-        return self.proj.weight, self.proj.bias
+    def channel_map(self) -> tuple[Tensor, Tensor]:
+        return weight_and_bias(self.proj)
 
 
 class TokensToTokens(_LearnedPrefix):
@@ -152,7 +152,7 @@ class TokensToTokens(_LearnedPrefix):
     ) -> None:
         super().__init__()
         self.in_prefix = in_prefix
-        self.in_grid = tuple(in_grid)
+        self.in_grid = (int(in_grid[0]), int(in_grid[1]))
         self.map_prefix = in_prefix == out_prefix and in_prefix > 0
         self.resize = resampler(in_grid, out_grid)
         self.proj = nn.Linear(in_dim, out_dim)
@@ -181,5 +181,5 @@ class TokensToTokens(_LearnedPrefix):
         """(B, out_prefix + gh'*gw', out_dim) -> the rows the linear map writes."""
         return y[:, 0 if self.prefix is None else self.prefix.shape[1] :]
 
-    def channel_map(self) -> tuple[nn.Parameter, nn.Parameter]:
-        return self.proj.weight, self.proj.bias
+    def channel_map(self) -> tuple[Tensor, Tensor]:
+        return weight_and_bias(self.proj)

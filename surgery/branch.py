@@ -111,6 +111,8 @@ class TransferableModule(nn.Module):
     forward: (B, *source_cut_shape) -> (B, d_f) with d_f = len(self.features).
     """
 
+    features: Tensor
+
     def __init__(self, body: torch.fx.GraphModule, features: Tensor, keep: dict[str, Tensor],
                  report: PruneReport | None = None):
         super().__init__()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +69,7 @@ class _Stubbed(nn.Module):
 
     def __init__(self, body: nn.Module, channels: int, layout: str):
         super().__init__()
+        self.stub: nn.Conv2d | nn.Linear
         if layout == "NCHW":
             self.stub = nn.Conv2d(channels, channels, 1, bias=False)
             self.stub.weight.data = torch.eye(channels).view(channels, channels, 1, 1)
@@ -188,7 +190,7 @@ class MaskedBody(nn.Module):
     :meth:`binarize` or :meth:`set_keep`), ``"off"`` (plain body).
     """
 
-    def __init__(self, body: nn.Module, example: Tensor, layout: str, frozen: list[nn.Module] = ()):
+    def __init__(self, body: nn.Module, example: Tensor, layout: str, frozen: Sequence[nn.Module] = ()):
         super().__init__()
         names = {m: n for n, m in body.named_modules()}
         self.frozen_names = [names[m] for m in frozen]

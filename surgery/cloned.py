@@ -54,21 +54,21 @@ class ClonedNetwork(nn.Module):
         self.traced = traced or trace(target, example_input)
         self.classifier = classifier_of(self.traced)
         self.branches = nn.ModuleDict()
-        self._taps: dict[str, object] = {}  # fx taps, rebuilt when branches change; not a submodule
+        self._taps: tuple[list[str], nn.Module] | None = None  # fx taps, rebuilt when branches change
 
     # -- branches ------------------------------------------------------------------
     def add_branch(self, name: str, branch: Branch) -> None:
         if name in self.branches:
             raise BranchError(f"a branch named {name!r} exists; pick another name or detach it first")
         self.branches[name] = branch
-        self._taps.clear()
+        self._taps = None
 
     def detach(self, name: str) -> Branch:
         """Remove and return a branch; the others keep working."""
         if name not in self.branches:
             raise BranchError(f"no branch named {name!r}; branches: {', '.join(self.branches) or 'none'}")
         branch = self.branches.pop(name)
-        self._taps.clear()
+        self._taps = None
         return branch
 
     @contextlib.contextmanager
@@ -81,29 +81,33 @@ class ClonedNetwork(nn.Module):
                               f"branches: {', '.join(self.branches) or 'none'}")
         saved = self.branches
         self.branches = nn.ModuleDict({k: v for k, v in saved.items() if names and k not in names})
-        self._taps.clear()
+        self._taps = None
         try:
             yield self
         finally:
             self.branches = saved
-            self._taps.clear()
+            self._taps = None
 
     def detach_all(self) -> list[Branch]:
         """Remove every branch: the network is the target again."""
         return [self.detach(name) for name in list(self.branches)]
 
+    def branch_list(self) -> list[Branch]:
+        """The branches, in the order they were added."""
+        return [b for b in self.branches.values() if isinstance(b, Branch)]
+
     @property
     def classes(self) -> list[str]:
         """Output class names: the target's, then each branch's."""
-        return self.target_classes + [c for b in self.branches.values() for c in b.classes]
+        return self.target_classes + [c for b in self.branch_list() for c in b.classes]
 
     def taps(self) -> tuple[list[str], nn.Module]:
         """(cut names, fx module x -> (those cut tensors..., target pre-logits, target logits))."""
-        if not self._taps:
-            cuts = sorted({b.target_cut for b in self.branches.values()})
-            self._taps["cuts"] = cuts
-            self._taps["module"] = extract(self.traced, None, cuts + [self.classifier.input_node, self.classifier.node])
-        return self._taps["cuts"], self._taps["module"]
+        if self._taps is None:
+            cuts = sorted({b.target_cut for b in self.branch_list()})
+            module = extract(self.traced, None, cuts + [self.classifier.input_node, self.classifier.node])
+            self._taps = cuts, module
+        return self._taps
 
     # -- forward -------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -114,7 +118,7 @@ class ClonedNetwork(nn.Module):
         *cuts, prelogits, logits = taps(x)
         at = dict(zip(names, cuts))
         new = []
-        for branch in self.branches.values():
+        for branch in self.branch_list():
             correction, logits_new = branch(at[branch.target_cut], prelogits)
             logits = logits + correction
             new.append(logits_new)

@@ -30,6 +30,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from typing import Any
+
 import networkx as nx
 import torch
 import torch.fx as fx
@@ -128,8 +130,15 @@ def _reshaped(tokens: _Tokens, in_shape: tuple[int, ...], out_shape: tuple[int, 
     return _default_tokens(k)
 
 
+def _int(arg: object) -> int:
+    """An fx argument that must be a Python int (an axis)."""
+    if not isinstance(arg, int):
+        raise TypeError(f"expected an int axis, got {arg!r}")
+    return arg
+
+
 def _dims_arg(node: fx.Node) -> list[int]:
-    dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    dims: Any = node.args[1:] if node.op == "call_method" else node.args[1:2]
     if "dims" in node.kwargs:
         dims = (node.kwargs["dims"],)
     if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
@@ -152,13 +161,13 @@ def _node_tokens(node: fx.Node, tokens: dict[str, _Tokens], shapes: dict[str, tu
     if name == "permute" and len(_dims_arg(node)) == len(t):
         return tuple(t[_axis(d, len(t))] for d in _dims_arg(node))
     if name in ("transpose", "swapaxes", "swapdims") and len(node.args) >= 3:
-        a, b = _axis(int(node.args[1]), len(t)), _axis(int(node.args[2]), len(t))
+        a, b = _axis(_int(node.args[1]), len(t)), _axis(_int(node.args[2]), len(t))
         swapped = list(t)
         swapped[a], swapped[b] = t[b], t[a]
         return tuple(swapped)
     if name == "flatten" and len(shape) < len(t):
-        start = _axis(int(node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)), len(t))
-        end = _axis(int(node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)), len(t))
+        start = _axis(_int(node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)), len(t))
+        end = _axis(_int(node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)), len(t))
         merged = "".join(t[start:end + 1])
         merged = "C" if "C" in merged else merged  # channels absorb what is flattened into them
         return t[:start] + (merged,) + t[end + 1:]
@@ -297,14 +306,12 @@ def classifier_of(traced: TracedModel) -> Classifier:
     feed = [a for a in node.all_input_nodes if a.name in traced.shapes]
     if len(feed) != 1 or feed[0].name not in dominator_chain(traced):
         raise CutError(f"the input of classifier {node.target!r} is not a single cut point of the graph.")
-    is_linear = isinstance(module, nn.Linear)
-    return Classifier(
-        module=str(node.target),
-        node=node.name,
-        input_node=feed[0].name,
-        num_classes=module.out_features if is_linear else module.out_channels,
-        in_features=module.in_features if is_linear else module.in_channels,
-    )
+    if isinstance(module, nn.Linear):
+        num_classes, in_features = module.out_features, module.in_features
+    else:
+        num_classes, in_features = int(module.out_channels), int(module.in_channels)
+    return Classifier(module=str(node.target), node=node.name, input_node=feed[0].name, num_classes=num_classes,
+                      in_features=in_features)
 
 
 # ---------------------------------------------------------------- cut points
@@ -365,7 +372,8 @@ def cut_points(
     selected = [name for name in chain if name in block_of or not blocks]
     with evaluating(traced.model), torch.no_grad():
         reference = traced.model(traced.example_input) if verify else None
-        reasons = {n: verify_cut(traced, n, reference) if verify else "not verified (verify=False)" for n in selected}
+        reasons = {n: verify_cut(traced, n, reference) if reference is not None else "not verified (verify=False)"
+                   for n in selected}
     cuts = []
     for name in selected:
         shape = traced.shapes[name]

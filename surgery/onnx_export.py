@@ -94,7 +94,8 @@ def _torch_export(module: nn.Module, args: tuple[Tensor, ...], inputs: list[str]
         warnings.simplefilter("ignore", DeprecationWarning)  # dynamo=False: we want its determinism
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         try:
-            torch.onnx.export(module, args, buffer, dynamo=False, input_names=inputs, output_names=outputs,
+            torch.onnx.export(module, args, buffer,  # type: ignore[arg-type]  # a BytesIO is accepted
+                              dynamo=False, input_names=inputs, output_names=outputs,
                               opset_version=opset, dynamic_axes={n: {0: "batch"} for n in inputs + outputs})
         except (RuntimeError, torch.onnx.errors.OnnxExporterError) as err:
             raise ExportError(f"torch.onnx could not export {type(module).__name__} at opset {opset}: "

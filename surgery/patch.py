@@ -46,7 +46,8 @@ def save_patch(net: ClonedNetwork, path: str | Path, *, target_name: str, input_
     >>> save_patch(net, Path(tempfile.mkdtemp()) / "clone.pnc", target_name="t", input_size=(1, 8, 8)) < 10_000
     True
     """
-    tensors, branches = {}, []
+    tensors: dict[str, torch.Tensor] = {}
+    branches = []
     for name, b in net.branches.items():
         tensors |= {f"{name}/{k}": v for k, v in branch_tensors(b.body.keep, b.adapter, b.head).items()}
         branches.append({

@@ -115,6 +115,7 @@ class _ConcreteProxy(fx.Proxy):
     """A proxy that also carries the value its node takes on the example input."""
 
     value: Any
+    tracer: _ConcreteTracer
 
     def __getattr__(self, k: str) -> Any:
         if k == "value" or (k.startswith("__") and k.endswith("__")):
@@ -131,7 +132,7 @@ class _ConcreteProxy(fx.Proxy):
 
     def __iter__(self) -> Iterator[Any]:
         for i in range(len(self.value)):
-            yield self[i]
+            yield self[i]  # type: ignore[index]  # fx.Proxy's magic methods are added at runtime
 
     def __bool__(self) -> bool:
         module = self.tracer.current_module()
@@ -146,7 +147,7 @@ class _ConcreteAttribute(_ConcreteProxy, Attribute):
     """``proxy.attr`` for tensor-valued attributes and methods (resolved lazily, as in fx)."""
 
     @property
-    def value(self) -> Any:  # type: ignore[override]
+    def value(self) -> Any:
         return getattr(self.root.value, self.attr)
 
 
@@ -197,7 +198,7 @@ class _ConcreteTracer(fx.Tracer):
             return self.create_proxy("call_method", "to", (args[0], _value(args[1]).dtype), {})
         value = self._evaluate(kind, target, args, kwargs)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
-        proxy.value = value
+        proxy.value = value  # type: ignore[attr-defined]  # proxy_factory_fn makes a _ConcreteProxy
         return proxy
 
     def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
@@ -270,12 +271,13 @@ def _eager() -> Iterator[None]:
     """Undo fx's patches of ``nn.Module.__call__``/``__getattr__`` to run ops for real."""
     patched = nn.Module.__call__, nn.Module.__getattr__
     tracing = _symbolic_trace._get_is_fx_tracing()
-    nn.Module.__call__, nn.Module.__getattr__ = _symbolic_trace._orig_module_call, _symbolic_trace._orig_module_getattr
+    nn.Module.__call__, nn.Module.__getattr__ = (  # type: ignore[method-assign]
+        _symbolic_trace._orig_module_call, _symbolic_trace._orig_module_getattr)
     _symbolic_trace._set_is_fx_tracing(False)
     try:
         yield
     finally:
-        nn.Module.__call__, nn.Module.__getattr__ = patched
+        nn.Module.__call__, nn.Module.__getattr__ = patched  # type: ignore[method-assign]
         _symbolic_trace._set_is_fx_tracing(tracing)
 
 
