@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test data bench clean
+.PHONY: venv demo test lint typecheck check data clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,17 @@ demo: venv data
 
 test: venv
 	$(BIN)/python -m pytest
+
+# ruff (lint + format check) over every Python file; mypy over the core (surgery/, adapters/)
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+# what CI runs: lint, type check, the tests, the main job
+check: lint typecheck test demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info

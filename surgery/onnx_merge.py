@@ -148,7 +148,15 @@ def merge(base: onnx.ModelProto, branches: list[BranchGraph], target_classes: li
                           f"{len(target_classes)} target classes were named")
     model = onnx.ModelProto()
     model.CopyFrom(base)
-    graph = model.graph
+    taken = _graft(model.graph, branches)
+    combiner = _add_combiner(model.graph, logits, branches, len(target_classes), taken)
+    _add_manifest(model, base, logits.name, branches, target_classes, combiner)
+    return model
+
+
+def _graft(graph: onnx.GraphProto, branches: list[BranchGraph]) -> set[str]:
+    """Append each branch's nodes, initializers and value_info to ``graph`` after checking
+    that its names are new and its inputs exist; returns every name now in the graph."""
     taken = _names(graph)
     for b in branches:
         defined = {n.name for n in b.nodes} | {x for n in b.nodes for x in n.output}
@@ -164,7 +172,12 @@ def merge(base: onnx.ModelProto, branches: list[BranchGraph], target_classes: li
         graph.node.extend(b.nodes)
         graph.initializer.extend(b.initializers)
         graph.value_info.extend(b.value_info)
+    return taken
 
+
+def _add_combiner(graph: onnx.GraphProto, logits: onnx.ValueInfoProto, branches: list[BranchGraph],
+                  num_old: int, taken: set[str]) -> list[onnx.NodeProto]:
+    """``cloned_logits`` (batch, |T_t| + sum |T_s|) = Concat(logits + sum corrections, new logits...)."""
     running, nodes = logits.name, []
     for i, b in enumerate(branches):
         out = f"{_COMBINER}logits_{i}"
@@ -176,22 +189,27 @@ def merge(base: onnx.ModelProto, branches: list[BranchGraph], target_classes: li
     if clash:
         raise ExportError(f"the graph already uses the combiner's name(s) {sorted(clash)}")
     graph.node.extend(nodes)
-    width = len(target_classes) + sum(len(b.info["classes"]) for b in branches)
+    width = num_old + sum(len(b.info["classes"]) for b in branches)
     out = helper.make_tensor_value_info(CLONED_OUTPUT, logits.type.tensor_type.elem_type, [None, width])
     out.type.tensor_type.shape.dim[0].CopyFrom(logits.type.tensor_type.shape.dim[0])
     graph.output.append(out)
+    return nodes
 
+
+def _add_manifest(model: onnx.ModelProto, base: onnx.ModelProto, logits: str, branches: list[BranchGraph],
+                  target_classes: list[str], combiner: list[onnx.NodeProto]) -> None:
+    """The detach manifest in ``metadata_props``, the opsets the branches add, and producer fields."""
     added_opsets = _added_opsets(base, branches)
     manifest = {
         "format": _FORMAT,
         "base_sha256": sha256(base),
         "base_fields": {f: getattr(base, f) for f in _FIELDS if base.HasField(f)},
         "added_opset_domains": [d for d, _ in added_opsets],
-        "logits": logits.name,
+        "logits": logits,
         "output": CLONED_OUTPUT,
         "target_classes": list(target_classes),
         "classes": list(target_classes) + [c for b in branches for c in b.info["classes"]],
-        "combiner_nodes": [n.name for n in nodes],
+        "combiner_nodes": [n.name for n in combiner],
         "branches": [b.manifest() for b in branches],
     }
     model.opset_import.extend(helper.make_opsetid(d, v) for d, v in added_opsets)
@@ -200,7 +218,6 @@ def merge(base: onnx.ModelProto, branches: list[BranchGraph], target_classes: li
     model.doc_string = (f"pnc partial network clone: base graph plus detachable branches "
                         f"{', '.join(b.name for b in branches)}; `pnc detach` restores the base")
     model.metadata_props.add(key=MANIFEST_KEY, value=json.dumps(manifest, sort_keys=True))
-    return model
 
 
 def _pnc_version() -> str:

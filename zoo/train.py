@@ -157,31 +157,42 @@ def fit(model: nn.Module, data: ImageData, *, epochs: int, lr: float, seed: int,
     with Progress(*columns, console=console, disable=not progress) as bar:
         task = bar.add_task(desc, total=total, completed=start * steps_per_epoch, loss=float("nan"))
         for epoch in range(start, epochs):
-            model.train()
-            gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
-            running, count = 0.0, 0
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_epoch_seed(seed, epoch))
-                for i, index in enumerate(_batches(len(data), batch_size, gen)):
-                    step = epoch * steps_per_epoch + i
-                    for group in opt.param_groups:
-                        group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / total))
-                    x, y = data.x[index], data.y[index]
-                    if augment:
-                        x = _translate(x, gen)
-                    loss = loss_fn(model, x, y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    running += float(loss.detach()) * len(index)
-                    count += len(index)
-                    bar.update(task, advance=1, loss=running / count,
-                               description=f"{desc} epoch {epoch + 1}/{epochs}")
+            def tick(mean_loss: float, epoch: int = epoch) -> None:
+                bar.update(task, advance=1, loss=mean_loss, description=f"{desc} epoch {epoch + 1}/{epochs}")
+
+            mean_loss = _train_epoch(model, data, opt, loss_fn, epoch=epoch, seed=seed, lr=lr, batch_size=batch_size,
+                                     steps_per_epoch=steps_per_epoch, total=total, augment=augment, tick=tick)
             if folder is not None:
                 _save_checkpoint(folder, epoch + 1, config, model, opt)
             if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, running / count)
+                on_epoch_end(epoch + 1, mean_loss)
     return model.eval()
+
+
+def _train_epoch(model: nn.Module, data: ImageData, opt: torch.optim.Optimizer, loss_fn: LossFn, *, epoch: int,
+                 seed: int, lr: float, batch_size: int, steps_per_epoch: int, total: int, augment: bool,
+                 tick: Callable[[float], None]) -> float:
+    """One seeded pass over ``data`` with a cosine learning rate per step; the mean loss."""
+    model.train()
+    gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+    running, count = 0.0, 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_epoch_seed(seed, epoch))
+        for i, index in enumerate(_batches(len(data), batch_size, gen)):
+            step = epoch * steps_per_epoch + i
+            for group in opt.param_groups:
+                group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / total))
+            x, y = data.x[index], data.y[index]
+            if augment:
+                x = _translate(x, gen)
+            loss = loss_fn(model, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += float(loss.detach()) * len(index)
+            count += len(index)
+            tick(running / count)
+    return running / count
 
 
 @torch.no_grad()
