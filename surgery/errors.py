@@ -32,6 +32,10 @@ class ModelNotFoundError(PncError):
     """An unknown architecture or zoo model name (lists close matches)."""
 
 
+class ConfigError(PncError, ValueError):
+    """A setting out of its valid range: an architecture argument, a ratio, an opset."""
+
+
 class DataError(PncError):
     """Missing, corrupt or empty data (says how to get it)."""
 

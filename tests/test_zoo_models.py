@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pnc.surgery.errors import ModelNotFoundError, StoreError
+from pnc.surgery.errors import ConfigError, ModelNotFoundError, StoreError
 from pnc.zoo import archs
 from pnc.surgery.io import file_sha256, state_dict_sha256
 from pnc.zoo.store import ModelCard, ZooStore, default_zoo_dir
@@ -48,8 +48,10 @@ def test_timm_fallback_and_unknown_names():
         archs.create("lenet")
     with pytest.raises(ModelNotFoundError, match="resnetc20"):
         archs.create("resnet_c20")
-    with pytest.raises(ModelNotFoundError, match="bad arguments for cnn4"):
+    with pytest.raises(ConfigError, match="bad arguments for cnn4"):  # a known name, a bad setting
         archs.create("cnn4", depth=3)
+    with pytest.raises(ConfigError, match="lenet5 needs img_size >= 2"):
+        archs.create("lenet5", img_size=1)
 
 
 def test_state_dict_sha256_is_a_content_hash():

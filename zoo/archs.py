@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from pnc.surgery.errors import ModelNotFoundError
+from pnc.surgery.errors import ConfigError, ModelNotFoundError
 
 __all__ = ["create", "list_archs", "input_kwargs", "LeNet5", "CNN4", "ResNetC20"]
 
@@ -57,7 +57,7 @@ class LeNet5(_Classifier):
         pad2 = 2 if mid < 5 else 0
         out = (mid + 2 * pad2 - 4) // 2
         if out < 1:
-            raise ModelNotFoundError(f"lenet5 needs img_size >= 2, got {img_size}")
+            raise ConfigError(f"lenet5 needs img_size >= 2, got {img_size}; pass the side of your images")
         self.block1 = nn.Sequential(nn.Conv2d(in_chans, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))
         self.block2 = nn.Sequential(nn.Conv2d(6, 16, 5, padding=pad2), nn.ReLU(), nn.MaxPool2d(2))
         self.block3 = nn.Sequential(nn.Flatten(), nn.Linear(16 * out * out, 120), nn.ReLU(),
@@ -121,7 +121,7 @@ class ResNetC20(_Classifier):
                  depth: int = 20) -> None:
         super().__init__()
         if (depth - 2) % 6:
-            raise ModelNotFoundError(f"resnetc depth must be 6n+2 (20, 32, 44, 56), got {depth}")
+            raise ConfigError(f"resnetc depth must be 6n+2 (20, 32, 44, 56), got {depth}")
         n = (depth - 2) // 6
         self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU(inplace=True))
@@ -188,7 +188,7 @@ def create(name: str, in_chans: int = 3, num_classes: int = 1000, **kwargs) -> n
             return factory(in_chans=in_chans, num_classes=num_classes, **kwargs)
         except TypeError as err:
             params = ", ".join(inspect.signature(factory).parameters)
-            raise ModelNotFoundError(f"bad arguments for {name}: {err}; it takes {params}") from err
+            raise ConfigError(f"bad arguments for {name}: {err}; it takes {params}") from err
     import timm
 
     if not timm.is_model(name):
