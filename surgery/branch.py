@@ -129,7 +129,7 @@ class TransferableModule(nn.Module):
 
         ``features`` holds the pre-logit indices that survive (those the pruned classifier
         still reads)."""
-        before = _count(body_with_head, example)
+        before = module_cost(body_with_head, example)
         pruned, removed = prune_structurally(copy.deepcopy(body_with_head), example, layout, keep, [head])
         width = dict(body_with_head.named_modules())[head].in_features
         features = torch.tensor(sorted(set(range(width)) - removed[head]), dtype=torch.long)
@@ -139,7 +139,7 @@ class TransferableModule(nn.Module):
         graph.eliminate_dead_code()
         pruned.delete_all_unused_submodules()
         pruned.recompile()
-        after = _count(pruned, example)
+        after = module_cost(pruned, example)
         report = PruneReport(params_before=before[1], params_after=after[1],
                              macs_before=before[0], macs_after=after[0])
         return cls(pruned.eval().requires_grad_(False), features, keep, report)
@@ -152,8 +152,8 @@ class TransferableModule(nn.Module):
         return super().train(False)
 
 
-def _count(module: nn.Module, example: Tensor) -> tuple[int, int]:
-    """(MACs, params) of ``module`` on one example, with torch-pruning's counter."""
+def module_cost(module: nn.Module, example: Tensor) -> tuple[int, int]:
+    """(MACs, params) of ``module`` on one example (1, *input shape), with torch-pruning's counter."""
     import torch_pruning as tp
 
     macs, params = tp.utils.count_ops_and_params(module, example[:1])

@@ -26,8 +26,10 @@ are left out.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from typing import Any
@@ -43,7 +45,7 @@ from pnc.surgery.tracing import TracedModel, default_input, evaluating, owning_m
 
 __all__ = [
     "CutPoint", "Classifier", "cut_points", "dominator_chain", "classifier_of", "block_rules",
-    "verify_cut",
+    "verify_cut", "find_cut",
 ]
 
 _STAGE_CONTAINERS = ("stages", "layers", "blocks", "features")
@@ -392,3 +394,26 @@ def cut_points(
             reason=reason,
         ))
     return cuts
+
+
+def find_cut(cuts: Sequence[CutPoint], name: str) -> CutPoint:
+    """The cut named ``name``: a node name (``layer2_1_act2``), or a module path as
+    ``pnc cuts`` prints it (``layer2.1.act2``; a container such as ``layer2`` means the
+    last cut inside it). Raises CutError listing close matches.
+
+    >>> from pnc.surgery.examples import tiny_cnn
+    >>> cuts = cut_points(tiny_cnn(3, seed=0), (1, 8, 8))
+    >>> find_cut(cuts, "conv2").node, find_cut(cuts, "relu2").shape
+    ('conv2', (4, 4, 4))
+    """
+    by_node = {c.node: c for c in cuts}
+    if name in by_node:
+        return by_node[name]
+    inside = [c for c in cuts if c.module == name or c.module.startswith(name + ".")]
+    if inside:
+        return inside[-1]
+    known = list(by_node) + sorted({c.module for c in cuts})
+    near = difflib.get_close_matches(name, known, n=6, cutoff=0.4)
+    raise CutError(f"{name!r} is neither a cut point nor a module holding one"
+                   + (f"; did you mean {', '.join(near)}?" if near else "")
+                   + " List them with `pnc cuts MODEL` (node and module columns).")

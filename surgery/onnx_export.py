@@ -39,7 +39,7 @@ from pnc.surgery.onnx_merge import CLONED_OUTPUT, BranchGraph, merge
 from pnc.surgery.tracing import evaluating
 from pnc.surgery.io import atomic_write_bytes
 
-__all__ = ["OPSET", "INPUT", "LOGITS", "RTOL", "ATOL", "export_onnx", "to_onnx", "locate_tensors", "session",
+__all__ = ["OPSET", "INPUT", "LOGITS", "RTOL", "ATOL", "export_onnx", "to_onnx", "torch_to_onnx", "locate_tensors", "session",
            "run"]
 
 OPSET = 17
@@ -83,11 +83,11 @@ def to_onnx(model: nn.Module | ClonedNetwork, example_input: Tensor, opset: int 
             return _clone_to_onnx(model, example_input, opset)
     if isinstance(model, ClonedNetwork):
         model = model.target
-    return _torch_export(model, (example_input,), [INPUT], [LOGITS], opset)
+    return torch_to_onnx(model, (example_input,), [INPUT], [LOGITS], opset)
 
 
-def _torch_export(module: nn.Module, args: tuple[Tensor, ...], inputs: list[str], outputs: list[str],
-                  opset: int) -> onnx.ModelProto:
+def torch_to_onnx(module: nn.Module, args: tuple[Tensor, ...], inputs: list[str], outputs: list[str],
+                  opset: int = OPSET) -> onnx.ModelProto:
     """TorchScript export with a dynamic batch axis on every input and output."""
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -162,7 +162,7 @@ def _probe(example_input: Tensor, batch: int) -> Tensor:
 
 @torch.no_grad()
 def _clone_to_onnx(net: ClonedNetwork, example_input: Tensor, opset: int) -> onnx.ModelProto:
-    base = _torch_export(net.target, (example_input,), [INPUT], [LOGITS], opset)
+    base = torch_to_onnx(net.target, (example_input,), [INPUT], [LOGITS], opset)
     probe = _probe(example_input, net.traced.batch_size or 2)
     cut_names, taps = net.taps()
     *cuts, prelogits, _ = taps(probe)
@@ -171,7 +171,7 @@ def _clone_to_onnx(net: ClonedNetwork, example_input: Tensor, opset: int) -> onn
     located = locate_tensors(base, probe, {**at, pre_node: prelogits})
     graphs = []
     for name, branch in net.branches.items():
-        model = _torch_export(branch, (at[branch.target_cut], prelogits), ["cut", "prelogits"],
+        model = torch_to_onnx(branch, (at[branch.target_cut], prelogits), ["cut", "prelogits"],
                               ["correction", "logits"], opset)
         info = {"target_cut": branch.target_cut, "source_cut": branch.source_cut, "classes": list(branch.classes),
                 "source_name": branch.source_name, "source_sha256": branch.source_sha256,

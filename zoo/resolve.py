@@ -3,18 +3,21 @@
 A *model spec* is, by the first rule that applies:
 
 1. ``package.module:factory``: a callable of your own returning an ``nn.Module``;
-2. a model in the zoo store (weights loaded and hash-verified, its card's input size);
-3. one of pnc's architectures (:func:`pnc.zoo.archs.list_archs`) or any timm name, built
+2. a ``.safetensors`` file written by ``pnc zoo export`` (its card in the metadata);
+3. a model in the zoo store (weights loaded and hash-verified, its card's input size);
+4. one of pnc's architectures (:func:`pnc.zoo.archs.list_archs`) or any timm name, built
    with random weights (never downloaded) for ``input_size`` when given.
 """
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from torch import nn
 
 from pnc.surgery.errors import ModelNotFoundError
 from pnc.zoo import archs
+from pnc.zoo.checkpoints import load_checkpoint
 from pnc.zoo.store import ZooStore
 
 __all__ = ["resolve_model"]
@@ -35,6 +38,9 @@ def resolve_model(spec: str, input_size: tuple[int, int, int] | None = None, *,
         except (ImportError, AttributeError) as err:
             raise ModelNotFoundError(f"cannot load {spec!r}: {err}. Use package.module:factory, a callable "
                                      "returning an nn.Module.") from err
+    if spec.endswith(".safetensors") or Path(spec).suffix in (".pt", ".pth"):
+        model, card = load_checkpoint(spec)
+        return model, input_size or tuple(card.input_size)  # type: ignore[return-value]
     if store is not None and store.exists(spec):
         model, card = store.load(spec)
         return model, input_size or tuple(card.input_size)  # type: ignore[return-value]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 
 
@@ -32,3 +33,14 @@ def input_size(text: str) -> tuple[int, int, int]:
     if len(size) != 3 or min(size) <= 0:
         raise argparse.ArgumentTypeError(f"expected C,H,W such as 3,32,32, got {text!r}")
     return size  # type: ignore[return-value]
+
+
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object such as ``{"width": 16}``."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('expected a JSON object like {"width": 16}')
+    return value

@@ -12,17 +12,8 @@ from pnc.surgery.errors import DataError, StoreError
 from pnc.zoo.datasets import list_datasets
 from pnc.zoo.store import ZooStore
 
-from .common import add_data_dir, add_zoo_dir, positive
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not JSON: {err}") from err
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError('expected a JSON object like {"width": 16}')
-    return value
+from . import zoo_io
+from .common import add_data_dir, add_zoo_dir, json_object, positive
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -99,7 +90,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``pnc zoo ...`` to the ``pnc`` command."""
     from pnc.zoo.defaults import DEFAULTS
 
-    zoo = sub.add_parser("zoo", help="train, list and verify zoo models")
+    zoo = sub.add_parser("zoo", help="train, import, export, list and verify zoo models")
     cmds = zoo.add_subparsers(dest="zoo_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     add_zoo_dir(common)
@@ -116,7 +107,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=positive(int), default=128)
     train.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     train.add_argument("--augment", action="store_true", help="random translations")
-    train.add_argument("--arch-kwargs", type=_json_object, default=None,
+    train.add_argument("--arch-kwargs", type=json_object, default=None,
                        help='extra constructor kwargs as JSON, e.g. \'{"width": 16}\'')
     add_data_dir(train)
     train.add_argument("--download", action="store_true", help="download the dataset if missing")
@@ -142,3 +133,4 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                      help=f"only these: {', '.join(DEFAULTS)}")
     add_data_dir(pre)
     pre.set_defaults(func=_cmd_pretrain)
+    zoo_io.add_commands(cmds, common)
