@@ -116,7 +116,7 @@ def generalise_batch(gm: fx.GraphModule, other: fx.GraphModule, batches: tuple[i
         setattr(gm, name, sample)
         with graph.inserting_after(node):
             expanded = graph.call_method("expand", (node, rewriter.batch, *[-1] * (sample.dim() - 1)))
-        node.replace_all_uses_with(expanded, delete_user_cb=lambda user: user is not expanded)
+        node.replace_all_uses_with(expanded, delete_user_cb=lambda user, keep=expanded: user is not keep)
         node.target = name
     graph.lint()
     return graph
