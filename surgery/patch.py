@@ -71,6 +71,9 @@ def read_patch(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["pnc"])
     except FileNotFoundError:
         raise PatchError(f"{path}: no such patch file; make one with `pnc clone ... --out DIR`") from None
+    except OSError as err:  # a folder, no permission, ...
+        raise PatchError(f"{path}: cannot read it as a patch file ({err.strerror or err}); give the .pnc file "
+                         "that `pnc clone --out DIR` wrote (DIR/clone.pnc)") from None
     except (SafetensorError, KeyError, ValueError, TypeError) as err:
         raise PatchError(f"{path} is not a pnc patch (corrupt or not made by `pnc clone`): {err}") from None
     if meta.get("format") != FORMAT:

@@ -9,6 +9,7 @@ from pnc.adapters import AdapterError
 from pnc.surgery.errors import PncError
 
 from . import bench, clone, cuts, onnx, zoo
+from .common import forbid_repeats
 
 #: sub-command groups, in help order
 COMMANDS = (cuts, zoo, clone, onnx, bench)
@@ -19,12 +20,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for group in COMMANDS:
         group.add_cli(sub)
+    forbid_repeats(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: each sub-parser sets ``func(args) -> int``."""
     args = build_parser().parse_args(argv)
+    args.__dict__.pop("_given", None)
     try:
         return int(args.func(args) or 0)
     except (PncError, AdapterError) as err:
