@@ -141,6 +141,8 @@ class ZooStore:
 
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = default_zoo_dir(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"the zoo folder {self.root} is a file; point --zoo-dir or $PNC_ZOO_DIR at a folder")
 
     def __repr__(self) -> str:
         return f"ZooStore({str(self.root)!r})"

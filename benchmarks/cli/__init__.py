@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (PncError, AdapterError) as err:
-        print(f"pnc {args.command}: error: {err}", file=sys.stderr)
+        words = (args.command, getattr(args, "zoo_command", None), getattr(args, "bench_command", None))
+        print(f"pnc {' '.join(w for w in words if w)}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -53,11 +53,15 @@ def positive(kind: type) -> Callable[[str], float]:
 
 def in_range(kind: type, low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
     """An argparse type: ``kind(text)`` in [low, high] (``(low, high]`` with ``low_open``)."""
+    bounds = f"{'(' if low_open else '['}{low}, {high}]"
+
     def parse(text: str) -> float:
-        value = _number(kind, text)
+        try:
+            value = _number(kind, text)
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"{err} (in {bounds})") from None
         if value > high or value < low or (low_open and value == low):
-            raise argparse.ArgumentTypeError(
-                f"must be in {'(' if low_open else '['}{low}, {high}], got {text}")
+            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
         return value
     return parse
 
@@ -74,8 +78,8 @@ def input_size(text: str) -> tuple[int, int, int]:
         size = tuple(int(v) for v in text.split(","))
     except ValueError:
         size = ()
-    if len(size) != 3 or min(size) <= 0 or max(size) > 4096:
-        raise argparse.ArgumentTypeError(f"expected C,H,W such as 3,32,32 (each 1-4096), got {text!r}")
+    if len(size) != 3 or min(size) <= 0 or max(size) > 1024:
+        raise argparse.ArgumentTypeError(f"expected C,H,W such as 3,32,32 (each 1-1024), got {text!r}")
     return size  # type: ignore[return-value]
 
 

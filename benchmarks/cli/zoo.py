@@ -102,6 +102,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([dataclasses.asdict(c) for c in cards]
                          + [{"name": n, "broken": reason} for n, reason in broken.items()], indent=2))
+        _report_broken(broken)
         return 0
     if not cards and not broken:
         print(f"no models in {store.root}; run `pnc zoo pretrain-defaults` or `pnc zoo train`")
