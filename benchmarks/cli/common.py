@@ -94,8 +94,18 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def _can_create_in(folder: Path) -> bool:
-    """Whether a file can be created in ``folder`` (probed: root ignores permission bits,
-    not /proc or a read-only mount). The probe file is removed at once."""
+    """Whether a file can be created in ``folder``: permission bits and read-only mounts; for
+    root, who ignores permission bits but still cannot write in /proc, a probe file (removed
+    at once: only the folder's mtime changes)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return False
+    except OSError:
+        return False
+    if os.geteuid() != 0:
+        return True
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".pnc-probe-")
     except OSError:

@@ -39,7 +39,7 @@ def _load_source(source: str, zoo_dir: str | None):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    check_output_file(args.out, not_same_as=args.source if _is_patch(args.source) else None)
+    check_output_file(args.out, not_same_as=patch_path(args.source) if _is_patch(args.source) else None)
     model, example = _load_source(args.source, args.zoo_dir)
     proto = to_onnx(model, example, args.opset)
     data = proto.SerializeToString()
