@@ -39,7 +39,8 @@ from pnc.surgery.onnx_merge import CLONED_OUTPUT, BranchGraph, merge
 from pnc.surgery.tracing import evaluating
 from pnc.surgery.io import atomic_write_bytes
 
-__all__ = ["OPSET", "OPSETS", "check_opset", "INPUT", "LOGITS", "RTOL", "ATOL", "export_onnx", "to_onnx", "locate_tensors", "session",
+__all__ = ["OPSET", "OPSETS", "check_opset",
+           "INPUT", "LOGITS", "RTOL", "ATOL", "export_onnx", "to_onnx", "locate_tensors", "session",
            "run"]
 
 OPSET = 17

@@ -292,7 +292,12 @@ def patch_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("patch-fuzz"))
 
 
+MUTATIONS = ["flip", "flip", "flip", "truncate", "insert", "delete", "reverse"]
+
+
 def _mutate(data: bytes, kind: str, where: int, value: int, size: int) -> bytes:
+    if not data:
+        return bytes([value]) * size
     where %= len(data)
     if kind == "flip":
         return data[:where] + bytes([data[where] ^ (value or 1)]) + data[where + 1:]
@@ -306,9 +311,8 @@ def _mutate(data: bytes, kind: str, where: int, value: int, size: int) -> bytes:
 
 
 @settings(SETTINGS, max_examples=300)
-@given(mutations=st.lists(st.tuples(st.sampled_from(["flip", "flip", "flip", "truncate", "insert", "delete", "reverse"]),
-                                    st.integers(0, 10**6), st.integers(0, 255), st.integers(1, 8)),
-                          min_size=1, max_size=3),
+@given(mutations=st.lists(st.tuples(st.sampled_from(MUTATIONS), st.integers(0, 10**6), st.integers(0, 255),
+                                    st.integers(1, 8)), min_size=1, max_size=3),
        header_bias=st.booleans())
 def test_a_mutated_patch_is_refused_or_loads_identically(patch_dir, tmp_path_factory, mutations, header_bias):
     original, (meta, tensors), target, source, x, reference = _patch(patch_dir)

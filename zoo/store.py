@@ -23,10 +23,9 @@ from safetensors.torch import load_model
 from torch import nn
 
 from pnc.surgery.cloned import ClonedNetwork
-from pnc.surgery.errors import StoreError
-from pnc.surgery.patch import load_patch, read_patch
-from pnc.surgery.errors import PatchError
+from pnc.surgery.errors import PatchError, StoreError
 from pnc.surgery.io import atomic_write_bytes, atomic_write_text, file_sha256, state_dict_sha256, tensor_bytes
+from pnc.surgery.patch import load_patch, read_patch
 
 __all__ = ["default_zoo_dir", "ModelCard", "ZooStore", "package_versions"]
 

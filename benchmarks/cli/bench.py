@@ -65,8 +65,11 @@ def _cmd_paper(args: argparse.Namespace) -> int:
         raise TaskError(f"unknown methods {unknown}; choose from {', '.join(repr(m) for m in METHODS)}")
     dataset = args.dataset or ("digits" if args.quick else "fashion-mnist")
     arch = args.arch or ("cnn4" if args.quick else "lenet5")
-    _check(args, (dataset, arch))
     scales = args.scales or (["S"] if args.quick else ["S", "M"])
+    bad = [s for s in scales if s not in ("S", "M")]
+    if bad:
+        raise TaskError(f"unknown scales {bad}; use S and/or M (--scales S,M)")
+    _check(args, (dataset, arch))
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     result = run_paper(dataset, arch, scales=scales, seeds=seeds, methods=methods, quick=args.quick,
                        zoo_dir=args.zoo_dir, data_dir=args.data_dir, out_dir=Path(args.out),
@@ -137,8 +140,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     paper.add_argument("--dataset", help="default fashion-mnist (digits with --quick)")
     paper.add_argument("--arch", help="architecture of the default zoo pair: lenet5, resnetc20, cnn4 "
                                       "(default lenet5; cnn4 with --quick)")
-    paper.add_argument("--scales", type=_csv(str, ("S", "M")), help="S, M or S,M (default S,M; S with --quick)")
-    paper.add_argument("--methods", type=_csv(str, list(METHODS)), help="comma-separated method names (default: all)")
+    paper.add_argument("--scales", type=_csv(str), help="S, M or S,M (default S,M; S with --quick)")
+    paper.add_argument("--methods", type=_csv(str), help=f"comma-separated, of {', '.join(METHODS)} (default: all)")
     paper.add_argument("--fresh", action="store_true", help="ignore cached rows and recompute")
     paper.set_defaults(func=_cmd_paper)
 
@@ -152,7 +155,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     hetero = cmds.add_parser("hetero", parents=[common], help="Table 2: cloning between heterogeneous architectures")
     hetero.add_argument("--pairs", type=_csv(str, list(PAIRS)), default=["resnetc20-cnn4", "resnet18-mobilenetv2"],
                         help="resnetc20-cnn4 and/or resnet18-mobilenetv2 (default both)")
-    hetero.add_argument("--methods", type=_csv(str, HETERO_METHODS), help="default Pre-trained,Continual,Continual+KD,Direct Ensemble,PNC")
+    hetero.add_argument("--methods", type=_csv(str, HETERO_METHODS),
+                        help="default Pre-trained,Continual,Continual+KD,Direct Ensemble,PNC")
     hetero.set_defaults(func=_cmd_hetero)
 
     inc = cmds.add_parser("incremental", parents=[common, quick], help="Table 3: class-incremental steps by cloning")
@@ -160,5 +164,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     inc.add_argument("--arch", help="architecture of the default zoo pair (default lenet5; cnn4 with --quick)")
     inc.add_argument("--step-sizes", type=_csv(in_range(int, 1, 1000)), default=[1],
                      help="classes added per step (default 1)")
-    inc.add_argument("--methods", type=_csv(str, INCREMENTAL_METHODS), help="default Direct Ensemble,Continual,Continual+KD,PNC")
+    inc.add_argument("--methods", type=_csv(str, INCREMENTAL_METHODS),
+                     help="default Direct Ensemble,Continual,Continual+KD,PNC")
     inc.set_defaults(func=_cmd_incremental)
