@@ -83,7 +83,8 @@ CASES: dict[str, list[str]] = {
     "eval": ["{dir}/missing.pnc", "{dir}", "{junk}", "{file}", "{t_onnx}", "{run}/report.json",
     "{run} --zoo-dir {file}",
              "{run} --zoo-dir {dir}", "{run} --json --json", ""],
-    "demo": ["--out {file}", "--out {proc}", "--out {file}/sub", "--seed -1", "--zoo-dir {file}", "--seed 1 --seed 2"],
+    "demo": ["--out {run}", "--out {file}", "--out {proc}", "--out {file}/sub", "--seed -1", "--zoo-dir {file}",
+             "--seed 1 --seed 2"],
     "export": [
         "nope --out {dir}/x.onnx", "{dir}/missing.pnc --out {dir}/x.onnx", "{dir} --out {dir}/x.onnx",
         "{junk} --out {dir}/x.onnx", "t --out {proc}/x.onnx", "t --out {file}/x.onnx", "t --out {dir}",

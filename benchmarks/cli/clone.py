@@ -141,6 +141,20 @@ def check_clone_out(out: Path, run: dict, force: bool) -> bool:
                       "(rerunning the same command resumes or repeats that run)")
 
 
+def precheck_clone_out(out: Path, target: str, sources: list[tuple[str, str]], seed: int, force: bool) -> None:
+    """:func:`check_clone_out` by names only, for when the models may not be trained yet
+    (``pnc demo``): refuse early a folder holding a clone of other models, classes or seed."""
+    check_output_dir(out, "--out")
+    recorded = _recorded_run(out)
+    if force or not ((out / "clone.pnc").exists() or recorded is not None):
+        return
+    same = recorded is not None and recorded.get("target", [None])[0] == target and recorded.get("seed") == seed \
+        and [list(s[:2]) for s in recorded.get("sources", [])] == [list(s) for s in sources]
+    if not same:
+        raise OutputError(f"--out {out} already holds a clone of another run; pass --force to replace it, or "
+                          "choose another --out")
+
+
 class _Stopwatch:
     """Seconds spent on a run over all its attempts, kept in DIR/.ckpt/elapsed.json (written every
     few seconds and at the end, so a killed attempt still counts up to its last beat)."""
@@ -356,6 +370,7 @@ def _cmd_demo(args) -> int:
         dataset, arch = "digits", "cnn4"
     start = time.perf_counter()
     target, source = default_pair(dataset, arch)
+    precheck_clone_out(Path(args.out), target, [(source, "S")], args.seed, args.force)
     for name in (target, source):
         card = ensure_default(store, name, args.data_dir)
         print(f"zoo: {name} ({card.arch} on {card.dataset}, classes {card.classes}, "
