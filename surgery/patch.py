@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
-
 from torch import nn
 
 from pnc.surgery.branch import CloneReport, assemble_branch, branch_tensors

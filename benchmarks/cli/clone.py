@@ -19,20 +19,19 @@ import torch
 from torch import nn
 
 from pnc.bench.metrics import clone_accuracy, logits_of
-from pnc.surgery.cloning import clone
 from pnc.surgery.cloned import ClonedNetwork
+from pnc.surgery.cloning import clone
 from pnc.surgery.errors import OutputError, PatchError, PncError, TaskError
 from pnc.surgery.insertion import SearchConfig
+from pnc.surgery.io import atomic_write_text, file_sha256
 from pnc.surgery.onnx_detach import detach_onnx
 from pnc.surgery.onnx_export import export_onnx
 from pnc.surgery.patch import save_patch
 from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
-from pnc.surgery.io import atomic_write_text, file_sha256
 from pnc.zoo.store import WEIGHTS_FILE, ModelCard, ZooStore
 from pnc.zoo.tasks import CloneTask
 
-from .common import (add_data_dir, add_force, add_zoo_dir, check_input_file, check_output_dir, seed_number,
-                     share)
+from .common import add_data_dir, add_force, add_zoo_dir, check_input_file, check_output_dir, seed_number, share
 from .zoo import writable_zoo
 
 

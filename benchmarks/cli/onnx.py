@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from pnc.surgery.errors import ExportError
+from pnc.surgery.io import atomic_write_bytes
 from pnc.surgery.onnx_export import OPSET, OPSETS, to_onnx
 from pnc.surgery.onnx_merge import MANIFEST_KEY, read_manifest
-from pnc.surgery.io import atomic_write_bytes
 from pnc.zoo.store import ZooStore
 
 from .clone import patch_path
