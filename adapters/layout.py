@@ -1,7 +1,7 @@
 """Channels-last (NHWC) support by permuting around an NCHW-side adapter."""
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .base import Adapter
 

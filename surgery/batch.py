@@ -9,6 +9,7 @@ stored once and expanded. Two traces that differ in anything else are not genera
 """
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -116,7 +117,7 @@ def generalise_batch(gm: fx.GraphModule, other: fx.GraphModule, batches: tuple[i
         setattr(gm, name, sample)
         with graph.inserting_after(node):
             expanded = graph.call_method("expand", (node, rewriter.batch, *[-1] * (sample.dim() - 1)))
-        node.replace_all_uses_with(expanded, delete_user_cb=lambda user, keep=expanded: user is not keep)
+        node.replace_all_uses_with(expanded, delete_user_cb=functools.partial(operator.is_not, expanded))
         node.target = name
     graph.lint()
     return graph

@@ -177,6 +177,12 @@ def prune_structurally(
     return body, removed
 
 
+def _empty_anchors(group: ChannelGroup, kept: set[int]) -> list[Anchor]:
+    """Anchors of ``group`` none of whose channels are in ``kept`` (e.g. one input of a
+    concatenation): pruning would leave that layer with zero channels."""
+    return [a for a in group.anchors if len(a.roots) and not kept & set(a.roots.tolist())]
+
+
 class MaskedBody(nn.Module):
     """A private, frozen copy of ``body`` with one mask per maskable coupling group.
 
@@ -301,10 +307,14 @@ class MaskedBody(nn.Module):
         elif scope != "group":
             raise ValueError(f"scope must be 'group' or 'global', got {scope!r}")
         keep = {}
+        groups = {g.name: g for g in self.groups}
         for name, v in soft.items():
             c = counts.get(name, math.ceil(ratio * v.numel()))
             c = min(v.numel(), round_to * math.ceil(c / round_to))
-            keep[name] = v.topk(c).indices.sort().values
+            kept = set(v.topk(c).indices.tolist())
+            for anchor in _empty_anchors(groups[name], kept):  # a concatenated part would vanish:
+                kept.add(int(anchor.roots[v[anchor.roots].argmax()]))  # keep its best channel
+            keep[name] = torch.tensor(sorted(kept), dtype=torch.long)
         self.set_keep(keep)
         return keep
 
@@ -312,6 +322,11 @@ class MaskedBody(nn.Module):
         """Binary masks from kept indices per group (e.g. read back from a patch)."""
         self.binary = {}
         for g in self.groups:
+            empty = _empty_anchors(g, set(keep[g.name].tolist()))
+            if empty:
+                raise ValueError(f"keeping channels {keep[g.name].tolist()} of group {g.name!r} removes every "
+                                 f"channel of {empty[0].module!r} (a concatenated part): keep at least one of "
+                                 f"{empty[0].roots.tolist()}; structural pruning cannot make a 0-channel layer")
             m = torch.zeros(g.size)
             m[keep[g.name].long()] = 1.0
             self.binary[g.name] = m

@@ -52,5 +52,10 @@ class PatchError(PncError):
     """A .pnc patch that is corrupt or made for other weights."""
 
 
+class OutputError(PncError):
+    """An output path pnc cannot or must not write: a file where a folder is needed, a place
+    with no write permission, or an existing result that only ``--force`` may replace."""
+
+
 class ExportError(PncError):
     """An ONNX file that is not a pnc export, or a branch/base that does not match its manifest."""

@@ -31,7 +31,9 @@ def load_onnx(path_or_model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         return onnx.load_model_from_string(path.read_bytes())
     except FileNotFoundError:
         raise ExportError(f"{path}: no such file; make one with `pnc export`") from None
-    except DecodeError as err:
+    except OSError as err:  # a folder, no permission, ...
+        raise ExportError(f"{path}: cannot read it as an ONNX file ({err.strerror or err})") from None
+    except (DecodeError, ValueError, RuntimeError) as err:
         raise ExportError(f"{path} is not an ONNX file: {err}") from None
 
 

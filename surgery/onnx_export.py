@@ -39,10 +39,15 @@ from pnc.surgery.onnx_merge import CLONED_OUTPUT, BranchGraph, merge
 from pnc.surgery.tracing import evaluating
 from pnc.surgery.io import atomic_write_bytes
 
-__all__ = ["OPSET", "INPUT", "LOGITS", "RTOL", "ATOL", "export_onnx", "to_onnx", "torch_to_onnx", "locate_tensors", "session",
+__all__ = ["OPSET", "OPSETS", "check_opset", "INPUT", "LOGITS", "RTOL", "ATOL", "export_onnx", "to_onnx",
+           "torch_to_onnx", "locate_tensors", "session",
            "run"]
 
 OPSET = 17
+#: opsets that work end to end here: the TorchScript exporter supports at most 20 (it warns
+#: above), a clone's branches need at least 9 (below, its Flatten/Gemm export fails), and
+#: onnxruntime runs every one of them (checked on cnn4, lenet5, resnetc20 and a clone)
+OPSETS = range(9, 21)
 INPUT, LOGITS = "input", "logits"
 #: tolerance of ONNX vs PyTorch values (matching cut tensors and verifying the export)
 RTOL, ATOL = 1e-3, 1e-5
@@ -76,8 +81,17 @@ def export_onnx(model: nn.Module | ClonedNetwork, path: str | Path, example_inpu
     return path
 
 
+def check_opset(opset: int) -> int:
+    """``opset`` if it is in :data:`OPSETS`, else ExportError (before any export is tried)."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
+        raise ExportError(f"opset {opset!r} is not supported: use {OPSETS.start}-{OPSETS.stop - 1} "
+                          f"(default {OPSET})")
+    return opset
+
+
 def to_onnx(model: nn.Module | ClonedNetwork, example_input: Tensor, opset: int = OPSET) -> onnx.ModelProto:
     """The ModelProto :func:`export_onnx` writes."""
+    check_opset(opset)
     if isinstance(model, ClonedNetwork) and model.branches:
         with evaluating(model):
             return _clone_to_onnx(model, example_input, opset)

@@ -50,7 +50,7 @@ def test_timm_fallback_and_unknown_names():
         archs.create("resnet_c20")
     with pytest.raises(ConfigError, match="bad arguments for cnn4"):  # a known name, a bad setting
         archs.create("cnn4", depth=3)
-    with pytest.raises(ConfigError, match="lenet5 needs img_size >= 2"):
+    with pytest.raises(ConfigError, match="lenet5 needs img_size >= 4"):
         archs.create("lenet5", img_size=1)
 
 

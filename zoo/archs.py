@@ -57,7 +57,7 @@ class LeNet5(_Classifier):
         pad2 = 2 if mid < 5 else 0
         out = (mid + 2 * pad2 - 4) // 2
         if out < 1:
-            raise ConfigError(f"lenet5 needs img_size >= 2, got {img_size}; pass the side of your images")
+            raise ConfigError(f"lenet5 needs img_size >= 4, got {img_size}; pass the side of your images")
         self.block1 = nn.Sequential(nn.Conv2d(in_chans, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))
         self.block2 = nn.Sequential(nn.Conv2d(6, 16, 5, padding=pad2), nn.ReLU(), nn.MaxPool2d(2))
         self.block3 = nn.Sequential(nn.Flatten(), nn.Linear(16 * out * out, 120), nn.ReLU(),

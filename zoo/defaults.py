@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from pnc.surgery.errors import DataError, ModelNotFoundError
+from pnc.surgery.errors import DataError, ModelNotFoundError, StoreError
 from pnc.zoo.datasets import DatasetSplits, canonical_dataset, load_dataset
 from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import parse_classes
@@ -83,8 +83,11 @@ def ensure_default(store: ZooStore, name: str, data_dir: str | None = None,
     splits = dataset if dataset is not None else load_dataset(spec.dataset, data_dir)
     class_ids = parse_classes(spec.classes, splits.classes)
     if store.exists(name):
-        if store.verify(name) and spec.matches(store.card(name), class_ids):
-            return store.card(name)
+        try:
+            if store.verify(name) and spec.matches(store.card(name), class_ids):
+                return store.card(name)
+        except StoreError as err:  # an unreadable card: a default model is rebuilt, like corrupt weights
+            Console(stderr=True).print(f"{name}: {err}")
         Console(stderr=True).print(f"{name}: stored model is corrupt or from another recipe; retraining")
     return train_zoo_model(store, name, spec.arch, splits, class_ids, spec.epochs, spec.lr, spec.seed,
                            arch_kwargs=spec.arch_kwargs, batch_size=spec.batch_size, progress=progress)

@@ -32,12 +32,7 @@ def resolve_model(spec: str, input_size: tuple[int, int, int] | None = None, *,
     ((1, 8, 8), 'CNN4')
     """
     if ":" in spec:
-        module_name, _, factory = spec.partition(":")
-        try:
-            return getattr(importlib.import_module(module_name), factory)().eval(), input_size
-        except (ImportError, AttributeError) as err:
-            raise ModelNotFoundError(f"cannot load {spec!r}: {err}. Use package.module:factory, a callable "
-                                     "returning an nn.Module.") from err
+        return _from_factory(spec), input_size
     if spec.endswith(".safetensors") or Path(spec).suffix in (".pt", ".pth"):
         model, card = load_checkpoint(spec)
         return model, input_size or tuple(card.input_size)  # type: ignore[return-value]
@@ -46,3 +41,18 @@ def resolve_model(spec: str, input_size: tuple[int, int, int] | None = None, *,
         return model, input_size or tuple(card.input_size)  # type: ignore[return-value]
     kwargs = archs.input_kwargs(spec, input_size) if input_size is not None else {}
     return archs.create(spec, **kwargs).eval(), input_size
+
+
+def _from_factory(spec: str) -> nn.Module:
+    """``package.module:factory()`` in eval mode; ModelNotFoundError if it cannot be imported,
+    fails (any exception: it is the user's code) or returns something that is not a module."""
+    module_name, _, factory = spec.partition(":")
+    hint = "Use package.module:factory, a callable returning an nn.Module."
+    try:
+        model = getattr(importlib.import_module(module_name), factory)()
+    except Exception as err:  # noqa: BLE001 - arbitrary user code: report it, never a traceback
+        raise ModelNotFoundError(f"cannot load {spec!r}: {type(err).__name__}: {err}. {hint}") from err
+    if not isinstance(model, nn.Module):
+        raise ModelNotFoundError(f"cannot load {spec!r}: it returned a {type(model).__name__}, not an "
+                                 f"nn.Module. {hint}")
+    return model.eval()

@@ -23,9 +23,9 @@ from safetensors.torch import load_model
 from torch import nn
 
 from pnc.surgery.cloned import ClonedNetwork
-from pnc.surgery.errors import StoreError
+from pnc.surgery.errors import PatchError, StoreError
+from pnc.surgery.io import atomic_write_bytes, atomic_write_text, file_sha256, state_dict_sha256, tensor_bytes
 from pnc.surgery.patch import load_patch, read_patch
-from pnc.surgery.io import atomic_write_bytes, atomic_write_text, file_sha256, tensor_bytes
 
 __all__ = ["default_zoo_dir", "ModelCard", "ZooStore", "package_versions"]
 
@@ -72,19 +72,67 @@ class ModelCard:
     recipe: dict[str, Any] = field(default_factory=dict)
     sha256: str = ""  # of model.safetensors bytes
     versions: dict[str, str] = field(default_factory=package_versions)
+    #: pnc.surgery.io.state_dict_sha256 of the weights: what .pnc patches record
+    state_dict_sha256: str = ""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> ModelCard:
+        """Parse a card; StoreError naming the first missing or bad field."""
         try:
             data = json.loads(text)
-            data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
-            data["input_size"] = tuple(data["input_size"])
-            return cls(**data)
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise StoreError(f"not a pnc model card: {err}") from err
+        except json.JSONDecodeError as err:
+            raise StoreError(f"not a pnc model card: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise StoreError(f"not a pnc model card: expected a JSON object, got a {type(data).__name__}")
+        _check_card_fields(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}  # fields of newer versions are ignored
+        data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
+        data["input_size"] = tuple(data["input_size"])
+        return cls(**data)
+
+
+def _is_list_of(value: Any, kind: type | tuple[type, ...]) -> bool:
+    return isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+
+
+#: card field -> (check, what it must be); the optional ones may be missing
+_CARD_FIELDS: dict[str, tuple[Any, str]] = {
+    "name": (lambda v: isinstance(v, str), "a string"),
+    "arch": (lambda v: isinstance(v, str) and bool(v), "an architecture name"),
+    "kwargs": (lambda v: isinstance(v, dict), "an object of constructor arguments"),
+    "dataset": (lambda v: isinstance(v, str) and bool(v), "a dataset name"),
+    "classes": (lambda v: _is_list_of(v, int) and bool(v), "a non-empty list of class ids"),
+    "class_names": (lambda v: _is_list_of(v, str), "a list of class names"),
+    "mean": (lambda v: _is_list_of(v, (int, float)) and bool(v), "a list of per-channel numbers"),
+    "std": (lambda v: _is_list_of(v, (int, float)) and bool(v), "a list of per-channel numbers"),
+    "input_size": (lambda v: _is_list_of(v, int) and len(v) == 3 and min(v) > 0, "[C, H, W]"),
+    "test_accuracy": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+}
+_OPTIONAL_CARD_FIELDS: dict[str, tuple[Any, str]] = {
+    "recipe": (lambda v: isinstance(v, dict), "an object"),
+    "sha256": (lambda v: isinstance(v, str), "a hex string"),
+    "versions": (lambda v: isinstance(v, dict), "an object"),
+    "state_dict_sha256": (lambda v: isinstance(v, str), "a hex string"),
+}
+
+
+def _check_card_fields(data: dict[str, Any]) -> None:
+    missing = [k for k in _CARD_FIELDS if k not in data]
+    if missing:
+        raise StoreError(f"not a pnc model card: missing field{'s' * (len(missing) > 1)} "
+                         f"{', '.join(map(repr, missing))}")
+    for table in (_CARD_FIELDS, _OPTIONAL_CARD_FIELDS):
+        for key, (ok, what) in table.items():
+            if key in data and not ok(data[key]):
+                raise StoreError(f"bad field {key!r} in the model card: expected {what}, "
+                                 f"got {json.dumps(data[key])[:60]}")
+    if len(data["class_names"]) != len(data["classes"]):
+        raise StoreError(f"bad field 'class_names' in the model card: {len(data['class_names'])} names "
+                         f"for {len(data['classes'])} classes")
 
 
 class ZooStore:
@@ -92,6 +140,8 @@ class ZooStore:
 
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = default_zoo_dir(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"the zoo folder {self.root} is a file; point --zoo-dir or $PNC_ZOO_DIR at a folder")
 
     def __repr__(self) -> str:
         return f"ZooStore({str(self.root)!r})"
@@ -115,6 +165,7 @@ class ZooStore:
         folder = self.path(name)
         data = tensor_bytes(model.state_dict())
         card.sha256 = hashlib.sha256(data).hexdigest()
+        card.state_dict_sha256 = state_dict_sha256(model)
         atomic_write_bytes(folder / WEIGHTS_FILE, data)
         card.name = name
         atomic_write_text(folder / CARD_FILE, card.to_json())
@@ -130,9 +181,20 @@ class ZooStore:
         if not path.is_file():
             raise self._missing(name, "does not exist")
         try:
-            return ModelCard.from_json(path.read_text())
-        except StoreError as err:
-            raise StoreError(f"{path}: {err}; retrain the model or delete {path.parent}") from err
+            return ModelCard.from_json(path.read_text(encoding="utf-8"))
+        except (StoreError, OSError, UnicodeDecodeError) as err:
+            raise StoreError(f"{path}: {err}; retrain the model (`pnc zoo train --name {name} --force ...`) "
+                             f"or delete {path.parent}") from None
+
+    def broken(self) -> dict[str, str]:
+        """Name -> reason of each model whose card cannot be read (the rest of the zoo still works)."""
+        bad = {}
+        for name in self.names():
+            try:
+                self.card(name)
+            except StoreError as err:
+                bad[name] = str(err)
+        return bad
 
     def verify(self, name: str) -> bool:
         """True iff the weights file exists and its sha256 equals the card's."""
@@ -164,5 +226,20 @@ class ZooStore:
         """A ``.pnc`` patch rebuilt on the zoo models it names: (network, metadata).
         Weights whose hash differs from the patch's are refused (:class:`PatchError`)."""
         meta, _ = read_patch(path)
-        target, _ = self.load(meta["target"]["name"])
-        return load_patch(path, target, lambda name: self.load(name)[0])
+        target = self._patch_model(path, meta["target"], "target")
+        return load_patch(path, target, lambda name: self._patch_model(path, {"name": name, "sha256": next(
+            b["source"]["sha256"] for b in meta["branches"] if b["source"]["name"] == name)}, "source"))
+
+    def _patch_model(self, patch: str | Path, wanted: dict, role: str) -> nn.Module:
+        """The zoo model a patch names; PatchError in the zoo's terms if its weights are not the
+        ones the patch was made for (the hash printed is what `pnc zoo show` prints)."""
+        name = wanted["name"]
+        model, _ = self.load(name)
+        actual = state_dict_sha256(model)  # == card.state_dict_sha256 (cards older than it lack it)
+        if actual != wanted["sha256"]:
+            raise PatchError(
+                f"{patch} was made for other weights of {role} {name!r}: the patch expects state_dict_sha256 "
+                f"{wanted['sha256']}, the zoo's {name!r} has {actual} (see `pnc zoo show {name}`). The model "
+                f"was retrained after the patch was made: re-run `pnc clone` on the current model, or restore "
+                f"the weights the patch was made for")
+        return model

@@ -9,6 +9,7 @@ from pnc.adapters import AdapterError
 from pnc.surgery.errors import PncError
 
 from . import bench, clone, cuts, onnx, pieces, zoo
+from .common import forbid_repeats
 
 #: sub-command groups, in help order
 COMMANDS = (cuts, pieces, zoo, clone, onnx, bench)
@@ -19,16 +20,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for group in COMMANDS:
         group.add_cli(sub)
+    forbid_repeats(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: each sub-parser sets ``func(args) -> int``."""
     args = build_parser().parse_args(argv)
+    args.__dict__.pop("_given", None)
     try:
         return int(args.func(args) or 0)
     except (PncError, AdapterError) as err:
-        print(f"pnc {args.command}: error: {err}", file=sys.stderr)
+        words = (args.command, getattr(args, "zoo_command", None), getattr(args, "bench_command", None))
+        print(f"pnc {' '.join(w for w in words if w)}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -11,19 +11,44 @@ from pathlib import Path
 
 from pnc.surgery.errors import TaskError
 
-from .common import add_data_dir, add_zoo_dir
+from .common import add_data_dir, add_zoo_dir, check_output_dir, in_range, seed_number
+from .zoo import writable_zoo
 
 
-def _csv(kind: type):
+def _csv(kind, choices=None):  # type: ignore[no-untyped-def]
+    """An argparse type: a comma-separated list of ``kind(item)`` (an argparse type or a
+    builtin), each in ``choices`` when given, no item twice."""
     def parse(text: str) -> list:
         try:
             values = [kind(v.strip()) for v in text.split(",") if v.strip()]
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}: {err}") from err
+        except (ValueError, argparse.ArgumentTypeError) as err:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}: {err}") from None
         if not values:
             raise argparse.ArgumentTypeError("empty list")
+        unknown = [v for v in values if choices is not None and v not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}; choose from "
+                                             f"{', '.join(map(str, choices))}")
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            raise argparse.ArgumentTypeError(f"{', '.join(twice)} given twice; list each once")
         return values
     return parse
+
+
+def _check(args: argparse.Namespace, default_pair_of: tuple[str, str] | None) -> None:
+    """Everything a benchmark needs, before it trains or writes: writable --out, --workdir and zoo;
+    a dataset that loads and has a default zoo pair for the architecture."""
+    check_output_dir(Path(args.out), "--out")
+    if args.workdir is not None:
+        check_output_dir(args.workdir, "--workdir")
+    writable_zoo(args.zoo_dir)
+    if default_pair_of is not None:
+        from pnc.zoo.datasets import load_dataset
+        from pnc.zoo.defaults import default_pair
+
+        dataset, arch = default_pair_of
+        default_pair(load_dataset(dataset, args.data_dir).name, arch)
 
 
 def _command() -> str:
@@ -41,6 +66,10 @@ def _cmd_paper(args: argparse.Namespace) -> int:
     dataset = args.dataset or ("digits" if args.quick else "fashion-mnist")
     arch = args.arch or ("cnn4" if args.quick else "lenet5")
     scales = args.scales or (["S"] if args.quick else ["S", "M"])
+    bad = [s for s in scales if s not in ("S", "M")]
+    if bad:
+        raise TaskError(f"unknown scales {bad}; use S and/or M (--scales S,M)")
+    _check(args, (dataset, arch))
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     result = run_paper(dataset, arch, scales=scales, seeds=seeds, methods=methods, quick=args.quick,
                        zoo_dir=args.zoo_dir, data_dir=args.data_dir, out_dir=Path(args.out),
@@ -55,6 +84,7 @@ def _cmd_figures(args: argparse.Namespace) -> int:
 
     dataset = args.dataset or ("digits" if args.quick else "fashion-mnist")
     arch = args.arch or ("cnn4" if args.quick else "lenet5")
+    _check(args, (dataset, arch))
     seed = (args.seeds or [0])[0]
     path = run_figures(dataset, arch, figures=args.figures, seed=seed, quick=args.quick, zoo_dir=args.zoo_dir,
                        data_dir=args.data_dir, out_dir=Path(args.out), workdir=args.workdir, command=_command())
@@ -65,6 +95,7 @@ def _cmd_figures(args: argparse.Namespace) -> int:
 def _cmd_hetero(args: argparse.Namespace) -> int:
     from pnc.bench.hetero import HETERO_METHODS, run_hetero
 
+    _check(args, None)
     results = run_hetero(args.pairs, seeds=args.seeds or [0], methods=args.methods or HETERO_METHODS,
                          zoo_dir=args.zoo_dir, data_dir=args.data_dir, out_dir=Path(args.out), workdir=args.workdir,
                          command=_command())
@@ -76,8 +107,10 @@ def _cmd_hetero(args: argparse.Namespace) -> int:
 def _cmd_incremental(args: argparse.Namespace) -> int:
     from pnc.bench.incremental import INCREMENTAL_METHODS, run_incremental
 
-    path = run_incremental(args.dataset or ("digits" if args.quick else "fashion-mnist"),
-                           args.arch or ("cnn4" if args.quick else "lenet5"), step_sizes=args.step_sizes,
+    dataset = args.dataset or ("digits" if args.quick else "fashion-mnist")
+    arch = args.arch or ("cnn4" if args.quick else "lenet5")
+    _check(args, (dataset, arch))
+    path = run_incremental(dataset, arch, step_sizes=args.step_sizes,
                            seeds=args.seeds or [0], methods=args.methods or INCREMENTAL_METHODS, quick=args.quick,
                            zoo_dir=args.zoo_dir, data_dir=args.data_dir, out_dir=Path(args.out),
                            workdir=args.workdir, command=_command())
@@ -87,6 +120,10 @@ def _cmd_incremental(args: argparse.Namespace) -> int:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``pnc bench ...`` to the ``pnc`` command."""
+    from pnc.bench.baselines import METHODS
+    from pnc.bench.hetero import HETERO_METHODS, PAIRS
+    from pnc.bench.incremental import INCREMENTAL_METHODS
+
     bench = sub.add_parser("bench", help="reproduce the paper's tables and figures")
     cmds = bench.add_subparsers(dest="bench_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -94,7 +131,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     add_data_dir(common)
     common.add_argument("--out", default="benchmarks/results", help="where tables, JSON and plots go")
     common.add_argument("--workdir", type=Path, help="checkpoints and caches (default: beside the zoo, bench/)")
-    common.add_argument("--seeds", type=_csv(int), help="comma-separated seeds (task subset + training seeds)")
+    common.add_argument("--seeds", type=_csv(seed_number), help="comma-separated seeds (task subset + training seeds)")
     quick = argparse.ArgumentParser(add_help=False)
     quick.add_argument("--quick", action="store_true", help="tiny budget on digits (for tests and smoke runs)")
 
@@ -104,7 +141,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     paper.add_argument("--arch", help="architecture of the default zoo pair: lenet5, resnetc20, cnn4 "
                                       "(default lenet5; cnn4 with --quick)")
     paper.add_argument("--scales", type=_csv(str), help="S, M or S,M (default S,M; S with --quick)")
-    paper.add_argument("--methods", type=_csv(str), help="comma-separated method names (default: all)")
+    paper.add_argument("--methods", type=_csv(str), help=f"comma-separated, of {', '.join(METHODS)} (default: all)")
     paper.add_argument("--fresh", action="store_true", help="ignore cached rows and recompute")
     paper.set_defaults(func=_cmd_paper)
 
@@ -112,18 +149,21 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                               help="Fig. 3 (accuracy vs mask ratio and R) and Fig. 4 (similarity matrices)")
     figures.add_argument("--dataset", help="default fashion-mnist (digits with --quick)")
     figures.add_argument("--arch", help="architecture of the default zoo pair (default lenet5; cnn4 with --quick)")
-    figures.add_argument("--figures", type=_csv(int), default=[3, 4], help="3, 4 or 3,4 (default)")
+    figures.add_argument("--figures", type=_csv(int, (3, 4)), default=[3, 4], help="3, 4 or 3,4 (default)")
     figures.set_defaults(func=_cmd_figures)
 
     hetero = cmds.add_parser("hetero", parents=[common], help="Table 2: cloning between heterogeneous architectures")
-    hetero.add_argument("--pairs", type=_csv(str), default=["resnetc20-cnn4", "resnet18-mobilenetv2"],
+    hetero.add_argument("--pairs", type=_csv(str, list(PAIRS)), default=["resnetc20-cnn4", "resnet18-mobilenetv2"],
                         help="resnetc20-cnn4 and/or resnet18-mobilenetv2 (default both)")
-    hetero.add_argument("--methods", type=_csv(str), help="default Pre-trained,Continual,Continual+KD,Direct Ensemble,PNC")
+    hetero.add_argument("--methods", type=_csv(str, HETERO_METHODS),
+                        help="default Pre-trained,Continual,Continual+KD,Direct Ensemble,PNC")
     hetero.set_defaults(func=_cmd_hetero)
 
     inc = cmds.add_parser("incremental", parents=[common, quick], help="Table 3: class-incremental steps by cloning")
     inc.add_argument("--dataset", help="default fashion-mnist (digits with --quick)")
     inc.add_argument("--arch", help="architecture of the default zoo pair (default lenet5; cnn4 with --quick)")
-    inc.add_argument("--step-sizes", type=_csv(int), default=[1], help="classes added per step (default 1)")
-    inc.add_argument("--methods", type=_csv(str), help="default Direct Ensemble,Continual,Continual+KD,PNC")
+    inc.add_argument("--step-sizes", type=_csv(in_range(int, 1, 1000)), default=[1],
+                     help="classes added per step (default 1)")
+    inc.add_argument("--methods", type=_csv(str, INCREMENTAL_METHODS),
+                     help="default Direct Ensemble,Continual,Continual+KD,PNC")
     inc.set_defaults(func=_cmd_incremental)

@@ -9,27 +9,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from pnc.bench.metrics import clone_accuracy, logits_of
-from pnc.surgery.cloning import clone
 from pnc.surgery.cloned import ClonedNetwork
-from pnc.surgery.errors import PncError, TaskError
+from pnc.surgery.cloning import clone
+from pnc.surgery.errors import OutputError, PatchError, PncError, TaskError
 from pnc.surgery.insertion import SearchConfig
+from pnc.surgery.io import atomic_write_text, file_sha256
 from pnc.surgery.onnx_detach import detach_onnx
 from pnc.surgery.onnx_export import export_onnx
 from pnc.surgery.patch import save_patch
-from pnc.zoo.datasets import ImageData, load_dataset
-from pnc.surgery.io import atomic_write_text, file_sha256
-from pnc.zoo.store import WEIGHTS_FILE, ZooStore
+from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
+from pnc.zoo.store import WEIGHTS_FILE, ModelCard, ZooStore
 from pnc.zoo.tasks import CloneTask
 
-from .common import add_data_dir, add_zoo_dir
+from .common import add_data_dir, add_force, add_zoo_dir, check_input_file, check_output_dir, seed_number, share
+from .zoo import writable_zoo
 
 
 def eval_set(tasks: list[CloneTask]) -> ImageData:
@@ -56,26 +59,176 @@ def compare(net: ClonedNetwork, target: nn.Module, sources: list[tuple[nn.Module
             "ensemble": clone_accuracy(ensemble, data.y, n_old)}
 
 
-def run_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]], out: Path, *, seed: int = 0,
-              data_dir: str | None = None, fraction: float = 0.3, config: SearchConfig | None = None,
-              progress: bool = True) -> tuple[ClonedNetwork, dict]:
-    """Clone each (source name, class spec) into the target; write DIR/clone.pnc and DIR/report.json.
+@dataclass
+class ClonePlan:
+    """A validated ``pnc clone`` request: every model, card, dataset and task loaded and checked,
+    nothing written yet. ``run`` identifies it (a rerun with the same ``run`` resumes)."""
 
-    Returns (the cloned network, the report). An interrupted run resumes from the
-    checkpoints in DIR/.ckpt."""
-    start = time.perf_counter()
+    target_name: str
+    target: nn.Module
+    t_card: ModelCard
+    dataset: DatasetSplits
+    sources: list[tuple[str, nn.Module, CloneTask]]
+    run: dict
+
+
+def plan_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]], *, seed: int = 0,
+               data_dir: str | None = None, fraction: float = 0.3,
+               config: SearchConfig | None = None) -> ClonePlan:
+    """Load and check everything a clone needs (TaskError/StoreError/DataError), writing nothing.
+
+    Every dataset class is cloned at most once over all (source, class spec) pairs: the same
+    class from two branches would make two outputs for one class."""
+    if not sources:
+        raise TaskError("give at least one --source NAME --classes SPEC pair")
     target, t_card = store.load(target_name)
     dataset = load_dataset(t_card.dataset, data_dir)
-    net, tasks, models, branches = None, [], [], []
-    for k, (source_name, spec) in enumerate(sources):
+    planned: list[tuple[str, nn.Module, CloneTask]] = []
+    cloned_by: dict[int, str] = {}
+    for source_name, spec in sources:
         source, s_card = store.load(source_name)
         if s_card.dataset != t_card.dataset:
             raise TaskError(f"target {target_name!r} is on {t_card.dataset} but source {source_name!r} on "
                             f"{s_card.dataset}; clone between models of the same dataset")
         task = CloneTask(dataset, t_card.classes, s_card.classes,
                          spec if spec in ("S", "M") else _class_spec(spec, dataset.classes), fraction, seed)
+        pair = f"--source {source_name} --classes {spec}"
+        for c in task.clone_classes:
+            if c in cloned_by:
+                raise TaskError(f"class {dataset.classes[c]!r} (id {c}) would be cloned twice: by "
+                                f"`{cloned_by[c]}` and by `{pair}`; clone each class once (drop the repeated "
+                                "pair, or give disjoint class specs)")
+            cloned_by[c] = pair
+        planned.append((source_name, source, task))
+    run = {"target": [target_name, t_card.sha256], "sources": [[n, spec, store.card(n).sha256]
+                                                              for n, spec in sources],
+           "seed": seed, "fraction": fraction, "config": (config or SearchConfig(seed=seed)).key()}
+    return ClonePlan(target_name, target, t_card, dataset, planned, run)
+
+
+RUN_FILE, ELAPSED_FILE = "run.json", "elapsed.json"
+
+
+def _recorded_run(out: Path) -> dict | None:
+    """The run a clone folder was made by (DIR/.ckpt/run.json, else report.json's "run")."""
+    for path, key in ((out / ".ckpt" / RUN_FILE, None), (out / "report.json", "run")):
+        try:
+            doc = json.loads(path.read_text())
+            return doc if key is None else doc[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def check_clone_out(out: Path, run: dict, force: bool) -> bool:
+    """OutputError unless ``out`` can take this run's results: a creatable writable folder that
+    holds no clone (or an interrupted clone) of another run, unless ``force``. Returns whether
+    the previous contents are to be replaced (``force`` over another run)."""
+    check_output_dir(out, "--out")
+    for name in ("clone.pnc", "report.json", ".ckpt"):
+        if (out / name).exists() and (name == ".ckpt") != (out / name).is_dir():
+            raise OutputError(f"--out {out}: {out / name} is in the way (wrong kind of file); remove it "
+                              "or choose another --out")
+    recorded = _recorded_run(out)
+    if recorded == run or not ((out / "clone.pnc").exists() or recorded is not None):
+        return False
+    if force:
+        return True
+    what = "a clone.pnc of unknown origin" if recorded is None else \
+        f"a clone of another run ({', '.join(k for k in run if recorded.get(k) != run[k]) or 'settings'} differ)"
+    raise OutputError(f"--out {out} already holds {what}; pass --force to replace it, or choose another --out "
+                      "(rerunning the same command resumes or repeats that run)")
+
+
+def precheck_clone_out(out: Path, target: str, sources: list[tuple[str, str]], seed: int, force: bool) -> None:
+    """:func:`check_clone_out` by names only, for when the models may not be trained yet
+    (``pnc demo``): refuse early a folder holding a clone of other models, classes or seed."""
+    check_output_dir(out, "--out")
+    recorded = _recorded_run(out)
+    if force or not ((out / "clone.pnc").exists() or recorded is not None):
+        return
+    same = recorded is not None and recorded.get("target", [None])[0] == target and recorded.get("seed") == seed \
+        and [list(s[:2]) for s in recorded.get("sources", [])] == [list(s) for s in sources]
+    if not same:
+        raise OutputError(f"--out {out} already holds a clone of another run; pass --force to replace it, or "
+                          "choose another --out")
+
+
+class _Stopwatch:
+    """Seconds spent on a run over all its attempts, kept in DIR/.ckpt/elapsed.json (written every
+    few seconds and at the end, so a killed attempt still counts up to its last beat)."""
+
+    def __init__(self, folder: Path, resume: bool, beat: float = 5.0) -> None:
+        self.path, self.beat = folder / ELAPSED_FILE, beat
+        self.before = self._previous() if resume else 0.0
+        self.start = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _previous(self) -> float:
+        try:
+            doc = json.loads(self.path.read_text())
+            return 0.0 if doc.get("finished") else max(0.0, float(doc["seconds"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+    def save(self, finished: bool = False) -> None:
+        atomic_write_text(self.path, json.dumps({"seconds": round(self.seconds(), 3), "finished": finished}))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.beat):
+            try:
+                self.save()
+            except OSError:
+                return
+
+    def __enter__(self) -> _Stopwatch:
+        self.save()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if exc[0] is not None:
+            self.save()
+
+
+def run_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]], out: Path, *, seed: int = 0,
+              data_dir: str | None = None, fraction: float = 0.3, config: SearchConfig | None = None,
+              progress: bool = True, force: bool = False, plan: ClonePlan | None = None) -> tuple[ClonedNetwork, dict]:
+    """Clone each (source name, class spec) into the target; write DIR/clone.pnc and DIR/report.json.
+
+    Returns (the cloned network, the report). Everything is checked before anything is
+    written (:func:`plan_clone`, :func:`check_clone_out`); an interrupted run resumes from the
+    checkpoints in DIR/.ckpt, and report.json's ``seconds`` counts every attempt."""
+    config = config or SearchConfig(seed=seed)
+    plan = plan or plan_clone(store, target_name, sources, seed=seed, data_dir=data_dir, fraction=fraction,
+                              config=config)
+    out = Path(out)
+    replace = check_clone_out(out, plan.run, force)
+    if replace:
+        shutil.rmtree(out / ".ckpt", ignore_errors=True)
+    resume = _recorded_run(out) == plan.run
+    atomic_write_text(out / ".ckpt" / RUN_FILE, json.dumps(plan.run, indent=2))
+    with _Stopwatch(out / ".ckpt", resume) as watch:
+        net, report = _execute(plan, store, out, config, progress)
+        report["seconds"] = round(watch.seconds(), 2)
+        atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+        watch.save(finished=True)
+    return net, report
+
+
+def _execute(plan: ClonePlan, store: ZooStore, out: Path, config: SearchConfig,
+             progress: bool) -> tuple[ClonedNetwork, dict]:
+    """The clone itself (after every check): branches, clone.pnc, and the report (without seconds)."""
+    net, tasks, models, branches = None, [], [], []
+    for k, (source_name, source, task) in enumerate(plan.sources):
         name = source_name if source_name not in (b["name"] for b in branches) else f"{source_name}-{k}"
-        net = clone(target, source, **task.clone_inputs(), config=config or SearchConfig(seed=seed), into=net, name=name,
+        net = clone(plan.target, source, **task.clone_inputs(), config=config, into=net, name=name,
                     source_name=source_name, checkpoint_dir=out / ".ckpt" / name, cache_dir=out / ".cache",
                     progress=progress)
         rep = net.branches[name].report
@@ -83,18 +236,19 @@ def run_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]],
                          **asdict(rep)})
         tasks.append(task)
         models.append((source, task.source_label_index()))
-    patch_bytes = save_patch(net, out / "clone.pnc", target_name=target_name, input_size=t_card.input_size,
+    assert net is not None  # plan_clone refuses an empty source list
+    patch_bytes = save_patch(net, out / "clone.pnc", target_name=plan.target_name,
+                             input_size=plan.t_card.input_size,
                              tasks={b["name"]: t.to_dict() for b, t in zip(branches, tasks)})
-    acc = compare(net, target, models, tasks)
+    acc = compare(net, plan.target, models, tasks)
     report = {
-        "target": target_name, "ori_acc": acc["clone"]["ori"], "tar_acc": acc["clone"]["tar"],
+        "target": plan.target_name, "ori_acc": acc["clone"]["ori"], "tar_acc": acc["clone"]["tar"],
         "avg_acc": acc["clone"]["avg"], "target_acc": acc["target"], "ensemble_acc": acc["ensemble"],
         "target_cut": branches[0]["target_cut"], "source_cut": branches[0]["source_cut"],
         "patch_bytes": patch_bytes,
-        "source_bytes": sum(os.path.getsize(store.path(s) / WEIGHTS_FILE) for s, _ in sources),
-        "seconds": round(time.perf_counter() - start, 2), "branches": branches,
+        "source_bytes": sum(os.path.getsize(store.path(s) / WEIGHTS_FILE) for s, _, _ in plan.sources),
+        "seconds": None, "branches": branches, "run": plan.run,
     }
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     return net, report
 
 
@@ -104,17 +258,46 @@ def _class_spec(spec: str, names: list[str]) -> list[int]:
     return parse_classes(spec, names)
 
 
+def patch_path(path: str | Path) -> Path:
+    """The patch file a user named: a .pnc file, or the ``pnc clone --out`` folder holding clone.pnc."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if (path / "clone.pnc").is_file():
+            return path / "clone.pnc"
+        raise PatchError(f"{path} is a folder without a clone.pnc; give the patch file, e.g. the "
+                         "DIR/clone.pnc that `pnc clone --out DIR` wrote")
+    return check_input_file(path, "a .pnc patch", "make one with `pnc clone ... --out DIR`", PatchError)
+
+
+def _branch_task(branch: dict, t_card: ModelCard, s_card: ModelCard, dataset: DatasetSplits) -> CloneTask:
+    """The clone task a patch records for a branch; for a patch saved without ``tasks=``, the one
+    its zoo cards imply (target and source classes from the cards, the cloned classes from the
+    branch's source outputs): enough to evaluate, since evaluation uses test images only."""
+    if branch.get("task") is not None:
+        return CloneTask.from_json(branch["task"], dataset=dataset)
+    try:
+        clone_classes = [s_card.classes[i] for i in branch["source_outputs"]]
+    except (IndexError, TypeError) as err:
+        raise PatchError(f"branch {branch['name']!r} records no clone task and its source outputs "
+                         f"{branch.get('source_outputs')} do not fit source {s_card.name!r} ({err}); save "
+                         "the patch with save_patch(..., tasks={name: task.to_dict()})") from None
+    return CloneTask(dataset, t_card.classes, s_card.classes, clone_classes)
+
+
 def evaluate_patch(path: Path, store: ZooStore, data_dir: str | None = None) -> dict:
     """Rebuild a patch's clone from the zoo and measure it like ``pnc clone`` did."""
+    path = patch_path(path)
     net, meta = store.load_patch(path)
     target, t_card = store.load(meta["target"]["name"])
     dataset = load_dataset(t_card.dataset, data_dir)
     tasks, models = [], []
     for b in meta["branches"]:
-        if b.get("task") is None:
-            raise PncError(f"{path}: branch {b['name']!r} records no clone task, so it cannot be evaluated")
-        tasks.append(CloneTask.from_json(b["task"], dataset=dataset))
-        models.append((store.load(b["source"]["name"])[0], b["source_outputs"]))
+        source, s_card = store.load(b["source"]["name"])
+        if s_card.dataset != t_card.dataset:
+            raise PatchError(f"{path}: branch {b['name']!r} clones from {s_card.dataset} into a "
+                             f"{t_card.dataset} target; pnc eval measures clones within one dataset")
+        tasks.append(_branch_task(b, t_card, s_card, dataset))
+        models.append((source, b["source_outputs"]))
     acc = compare(net, target, models, tasks)
     return {"patch": str(path), "ori_acc": acc["clone"]["ori"], "tar_acc": acc["clone"]["tar"],
             "avg_acc": acc["clone"]["avg"], "target_acc": acc["target"], "ensemble_acc": acc["ensemble"]}
@@ -144,9 +327,13 @@ def _cmd_clone(args) -> int:
     if len(args.source) != len(args.classes):
         raise TaskError("give one --classes per --source (e.g. --source A --classes S --source B --classes 7)")
     config = SearchConfig(seed=args.seed, mask_ratio=args.mask_ratio)
-    _, report = run_clone(_store(args), args.target, list(zip(args.source, args.classes)), Path(args.out),
-                       seed=args.seed, data_dir=args.data_dir, fraction=args.fraction, config=config,
-                       progress=not args.json)
+    store, sources, out = _store(args), list(zip(args.source, args.classes)), Path(args.out)
+    check_output_dir(out, "--out")  # before loading anything: the cheapest check first
+    plan = plan_clone(store, args.target, sources, seed=args.seed, data_dir=args.data_dir,
+                      fraction=args.fraction, config=config)
+    _, report = run_clone(store, args.target, sources, out, seed=args.seed, data_dir=args.data_dir,
+                          fraction=args.fraction, config=config, progress=not args.json, force=args.force,
+                          plan=plan)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -161,7 +348,7 @@ def _cmd_clone(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    report = evaluate_patch(Path(args.patch), _store(args), args.data_dir)
+    report = evaluate_patch(patch_path(args.patch), _store(args), args.data_dir)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -172,7 +359,8 @@ def _cmd_eval(args) -> int:
 def _cmd_demo(args) -> int:
     from pnc.zoo.defaults import default_pair, ensure_default
 
-    store = _store(args)
+    store = writable_zoo(args.zoo_dir)
+    check_output_dir(Path(args.out), "--out")
     try:
         load_dataset("fashion-mnist", args.data_dir)
         dataset, arch = "fashion-mnist", "lenet5"
@@ -181,12 +369,14 @@ def _cmd_demo(args) -> int:
         dataset, arch = "digits", "cnn4"
     start = time.perf_counter()
     target, source = default_pair(dataset, arch)
+    precheck_clone_out(Path(args.out), target, [(source, "S")], args.seed, args.force)
     for name in (target, source):
         card = ensure_default(store, name, args.data_dir)
         print(f"zoo: {name} ({card.arch} on {card.dataset}, classes {card.classes}, "
               f"test accuracy {100 * card.test_accuracy:.2f}%)")
     out = Path(args.out)
-    net, report = run_clone(store, target, [(source, "S")], out, seed=args.seed, data_dir=args.data_dir)
+    net, report = run_clone(store, target, [(source, "S")], out, seed=args.seed, data_dir=args.data_dir,
+                            force=args.force)
     print_table(report)
     print(f"cloned {report['branches'][0]['classes']} from {source} into {target} at R = {report['target_cut']}; "
           f"patch {report['patch_bytes']:,} bytes (source checkpoint {report['source_bytes']:,})")
@@ -212,21 +402,24 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", action="append", required=True,
                    help="classes to clone from that source: S (20%%), M (60%%), 5-6, 5,7 or names")
     p.add_argument("--out", required=True, help="output folder for clone.pnc and report.json")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fraction", type=float, default=0.3, help="share of the clone classes' training images")
-    p.add_argument("--mask-ratio", type=float, default=0.5, help="kept share of each channel group")
+    p.add_argument("--seed", type=seed_number, default=0)
+    p.add_argument("--fraction", type=share, default=0.3,
+                   help="share of the clone classes' training images, in (0, 1]")
+    p.add_argument("--mask-ratio", type=share, default=0.5, help="kept share of each channel group, in (0, 1]")
     p.add_argument("--json", action="store_true", help="print report.json instead of a table")
+    add_force(p, "a clone of another run in --out (rerunning the same command resumes without it)")
     common(p)
     p.set_defaults(func=_cmd_clone)
 
     p = sub.add_parser("eval", help="rebuild a .pnc patch from the zoo and measure Ori / Tar / Avg")
-    p.add_argument("patch")
+    p.add_argument("patch", help="a .pnc patch, or the folder `pnc clone --out` wrote it in")
     p.add_argument("--json", action="store_true")
     common(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="the main job on the embedded default pair, end to end")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_number, default=0)
+    add_force(p, "a clone of another run in --out")
     common(p)
     p.set_defaults(func=_cmd_demo)

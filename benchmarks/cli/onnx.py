@@ -14,26 +14,32 @@ from pathlib import Path
 import torch
 
 from pnc.surgery.errors import ExportError
-from pnc.surgery.onnx_export import OPSET, to_onnx
-from pnc.surgery.onnx_merge import MANIFEST_KEY, read_manifest
 from pnc.surgery.io import atomic_write_bytes
+from pnc.surgery.onnx_export import OPSET, OPSETS, to_onnx
+from pnc.surgery.onnx_merge import MANIFEST_KEY, read_manifest
 from pnc.zoo.store import ZooStore
 
-from .common import add_zoo_dir
+from .clone import patch_path
+from .common import add_zoo_dir, check_input_file, check_output_file, in_range
+
+
+def _is_patch(source: str) -> bool:
+    """A .pnc patch (or a `pnc clone --out` folder) rather than a zoo name (zoo names have no "/")."""
+    return source.endswith(".pnc") or "/" in source or Path(source).is_dir()
 
 
 def _load_source(source: str, zoo_dir: str | None):
     """(model, example input (1, C, H, W)) for a zoo name or a .pnc patch."""
     store = ZooStore(zoo_dir)
-    if source.endswith(".pnc") or "/" in source:  # zoo names have no "/"
-
-        net, meta = store.load_patch(source)
+    if _is_patch(source):
+        net, meta = store.load_patch(patch_path(source))
         return net, torch.zeros(1, *meta["input_size"])
     model, card = store.load(source)
     return model, torch.zeros(1, *card.input_size)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    check_output_file(args.out, not_same_as=patch_path(args.source) if _is_patch(args.source) else None)
     model, example = _load_source(args.source, args.zoo_dir)
     proto = to_onnx(model, example, args.opset)
     data = proto.SerializeToString()
@@ -52,12 +58,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_detach(args: argparse.Namespace) -> int:
     from pnc.surgery.onnx_detach import branch_names, detach_model, load_onnx
 
+    check_input_file(args.file, "an ONNX file", "make one with `pnc export CLONE.pnc --out FILE.onnx`", ExportError)
+    if not args.list:
+        if args.out is None:
+            raise ExportError("say where to write the result: --out FILE.onnx")
+        check_output_file(args.out, not_same_as=args.file)
     model = load_onnx(args.file)
     if args.list:
         print("\n".join(branch_names(model)))
         return 0
-    if args.out is None:
-        raise ExportError("say where to write the result: --out FILE.onnx")
     before = branch_names(model)
     result = detach_model(model, None if args.all else args.branch)
     data = result.SerializeToString()
@@ -75,7 +84,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     export.add_argument("source", help="a zoo model name, or a .pnc patch made by `pnc clone`")
     export.add_argument("--out", required=True, help="the .onnx file to write")
     add_zoo_dir(export)
-    export.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    export.add_argument("--opset", type=in_range(int, OPSETS.start, OPSETS.stop - 1), default=OPSET,
+                        help=f"ONNX opset, {OPSETS.start}-{OPSETS.stop - 1} (default {OPSET})")
     export.set_defaults(func=_cmd_export)
 
     detach = sub.add_parser("detach", help="remove cloned branches from a pnc ONNX export",

@@ -14,20 +14,21 @@ import torch
 
 from pnc.surgery.cuts import cut_points, find_cut
 from pnc.surgery.errors import CutError
-from pnc.surgery.onnx_export import INPUT, LOGITS, OPSET
+from pnc.surgery.onnx_export import INPUT, LOGITS, OPSET, OPSETS
 from pnc.surgery.pieces import Piece, PieceCheck, save_pieces
 from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import TracedModel, default_input, trace
 from pnc.zoo.resolve import resolve_model
 from pnc.zoo.store import ZooStore
 
-from .common import add_zoo_dir, input_size
+from .common import add_zoo_dir, check_output_dir, in_range, input_size
 
 #: the batch the pieces are checked at (not the one traced: the pieces must generalise)
 CHECK_BATCH = 3
 
 
 def _traced(args: argparse.Namespace) -> tuple[TracedModel, torch.Tensor]:
+    check_output_dir(args.out, "--out")
     model, size = resolve_model(args.model, args.input_size, store=ZooStore(args.zoo_dir))
     x = default_input(model, size)
     return trace(model, x), default_input(model, tuple(x.shape[1:]), batch=CHECK_BATCH)
@@ -78,7 +79,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                                      "`pnc zoo export`, or package.module:factory")
         p.add_argument("--input-size", type=input_size, help="C,H,W (default: the model's own)")
         p.add_argument("--out", required=True, help="folder for the .onnx, .safetensors and pieces.json")
-        p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+        p.add_argument("--opset", type=in_range(int, OPSETS.start, OPSETS.stop - 1), default=OPSET,
+                       help=f"ONNX opset, {OPSETS.start}-{OPSETS.stop - 1} (default {OPSET})")
         add_zoo_dir(p)
 
     split = sub.add_parser("split", help="cut a model at a cut point into prefix and suffix (ONNX + safetensors)")
