@@ -4,9 +4,9 @@ The branch reads the target's features at its cut R and its pre-logit features, 
 (correction to the target's logits, logits of the cloned classes)::
 
     cut (B, *target_cut_shape) --A--> (B, *source_cut_shape) --M_f--> feats (B, d_f)
-    correction = W_old @ feats                          (B, |T_t|), W_old starts at zero
-    new        = W_new @ [target_prelogits, feats] + b  (B, |T_s|), feats' part starts as
-                                                         the source classifier's T_s rows
+    correction = W_old @ feats + U_old @ target_prelogits + c   (B, |T_t|), starts at zero
+    new        = W_new @ [target_prelogits, feats] + b          (B, |T_s|), feats' part starts
+                                                                 as the source classifier's T_s rows
 """
 from __future__ import annotations
 
@@ -32,8 +32,11 @@ class ExtendedHead(nn.Module):
     def __init__(self, target_dim: int, branch_dim: int, num_old: int, num_new: int):
         super().__init__()
         self.old = nn.Linear(branch_dim, num_old, bias=False)
+        self.old_target = nn.Linear(target_dim, num_old)
         self.new = nn.Linear(target_dim + branch_dim, num_new)
         nn.init.zeros_(self.old.weight)
+        nn.init.zeros_(self.old_target.weight)
+        nn.init.zeros_(self.old_target.bias)
         nn.init.zeros_(self.new.weight)
         nn.init.zeros_(self.new.bias)
         self.target_dim = target_dim
@@ -47,13 +50,22 @@ class ExtendedHead(nn.Module):
 
     def forward(self, target_feats: Tensor, branch_feats: Tensor) -> tuple[Tensor, Tensor]:
         """(B, target_dim), (B, branch_dim) -> correction (B, |T_t|), new logits (B, |T_s|)."""
-        return self.old(branch_feats), self.new(torch.cat([target_feats, branch_feats], 1))
+        correction = self.old(branch_feats) + self.old_target(target_feats)
+        return correction, self.new(torch.cat([target_feats, branch_feats], 1))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's; a head saved before ``old_target`` existed loads with it at zero."""
+        state_dict = dict(state_dict)
+        for key in ("old_target.weight", "old_target.bias"):
+            state_dict.setdefault(key, torch.zeros_like(self.state_dict()[key]))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def keep_branch_features(self, kept: Tensor) -> "ExtendedHead":
         """A copy that reads only the branch features ``kept`` (after structural pruning)."""
         head = ExtendedHead(self.target_dim, len(kept), self.old.out_features, self.new.out_features)
         with torch.no_grad():
             head.old.weight.copy_(self.old.weight[:, kept])
+            head.old_target.load_state_dict(self.old_target.state_dict())
             head.new.weight.copy_(torch.cat([self.new.weight[:, : self.target_dim],
                                              self.new.weight[:, self.target_dim:][:, kept]], 1))
             head.new.bias.copy_(self.new.bias)

@@ -4,6 +4,10 @@
     localization and insertion trained jointly (Eq. 5-8), then prune the source's layers
     after R' to the learned masks and graft them, through the adapter, into the target.
 
+The available images (``task.available_set()``: the clone set and, in the paper's setting,
+an ``old_fraction`` of the target classes' images) are split per class into a training
+part and a held-out part (``config.holdout``) on which R is selected.
+
 Neither network is modified: their state_dict hashes are checked before and after.
 """
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import nn
 
 from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.errors import DataError, TaskError
-from pnc.surgery.insertion import SearchConfig, SearchContext, build_branch, search
+from pnc.surgery.insertion import SearchConfig, SearchContext, build_branch, search, split_holdout
 from pnc.surgery.local_models import fit_local_models
 from pnc.surgery.tracing import trace
 from pnc.zoo.store import state_dict_sha256
@@ -26,7 +30,8 @@ from pnc.zoo.tasks import CloneTask
 
 @dataclass
 class CloneReport:
-    """What a clone run did: per-R losses/accuracies, the chosen R, sizes and time."""
+    """What a clone run did: per-R losses/accuracies, the chosen R, sizes, time and the
+    images used (``images``: old / clone training images and held-out images)."""
 
     target_cut: str
     source_cut: str
@@ -38,6 +43,7 @@ class CloneReport:
     kept_fraction: float
     seconds: float
     settings: dict = field(default_factory=dict)
+    images: dict = field(default_factory=dict)
 
 
 def _check_outputs(model: nn.Module, x: torch.Tensor, expected: int, role: str) -> None:
@@ -69,7 +75,8 @@ def clone(
     Args:
         target / source: frozen networks with ``len(task.target_classes)`` and
             ``len(task.source_classes)`` outputs.
-        task: classes, clone set (a fraction of T_s's training images) and seed.
+        task: classes, clone set (a fraction of T_s's training images), old-class images
+            (``task.old_fraction`` of T_t's) and seed.
         config: search settings (:class:`SearchConfig`); its seed defaults to the task's.
         into: an existing ClonedNetwork on the same target to add the branch to
             (multi-source cloning); a new one otherwise.
@@ -83,10 +90,13 @@ def clone(
     start = time.perf_counter()
     config = config or SearchConfig(seed=task.seed)
     hashes = state_dict_sha256(target), state_dict_sha256(source)
-    clone_set = task.clone_set()
-    if len(clone_set) == 0:
+    available = task.available_set()
+    num_old = len(task.target_classes)
+    train_idx, held_idx = split_holdout(available.y, config.holdout, config.seed)
+    train_x, train_y = available.x[train_idx], available.y[train_idx]
+    x = train_x[train_y >= num_old]
+    if len(x) == 0:
         raise DataError("the clone set is empty: the clone classes have no training images")
-    x = clone_set.x
     target.eval()  # frozen: never let a forward pass move their BatchNorm statistics
     source.eval()
     _check_outputs(target, x, len(task.target_classes), "target")
@@ -96,8 +106,8 @@ def clone(
                          num_masks=num_masks, grid=grid, seed=config.seed, cache_dir=cache_dir)
     t_traced = into.traced if into is not None else trace(target, x[:2])
     evals = {k: (v.x, v.y) for k, v in task.eval_sets().items()}
-    ctx = SearchContext(t_traced, trace(source, x[:2]), x, task.source_label_index(), g, evals,
-                        len(task.target_classes))
+    ctx = SearchContext(t_traced, trace(source, x[:2]), train_x, train_y, task.source_label_index(), g, evals,
+                        num_old, holdout=(available.x[held_idx], available.y[held_idx]))
     run_key = f"{hashes}{task.to_json()}{g_fraction}{num_masks}{grid}"
     best, results = search(ctx, config, run_key=run_key, checkpoint_dir=checkpoint_dir, progress=progress)
     names = task.dataset.classes
@@ -114,5 +124,8 @@ def clone(
         params_before=rep.params_before, params_after=rep.params_after, macs_before=rep.macs_before,
         macs_after=rep.macs_after, kept_fraction=best.kept_fraction, seconds=time.perf_counter() - start,
         settings={"search": vars(config) | {}, "g_fraction": g_fraction, "num_masks": num_masks, "grid": grid},
+        images={"old_train": int((train_y < num_old).sum()), "clone_train": len(x),
+                "old_holdout": int((available.y[held_idx] < num_old).sum()),
+                "clone_holdout": int((available.y[held_idx] >= num_old).sum())},
     )
     return net

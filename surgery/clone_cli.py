@@ -66,9 +66,13 @@ def compare(net: ClonedNetwork, target: nn.Module, sources: list[tuple[nn.Module
 
 
 def run_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]], out: Path, *, seed: int = 0,
-              data_dir: str | None = None, fraction: float = 0.3, config: SearchConfig | None = None,
-              progress: bool = True) -> tuple[ClonedNetwork, dict]:
+              data_dir: str | None = None, fraction: float = 0.3, old_fraction: float = 0.3,
+              config: SearchConfig | None = None, progress: bool = True) -> tuple[ClonedNetwork, dict]:
     """Clone each (source name, class spec) into the target; write DIR/clone.pnc and DIR/report.json.
+
+    ``fraction`` / ``old_fraction``: shares of the clone classes' / the target classes'
+    training images available while cloning. report.json's ``images`` counts the images
+    of each kind the (first) branch trained and selected R on.
 
     Returns (the cloned network, the report). An interrupted run resumes from the
     checkpoints in DIR/.ckpt."""
@@ -82,7 +86,8 @@ def run_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]],
             raise TaskError(f"target {target_name!r} is on {t_card.dataset} but source {source_name!r} on "
                             f"{s_card.dataset}; clone between models of the same dataset")
         task = CloneTask(dataset, t_card.classes, s_card.classes,
-                         spec if spec in ("S", "M") else _class_spec(spec, dataset.classes), fraction, seed)
+                         spec if spec in ("S", "M") else _class_spec(spec, dataset.classes), fraction, seed,
+                         old_fraction=old_fraction)
         name = source_name if source_name not in (b["name"] for b in branches) else f"{source_name}-{k}"
         net = clone(target, source, task, config=config or SearchConfig(seed=seed), into=net, name=name,
                     source_name=source_name, checkpoint_dir=out / ".ckpt" / name, cache_dir=out / ".cache",
@@ -99,6 +104,7 @@ def run_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]],
         "target": target_name, "ori_acc": acc["clone"]["ori"], "tar_acc": acc["clone"]["tar"],
         "avg_acc": acc["clone"]["avg"], "target_acc": acc["target"], "ensemble_acc": acc["ensemble"],
         "target_cut": branches[0]["target_cut"], "source_cut": branches[0]["source_cut"],
+        "fraction": fraction, "old_fraction": old_fraction, "images": branches[0]["images"],
         "patch_bytes": patch_bytes,
         "source_bytes": sum(os.path.getsize(store.path(s) / WEIGHTS_FILE) for s, _ in sources),
         "seconds": round(time.perf_counter() - start, 2), "branches": branches,
@@ -154,7 +160,8 @@ def _cmd_clone(args) -> int:
         raise TaskError("give one --classes per --source (e.g. --source A --classes S --source B --classes 7)")
     config = SearchConfig(seed=args.seed, mask_ratio=args.mask_ratio)
     _, report = run_clone(_store(args), args.target, list(zip(args.source, args.classes)), Path(args.out),
-                       seed=args.seed, data_dir=args.data_dir, fraction=args.fraction, config=config,
+                       seed=args.seed, data_dir=args.data_dir, fraction=args.fraction,
+                       old_fraction=args.old_fraction, config=config,
                        progress=not args.json)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -164,6 +171,9 @@ def _cmd_clone(args) -> int:
             print(f"branch {b['name']!r}: R = {b['target_cut']} (target) <- R' = {b['source_cut']} (source); "
                   f"transferable module {b['params_before']:,} -> {b['params_after']:,} params, "
                   f"{b['macs_before']:,} -> {b['macs_after']:,} MACs")
+        im = report["images"]
+        print(f"images: {im['old_train']} of the target's classes + {im['clone_train']} of the cloned classes "
+              f"to train, {im['old_holdout'] + im['clone_holdout']} held out to choose R")
         print(f"patch {report['patch_bytes']:,} bytes vs source checkpoint {report['source_bytes']:,} bytes; "
               f"{report['seconds']:.0f} s; wrote {args.out}/clone.pnc and report.json")
     return 0
@@ -223,6 +233,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder for clone.pnc and report.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fraction", type=float, default=0.3, help="share of the clone classes' training images")
+    p.add_argument("--old-fraction", type=float, default=0.3,
+                   help="share of the target classes' training images available while cloning "
+                        "(default 0.3, the paper's setting; 0: none)")
     p.add_argument("--mask-ratio", type=float, default=0.5, help="kept share of each channel group")
     p.add_argument("--json", action="store_true", help="print report.json instead of a table")
     common(p)
