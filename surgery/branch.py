@@ -96,6 +96,8 @@ class TransferableModule(nn.Module):
         self.register_buffer("features", features, persistent=False)
         self.keep = keep
         self.report = report
+        #: its weights were fine-tuned (they differ from the source's and go into patches)
+        self.tuned = False
 
     @classmethod
     def from_keep(cls, body_with_head: torch.fx.GraphModule, head: str, example: Tensor, layout: str,

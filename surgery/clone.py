@@ -3,6 +3,8 @@
     M_c <- Clone(M_t, M, M_s, R):  fit G on the source (Eq. 4), then search R with
     localization and insertion trained jointly (Eq. 5-8), then prune the source's layers
     after R' to the learned masks and graft them, through the adapter, into the target.
+    With old-class images, the grafted branch (A, the pruned copy M_f, F_c) is then
+    fine-tuned with L_ins and kept so if its held-out error falls.
 
 The available images (``task.available_set()``: the clone set and, in the paper's setting,
 an ``old_fraction`` of the target classes' images) are split per class into a training
@@ -21,7 +23,7 @@ from torch import nn
 
 from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.errors import DataError, TaskError
-from pnc.surgery.insertion import SearchConfig, SearchContext, build_branch, search, split_holdout
+from pnc.surgery.insertion import SearchConfig, SearchContext, build_branch, search, split_holdout, tune_branch
 from pnc.surgery.local_models import fit_local_models
 from pnc.surgery.tracing import trace
 from pnc.zoo.store import state_dict_sha256
@@ -30,8 +32,9 @@ from pnc.zoo.tasks import CloneTask
 
 @dataclass
 class CloneReport:
-    """What a clone run did: per-R losses/accuracies, the chosen R, sizes, time and the
-    images used (``images``: old / clone training images and held-out images)."""
+    """What a clone run did: per-R losses/accuracies, the chosen R, sizes, time, the images
+    used (``images``: old / clone training images and held-out images) and the chosen
+    branch's fine-tuning (``tuning``: held-out metrics before / after, kept or not)."""
 
     target_cut: str
     source_cut: str
@@ -44,6 +47,7 @@ class CloneReport:
     seconds: float
     settings: dict = field(default_factory=dict)
     images: dict = field(default_factory=dict)
+    tuning: dict = field(default_factory=dict)
 
 
 def _check_outputs(model: nn.Module, x: torch.Tensor, expected: int, role: str) -> None:
@@ -113,6 +117,7 @@ def clone(
     names = task.dataset.classes
     branch = build_branch(ctx, best, classes=[names[c] for c in task.clone_classes], source_name=source_name,
                           source_sha256=hashes[1])
+    tuning = tune_branch(ctx, branch, config) if ctx.arbitrate and ctx.holdout is not None and config.tune_epochs else {}
     net = into or ClonedNetwork(target, x[:2], [names[c] for c in task.target_classes], traced=t_traced)
     name = name or source_name or f"branch{len(net.branches)}"
     net.add_branch(name, branch)
@@ -127,5 +132,6 @@ def clone(
         images={"old_train": int((train_y < num_old).sum()), "clone_train": len(x),
                 "old_holdout": int((available.y[held_idx] < num_old).sum()),
                 "clone_holdout": int((available.y[held_idx] >= num_old).sum())},
+        tuning=tuning,
     )
     return net

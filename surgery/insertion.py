@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,12 @@ class SearchConfig:
     kept) and ``candidates`` fixes the target cuts to try (["first"] is "w/o Insert").
     ``holdout`` is the share of the available images (per class) kept out of training to
     select R; ``ce_weight`` weighs L_ins's cross-entropy when old-class images are given.
+    ``tune_epochs`` / ``tune_lr``: with old-class images, the chosen branch's A, its pruned
+    copy of M_f and F_c are then fine-tuned with L_ins (Adam, cosine schedule; the target
+    stays frozen), kept only if the held-out error falls; 0 epochs: never.
+    ``clean_fraction``: the share of unperturbed images in L_ins's batches; None: 1 with
+    old-class images (measured best there), 0.25 without (L_ins then distils to the
+    source on perturbed images, and the perturbation helped).
     """
 
     mask_ratio: float = 0.5
@@ -78,11 +85,13 @@ class SearchConfig:
     temperature: float = 2.0
     loc_weight: float = 1.0
     budget_weight: float = 1.0
-    clean_fraction: float = 0.25
+    clean_fraction: float | None = None
     min_steps_per_epoch: int = 25
     candidates: list[str] | None = None
     holdout: float = 0.2
     ce_weight: float = 1.0
+    tune_epochs: int = 6
+    tune_lr: float = 3e-3
     seed: int = 0
 
     def key(self) -> str:
@@ -119,6 +128,16 @@ def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """KL(softmax(teacher/T) || softmax(student/T)) * T^2 over the joint logit vector (B, K)."""
     t = temperature
     return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
+
+
+def joint_teacher(old: Tensor, new: Tensor, labels: Tensor | None) -> Tensor:
+    """L_ins's teacher (B, |T_t| + |T_s|) from target logits ``old`` (B, |T_t|) and source
+    logits of T_s ``new`` (B, |T_s|): their concatenation (the direct ensemble) when
+    ``labels`` is None; else, per image, the side its joint label (B,) is not on is -inf."""
+    if labels is not None:
+        is_old = (labels < old.shape[1]).unsqueeze(1)
+        old, new = old.masked_fill(~is_old, -math.inf), new.masked_fill(is_old, -math.inf)
+    return torch.cat([old, new], 1)
 
 
 def split_holdout(labels: Tensor, share: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -165,9 +184,30 @@ class SearchContext:
         #: old-class images are available: L_ins arbitrates between old and new outputs
         self.arbitrate = bool((train_y < num_old).any())
         self.t_cls, self.s_cls = classifier_of(target), classifier_of(source)
+        self.source_logits = extract(source, None, [self.s_cls.node])
+        self.target_logits = extract(target, None, [self.t_cls.node])
         self.t_blocks = cut_points(target, blocks=True, verify=False)
         self.s_blocks = cut_points(source, blocks=True, verify=False)
         self.grid = int(round(g.masks.shape[1] ** 0.5))
+
+    @torch.no_grad()
+    def teacher(self, target_logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """L_ins's teacher (B, |T_t| + |T_s|) for images x with joint labels y (B,), given the
+        target's logits on them (B, |T_t|): :func:`joint_teacher`, per image when arbitrating."""
+        new = self.source_logits(x)[:, self.source_outputs]
+        return joint_teacher(target_logits, new, y if self.arbitrate else None)
+
+    @torch.no_grad()
+    def holdout_metrics(self, logits_fn: Callable[[Tensor], Tensor], temperature: float) -> dict[str, float]:
+        """Of a cloned network's ``logits_fn`` (B, C, H, W) -> (B, K) on the held-out clean
+        images: joint accuracy, cross-entropy and the KD loss to the direct-ensemble teacher
+        (the same images and teacher for every R, so comparable across cuts)."""
+        x, y = self.holdout
+        logits = torch.cat([logits_fn(xb) for xb in x.split(512)])
+        ensemble = torch.cat([joint_teacher(self.target_logits(xb), self.source_logits(xb)[:, self.source_outputs],
+                                            None) for xb in x.split(512)])
+        return {"acc": float((logits.argmax(1) == y).float().mean()), "ce": float(F.cross_entropy(logits, y)),
+                "kd": float(kd_loss(logits, ensemble, temperature)), "images": len(y)}
 
     def candidates(self, names: list[str] | None) -> list[tuple[CutPoint, CutPoint]]:
         """(R, R') pairs, R from the last target block cut to the first.
@@ -207,7 +247,6 @@ class CandidateTrainer:
         self.taps = extract(t, None, [r.node, ctx.t_cls.input_node, ctx.t_cls.node])
         self.s_prefix = extract(s, None, [r_src.node])
         self.s_body = extract(s, r_src.node, [ctx.s_cls.input_node, ctx.s_cls.node])
-        self.teacher_source = extract(s, None, [ctx.s_cls.node])
         gen = torch.Generator().manual_seed(config.seed)
         sample = ctx.train_x[torch.randperm(len(ctx.train_x), generator=gen)[:256]]
         with torch.no_grad():
@@ -225,6 +264,12 @@ class CandidateTrainer:
         b = head_module.bias[ctx.source_outputs] if head_module.bias is not None else None
         self.head.init_from_source(w.detach(), None if b is None else b.detach())
 
+    @property
+    def clean_fraction(self) -> float:
+        if self.config.clean_fraction is not None:
+            return self.config.clean_fraction
+        return 1.0 if self.ctx.arbitrate else 0.25
+
     # -- forward pieces --------------------------------------------------------------
     def cloned_logits(self, x: Tensor) -> Tensor:
         """The cloned network with this candidate's branch: (B, |T_t| + |T_s|)."""
@@ -238,11 +283,7 @@ class CandidateTrainer:
     def teacher(self, x: Tensor, y: Tensor) -> Tensor:
         """(B, |T_t| + |T_s|) teacher logits of L_ins for images x with joint labels y (B,):
         [target, source T_s] without old-class images, else the losing side set to -inf."""
-        old, new = self.taps(x)[2], self.teacher_source(x)[:, self.ctx.source_outputs]
-        if self.ctx.arbitrate:
-            is_old = (y < self.ctx.num_old).unsqueeze(1)
-            old, new = old.masked_fill(~is_old, -math.inf), new.masked_fill(is_old, -math.inf)
-        return torch.cat([old, new], 1)
+        return self.ctx.teacher(self.taps(x)[2], x, y)
 
     def loss_ins(self, x: Tensor, y: Tensor) -> Tensor:
         """L_ins (Eq. 7) on images x (B, C, H, W) with joint labels y (B,)."""
@@ -252,16 +293,9 @@ class CandidateTrainer:
             loss = loss + self.config.ce_weight * F.cross_entropy(logits, y)
         return loss
 
-    @torch.no_grad()
     def holdout_metrics(self) -> dict[str, float]:
-        """On the held-out clean images: joint accuracy, cross-entropy and the KD loss to the
-        direct-ensemble teacher (the same images and teachers for every R)."""
-        x, y = self.ctx.holdout
-        logits = torch.cat([self.cloned_logits(xb) for xb in x.split(512)])
-        ensemble = torch.cat([torch.cat([self.taps(xb)[2], self.teacher_source(xb)[:, self.ctx.source_outputs]], 1)
-                              for xb in x.split(512)])
-        return {"acc": float((logits.argmax(1) == y).float().mean()), "ce": float(F.cross_entropy(logits, y)),
-                "kd": float(kd_loss(logits, ensemble, self.config.temperature)), "images": len(y)}
+        """This candidate's :meth:`SearchContext.holdout_metrics`."""
+        return self.ctx.holdout_metrics(self.cloned_logits, self.config.temperature)
 
     def selection_loss(self, holdout: dict[str, float], train_loss: float) -> float:
         """Held-out error with old-class images, held-out KD without; the training loss
@@ -304,7 +338,7 @@ class CandidateTrainer:
                     loss = loc + cfg.budget_weight * self.masked.budget_penalty(cfg.mask_ratio)
                     selection = loss
                 else:
-                    masks = random_patch_masks(len(rows), self.ctx.grid**2, cfg.clean_fraction, gen)
+                    masks = random_patch_masks(len(rows), self.ctx.grid**2, self.clean_fraction, gen)
                     ins = self.loss_ins(apply_masks(ctx.train_x[rows], masks), ctx.train_y[rows])
                     selection = ins + cfg.loc_weight * loc.detach()
                     loss = ins + cfg.loc_weight * loc
@@ -364,6 +398,51 @@ class CandidateTrainer:
         cfg = self.config
         epochs = cfg.joint_epochs + cfg.binary_epochs + (cfg.loc_epochs if cfg.use_masks and self.masked.groups else 0)
         return epochs * self.steps_per_epoch()
+
+
+def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dict:
+    """Fine-tune a built branch (A, the pruned copy M_f, F_c) with L_ins on the training
+    images, the target frozen; keep the result only if the held-out error falls.
+
+    Returns {"before": held-out metrics, "after": held-out metrics, "kept": bool, "epochs"}."""
+    taps = extract(ctx.target, None, [branch.target_cut, ctx.t_cls.input_node, ctx.t_cls.node])
+
+    def logits_fn(x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, C, H, W) -> (cloned logits (B, K), the target's own logits (B, |T_t|))."""
+        with torch.no_grad():
+            cut, pre, logits = taps(x)
+        correction, new = branch(cut, pre)
+        return torch.cat([logits + correction, new], 1), logits
+
+    branch.eval()
+    before = ctx.holdout_metrics(lambda x: logits_fn(x)[0], config.temperature)
+    saved = {k: v.clone() for k, v in branch.state_dict().items()}
+    branch.body.requires_grad_(True)
+    params = [p for p in branch.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=config.tune_lr)
+    n, gen = len(ctx.train_x), torch.Generator().manual_seed(config.seed)
+    steps = config.tune_epochs * math.ceil(n / config.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    branch.train()
+    for _ in range(config.tune_epochs):
+        for rows in torch.randperm(n, generator=gen).split(config.batch_size):
+            x, y = ctx.train_x[rows], ctx.train_y[rows]
+            logits, target_logits = logits_fn(x)
+            loss = kd_loss(logits, ctx.teacher(target_logits, x, y), config.temperature)
+            loss = loss + config.ce_weight * F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+    branch.body.requires_grad_(False)
+    branch.eval()
+    after = ctx.holdout_metrics(lambda x: logits_fn(x)[0], config.temperature)
+    kept = after["acc"] > before["acc"]
+    if kept:
+        branch.body.tuned = True
+    else:
+        branch.load_state_dict(saved)
+    return {"before": before, "after": after, "kept": kept, "epochs": config.tune_epochs}
 
 
 def build_branch(ctx: SearchContext, result: CandidateResult, *, classes: list[str],

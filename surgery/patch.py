@@ -1,7 +1,8 @@
 """Patch files (``.pnc``): the paper's transmission form {M, R, A, F_c}.
 
 One safetensors file. Its tensors, per branch ``b``: ``b/keep.<group>`` (kept channel
-indices of each coupling group = M), ``b/adapter.*`` (A), ``b/head.*`` (F_c). Its JSON
+indices of each coupling group = M), ``b/adapter.*`` (A), ``b/head.*`` (F_c) and, when the
+branch's pruned module was fine-tuned while cloning, ``b/module.*`` (its weights). Its JSON
 metadata (key ``pnc``): the format version, the target's and each source's zoo name and
 state_dict sha256, the cut node names R (target) and R' (source), class names, the
 adapter spec and each branch's clone task. With the public zoo models it names, the patch
@@ -42,6 +43,8 @@ def save_patch(net: ClonedNetwork, path: str | Path, *, target_name: str, input_
         for part, module in (("adapter", b.adapter), ("head", b.head)):
             tensors |= {f"{name}/{part}.{k}": v.detach().contiguous() for k, v in module.state_dict().items()}
         tensors |= {f"{name}/keep.{g}": idx.to(torch.int64) for g, idx in b.body.keep.items()}
+        if b.body.tuned:
+            tensors |= {f"{name}/module.{k}": v.detach().contiguous() for k, v in b.body.body.state_dict().items()}
         branches.append({
             "name": name, "source": {"name": b.source_name, "sha256": b.source_sha256},
             "target_cut": b.target_cut, "source_cut": b.source_cut, "classes": b.classes,
@@ -96,6 +99,10 @@ def load_patch(path: str | Path, store: ZooStore) -> tuple[ClonedNetwork, dict]:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
         module = transferable_module(trace(source, example), b["source_cut"], example, part(f"{name}/keep."))
+        tuned = part(f"{name}/module.")
+        if tuned:
+            module.body.load_state_dict(tuned)
+            module.tuned = True
         adapter = make_adapter(**b["adapter"])
         adapter.load_state_dict(part(f"{name}/adapter."))
         head = ExtendedHead(net.classifier.in_features, len(module.features), len(net.target_classes),

@@ -66,7 +66,10 @@ def test_clone_learns_new_class_and_keeps_old(digits, cloned):
     report = net.branches["src"].report
     assert report.params_after < report.params_before
     assert {c["target_cut"] for c in report.candidates} >= {report.target_cut}
-    assert report.target_cut == min(report.candidates, key=lambda c: c["loss"])["target_cut"]
+    best = min(report.candidates, key=lambda c: (c["loss"], c["holdout"].get("ce", 0.0)))
+    assert report.target_cut == best["target_cut"]
+    assert all(c["holdout"]["images"] == sum(report.images[k] for k in ("old_holdout", "clone_holdout"))
+               for c in report.candidates)
 
 
 def test_invariants_unchanged_and_detach_exact(digits, cloned):
@@ -204,3 +207,21 @@ def test_multi_branch_clone_and_partial_detach(digits, cloned):
         assert float((multi(x).argmax(1) == 6).float().mean()) > 0.5  # the "6" branch answers its class
         multi.detach("six")
         assert torch.equal(multi(x), single(x))
+
+
+def test_arbitrating_insertion_keeps_old_classes_when_old_images_are_given(digits):
+    ds, _, target, source = digits
+    ori, stolen = {}, {}
+    for old_fraction in (0.0, 0.3):
+        task = CloneTask(ds, list(range(5)), list(range(5, 10)), "M", seed=0, old_fraction=old_fraction)
+        net = clone(target, source, task, config=SearchConfig(seed=0, **QUICK), progress=False)
+        old = task.eval_sets()["ori"]
+        with torch.no_grad():
+            pred = net(old.x).argmax(1)
+        ori[old_fraction] = float((pred == old.y).float().mean())
+        stolen[old_fraction] = int((pred >= len(task.target_classes)).sum())  # old images lost to new classes
+        images = net.branches["branch0"].report.images
+        assert (images["old_train"] > 0) == (old_fraction > 0) and images["clone_holdout"] > 0
+    assert stolen[0.3] < stolen[0.0]
+    assert ori[0.3] > ori[0.0]
+    assert ori[0.3] >= evaluate(target, task.target_test()) - 0.01

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from pnc.surgery.clone import clone
 from pnc.surgery.cut_points import classifier_of
 from pnc.surgery.errors import TaskError
-from pnc.surgery.insertion import SearchConfig, kd_loss
+from pnc.surgery.insertion import SearchConfig, joint_teacher, kd_loss
 from pnc.surgery.tracing import trace
 from pnc.zoo.metrics import LogitsFn, inference_macs
 from pnc.zoo.store import state_dict_sha256
@@ -292,13 +292,14 @@ def _continual(task: CloneTask, target: nn.Module, source: nn.Module, seed: int,
     data = task.available_set()
     model = extend_classifier(copy.deepcopy(target).requires_grad_(True), len(task.clone_classes), data.x, seed)
     index, t = task.source_label_index(), budget.kd_temperature
+    arbitrate = bool((data.y < len(task.target_classes)).any())
 
     def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         logits = m(x)
         loss = F.cross_entropy(logits, y) if ce else logits.new_zeros(())
         if kd:
             with torch.no_grad():
-                teacher = torch.cat([target(x), source(x)[:, index]], 1)
+                teacher = joint_teacher(target(x), source(x)[:, index], y if arbitrate else None)
             loss = loss + kd_loss(logits, teacher, t)
         return loss
 
@@ -306,8 +307,10 @@ def _continual(task: CloneTask, target: nn.Module, source: nn.Module, seed: int,
         loss_fn=loss_fn, progress=False)
     extra = {"loss": "cross_entropy"}
     if kd:
-        extra = {"loss": ("cross_entropy + " if ce else "") + "KD(joint logits -> [frozen target logits, source "
-                 "T_s logits])", "kd_temperature": t, "kd_weight": 1.0}
+        teacher = ("per image: [frozen target logits, -inf] on old-class images, [-inf, source T_s logits] on "
+                   "clone-class images" if arbitrate else "[frozen target logits, source T_s logits]")
+        extra = {"loss": ("cross_entropy + " if ce else "") + f"KD(joint logits -> {teacher})",
+                 "kd_temperature": t, "kd_weight": 1.0}
     return model, _finetune_hparams(budget, **extra), {"train_images": len(data)}
 
 
@@ -322,8 +325,10 @@ def continual_kd(task: CloneTask, target: nn.Module, source: nn.Module, seed: in
                  workdir: Path | None = None):
     """Continual plus KD (temperature T) of the old logits to the frozen target and of the new
     logits to the source's logits of T_s, as one KL over the joint vector [old, new] towards
-    [target logits, source logits of T_s] (separate KLs would leave the old-vs-new scale free,
-    and a KL over one new logit is identically zero)."""
+    PNC's teacher (:func:`~pnc.surgery.insertion.joint_teacher`): with old-class replay, per
+    image (the target on old-class images, the source on clone-class ones); without, [target
+    logits, source logits of T_s] (separate KLs would leave the old-vs-new scale free, and a
+    KL over one new logit is identically zero)."""
     return _continual(task, target, source, seed, budget, kd=True)
 
 
