@@ -26,7 +26,9 @@ R is selected on a held-out share of the available images (never the test set), 
 criterion on one scale for every cut: held-out joint error (ties: held-out cross-entropy)
 when old-class images exist, else the held-out KD loss to the ensemble teacher on clean
 images. Each R's result is checkpointed, so an interrupted search resumes and ends with
-the same answer.
+the same answer. With old-class images, :func:`tune_branch` then fine-tunes the chosen,
+pruned branch (A, its own copy of M_f, F_c) with the same L_ins, and keeps the result only
+if the held-out error falls; the target and the source are never trained.
 """
 from __future__ import annotations
 

@@ -210,11 +210,17 @@ def test_multi_branch_clone_and_partial_detach(digits, cloned):
 
 
 def test_arbitrating_insertion_keeps_old_classes_when_old_images_are_given(digits):
+    """A source whose logits are 4x the scale of the target's: imitating the direct ensemble
+    (no old-class image) loses old-class images to the new classes; arbitrating does not."""
     ds, _, target, source = digits
+    hot = copy.deepcopy(source)
+    with torch.no_grad():
+        hot.head.weight *= 4
+        hot.head.bias *= 4
     ori, stolen = {}, {}
     for old_fraction in (0.0, 0.3):
         task = CloneTask(ds, list(range(5)), list(range(5, 10)), "M", seed=0, old_fraction=old_fraction)
-        net = clone(target, source, task, config=SearchConfig(seed=0, **QUICK), progress=False)
+        net = clone(target, hot, task, config=SearchConfig(seed=0, **QUICK), progress=False)
         old = task.eval_sets()["ori"]
         with torch.no_grad():
             pred = net(old.x).argmax(1)
@@ -222,6 +228,6 @@ def test_arbitrating_insertion_keeps_old_classes_when_old_images_are_given(digit
         stolen[old_fraction] = int((pred >= len(task.target_classes)).sum())  # old images lost to new classes
         images = net.branches["branch0"].report.images
         assert (images["old_train"] > 0) == (old_fraction > 0) and images["clone_holdout"] > 0
-    assert stolen[0.3] < stolen[0.0]
-    assert ori[0.3] > ori[0.0]
-    assert ori[0.3] >= evaluate(target, task.target_test()) - 0.01
+    assert stolen[0.3] < stolen[0.0] / 4
+    assert ori[0.3] > ori[0.0] + 0.2
+    assert ori[0.3] >= evaluate(target, task.target_test()) - 0.03
