@@ -1,7 +1,7 @@
 """Clone quality on one seed, in the paper's data setting and the strict one (issue 10).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quality.py                  # LeNet-5 pair, seed 0
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quality.py --arch resnetc20 --scales S
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quality.py --arch resnetc20 --scales S --old-fractions 0.3
 
 Runs Pre-trained, Direct Ensemble, Calibrated Ensemble, Continual+KD (with the old-class
 replay when there is one), Joint+Full and PNC on the default Fashion-MNIST zoo pair at the
@@ -29,7 +29,6 @@ from pnc.zoo.store import ZooStore, atomic_write_text, default_zoo_dir
 
 OUT = Path(__file__).resolve().parent / "results"
 METHODS = ["Pre-trained", "Direct Ensemble", "Calibrated Ensemble", "Continual+KD", "Joint+Full", "PNC"]
-SETTINGS = (0.3, 0.0)
 
 
 def goals(at: dict[str, dict[str, Any]], old_fraction: float, scale: str) -> list[dict[str, Any]]:
@@ -59,9 +58,12 @@ def main() -> None:
     parser.add_argument("--arch", default="lenet5", help="lenet5 or resnetc20 (the default Fashion-MNIST pairs)")
     parser.add_argument("--scales", default="S,M")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--old-fractions", default="0.3,0", help="the data settings to run (default 0.3,0)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"a subset of {','.join(METHODS)}")
     parser.add_argument("--zoo-dir")
     args = parser.parse_args()
     scales = [s for s in args.scales.split(",") if s]
+    methods = [m for m in METHODS if m in args.methods.split(",")]
     splits = load_dataset("fashion-mnist")
     store = ZooStore(args.zoo_dir)
     target_name, source_name = default_pair(splits.name, args.arch)
@@ -70,13 +72,13 @@ def main() -> None:
     stem = f"quality-{args.arch}-seed{args.seed}"
     workdir = default_zoo_dir(args.zoo_dir).parent / "bench"
     settings = []
-    for old_fraction in SETTINGS:
+    for old_fraction in (float(f) for f in args.old_fractions.split(",") if f):
         tag = f"{stem}-old{round(100 * old_fraction)}"
         spec = TableSpec(stem=tag, title=tag, target=target_name, source=source_name, scales=scales,
-                         seeds=[args.seed], methods=METHODS, budget=budget_for(t_card, quick=False),
+                         seeds=[args.seed], methods=methods, budget=budget_for(t_card, quick=False),
                          old_fraction=old_fraction)
         per_seed = run_table(spec, store, splits, RowCache(OUT / f"{tag}.rows.json"), workdir)
-        rows = summarize(per_seed, METHODS, scales)
+        rows = summarize(per_seed, methods, scales)
         search = []
         for r in per_seed:
             if r["method"] != "PNC":
@@ -95,9 +97,10 @@ def main() -> None:
                          "per_seed": [{k: v for k, v in r.items() if k not in ("details", "hparams")}
                                       for r in per_seed],
                          "hparams": {r["method"]: r["hparams"] for r in per_seed}})
-    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = ("OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quality.py "
+               + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     result = {"dataset": splits.name, "arch": t_card.arch, "target": target_name, "source": source_name,
-              "seed": args.seed, "scales": scales, "settings": settings, "machine": machine_info(),
+              "seed": args.seed, "scales": scales, "methods": methods, "settings": settings, "machine": machine_info(),
               "command": command.strip()}
     atomic_write_text(OUT / f"{stem}.json", json.dumps(result, indent=1, default=jsonable))
     atomic_write_text(OUT / f"{stem}.md", render(result))
@@ -112,12 +115,13 @@ def render(result: dict[str, Any]) -> str:
              "images are available too (the paper's setting; Continual+KD replays them, Calibrated Ensemble is "
              "fitted on them); old fraction 0: none (the strict setting). Joint+Full sees all training images "
              "of both sets. Accuracies in % on the test images: Ori (target's classes), Tar (cloned classes), "
-             "Avg (both pooled), argmax over all outputs.", "",
+             "Avg (both pooled), argmax over all outputs. At old fraction 0 the Calibrated Ensemble is fitted on "
+             "clone-class images only (nothing holds the old classes) and Continual+KD has no replay.", "",
              "| Method | old fraction | " + " | ".join(f"Ori-{s} | Tar-{s} | Avg-{s}" for s in scales) + " |",
              "|---|---|" + "---|" * (3 * len(scales))]
     for setting in result["settings"]:
         by = {(e["method"], e["scale"]): e for e in setting["rows"]}
-        for m in METHODS:
+        for m in result["methods"]:
             label = "Continual+KD (replay)" if m == "Continual+KD" and setting["old_fraction"] > 0 else m
             cells = [f"{100 * by[(m, s)][f'{p}_acc']:.1f}" if (m, s) in by else "-" for s in scales
                      for p in ("ori", "tar", "avg")]

@@ -117,7 +117,9 @@ def clone(
     names = task.dataset.classes
     branch = build_branch(ctx, best, classes=[names[c] for c in task.clone_classes], source_name=source_name,
                           source_sha256=hashes[1])
-    tuning = tune_branch(ctx, branch, config) if ctx.arbitrate and ctx.holdout is not None and config.tune_epochs else {}
+    tuning = {}
+    if ctx.arbitrate and ctx.holdout is not None and config.tune_epochs:
+        tuning = tune_branch(ctx, branch, config)
     net = into or ClonedNetwork(target, x[:2], [names[c] for c in task.target_classes], traced=t_traced)
     name = name or source_name or f"branch{len(net.branches)}"
     net.add_branch(name, branch)

@@ -41,8 +41,8 @@ from pnc.zoo.store import state_dict_sha256
 from pnc.zoo.tasks import CloneTask
 from pnc.zoo.train import fit
 
-__all__ = ["Budget", "MethodRun", "METHODS", "CalibratedEnsemble", "METHOD_ONLY_FIELDS", "budget_fields", "run_method",
-           "extend_classifier", "PeakMemory"]
+__all__ = ["Budget", "MethodRun", "METHODS", "CalibratedEnsemble", "METHOD_ONLY_FIELDS", "budget_fields",
+           "run_method", "extend_classifier", "PeakMemory"]
 
 Model = nn.Module | LogitsFn
 MethodFn = Callable[..., tuple[Model, dict[str, Any], dict[str, Any]]]

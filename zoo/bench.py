@@ -42,8 +42,8 @@ REFERENCE = "Continual+KD"
 #: rows printed without a delta, as in the paper (the reference itself and the upper references)
 NO_DELTA = (REFERENCE, "Pre-trained", "Joint+Full")
 #: execution order: cheap rows first, PNC before PNC-F (which resumes PNC's search), Joint last
-RUN_ORDER = ["Pre-trained", "Direct Ensemble", "Calibrated Ensemble", "Continual", "Continual+KD", "Continual+KD (no CE)", "PNC", "PNC-F",
-             "PNC (w/o Local)", "PNC (w/o Insert)", "Joint+Full"]
+RUN_ORDER = ["Pre-trained", "Direct Ensemble", "Calibrated Ensemble", "Continual", "Continual+KD",
+             "Continual+KD (no CE)", "PNC", "PNC-F", "PNC (w/o Local)", "PNC (w/o Insert)", "Joint+Full"]
 
 
 @dataclass
