@@ -231,3 +231,31 @@ def test_arbitrating_insertion_keeps_old_classes_when_old_images_are_given(digit
     assert stolen[0.3] < stolen[0.0] / 4
     assert ori[0.3] > ori[0.0] + 0.2
     assert ori[0.3] >= evaluate(target, task.target_test()) - 0.03
+
+
+def test_patch_carries_a_fine_tuned_module(digits, cloned, tmp_path):
+    ds, task, target, source = digits
+    net, _, _ = cloned
+    store = ZooStore(tmp_path / "zoo")
+    for name, model, classes in (("t", target, task.target_classes), ("src", source, task.source_classes)):
+        card = ModelCard(name=name, arch="cnn4", kwargs={"in_chans": 1, "num_classes": 5}, dataset="digits",
+                         classes=classes, class_names=[ds.classes[c] for c in classes], mean=ds.mean,
+                         std=ds.std, input_size=ds.input_size, test_accuracy=0.0)
+        store.save(name, model, card)
+    tuned = copy.deepcopy(net)
+    module = tuned.branches["src"].body
+    with torch.no_grad():
+        for p in module.body.parameters():
+            p.mul_(1.1)
+    module.tuned = True
+    x = task.eval_sets()["avg"].x
+    for model, name in ((net, "plain.pnc"), (tuned, "tuned.pnc")):
+        save_patch(model, tmp_path / name, target_name="t", input_size=ds.input_size)
+        meta, tensors = read_patch(tmp_path / name)
+        has_module = any(k.startswith("src/module.") for k in tensors)
+        assert has_module == model.branches["src"].body.tuned
+        rebuilt, _ = load_patch(tmp_path / name, store)
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt(x), model(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(tuned(x), net(x))
