@@ -1,10 +1,12 @@
 """The paper's Table 1 methods on one :class:`CloneTask`: baselines, PNC and its ablations.
 
-Every method gets the same data (the clone set: a ``task.fraction`` of T_s's training
-images, no image of T_t; Joint + Full alone sees all training images of both class sets)
-and the same epoch budget, :class:`Budget`: a method that trains on the clone set runs
-``budget.epochs`` = loc + joint + binary epochs, the epochs PNC spends on *each*
-candidate cut R (default 2 + 3 + 3 = 8). Nothing is tuned on test images.
+Every method gets the same data, ``task.available_set()``: the clone set (a
+``task.fraction`` of T_s's training images) and a ``task.old_fraction`` of T_t's (replayed
+by the continual baselines; none in the strict setting, old fraction 0); Joint + Full alone
+sees all training images of both class sets. A method that trains runs the same epoch
+budget, :class:`Budget`: ``budget.epochs`` = loc + joint + binary epochs over the available
+images, the epochs PNC spends on *each* candidate cut R (default 2 + 3 + 3 = 8). Nothing is
+tuned on test images.
 
 ``METHODS`` maps the paper's method names to ``fn(task, target, source, seed, budget,
 workdir) -> (model, hparams, details)``; :func:`run_method` runs one under a wall clock
@@ -32,15 +34,15 @@ from torch import Tensor, nn
 from pnc.surgery.cloning import clone
 from pnc.surgery.cuts import classifier_of
 from pnc.surgery.errors import TaskError
-from pnc.surgery.insertion import SearchConfig, kd_loss
+from pnc.surgery.insertion import SearchConfig, joint_teacher, kd_loss
 from pnc.surgery.tracing import trace
 from pnc.bench.metrics import LogitsFn, inference_macs
 from pnc.surgery.io import state_dict_sha256
 from pnc.zoo.tasks import CloneTask
 from pnc.zoo.train import fit
 
-__all__ = ["Budget", "MethodRun", "METHODS", "METHOD_ONLY_FIELDS", "budget_fields", "run_method",
-           "extend_classifier", "PeakMemory"]
+__all__ = ["Budget", "MethodRun", "METHODS", "CalibratedEnsemble", "METHOD_ONLY_FIELDS", "budget_fields",
+           "run_method", "extend_classifier", "PeakMemory"]
 
 Model = nn.Module | LogitsFn
 MethodFn = Callable[..., tuple[Model, dict[str, Any], dict[str, Any]]]
@@ -186,7 +188,7 @@ def _count_params(*modules: nn.Module) -> int:
 def _finetune_hparams(budget: Budget, **extra: Any) -> dict[str, Any]:
     return {"epochs": budget.epochs, "lr": budget.lr, "batch_size": budget.batch_size, "optimizer": "sgd",
             "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "schedule": "cosine per step",
-            "data": "clone set", **extra}
+            "data": "available images (clone set + old-class replay)", **extra}
 
 
 # --- the methods -----------------------------------------------------------------------------
@@ -214,6 +216,62 @@ def direct_ensemble(task: CloneTask, target: nn.Module, source: nn.Module, seed:
     return logits, {}, {"params": _count_params(target, source)}
 
 
+class CalibratedEnsemble(nn.Module):
+    """The direct ensemble with a per-model temperature and a per-class bias:
+    ``[target(x) / tau_t + b_old, source(x)[:, index] / tau_s + b_new]`` (B, |T_t| + |T_s|).
+    The two models are held by reference and never trained."""
+
+    def __init__(self, target: nn.Module, source: nn.Module, index: list[int], num_old: int):
+        super().__init__()
+        self.models = (target, source)  # a tuple: not registered, so not counted twice or saved
+        self.index = list(index)
+        self.log_temperature = nn.Parameter(torch.zeros(2))
+        self.bias = nn.Parameter(torch.zeros(num_old + len(index)))
+
+    def combine(self, old: Tensor, new: Tensor) -> Tensor:
+        """Raw target logits (B, |T_t|) and source logits of T_s (B, |T_s|) -> calibrated (B, K)."""
+        scale = torch.exp(-self.log_temperature)
+        return torch.cat([old * scale[0], new * scale[1]], 1) + self.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        target, source = self.models
+        return self.combine(target(x), source(x)[:, self.index])
+
+    @torch.enable_grad()
+    def fit(self, x: Tensor, y: Tensor, weight_decay: float = 1e-3, steps: int = 200) -> "CalibratedEnsemble":
+        """Minimize cross-entropy on images x (N, C, H, W) with joint labels y (N,) by L-BFGS,
+        plus ``weight_decay`` x the squared parameters (keeps the fit finite when a side
+        has no image, e.g. no old-class image in the strict setting)."""
+        with torch.no_grad():
+            old = torch.cat([self.models[0](xb) for xb in x.split(512)])
+            new = torch.cat([self.models[1](xb)[:, self.index] for xb in x.split(512)])
+        params = [self.log_temperature, self.bias]
+        opt = torch.optim.LBFGS(params, lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(self.combine(old, new), y) + weight_decay * sum((p**2).sum() for p in params)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return self.requires_grad_(False).eval()
+
+
+def calibrated_ensemble(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
+                        workdir: Path | None = None):
+    """The direct ensemble, calibrated (:class:`CalibratedEnsemble`) on the available images.
+    Not in the paper: the strongest cheap competitor when old-class images are available."""
+    data = task.available_set()
+    model = CalibratedEnsemble(target, source, task.source_label_index(), len(task.target_classes))
+    model.fit(data.x, data.y)
+    hp = {"loss": "cross_entropy + 1e-3 * squared parameters", "optimizer": "lbfgs", "max_iter": 200,
+          "data": "available images (clone set + old-class images)", "fitted": {
+              "temperature": torch.exp(model.log_temperature).tolist(), "bias": model.bias.tolist()}}
+    return model, hp, {"params": _count_params(target, source) + model.bias.numel() + 2,
+                       "train_images": len(data)}
+
+
 def joint_full(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
                workdir: Path | None = None):
     """The target's architecture, re-initialized, trained from scratch on all training
@@ -231,16 +289,17 @@ def joint_full(task: CloneTask, target: nn.Module, source: nn.Module, seed: int,
 
 def _continual(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, kd: bool,
                ce: bool = True):
-    data = task.clone_set()
+    data = task.available_set()
     model = extend_classifier(copy.deepcopy(target).requires_grad_(True), len(task.clone_classes), data.x, seed)
     index, t = task.source_label_index(), budget.kd_temperature
+    arbitrate = bool((data.y < len(task.target_classes)).any())
 
     def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         logits = m(x)
         loss = F.cross_entropy(logits, y) if ce else logits.new_zeros(())
         if kd:
             with torch.no_grad():
-                teacher = torch.cat([target(x), source(x)[:, index]], 1)
+                teacher = joint_teacher(target(x), source(x)[:, index], y if arbitrate else None)
             loss = loss + kd_loss(logits, teacher, t)
         return loss
 
@@ -248,14 +307,17 @@ def _continual(task: CloneTask, target: nn.Module, source: nn.Module, seed: int,
         loss_fn=loss_fn, progress=False)
     extra = {"loss": "cross_entropy"}
     if kd:
-        extra = {"loss": ("cross_entropy + " if ce else "") + "KD(joint logits -> [frozen target logits, source "
-                 "T_s logits])", "kd_temperature": t, "kd_weight": 1.0}
+        teacher = ("per image: [frozen target logits, -inf] on old-class images, [-inf, source T_s logits] on "
+                   "clone-class images" if arbitrate else "[frozen target logits, source T_s logits]")
+        extra = {"loss": ("cross_entropy + " if ce else "") + f"KD(joint logits -> {teacher})",
+                 "kd_temperature": t, "kd_weight": 1.0}
     return model, _finetune_hparams(budget, **extra), {"train_images": len(data)}
 
 
 def continual(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
               workdir: Path | None = None):
-    """Fine-tune a copy of the target, head extended by |T_s| rows, on the clone set (cross-entropy)."""
+    """Fine-tune a copy of the target, head extended by |T_s| rows, on the available images
+    (the clone set and the old-class replay; cross-entropy)."""
     return _continual(task, target, source, seed, budget, kd=False)
 
 
@@ -263,8 +325,10 @@ def continual_kd(task: CloneTask, target: nn.Module, source: nn.Module, seed: in
                  workdir: Path | None = None):
     """Continual plus KD (temperature T) of the old logits to the frozen target and of the new
     logits to the source's logits of T_s, as one KL over the joint vector [old, new] towards
-    [target logits, source logits of T_s] (separate KLs would leave the old-vs-new scale free,
-    and a KL over one new logit is identically zero)."""
+    PNC's teacher (:func:`~pnc.surgery.insertion.joint_teacher`): with old-class replay, per
+    image (the target on old-class images, the source on clone-class ones); without, [target
+    logits, source logits of T_s] (separate KLs would leave the old-vs-new scale free, and a
+    KL over one new logit is identically zero)."""
     return _continual(task, target, source, seed, budget, kd=True)
 
 
@@ -312,12 +376,12 @@ def pnc_wo_insert(task: CloneTask, target: nn.Module, source: nn.Module, seed: i
 def pnc_f(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
           workdir: Path | None = None):
     """PNC, then every weight of a deep copy of the cloned network (target, adapter,
-    transferable module, head) fine-tuned on the clone set with cross-entropy at
+    transferable module, head) fine-tuned on the available images with cross-entropy at
     ``budget.finetune_lr``. BatchNorm statistics stay frozen (the cloned network keeps its
     target and modules in eval mode)."""
     net, hp, details = _clone(task, target, source, seed, budget, workdir)
     tuned = copy.deepcopy(net).requires_grad_(True)
-    data = task.clone_set()
+    data = task.available_set()
     fit(tuned, data, epochs=budget.epochs, lr=budget.finetune_lr, seed=seed, batch_size=budget.batch_size,
         progress=False)
     hp = {"pnc": hp, "finetune": _finetune_hparams(budget, lr=budget.finetune_lr, loss="cross_entropy",
@@ -341,6 +405,7 @@ METHODS: dict[str, MethodFn] = {
     "Continual+KD": continual_kd,
     "Continual+KD (no CE)": continual_kd_only,
     "Direct Ensemble": direct_ensemble,
+    "Calibrated Ensemble": calibrated_ensemble,
     "PNC-F": pnc_f,
     "PNC (w/o Local)": pnc_wo_local,
     "PNC (w/o Insert)": pnc_wo_insert,

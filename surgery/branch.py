@@ -4,9 +4,9 @@ The branch reads the target's features at its cut R and its pre-logit features, 
 (correction to the target's logits, logits of the cloned classes)::
 
     cut (B, *target_cut_shape) --A--> (B, *source_cut_shape) --M_f--> feats (B, d_f)
-    correction = W_old @ feats                          (B, |T_t|), W_old starts at zero
-    new        = W_new @ [target_prelogits, feats] + b  (B, |T_s|), feats' part starts as
-                                                         the source classifier's T_s rows
+    correction = W_old @ feats + U_old @ target_prelogits + c   (B, |T_t|), starts at zero
+    new        = W_new @ [target_prelogits, feats] + b          (B, |T_s|), feats' part starts
+                                                                 as the source classifier's T_s rows
 """
 from __future__ import annotations
 
@@ -39,8 +39,11 @@ class ExtendedHead(nn.Module):
     def __init__(self, target_dim: int, branch_dim: int, num_old: int, num_new: int):
         super().__init__()
         self.old = nn.Linear(branch_dim, num_old, bias=False)
+        self.old_target = nn.Linear(target_dim, num_old)
         self.new = nn.Linear(target_dim + branch_dim, num_new)
         nn.init.zeros_(self.old.weight)
+        nn.init.zeros_(self.old_target.weight)
+        nn.init.zeros_(self.old_target.bias)
         nn.init.zeros_(self.new.weight)
         nn.init.zeros_(self.new.bias)
         self.target_dim = target_dim
@@ -64,13 +67,22 @@ class ExtendedHead(nn.Module):
 
     def forward(self, target_feats: Tensor, branch_feats: Tensor) -> tuple[Tensor, Tensor]:
         """(B, target_dim), (B, branch_dim) -> correction (B, |T_t|), new logits (B, |T_s|)."""
-        return self.old(branch_feats), self.new(torch.cat([target_feats, branch_feats], 1))
+        correction = self.old(branch_feats) + self.old_target(target_feats)
+        return correction, self.new(torch.cat([target_feats, branch_feats], 1))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's; a head saved before ``old_target`` existed loads with it at zero."""
+        state_dict = dict(state_dict)
+        for key in ("old_target.weight", "old_target.bias"):
+            state_dict.setdefault(key, torch.zeros_like(self.state_dict()[key]))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def keep_branch_features(self, kept: Tensor) -> "ExtendedHead":
         """A copy that reads only the branch features ``kept`` (after structural pruning)."""
         head = ExtendedHead(self.target_dim, len(kept), self.old.out_features, self.new.out_features)
         with torch.no_grad():
             head.old.weight.copy_(self.old.weight[:, kept])
+            head.old_target.load_state_dict(self.old_target.state_dict())
             head.new.weight.copy_(torch.cat([self.new.weight[:, : self.target_dim],
                                              self.new.weight[:, self.target_dim:][:, kept]], 1))
             head.new.bias.copy_(self.new.bias)
@@ -80,7 +92,9 @@ class ExtendedHead(nn.Module):
 @dataclass
 class CloneReport:
     """What the clone run that made a branch did: the chosen R, every candidate's summary,
-    the transferable module's size before/after pruning, and time."""
+    the transferable module's size before/after pruning, time, the images used (``images``:
+    old / clone training images and held-out images) and the chosen branch's fine-tuning
+    (``tuning``: held-out metrics before / after, kept or not)."""
 
     target_cut: str
     source_cut: str
@@ -92,6 +106,8 @@ class CloneReport:
     kept_fraction: float
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
+    images: dict[str, int] = field(default_factory=dict)
+    tuning: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -120,6 +136,8 @@ class TransferableModule(nn.Module):
         self.register_buffer("features", features, persistent=False)
         self.keep = keep
         self.report = report
+        #: its weights were fine-tuned (they differ from the source's and go into patches)
+        self.tuned = False
 
     @classmethod
     def from_keep(cls, body_with_head: torch.fx.GraphModule, head: str, example: Tensor, layout: str,
@@ -213,12 +231,15 @@ def _prefixed(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def branch_tensors(keep: Mapping[str, Tensor], adapter: nn.Module, head: nn.Module) -> dict[str, Tensor]:
+def branch_tensors(keep: Mapping[str, Tensor], adapter: nn.Module, head: nn.Module,
+                   module: TransferableModule | None = None) -> dict[str, Tensor]:
     """{M, A, F_c} as flat tensors: ``keep.<group>`` (kept channel indices of each coupling
-    group), ``adapter.<param>``, ``head.<param>`` (copies); :func:`assemble_branch` reads them back."""
+    group), ``adapter.<param>``, ``head.<param>`` (copies), and ``module.<param>`` when the
+    transferable module was fine-tuned; :func:`assemble_branch` reads them back."""
     tensors = {f"keep.{g}": idx.to(torch.int64) for g, idx in keep.items()}
-    for part, module in (("adapter", adapter), ("head", head)):
-        tensors |= {f"{part}.{k}": v.detach().clone() for k, v in module.state_dict().items()}
+    parts = [("adapter", adapter), ("head", head)] + ([("module", module.body)] if module and module.tuned else [])
+    for part, layer in parts:
+        tensors |= {f"{part}.{k}": v.detach().clone() for k, v in layer.state_dict().items()}
     return tensors
 
 
@@ -231,6 +252,10 @@ def assemble_branch(source: TracedModel, images: Tensor, parts: Mapping[str, Ten
 
     images: (B, C, H, W) inputs of the source, used to trace M_f."""
     module = transferable_module(source, source_cut, images, _prefixed(parts, "keep."))
+    tuned = _prefixed(parts, "module.")
+    if tuned:  # a fine-tuned copy: its weights travel with the patch
+        module.body.load_state_dict(tuned)
+        module.tuned = True
     adapter = make_adapter(**adapter_spec)
     adapter.load_state_dict(_prefixed(parts, "adapter."))
     head = ExtendedHead.from_state(_prefixed(parts, "head."))

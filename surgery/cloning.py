@@ -3,6 +3,12 @@
     M_c <- Clone(M_t, M, M_s, R):  fit G on the source (Eq. 4), then search R with
     localization and insertion trained jointly (Eq. 5-8), then prune the source's layers
     after R' to the learned masks and graft them, through the adapter, into the target.
+    With old-class images, the grafted branch (A, the pruned copy M_f, F_c) is then
+    fine-tuned with L_ins and kept so if its held-out error falls.
+
+The available images (the clone classes' and, in the paper's setting, some of the target
+classes') are split per class into a training part and a held-out part
+(``config.holdout``) on which R is selected.
 
 Neither network is modified: their state_dict hashes are checked before and after.
 """
@@ -19,7 +25,7 @@ from torch import Tensor, nn
 from pnc.surgery.branch import CloneReport
 from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.errors import DataError, TaskError
-from pnc.surgery.insertion import SearchConfig, SearchContext, build_branch, search
+from pnc.surgery.insertion import SearchConfig, SearchContext, build_branch, search, split_holdout, tune_branch
 from pnc.surgery.io import state_dict_sha256
 from pnc.surgery.local_models import fit_local_models
 from pnc.surgery.tracing import trace
@@ -34,6 +40,7 @@ def clone(
     target: nn.Module,
     source: nn.Module,
     images: Tensor,
+    labels: Tensor,
     source_outputs: Sequence[int],
     *,
     class_names: Sequence[str] | None = None,
@@ -54,7 +61,10 @@ def clone(
 
     Args:
         target / source: frozen networks, (B, C, H, W) -> logits; never modified.
-        images: (N, C, H, W) training images of the classes to clone (the clone set).
+        images: (N, C, H, W) the training images available while cloning.
+        labels: (N,) their classes as outputs of the cloned network: ``0 .. |T_t|-1`` for
+            images of the target's classes (none at all is the strict setting),
+            ``|T_t| + i`` for the i-th class to clone.
         source_outputs: the source's logit index of each class to clone, in output order.
         class_names: names of the cloned classes (default: the source output indices).
         target_classes: names of the target's outputs (default ``"0"``, ``"1"``, ...).
@@ -73,9 +83,9 @@ def clone(
     A :class:`~pnc.zoo.CloneTask` gives every data argument: ``clone(t, s, **task.clone_inputs())``.
 
     >>> from pnc.surgery.examples import tiny_pair
-    >>> target, source, images = tiny_pair()        # 3 and 2 classes; images (16, 1, 8, 8)
+    >>> target, source, images, labels = tiny_pair()  # 3 and 2 classes; (16, 1, 8, 8), all labelled 3
     >>> config = SearchConfig(loc_epochs=1, joint_epochs=1, binary_epochs=1, min_steps_per_epoch=2)
-    >>> net = clone(target, source, images, [1], class_names=["new"], config=config, num_masks=8,
+    >>> net = clone(target, source, images, labels, [1], class_names=["new"], config=config, num_masks=8,
     ...             progress=False)
     >>> net(images).shape, net.classes              # the target's 3 classes, then the clone's
     (torch.Size([16, 4]), ['0', '1', '2', 'new'])
@@ -85,13 +95,16 @@ def clone(
     """
     start = time.perf_counter()
     config = config or SearchConfig()
-    if len(images) == 0:
-        raise DataError("the clone set is empty: the clone classes have no training images")
     source_outputs = [int(i) for i in source_outputs]
+    if len(images) == 0 or len(images) != len(labels):
+        raise DataError(f"clone needs images and one label each, got {len(images)} images and {len(labels)} labels")
     hashes = state_dict_sha256(target), state_dict_sha256(source)
     target.eval()  # frozen: never let a forward pass move their BatchNorm statistics
     source.eval()
     n_source, n_target = _num_outputs(source, images), _num_outputs(target, images)
+    if int(labels.min()) < 0 or int(labels.max()) >= n_target + len(source_outputs):
+        raise TaskError(f"labels must lie in 0..{n_target + len(source_outputs) - 1} (the cloned network's outputs: "
+                        f"{n_target} of the target, then {len(source_outputs)} cloned classes)")
     if not source_outputs or min(source_outputs) < 0 or max(source_outputs) >= n_source:
         raise TaskError(f"source_outputs {source_outputs} must be indices into the source's {n_source} outputs")
     if len(set(source_outputs)) != len(source_outputs):
@@ -101,17 +114,24 @@ def clone(
         raise TaskError(f"the target has {n_target} outputs but {len(target_classes)} target class names were "
                         "given; check the classes against the target's zoo card")
     names = list(class_names) if class_names is not None else [str(i) for i in source_outputs]
-    grid = grid or (4 if images.shape[-1] <= 32 else 8)
-    g = fit_local_models(source, images, source_outputs, num_images=max(1, round(g_fraction * len(images))),
+    train_idx, held_idx = split_holdout(labels, config.holdout, config.seed)
+    train_x, train_y = images[train_idx], labels[train_idx]
+    x = train_x[train_y >= n_target]
+    if len(x) == 0:
+        raise DataError("the clone set is empty: no training image of a class to clone")
+    grid = grid or (4 if x.shape[-1] <= 32 else 8)
+    g = fit_local_models(source, x, source_outputs, num_images=max(1, round(g_fraction * len(x))),
                          num_masks=num_masks, grid=grid, seed=config.seed, cache_dir=cache_dir)
-    t_traced = into.traced if into is not None else trace(target, images[:2])
-    ctx = SearchContext(t_traced, trace(source, images[:2]), images, source_outputs, g, dict(eval_sets or {}),
-                        n_target)
-    images_sha = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
-    run_key = f"{hashes}{images_sha}{source_outputs}{g_fraction}{num_masks}{grid}"
+    t_traced = into.traced if into is not None else trace(target, x[:2])
+    ctx = SearchContext(t_traced, trace(source, x[:2]), train_x, train_y, source_outputs, g, dict(eval_sets or {}),
+                        n_target, holdout=(images[held_idx], labels[held_idx]))
+    data_sha = hashlib.sha256(images.contiguous().numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
+    run_key = f"{hashes}{data_sha}{source_outputs}{g_fraction}{num_masks}{grid}"
     best, results = search(ctx, config, run_key=run_key, checkpoint_dir=checkpoint_dir, progress=progress)
     branch = build_branch(ctx, best, classes=names, source_name=source_name, source_sha256=hashes[1])
-    net = into or ClonedNetwork(target, images[:2], target_classes, traced=t_traced)
+    tuning = tune_branch(ctx, branch, config) if ctx.arbitrate and ctx.holdout is not None and config.tune_epochs \
+        else {}
+    net = into or ClonedNetwork(target, x[:2], target_classes, traced=t_traced)
     name = name or source_name or f"branch{len(net.branches)}"
     net.add_branch(name, branch)
     if (state_dict_sha256(target), state_dict_sha256(source)) != hashes:
@@ -122,5 +142,9 @@ def clone(
         params_before=rep.params_before, params_after=rep.params_after, macs_before=rep.macs_before,
         macs_after=rep.macs_after, kept_fraction=best.kept_fraction, seconds=time.perf_counter() - start,
         settings={"search": vars(config) | {}, "g_fraction": g_fraction, "num_masks": num_masks, "grid": grid},
+        images={"old_train": int((train_y < n_target).sum()), "clone_train": len(x),
+                "old_holdout": int((labels[held_idx] < n_target).sum()),
+                "clone_holdout": int((labels[held_idx] >= n_target).sum())},
+        tuning=tuning,
     )
     return net

@@ -20,10 +20,11 @@ def tiny_cnn(num_classes: int, seed: int) -> nn.Sequential:
         return nn.Sequential(layers).eval()
 
 
-def tiny_pair() -> tuple[nn.Sequential, nn.Sequential, Tensor]:
-    """(target with 3 classes, source with 2 classes, images (16, 1, 8, 8))."""
+def tiny_pair() -> tuple[nn.Sequential, nn.Sequential, Tensor, Tensor]:
+    """(target with 3 classes, source with 2 classes, images (16, 1, 8, 8), labels (16,)):
+    the images stand for the source's class 1, cloned as the network's output 3."""
     images = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    return tiny_cnn(3, seed=0), tiny_cnn(2, seed=1), images
+    return tiny_cnn(3, seed=0), tiny_cnn(2, seed=1), images, torch.full((16,), 3)
 
 
 def tiny_clone():  # -> (ClonedNetwork, target, source, images)
@@ -31,8 +32,8 @@ def tiny_clone():  # -> (ClonedNetwork, target, source, images)
     from pnc.surgery.cloning import clone
     from pnc.surgery.insertion import SearchConfig
 
-    target, source, images = tiny_pair()
+    target, source, images, labels = tiny_pair()
     config = SearchConfig(loc_epochs=1, joint_epochs=1, binary_epochs=1, min_steps_per_epoch=2)
-    net = clone(target, source, images, [1], class_names=["new"], source_name="src", config=config, num_masks=8,
-                progress=False)
+    net = clone(target, source, images, labels, [1], class_names=["new"], source_name="src", config=config,
+                num_masks=8, progress=False)
     return net, target, source, images

@@ -10,12 +10,25 @@ At each candidate target cut R (block-level cuts, last to first) and its source 
 3. *binary*: the masks are binarized to the top-c channels per group and A, F_c are
    trained on with them; the mean loss of this last epoch is R's converged loss.
 
-L_ins (Eq. 7) distils the joint logit vector [old, new] of the cloned network to
-[target logits, source logits of T_s] on the same perturbed image (a KL at temperature
-T); it never sees an image of the target's classes, and a loss on the new classes alone
-cannot win, because the old-class term holds the target's behaviour in place. The R with
-the least converged loss is kept. Each R's result is checkpointed, so an interrupted
-search resumes and ends with the same answer.
+L_ins (Eq. 7) is a KL at temperature T between the cloned network's joint logits
+[old, new] (B, |T_t| + |T_s|) and a teacher built per image, on the same perturbed image:
+
+* with images of the target's classes available (the paper's setting), it *arbitrates*:
+  on an old-class image the teacher is [target logits, -inf], on a clone-class image
+  [-inf, source logits of T_s], so the new outputs lose on old images and the old
+  outputs lose on clone images; plus ``ce_weight`` x cross-entropy on the joint labels.
+  F_c (reading the target's pre-logits and the branch features) learns the arbitration;
+* with clone-class images only (old fraction 0), the teacher is [target logits, source
+  logits of T_s] on every image (the direct ensemble): a loss on the new classes alone
+  cannot win, because the old-class term holds the target's behaviour in place.
+
+R is selected on a held-out share of the available images (never the test set), by a
+criterion on one scale for every cut: held-out joint error (ties: held-out cross-entropy)
+when old-class images exist, else the held-out KD loss to the ensemble teacher on clean
+images. Each R's result is checkpointed, so an interrupted search resumes and ends with
+the same answer. With old-class images, :func:`tune_branch` then fine-tunes the chosen,
+pruned branch (A, its own copy of M_f, F_c) with the same L_ins, and keeps the result only
+if the held-out error falls; the target and the source are never trained.
 """
 from __future__ import annotations
 
@@ -24,6 +37,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,6 +66,14 @@ class SearchConfig:
     ``mask_ratio`` is the kept fraction c/|W| per group (``mask_scope="global"``: of all
     maskable channels); ``use_masks=False`` is the "w/o Local" ablation (every channel
     kept) and ``candidates`` fixes the target cuts to try (["first"] is "w/o Insert").
+    ``holdout`` is the share of the available images (per class) kept out of training to
+    select R; ``ce_weight`` weighs L_ins's cross-entropy when old-class images are given.
+    ``tune_epochs`` / ``tune_lr``: with old-class images, the chosen branch's A, its pruned
+    copy of M_f and F_c are then fine-tuned with L_ins (Adam, cosine schedule; the target
+    stays frozen), kept only if the held-out error falls; 0 epochs: never.
+    ``clean_fraction``: the share of unperturbed images in L_ins's batches; None: 1 with
+    old-class images (measured best there), 0.25 without (L_ins then distils to the
+    source on perturbed images, and the perturbation helped).
     """
 
     mask_ratio: float = 0.5
@@ -65,9 +87,13 @@ class SearchConfig:
     temperature: float = 2.0
     loc_weight: float = 1.0
     budget_weight: float = 1.0
-    clean_fraction: float = 0.25
+    clean_fraction: float | None = None
     min_steps_per_epoch: int = 25
     candidates: list[str] | None = None
+    holdout: float = 0.2
+    ce_weight: float = 1.0
+    tune_epochs: int = 6
+    tune_lr: float = 3e-3
     seed: int = 0
 
     def key(self) -> str:
@@ -76,7 +102,9 @@ class SearchConfig:
 
 @dataclass
 class CandidateResult:
-    """What one candidate R gave: its converged loss, accuracies and learned parts."""
+    """What one candidate R gave: its selection ``loss`` (the held-out criterion, lower is
+    better; the last epoch's training loss when nothing is held out), held-out metrics,
+    test accuracies (reported, never used to select) and learned parts."""
 
     target_cut: str
     source_cut: str
@@ -85,6 +113,8 @@ class CandidateResult:
     kept_fraction: float
     seconds: float
     adapter_spec: dict
+    train_loss: float = float("nan")
+    holdout: dict[str, float] = field(default_factory=dict)
     tensors: dict[str, Tensor] = field(repr=False, default_factory=dict)
 
     def summary(self) -> dict:
@@ -102,6 +132,30 @@ def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
 
 
+def joint_teacher(old: Tensor, new: Tensor, labels: Tensor | None) -> Tensor:
+    """L_ins's teacher (B, |T_t| + |T_s|) from target logits ``old`` (B, |T_t|) and source
+    logits of T_s ``new`` (B, |T_s|): their concatenation (the direct ensemble) when
+    ``labels`` is None; else, per image, the side its joint label (B,) is not on is -inf."""
+    if labels is not None:
+        is_old = (labels < old.shape[1]).unsqueeze(1)
+        old, new = old.masked_fill(~is_old, -math.inf), new.masked_fill(is_old, -math.inf)
+    return torch.cat([old, new], 1)
+
+
+def split_holdout(labels: Tensor, share: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded per-class split of labels (N,) into (train, held-out) index tensors; a
+    ``share`` of each class is held out, but every class keeps at least one training row."""
+    gen = torch.Generator().manual_seed(seed)
+    train, held = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int64)]
+    for label in labels.unique(sorted=True).tolist():
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=gen)]
+        k = min(round(share * len(members)), len(members) - 1)
+        held.append(members[:k])
+        train.append(members[k:])
+    return torch.cat(train).sort().values, torch.cat(held).sort().values
+
+
 def random_patch_masks(n: int, patches: int, clean_fraction: float, gen: torch.Generator) -> Tensor:
     """(n, patches) masks: a ``clean_fraction`` keeps everything, the rest keep each patch
     with a per-image probability drawn from U(0.1, 1)."""
@@ -112,17 +166,51 @@ def random_patch_masks(n: int, patches: int, clean_fraction: float, gen: torch.G
 
 
 class SearchContext:
-    """Everything the candidates share: traced networks, clone images, G, eval sets."""
+    """Everything the candidates share: traced networks, training images, G, eval sets.
 
-    def __init__(self, target: TracedModel, source: TracedModel, clone_x: Tensor, source_outputs: list[int],
-                 g: LocalModelSet, eval_sets: dict[str, tuple[Tensor, Tensor]], num_old: int):
+    train_x (N, C, H, W), train_y (N,): the available training images with the cloned
+    network's labels (< num_old: target classes, the rest: clone classes); G indexes the
+    clone-class rows ``clone_x``. holdout: (x, y) held out of training to select R, or None.
+    eval_sets: name -> (x, y) test sets, for reporting only.
+    """
+
+    def __init__(self, target: TracedModel, source: TracedModel, train_x: Tensor, train_y: Tensor,
+                 source_outputs: list[int], g: LocalModelSet, eval_sets: dict[str, tuple[Tensor, Tensor]],
+                 num_old: int, holdout: tuple[Tensor, Tensor] | None = None):
         self.target, self.source = target, source
-        self.clone_x, self.source_outputs, self.g = clone_x, source_outputs, g
+        self.train_x, self.train_y = train_x, train_y
+        self.clone_x = train_x[train_y >= num_old]
+        self.source_outputs, self.g = source_outputs, g
         self.eval_sets, self.num_old = eval_sets, num_old
+        self.holdout = holdout if holdout is not None and len(holdout[1]) else None
+        #: old-class images are available: L_ins arbitrates between old and new outputs
+        self.arbitrate = bool((train_y < num_old).any())
         self.t_cls, self.s_cls = classifier_of(target), classifier_of(source)
+        self.source_logits = extract(source, None, [self.s_cls.node])
+        self.target_logits = extract(target, None, [self.t_cls.node])
         self.t_blocks = cut_points(target, blocks=True, verify=False)
         self.s_blocks = cut_points(source, blocks=True, verify=False)
         self.grid = int(round(g.masks.shape[1] ** 0.5))
+
+    @torch.no_grad()
+    def teacher(self, target_logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """L_ins's teacher (B, |T_t| + |T_s|) for images x with joint labels y (B,), given the
+        target's logits on them (B, |T_t|): :func:`joint_teacher`, per image when arbitrating."""
+        new = self.source_logits(x)[:, self.source_outputs]
+        return joint_teacher(target_logits, new, y if self.arbitrate else None)
+
+    @torch.no_grad()
+    def holdout_metrics(self, logits_fn: Callable[[Tensor], Tensor], temperature: float) -> dict[str, float]:
+        """Of a cloned network's ``logits_fn`` (B, C, H, W) -> (B, K) on the held-out clean
+        images: joint accuracy, cross-entropy and the KD loss to the direct-ensemble teacher
+        (the same images and teacher for every R, so comparable across cuts)."""
+        assert self.holdout is not None, "holdout_metrics needs held-out images"
+        x, y = self.holdout
+        logits = torch.cat([logits_fn(xb) for xb in x.split(512)])
+        ensemble = torch.cat([joint_teacher(self.target_logits(xb), self.source_logits(xb)[:, self.source_outputs],
+                                            None) for xb in x.split(512)])
+        return {"acc": float((logits.argmax(1) == y).float().mean()), "ce": float(F.cross_entropy(logits, y)),
+                "kd": float(kd_loss(logits, ensemble, temperature)), "images": len(y)}
 
     def candidates(self, names: list[str] | None) -> list[tuple[CutPoint, CutPoint]]:
         """(R, R') pairs, R from the last target block cut to the first.
@@ -162,9 +250,8 @@ class CandidateTrainer:
         self.taps = extract(t, None, [r.node, ctx.t_cls.input_node, ctx.t_cls.node])
         self.s_prefix = extract(s, None, [r_src.node])
         self.s_body = extract(s, r_src.node, [ctx.s_cls.input_node, ctx.s_cls.node])
-        self.teacher_source = extract(s, None, [ctx.s_cls.node])
         gen = torch.Generator().manual_seed(config.seed)
-        sample = ctx.clone_x[torch.randperm(len(ctx.clone_x), generator=gen)[:256]]
+        sample = ctx.train_x[torch.randperm(len(ctx.train_x), generator=gen)[:256]]
         with torch.no_grad():
             t_cut, t_pre, _ = self.taps(sample)
             s_cut = self.s_prefix(sample)
@@ -180,6 +267,12 @@ class CandidateTrainer:
         b = head_module.bias[ctx.source_outputs] if head_module.bias is not None else None
         self.head.init_from_source(w.detach(), None if b is None else b.detach())
 
+    @property
+    def clean_fraction(self) -> float:
+        if self.config.clean_fraction is not None:
+            return self.config.clean_fraction
+        return 1.0 if self.ctx.arbitrate else 0.25
+
     # -- forward pieces --------------------------------------------------------------
     def cloned_logits(self, x: Tensor) -> Tensor:
         """The cloned network with this candidate's branch: (B, |T_t| + |T_s|)."""
@@ -189,10 +282,30 @@ class CandidateTrainer:
         correction, new = self.head(pre, feats)
         return torch.cat([logits + correction, new], 1)
 
-    def loss_ins(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            teacher = torch.cat([self.taps(x)[2], self.teacher_source(x)[:, self.ctx.source_outputs]], 1)
-        return kd_loss(self.cloned_logits(x), teacher, self.config.temperature)
+    @torch.no_grad()
+    def teacher(self, x: Tensor, y: Tensor) -> Tensor:
+        """(B, |T_t| + |T_s|) teacher logits of L_ins for images x with joint labels y (B,):
+        [target, source T_s] without old-class images, else the losing side set to -inf."""
+        return self.ctx.teacher(self.taps(x)[2], x, y)
+
+    def loss_ins(self, x: Tensor, y: Tensor) -> Tensor:
+        """L_ins (Eq. 7) on images x (B, C, H, W) with joint labels y (B,)."""
+        logits = self.cloned_logits(x)
+        loss = kd_loss(logits, self.teacher(x, y), self.config.temperature)
+        if self.ctx.arbitrate:
+            loss = loss + self.config.ce_weight * F.cross_entropy(logits, y)
+        return loss
+
+    def holdout_metrics(self) -> dict[str, float]:
+        """This candidate's :meth:`SearchContext.holdout_metrics`."""
+        return self.ctx.holdout_metrics(self.cloned_logits, self.config.temperature)
+
+    def selection_loss(self, holdout: dict[str, float], train_loss: float) -> float:
+        """Held-out error with old-class images, held-out KD without; the training loss
+        when nothing is held out."""
+        if not holdout:
+            return train_loss
+        return 1.0 - holdout["acc"] if self.ctx.arbitrate else holdout["kd"]
 
     def loss_loc(self, rows: Tensor, mask_ids: Tensor) -> Tensor:
         """Eq. 5: relative squared error between the masked source's T_s logits and G."""
@@ -214,7 +327,7 @@ class CandidateTrainer:
             "binary": list(self.adapter.parameters()) + list(self.head.parameters()),
         }[phase]
         opt = torch.optim.Adam(params, lr=cfg.lr)
-        n, last = len(ctx.clone_x), float("nan")
+        n, last = len(ctx.train_x), float("nan")
         steps = self.steps_per_epoch()
         for _ in range(epochs):
             order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(steps * cfg.batch_size / n))])
@@ -228,8 +341,8 @@ class CandidateTrainer:
                     loss = loc + cfg.budget_weight * self.masked.budget_penalty(cfg.mask_ratio)
                     selection = loss
                 else:
-                    masks = random_patch_masks(len(rows), self.ctx.grid**2, cfg.clean_fraction, gen)
-                    ins = self.loss_ins(apply_masks(ctx.clone_x[rows], masks))
+                    masks = random_patch_masks(len(rows), self.ctx.grid**2, self.clean_fraction, gen)
+                    ins = self.loss_ins(apply_masks(ctx.train_x[rows], masks), ctx.train_y[rows])
                     selection = ins + cfg.loc_weight * loc.detach()
                     loss = ins + cfg.loc_weight * loc
                     if phase == "joint" and cfg.use_masks:
@@ -258,14 +371,16 @@ class CandidateTrainer:
         else:
             self.masked.binarize(1.0)
             self.run_phase("joint", cfg.joint_epochs, gen, tick)
-        loss = self.run_phase("binary", cfg.binary_epochs, gen, tick)
+        train_loss = self.run_phase("binary", cfg.binary_epochs, gen, tick)
         self.adapter.eval()
         self.head.eval()
+        holdout = self.holdout_metrics() if self.ctx.holdout is not None else {}
         tensors = branch_tensors(self.masked.keep(), self.adapter, self.head)
         return CandidateResult(
-            target_cut=self.r.node, source_cut=self.r_src.node, loss=loss, accuracy=self.accuracy(),
-            kept_fraction=self.masked.kept_fraction(), seconds=time.perf_counter() - start,
-            adapter_spec=asdict(self.adapter.spec), tensors=tensors,
+            target_cut=self.r.node, source_cut=self.r_src.node, loss=self.selection_loss(holdout, train_loss),
+            accuracy=self.accuracy(), kept_fraction=self.masked.kept_fraction(),
+            seconds=time.perf_counter() - start, adapter_spec=asdict(self.adapter.spec), train_loss=train_loss,
+            holdout=holdout, tensors=tensors,
         )
 
     @torch.no_grad()
@@ -278,12 +393,57 @@ class CandidateTrainer:
         return out
 
     def steps_per_epoch(self) -> int:
-        return max(math.ceil(len(self.ctx.clone_x) / self.config.batch_size), self.config.min_steps_per_epoch)
+        return max(math.ceil(len(self.ctx.train_x) / self.config.batch_size), self.config.min_steps_per_epoch)
 
     def steps(self) -> int:
         cfg = self.config
         epochs = cfg.joint_epochs + cfg.binary_epochs + (cfg.loc_epochs if cfg.use_masks and self.masked.groups else 0)
         return epochs * self.steps_per_epoch()
+
+
+def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dict:
+    """Fine-tune a built branch (A, the pruned copy M_f, F_c) with L_ins on the training
+    images, the target frozen; keep the result only if the held-out error falls.
+
+    Returns {"before": held-out metrics, "after": held-out metrics, "kept": bool, "epochs"}."""
+    taps = extract(ctx.target, None, [branch.target_cut, ctx.t_cls.input_node, ctx.t_cls.node])
+
+    def logits_fn(x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, C, H, W) -> (cloned logits (B, K), the target's own logits (B, |T_t|))."""
+        with torch.no_grad():
+            cut, pre, logits = taps(x)
+        correction, new = branch(cut, pre)
+        return torch.cat([logits + correction, new], 1), logits
+
+    branch.eval()
+    before = ctx.holdout_metrics(lambda x: logits_fn(x)[0], config.temperature)
+    saved = {k: v.clone() for k, v in branch.state_dict().items()}
+    branch.body.requires_grad_(True)
+    params = [p for p in branch.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=config.tune_lr)
+    n, gen = len(ctx.train_x), torch.Generator().manual_seed(config.seed)
+    steps = config.tune_epochs * math.ceil(n / config.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    branch.train()
+    for _ in range(config.tune_epochs):
+        for rows in torch.randperm(n, generator=gen).split(config.batch_size):
+            x, y = ctx.train_x[rows], ctx.train_y[rows]
+            logits, target_logits = logits_fn(x)
+            loss = kd_loss(logits, ctx.teacher(target_logits, x, y), config.temperature)
+            loss = loss + config.ce_weight * F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+    branch.body.requires_grad_(False)
+    branch.eval()
+    after = ctx.holdout_metrics(lambda x: logits_fn(x)[0], config.temperature)
+    kept = after["acc"] > before["acc"]
+    if kept:
+        branch.body.tuned = True
+    else:
+        branch.load_state_dict(saved)
+    return {"before": before, "after": after, "kept": kept, "epochs": config.tune_epochs}
 
 
 def build_branch(ctx: SearchContext, result: CandidateResult, *, classes: list[str],
@@ -314,7 +474,8 @@ def _load_result(path: Path, key: str) -> CandidateResult | None:
 
 def search(ctx: SearchContext, config: SearchConfig, *, run_key: str = "", checkpoint_dir: Path | None = None,
            progress: bool = True) -> tuple[CandidateResult, list[CandidateResult]]:
-    """Train every candidate R (last block to first); return (best, all) by least loss."""
+    """Train every candidate R (last block to first); return (best, all) by the least
+    selection loss (ties: the least held-out cross-entropy, then the later cut)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -334,5 +495,5 @@ def search(ctx: SearchContext, config: SearchConfig, *, run_key: str = "", check
                 if path is not None:
                     _save_result(path, done, key)
             results.append(done)
-    best = min(results, key=lambda res: res.loss)
+    best = min(results, key=lambda res: (res.loss, res.holdout.get("ce", 0.0)))
     return best, results

@@ -1,7 +1,8 @@
 """Patch files (``.pnc``): the paper's transmission form {M, R, A, F_c}.
 
 One safetensors file. Its tensors, per branch ``b``: ``b/keep.<group>`` (kept channel
-indices of each coupling group = M), ``b/adapter.*`` (A), ``b/head.*`` (F_c). Its JSON
+indices of each coupling group = M), ``b/adapter.*`` (A), ``b/head.*`` (F_c) and, when the
+branch's pruned module was fine-tuned while cloning, ``b/module.*`` (its weights). Its JSON
 metadata (key ``pnc``): the format version, the target's and each source's zoo name and
 state_dict sha256, the cut node names R (target) and R' (source), class names, the
 adapter spec and each branch's clone task. With the public zoo models it names, the patch
@@ -63,7 +64,7 @@ def save_patch(net: ClonedNetwork, path: str | Path, *, target_name: str, input_
     tensors: dict[str, torch.Tensor] = {}
     branches = []
     for name, b in net.branches.items():
-        tensors |= {f"{name}/{k}": v for k, v in branch_tensors(b.body.keep, b.adapter, b.head).items()}
+        tensors |= {f"{name}/{k}": v for k, v in branch_tensors(b.body.keep, b.adapter, b.head, b.body).items()}
         branches.append({
             "name": name, "source": {"name": b.source_name, "sha256": b.source_sha256},
             "target_cut": b.target_cut, "source_cut": b.source_cut, "classes": b.classes,

@@ -11,8 +11,10 @@ import time
 import pytest
 import torch
 
+import torch.nn.functional as F
+
+from pnc.bench.baselines import METHODS, CalibratedEnsemble, PeakMemory, extend_classifier, run_method
 from pnc.bench.cli import main
-from pnc.bench.baselines import METHODS, PeakMemory, extend_classifier, run_method
 from pnc.bench.paper import QUICK_BUDGET
 from pnc.zoo.datasets import load_dataset
 from pnc.bench.metrics import evaluate_clone, logits_of
@@ -55,6 +57,7 @@ def _row(result, method):
 def test_table_json_has_every_method_with_fractions_and_costs(bench):
     result = bench["first"]
     assert result["dataset"] == "digits" and result["arch"] == "cnn4"
+    assert result["old_fraction"] == 0.3  # the paper's setting by default
     assert [r["method"] for r in result["rows"]] == list(METHODS)
     for r in result["rows"]:
         assert r["scale"] == "S" and r["seeds"] == [0]
@@ -65,6 +68,11 @@ def test_table_json_has_every_method_with_fractions_and_costs(bench):
     assert _row(result, "Continual+KD")["delta_vs_Continual+KD"]["avg"] == 0.0
     md = (bench["root"] / "out" / f"{STEM}.md").read_text()
     assert "| PNC (w/o Insert) |" in md and "## Goals" in md
+    assert "| Calibrated Ensemble |" in md and "regret" in md
+    for s in result["pnc_search"]:
+        chosen = next(c for c in s["candidates"] if c["target_cut"] == s["target_cut"])
+        best = max(c["accuracy"]["avg"] for c in s["candidates"])
+        assert s["regret"] == pytest.approx(100 * (best - chosen["accuracy"]["avg"]))
 
 
 def test_pretrained_and_ensemble_match_independent_computations(bench, digits):
@@ -156,3 +164,27 @@ def test_unknown_method_and_scale_are_rejected(bench, capsys):
     assert main([*bench["argv"], "--methods", "PNC,Nope"]) == 2
     assert "unknown methods ['Nope']" in capsys.readouterr().err
     assert main([*bench["argv"], "--scales", "L"]) == 2
+
+
+def test_calibrated_ensemble_fits_temperatures_and_biases_on_the_available_images(bench, digits):
+    store = bench["store"]
+    target, _ = store.load("digits-cnn4-target")
+    source, _ = store.load("digits-cnn4-source")
+    before = state_dict_sha256(target), state_dict_sha256(source)
+    task = CloneTask(digits, list(range(5)), list(range(5, 10)), "M", seed=0)
+    data = task.available_set()
+    assert (data.y < 5).any() and (data.y >= 5).any()  # old-class replay and the clone set
+    model = CalibratedEnsemble(target, source, task.source_label_index(), 5)
+    with torch.no_grad():
+        direct = torch.cat([target(data.x), source(data.x)[:, task.source_label_index()]], 1)
+        assert torch.equal(model(data.x), direct)  # starts as the direct ensemble
+        direct_ce = float(F.cross_entropy(direct, data.y))
+    model.fit(data.x, data.y)
+    with torch.no_grad():
+        fitted_ce = float(F.cross_entropy(model(data.x), data.y))
+    assert fitted_ce < direct_ce
+    assert model.bias.abs().max() > 0 and not torch.allclose(model.log_temperature, torch.zeros(2))
+    assert len(list(model.parameters())) == 2  # the target and the source are not its parameters
+    assert (state_dict_sha256(target), state_dict_sha256(source)) == before
+    row = _row(bench["first"], "Calibrated Ensemble")
+    assert row["avg_acc"] > 0.8 and row["params"] == _row(bench["first"], "Direct Ensemble")["params"] + 8

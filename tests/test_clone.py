@@ -69,7 +69,10 @@ def test_clone_learns_new_class_and_keeps_old(digits, cloned):
     report = net.branches["src"].report
     assert report.params_after < report.params_before
     assert {c["target_cut"] for c in report.candidates} >= {report.target_cut}
-    assert report.target_cut == min(report.candidates, key=lambda c: c["loss"])["target_cut"]
+    best = min(report.candidates, key=lambda c: (c["loss"], c["holdout"].get("ce", 0.0)))
+    assert report.target_cut == best["target_cut"]
+    assert all(c["holdout"]["images"] == sum(report.images[k] for k in ("old_holdout", "clone_holdout"))
+               for c in report.candidates)
 
 
 def test_invariants_unchanged_and_detach_exact(digits, cloned):
@@ -225,3 +228,55 @@ def test_multi_branch_clone_and_partial_detach(digits, cloned):
                 pass
         multi.detach("six")
         assert torch.equal(multi(x), single(x))
+
+
+def test_arbitrating_insertion_keeps_old_classes_when_old_images_are_given(digits):
+    """A source whose logits are 4x the scale of the target's: imitating the direct ensemble
+    (no old-class image) loses old-class images to the new classes; arbitrating does not."""
+    ds, _, target, source = digits
+    hot = copy.deepcopy(source)
+    with torch.no_grad():
+        hot.head.weight *= 4
+        hot.head.bias *= 4
+    ori, stolen = {}, {}
+    for old_fraction in (0.0, 0.3):
+        task = CloneTask(ds, list(range(5)), list(range(5, 10)), "M", seed=0, old_fraction=old_fraction)
+        net = clone(target, hot, **task.clone_inputs(), config=SearchConfig(seed=0, **QUICK), progress=False)
+        old = task.eval_sets()["ori"]
+        with torch.no_grad():
+            pred = net(old.x).argmax(1)
+        ori[old_fraction] = float((pred == old.y).float().mean())
+        stolen[old_fraction] = int((pred >= len(task.target_classes)).sum())  # old images lost to new classes
+        images = net.branches["branch0"].report.images
+        assert (images["old_train"] > 0) == (old_fraction > 0) and images["clone_holdout"] > 0
+    assert stolen[0.3] < stolen[0.0] / 4
+    assert ori[0.3] > ori[0.0] + 0.2
+    assert ori[0.3] >= evaluate(target, task.target_test()) - 0.03
+
+
+def test_patch_carries_a_fine_tuned_module(digits, cloned, tmp_path):
+    ds, task, target, source = digits
+    net, _, _ = cloned
+    store = ZooStore(tmp_path / "zoo")
+    for name, model, classes in (("t", target, task.target_classes), ("src", source, task.source_classes)):
+        card = ModelCard(name=name, arch="cnn4", kwargs={"in_chans": 1, "num_classes": 5}, dataset="digits",
+                         classes=classes, class_names=[ds.classes[c] for c in classes], mean=ds.mean,
+                         std=ds.std, input_size=ds.input_size, test_accuracy=0.0)
+        store.save(name, model, card)
+    tuned = copy.deepcopy(net)
+    module = tuned.branches["src"].body
+    with torch.no_grad():
+        for p in module.body.parameters():
+            p.mul_(1.1)
+    module.tuned = True
+    x = task.eval_sets()["avg"].x
+    for model, name in ((net, "plain.pnc"), (tuned, "tuned.pnc")):
+        save_patch(model, tmp_path / name, target_name="t", input_size=ds.input_size)
+        meta, tensors = read_patch(tmp_path / name)
+        has_module = any(k.startswith("src/module.") for k in tensors)
+        assert has_module == model.branches["src"].body.tuned
+        rebuilt, _ = store.load_patch(tmp_path / name)
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt(x), model(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(tuned(x), net(x))

@@ -60,3 +60,27 @@ def test_clone_cli_over_class_counts(zoos, dataset, classes, expected, capsys):
     assert main(["eval", str(out / "clone.pnc"), "--zoo-dir", zoo, "--json", *extra]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["avg_acc"] == pytest.approx(report["avg_acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("old_fraction", ["0", "0.5"])
+def test_clone_cli_old_fraction_counts_the_images_it_used(zoos, old_fraction, capsys):
+    from pnc.surgery.patch import read_patch
+    from pnc.zoo.datasets import load_dataset
+
+    root, by_dataset = zoos
+    zoo, extra = by_dataset["digits"]
+    out = root / f"run-old-{old_fraction}"
+    assert main(["clone", "--target", "t", "--source", "s", "--classes", "7", "--out", str(out),
+                 "--old-fraction", old_fraction, "--zoo-dir", zoo, "--json", *extra]) == 0
+    report = json.loads(capsys.readouterr().out)
+    train_y = load_dataset("digits").train.y
+    expected_old = sum(round(float(old_fraction) * int((train_y == c).sum())) for c in range(5))
+    images = report["images"]
+    assert report["old_fraction"] == float(old_fraction)
+    assert images["old_train"] + images["old_holdout"] == expected_old
+    assert images["clone_train"] + images["clone_holdout"] == round(0.3 * int((train_y == 7).sum()))
+    assert report["ori_acc"] > 0.5 and report["tar_acc"] > 0.5
+    meta, _ = read_patch(out / "clone.pnc")
+    assert meta["branches"][0]["task"]["old_fraction"] == float(old_fraction)  # the patch records the setting
+    assert main(["eval", str(out / "clone.pnc"), "--zoo-dir", zoo, "--json", *extra]) == 0
+    assert json.loads(capsys.readouterr().out)["avg_acc"] == pytest.approx(report["avg_acc"], abs=1e-6)

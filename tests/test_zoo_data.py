@@ -226,3 +226,35 @@ def test_cifar10_binary_version_without_pickle(tmp_path):
     (root / "test_batch.bin").write_bytes(records([0])[:-7])
     with pytest.raises(DataError, match="not a multiple"):
         load_dataset("cifar10", data_dir=str(tmp_path))
+
+
+def test_old_fraction_is_a_seeded_share_of_target_training_images():
+    base = _toy_splits(per_class=20)
+    test = ImageData(base.train.x + 10_000, base.train.y.clone())  # distinct test images
+    ds = DatasetSplits("toy", base.train, test, NAMES, (0.0,), (1.0,), (1, 2, 2))
+    task = CloneTask(ds, [3, 1], [9, 7, 5], [5, 9], fraction=0.3, seed=1)
+    assert task.old_fraction == 0.3  # the paper's setting is the default
+    old = task.old_set()
+    assert torch.bincount(old.y).tolist() == [6, 6]  # 30% of 20 images of each target class
+    original = ds.train.y[old.x[:, 0, 0, 0].long()]  # the toy's pixel is the training row
+    assert torch.equal(original, torch.tensor([3, 1])[old.y])
+    assert (old.x < 10_000).all() and not set(old.x[:, 0, 0, 0].tolist()) & set(ds.test.x[:, 0, 0, 0].tolist())
+    assert torch.equal(old.x, CloneTask(ds, [3, 1], [9, 7, 5], [5, 9], 0.3, seed=1).old_set().x)
+    assert not torch.equal(old.x, CloneTask(ds, [3, 1], [9, 7, 5], [5, 9], 0.3, seed=2).old_set().x)
+    strict = CloneTask(ds, [3, 1], [9, 7, 5], [5, 9], 0.3, seed=1, old_fraction=0.0)
+    assert len(strict.old_set()) == 0
+    assert torch.equal(strict.available_set().x, task.clone_set().x)  # the clone set does not move
+    both = task.available_set()
+    assert torch.bincount(both.y).tolist() == [6, 6, 6, 6]
+    for bad in (-0.1, 1.5):
+        with pytest.raises(TaskError, match="old fraction"):
+            CloneTask(ds, [3, 1], [9, 7, 5], [5, 9], old_fraction=bad)
+
+
+def test_old_fraction_round_trips_and_old_descriptions_mean_zero():
+    ds = _toy_splits()
+    task = CloneTask(ds, [0, 1, 2], [5, 6, 7, 8, 9], "M", fraction=0.5, seed=3, old_fraction=0.4)
+    back = CloneTask.from_json(task.to_json(), dataset=ds)
+    assert back.old_fraction == 0.4 and torch.equal(back.old_set().x, task.old_set().x)
+    legacy = {k: v for k, v in task.to_dict().items() if k != "old_fraction"}
+    assert CloneTask.from_json(legacy, dataset=ds).old_fraction == 0.0

@@ -75,7 +75,9 @@ def select_classes(data: ImageData, classes: Sequence[int], offset: int = 0) -> 
 @dataclass
 class CloneTask:
     """Clone ``clone_classes`` (a subset of ``source_classes``, or the preset "S"/"M") from a
-    source model into a target model, with a ``fraction`` of their training images."""
+    source model into a target model, with a ``fraction`` of their training images and an
+    ``old_fraction`` of the target classes' training images (the paper's setting, Sec. 4.1:
+    30% of each sub-dataset; 0 is the strict setting with no image of T_t)."""
 
     dataset: DatasetSplits
     target_classes: list[int]
@@ -83,7 +85,9 @@ class CloneTask:
     clone_classes: list[int] | str
     fraction: float = 0.3
     seed: int = 0
+    old_fraction: float = 0.3
     _clone_index: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _old_index: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.dataset.classes)
@@ -114,6 +118,8 @@ class CloneTask:
                             f"{self.source_classes}; clone a subset of the source's classes")
         if not 0.0 < self.fraction <= 1.0:
             raise TaskError(f"fraction {self.fraction} must be in (0, 1]")
+        if not 0.0 <= self.old_fraction <= 1.0:
+            raise TaskError(f"old fraction {self.old_fraction} must be in [0, 1]")
 
     @staticmethod
     def _check_ids(label: str, ids: Sequence[int], n: int) -> None:
@@ -145,14 +151,25 @@ class CloneTask:
         labelled ``len(target_classes) + position in clone_classes``."""
         full = select_classes(self.dataset.train, self.clone_classes, offset=len(self.target_classes))
         if self._clone_index is None:
-            gen = torch.Generator().manual_seed(self.seed)
-            picks = []
-            for label in range(len(self.target_classes), len(self.target_classes) + len(self.clone_classes)):
-                members = torch.nonzero(full.y == label).flatten()
-                keep = max(1, round(self.fraction * len(members)))
-                picks.append(members[torch.randperm(len(members), generator=gen)[:keep]])
-            self._clone_index = torch.cat(picks).sort().values
+            self._clone_index = _per_class_share(full.y, self.fraction, torch.Generator().manual_seed(self.seed),
+                                                 at_least_one=True)
         return full.subset(self._clone_index)
+
+    def old_set(self) -> ImageData:
+        """A seeded ``old_fraction`` of each target class's training images, labelled by
+        position in ``target_classes`` (empty when ``old_fraction`` is 0). Drawn with its own
+        generator, so the clone set does not depend on ``old_fraction``."""
+        full = self.target_train()
+        if self._old_index is None:
+            gen = torch.Generator().manual_seed(self.seed + 7919)
+            self._old_index = _per_class_share(full.y, self.old_fraction, gen, at_least_one=False)
+        return full.subset(self._old_index)
+
+    def available_set(self) -> ImageData:
+        """Every training image available while cloning: :meth:`old_set` then :meth:`clone_set`,
+        with the cloned network's labels."""
+        old, new = self.old_set(), self.clone_set()
+        return ImageData(torch.cat([old.x, new.x]), torch.cat([old.y, new.y]))
 
     def eval_sets(self) -> dict[str, ImageData]:
         """``ori``: test images of T_t (labels 0..|T_t|-1); ``tar``: of T_s (labels |T_t|+i);
@@ -163,10 +180,11 @@ class CloneTask:
         return {"ori": ori, "tar": tar, "avg": pooled}
 
     def clone_inputs(self) -> dict[str, Any]:
-        """The data arguments of :func:`pnc.surgery.cloning` for this task:
+        """The data arguments of :func:`pnc.surgery.clone` for this task (the available images:
+        :meth:`available_set`):
         ``clone(target, source, **task.clone_inputs(), config=...)``."""
-        names = self.dataset.classes
-        return {"images": self.clone_set().x, "source_outputs": self.source_label_index(),
+        names, available = self.dataset.classes, self.available_set()
+        return {"images": available.x, "labels": available.y, "source_outputs": self.source_label_index(),
                 "class_names": [names[c] for c in self.clone_classes],
                 "target_classes": [names[c] for c in self.target_classes],
                 "eval_sets": {k: (v.x, v.y) for k, v in self.eval_sets().items()}}
@@ -188,11 +206,13 @@ class CloneTask:
         return {"dataset": self.dataset.name, "data_dir": self.dataset.data_dir,
                 "input_size": list(self.dataset.input_size),
                 "target_classes": self.target_classes, "source_classes": self.source_classes,
-                "clone_classes": self.clone_classes, "fraction": self.fraction, "seed": self.seed}
+                "clone_classes": self.clone_classes, "fraction": self.fraction, "seed": self.seed,
+                "old_fraction": self.old_fraction}
 
     @classmethod
     def from_json(cls, text: str | dict[str, Any], dataset: DatasetSplits | None = None) -> CloneTask:
-        """Rebuild a task; the dataset is reloaded unless ``dataset`` (the same one) is given."""
+        """Rebuild a task; the dataset is reloaded unless ``dataset`` (the same one) is given.
+        A description without ``old_fraction`` (written before it existed) means 0."""
         spec = json.loads(text) if isinstance(text, str) else dict(text)
         try:
             if dataset is None:
@@ -201,6 +221,18 @@ class CloneTask:
             elif dataset.name != spec["dataset"]:
                 raise TaskError(f"task is for dataset {spec['dataset']!r}, got {dataset.name!r}")
             return cls(dataset, spec["target_classes"], spec["source_classes"], spec["clone_classes"],
-                       fraction=spec.get("fraction", 0.3), seed=spec.get("seed", 0))
+                       fraction=spec.get("fraction", 0.3), seed=spec.get("seed", 0),
+                       old_fraction=spec.get("old_fraction", 0.0))
         except (KeyError, TypeError) as err:
             raise TaskError(f"not a clone task description: missing or bad field {err}") from err
+
+
+def _per_class_share(labels: torch.Tensor, share: float, gen: torch.Generator, at_least_one: bool) -> torch.Tensor:
+    """Sorted indices of a seeded ``share`` of each label's rows; labels (N,) int64."""
+    picks = [torch.zeros(0, dtype=torch.int64)]
+    for label in labels.unique(sorted=True).tolist():
+        members = torch.nonzero(labels == label).flatten()
+        keep = round(share * len(members))
+        keep = max(1, keep) if at_least_one else keep
+        picks.append(members[torch.randperm(len(members), generator=gen)[:keep]])
+    return torch.cat(picks).sort().values

@@ -72,9 +72,9 @@ def _cmd_paper(args: argparse.Namespace) -> int:
     _check(args, (dataset, arch))
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     result = run_paper(dataset, arch, scales=scales, seeds=seeds, methods=methods, quick=args.quick,
-                       zoo_dir=args.zoo_dir, data_dir=args.data_dir, out_dir=Path(args.out),
-                       workdir=args.workdir, fresh=args.fresh, command=_command())
-    stem = Path(args.out) / ("table1-" + result["dataset"] + "-" + arch + ("-quick" if args.quick else ""))
+                       old_fraction=args.old_fraction, zoo_dir=args.zoo_dir, data_dir=args.data_dir,
+                       out_dir=Path(args.out), workdir=args.workdir, fresh=args.fresh, command=_command())
+    stem = Path(args.out) / result["stem"]
     print(f"wrote {stem}.md and {stem}.json")
     return 0
 
@@ -142,6 +142,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                                       "(default lenet5; cnn4 with --quick)")
     paper.add_argument("--scales", type=_csv(str), help="S, M or S,M (default S,M; S with --quick)")
     paper.add_argument("--methods", type=_csv(str), help=f"comma-separated, of {', '.join(METHODS)} (default: all)")
+    paper.add_argument("--old-fraction", type=in_range(float, 0.0, 1.0), default=0.3,
+                       help="share of the target classes' training images available while cloning "
+                            "(default 0.3, the paper's; 0: none, the strict setting)")
     paper.add_argument("--fresh", action="store_true", help="ignore cached rows and recompute")
     paper.set_defaults(func=_cmd_paper)
 

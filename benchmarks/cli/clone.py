@@ -31,7 +31,16 @@ from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
 from pnc.zoo.store import WEIGHTS_FILE, ModelCard, ZooStore
 from pnc.zoo.tasks import CloneTask
 
-from .common import add_data_dir, add_force, add_zoo_dir, check_input_file, check_output_dir, seed_number, share
+from .common import (
+    add_data_dir,
+    add_force,
+    add_zoo_dir,
+    check_input_file,
+    check_output_dir,
+    in_range,
+    seed_number,
+    share,
+)
 from .zoo import writable_zoo
 
 
@@ -73,7 +82,7 @@ class ClonePlan:
 
 
 def plan_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]], *, seed: int = 0,
-               data_dir: str | None = None, fraction: float = 0.3,
+               data_dir: str | None = None, fraction: float = 0.3, old_fraction: float = 0.3,
                config: SearchConfig | None = None) -> ClonePlan:
     """Load and check everything a clone needs (TaskError/StoreError/DataError), writing nothing.
 
@@ -91,7 +100,8 @@ def plan_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]]
             raise TaskError(f"target {target_name!r} is on {t_card.dataset} but source {source_name!r} on "
                             f"{s_card.dataset}; clone between models of the same dataset")
         task = CloneTask(dataset, t_card.classes, s_card.classes,
-                         spec if spec in ("S", "M") else _class_spec(spec, dataset.classes), fraction, seed)
+                         spec if spec in ("S", "M") else _class_spec(spec, dataset.classes), fraction, seed,
+                         old_fraction=old_fraction)
         pair = f"--source {source_name} --classes {spec}"
         for c in task.clone_classes:
             if c in cloned_by:
@@ -102,7 +112,7 @@ def plan_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]]
         planned.append((source_name, source, task))
     run = {"target": [target_name, t_card.sha256], "sources": [[n, spec, store.card(n).sha256]
                                                               for n, spec in sources],
-           "seed": seed, "fraction": fraction, "config": (config or SearchConfig(seed=seed)).key()}
+           "seed": seed, "fraction": fraction, "old_fraction": old_fraction, "config": (config or SearchConfig(seed=seed)).key()}
     return ClonePlan(target_name, target, t_card, dataset, planned, run)
 
 
@@ -198,16 +208,21 @@ class _Stopwatch:
 
 
 def run_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]], out: Path, *, seed: int = 0,
-              data_dir: str | None = None, fraction: float = 0.3, config: SearchConfig | None = None,
-              progress: bool = True, force: bool = False, plan: ClonePlan | None = None) -> tuple[ClonedNetwork, dict]:
+              data_dir: str | None = None, fraction: float = 0.3, old_fraction: float = 0.3,
+              config: SearchConfig | None = None, progress: bool = True, force: bool = False,
+              plan: ClonePlan | None = None) -> tuple[ClonedNetwork, dict]:
     """Clone each (source name, class spec) into the target; write DIR/clone.pnc and DIR/report.json.
+
+    ``fraction`` / ``old_fraction``: shares of the clone classes' / the target classes'
+    training images available while cloning. report.json's ``images`` counts the images
+    of each kind the (first) branch trained and selected R on.
 
     Returns (the cloned network, the report). Everything is checked before anything is
     written (:func:`plan_clone`, :func:`check_clone_out`); an interrupted run resumes from the
     checkpoints in DIR/.ckpt, and report.json's ``seconds`` counts every attempt."""
     config = config or SearchConfig(seed=seed)
     plan = plan or plan_clone(store, target_name, sources, seed=seed, data_dir=data_dir, fraction=fraction,
-                              config=config)
+                              old_fraction=old_fraction, config=config)
     out = Path(out)
     replace = check_clone_out(out, plan.run, force)
     if replace:
@@ -245,6 +260,7 @@ def _execute(plan: ClonePlan, store: ZooStore, out: Path, config: SearchConfig,
         "target": plan.target_name, "ori_acc": acc["clone"]["ori"], "tar_acc": acc["clone"]["tar"],
         "avg_acc": acc["clone"]["avg"], "target_acc": acc["target"], "ensemble_acc": acc["ensemble"],
         "target_cut": branches[0]["target_cut"], "source_cut": branches[0]["source_cut"],
+        "fraction": plan.run["fraction"], "old_fraction": plan.run["old_fraction"], "images": branches[0]["images"],
         "patch_bytes": patch_bytes,
         "source_bytes": sum(os.path.getsize(store.path(s) / WEIGHTS_FILE) for s, _, _ in plan.sources),
         "seconds": None, "branches": branches, "run": plan.run,
@@ -330,10 +346,10 @@ def _cmd_clone(args) -> int:
     store, sources, out = _store(args), list(zip(args.source, args.classes)), Path(args.out)
     check_output_dir(out, "--out")  # before loading anything: the cheapest check first
     plan = plan_clone(store, args.target, sources, seed=args.seed, data_dir=args.data_dir,
-                      fraction=args.fraction, config=config)
+                      fraction=args.fraction, old_fraction=args.old_fraction, config=config)
     _, report = run_clone(store, args.target, sources, out, seed=args.seed, data_dir=args.data_dir,
-                          fraction=args.fraction, config=config, progress=not args.json, force=args.force,
-                          plan=plan)
+                          fraction=args.fraction, old_fraction=args.old_fraction, config=config,
+                          progress=not args.json, force=args.force, plan=plan)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -342,6 +358,9 @@ def _cmd_clone(args) -> int:
             print(f"branch {b['name']!r}: R = {b['target_cut']} (target) <- R' = {b['source_cut']} (source); "
                   f"transferable module {b['params_before']:,} -> {b['params_after']:,} params, "
                   f"{b['macs_before']:,} -> {b['macs_after']:,} MACs")
+        im = report["images"]
+        print(f"images: {im['old_train']} of the target's classes + {im['clone_train']} of the cloned classes "
+              f"to train, {im['old_holdout'] + im['clone_holdout']} held out to choose R")
         print(f"patch {report['patch_bytes']:,} bytes vs source checkpoint {report['source_bytes']:,} bytes; "
               f"{report['seconds']:.0f} s; wrote {args.out}/clone.pnc and report.json")
     return 0
@@ -405,6 +424,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed_number, default=0)
     p.add_argument("--fraction", type=share, default=0.3,
                    help="share of the clone classes' training images, in (0, 1]")
+    p.add_argument("--old-fraction", type=in_range(float, 0.0, 1.0), default=0.3,
+                   help="share of the target classes' training images available while cloning, in [0, 1] "
+                        "(default 0.3, the paper's setting; 0: none)")
     p.add_argument("--mask-ratio", type=share, default=0.5, help="kept share of each channel group, in (0, 1]")
     p.add_argument("--json", action="store_true", help="print report.json instead of a table")
     add_force(p, "a clone of another run in --out (rerunning the same command resumes without it)")
