@@ -8,10 +8,10 @@ import sys
 from pnc.adapters import AdapterError
 from pnc.surgery.errors import PncError
 
-from . import bench, clone, cuts, onnx, zoo
+from . import bench, clone, cuts, onnx, prune, zoo
 
 #: sub-command groups, in help order
-COMMANDS = (cuts, zoo, clone, onnx, bench)
+COMMANDS = (cuts, zoo, clone, prune, onnx, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
