@@ -27,6 +27,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -46,7 +47,8 @@ from pnc.zoo.store import ZooStore, package_versions
 from pnc.zoo.tasks import select_classes
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = {"fmnist-lenet5-source": "block1_2", "fmnist-resnetc20-source": "layer1_2_act_1"}
+#: block cuts pruned after, per model (ResNetC-20: after stage 1, and after stage 2)
+MODELS = {"fmnist-lenet5-source": ["block1_2"], "fmnist-resnetc20-source": ["layer1_2_act_1", "layer2_2_act_1"]}
 #: seeds per model by default (a ResNetC-20 row takes ~4 min on one core, a LeNet-5 row ~10 s)
 SEEDS = {"fmnist-lenet5-source": [0, 1, 2], "fmnist-resnetc20-source": [0]}
 CLASS_SETS = ("Sandal", "Sandal,Sneaker")
@@ -96,30 +98,30 @@ def run(models: list[str], seeds: list[int] | None, data_dir: str | None, zoo_di
     store = ZooStore(zoo_dir)
     rows = []
     start = time.perf_counter()
-    for model_name in models:
+    cache = Path(tempfile.mkdtemp(prefix="prune-compare-G-"))  # G is shared by the cuts of a model
+    for model_name, cut, spec in ((m, c, s) for m in models for c in MODELS[m] for s in CLASS_SETS):
         ensure_default(store, model_name, data_dir)
-        cut = MODELS[model_name]
-        for spec in CLASS_SETS:
-            for seed in seeds or SEEDS[model_name]:
-                with tempfile.TemporaryDirectory() as tmp:
-                    pnc = run_prune(store, model_name, cut, spec, Path(tmp) / "pnc", keep=KEEP, fraction=FRACTION,
-                                    seed=seed, data_dir=data_dir, progress=False)
-                    groups = list(pnc["groups"])
-                    reports = {"pnc": pnc}
-                    for method in METHODS[1:]:
-                        keep = baseline_keep(store, model_name, cut, spec, groups, method, seed, data_dir)
-                        reports[method] = run_prune(store, model_name, cut, spec, Path(tmp) / method, keep=KEEP,
-                                                    fraction=FRACTION, seed=seed, data_dir=data_dir,
-                                                    progress=False, keep_override=keep)
-                for method, rep in reports.items():
-                    rows.append({"model": model_name, "cut": rep["cut"], "classes": rep["class_names"], "seed": seed,
-                                 "method": method, **rep["suffix"], "unpruned": rep["unpruned"],
-                                 "pruned": rep["pruned"],
-                                 "kept": {n: len(g["kept"]) for n, g in rep["groups"].items()},
-                                 "seconds": rep["seconds"]})
-                print(f"{model_name} {spec} seed {seed}: " + ", ".join(
-                    f"{m} {100 * r['pruned']['accuracy']:.2f}%/{r['pruned']['auroc']:.4f}" for m, r in reports.items()),
-                    flush=True)
+        for seed in seeds or SEEDS[model_name]:
+            with tempfile.TemporaryDirectory() as tmp:
+                pnc = run_prune(store, model_name, cut, spec, Path(tmp) / "pnc", keep=KEEP, fraction=FRACTION,
+                                seed=seed, data_dir=data_dir, progress=False, cache_dir=cache)
+                groups = list(pnc["groups"])
+                reports = {"pnc": pnc}
+                for method in METHODS[1:]:
+                    keep = baseline_keep(store, model_name, cut, spec, groups, method, seed, data_dir)
+                    reports[method] = run_prune(store, model_name, cut, spec, Path(tmp) / method, keep=KEEP,
+                                                fraction=FRACTION, seed=seed, data_dir=data_dir,
+                                                progress=False, keep_override=keep)
+            for method, rep in reports.items():
+                rows.append({"model": model_name, "cut": rep["cut"], "classes": rep["class_names"], "seed": seed,
+                             "method": method, **rep["suffix"], "unpruned": rep["unpruned"],
+                             "pruned": rep["pruned"],
+                             "kept": {n: len(g["kept"]) for n, g in rep["groups"].items()},
+                             "seconds": rep["seconds"]})
+            print(f"{model_name} {cut} {spec} seed {seed}: " + ", ".join(
+                f"{m} {100 * r['pruned']['accuracy']:.2f}%/{r['pruned']['auroc']:.4f}" for m, r in reports.items()),
+                flush=True)
+    shutil.rmtree(cache, ignore_errors=True)
     return {"machine": _machine(), "keep": KEEP, "fraction": FRACTION,
             "seeds": {m: seeds or SEEDS[m] for m in models},
             "seconds": round(time.perf_counter() - start, 1), "rows": rows}
@@ -134,9 +136,9 @@ def _mean(values: list[float]) -> str:
 def summarize(doc: dict) -> tuple[list[dict], list[str]]:
     """One row per (model, classes, method): means over seeds; and the Goals lines."""
     table, goals = [], []
-    keys = sorted({(r["model"], tuple(r["classes"])) for r in doc["rows"]}, key=lambda k: (k[0], len(k[1])))
-    for model, classes in keys:
-        cell = {m: [r for r in doc["rows"] if r["model"] == model and tuple(r["classes"]) == classes
+    keys = list(dict.fromkeys((r["model"], r["cut"], tuple(r["classes"])) for r in doc["rows"]))
+    for model, cut, classes in keys:
+        cell = {m: [r for r in doc["rows"] if (r["model"], r["cut"], tuple(r["classes"])) == (model, cut, classes)
                     and r["method"] == m] for m in METHODS}
         acc = {m: [100 * r["pruned"]["accuracy"] for r in rs] for m, rs in cell.items()}
         unpruned = 100 * cell["pnc"][0]["unpruned"]["accuracy"]
@@ -156,7 +158,7 @@ def summarize(doc: dict) -> tuple[list[dict], list[str]]:
         beats = pnc_acc >= mag_acc
         ok = halved and within and beats
         trivial = " (one class: accuracy among the classes is 100% by construction)" if len(classes) == 1 else ""
-        goals.append(f"- {model}, {', '.join(classes)}: MACs {r0['macs_before']:,} -> {r0['macs_after']:,} "
+        goals.append(f"- {model} after {cut}, {', '.join(classes)}: MACs {r0['macs_before']:,} -> {r0['macs_after']:,} "
                      f"({r0['macs_after'] / r0['macs_before']:.2f}x, halved: {'yes' if halved else 'NO'}); "
                      f"accuracy among the classes {pnc_acc:.2f}% vs unpruned {unpruned:.2f}% "
                      f"(within 2 points: {'yes' if within else 'NO'}), vs magnitude {mag_acc:.2f}% "
@@ -189,13 +191,14 @@ def write(doc: dict, out: Path) -> None:
         "for one class), **AUROC** = mean one-vs-rest AUROC of each class's logit over the test images of all "
         "the model's classes, **rel. err** = relative squared error of the classes' logits vs the unpruned model.",
         "",
-        "| model | classes | method | suffix MACs before -> after | params before -> after | acc (unpruned) | "
+        "| model | cut | classes | method | suffix MACs before -> after | params before -> after | acc (unpruned) | "
         "acc | AUROC (unpruned) | AUROC | rel. err |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:
         lines.append(
-            f"| {r['model']} | {r['classes']} | {r['method']} | {r['macs_before']:,} -> {r['macs_after']:,} "
+            f"| {r['model']} | {r['cut']} | {r['classes']} | {r['method']} | "
+            f"{r['macs_before']:,} -> {r['macs_after']:,} "
             f"({r['macs_after'] / r['macs_before']:.2f}x) | {r['params_before']:,} -> {r['params_after']:,} | "
             f"{r['unpruned_acc']:.2f} | {_mean(r['acc'])} | {r['unpruned_auroc']:.4f} | "
             f"{statistics.mean(r['auroc']):.4f} | {statistics.mean(r['rel_error']):.4f} |")

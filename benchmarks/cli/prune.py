@@ -103,11 +103,12 @@ def measure(suffix: Callable[[Tensor], Tensor], prefix: nn.Module, test: ImageDa
 def run_prune(store: ZooStore, model_name: str, cut_name: str, classes_spec: str, out: Path, *,
               keep: float = 0.5, fraction: float = 0.1, seed: int = 0, data_dir: str | None = None,
               config: LocalizeConfig | None = None, num_masks: int = 100, progress: bool = True,
-              keep_override: dict[str, Tensor] | None = None) -> dict:
+              keep_override: dict[str, Tensor] | None = None, cache_dir: Path | None = None) -> dict:
     """Prune ``model_name``'s layers after ``cut_name`` for ``classes_spec``; write DIR/suffix.onnx,
     suffix.safetensors and prune.json; return the report (prune.json's content).
 
-    ``keep_override`` ({group: kept indices}) replaces the G-guided masks (baselines)."""
+    ``keep_override`` ({group: kept indices}) replaces the G-guided masks (baselines);
+    ``cache_dir`` caches G (it depends on the model, images and settings, not on the cut)."""
     start = time.perf_counter()
     if not 0 < fraction <= 1:
         raise TaskError(f"--fraction {fraction} must be a share in (0, 1]")
@@ -124,7 +125,8 @@ def run_prune(store: ZooStore, model_name: str, cut_name: str, classes_spec: str
     layout = "NCHW" if cut.layout == "NCHW" else "NLC"
     if keep_override is None:
         grid = 4 if train.x.shape[-1] <= 32 else 8
-        g = fit_local_models(model, train.x, outputs, num_masks=num_masks, grid=grid, seed=seed)
+        g = fit_local_models(model, train.x, outputs, num_masks=num_masks, grid=grid, seed=seed,
+                             cache_dir=cache_dir)
         keep_idx, masked = _localize(body, prefix, train.x, outputs, g, config, layout, head, progress)
         excluded = masked.excluded
         sizes = {gr.name: gr.size for gr in masked.groups}
