@@ -61,7 +61,7 @@ def baseline_keep(store: ZooStore, model_name: str, cut_name: str, spec: str, gr
     """Kept indices per group by torch-pruning's importance, on the images pnc's G uses."""
     model, card = store.load(model_name)
     dataset = load_dataset(card.dataset, data_dir)
-    classes = model_classes(spec, card)
+    classes = model_classes(spec, card, dataset.classes)
     train = share(select_classes(dataset.train, classes), FRACTION, seed)
     traced = trace(model, train.x[:2])
     cut = find_cut(traced, cut_name)

@@ -36,7 +36,7 @@ from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import TracedModel
 
 __all__ = ["LocalizeConfig", "relative_squared_error", "localization_loss", "localize", "find_cut", "masked_suffix",
-           "pruned_suffix", "group_scores", "top_share", "count_macs_params"]
+           "pruned_suffix", "group_scores", "group_sizes", "top_share", "count_macs_params"]
 
 
 @dataclass
@@ -176,6 +176,13 @@ def group_scores(body: nn.Module, example: Tensor, layout: str, frozen: Sequence
     if missing:
         raise PncError(f"torch-pruning gave no group for {sorted(missing)}; {[g.name for g in found]} were found")
     return scores
+
+
+def group_sizes(body: nn.Module, example: Tensor, layout: str, frozen: Sequence[nn.Module]) -> dict[str, int]:
+    """{group name: channels} of the coupling groups of ``body`` (as :class:`MaskedBody` names them,
+    before it drops the groups it cannot mask faithfully)."""
+    _, _, groups, _ = _build_groups(body, example, layout, list(frozen))
+    return {g.name: g.size for g in groups}
 
 
 def top_share(scores: Mapping[str, Tensor], keep: float) -> dict[str, Tensor]:

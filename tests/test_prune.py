@@ -81,6 +81,7 @@ def test_g_guided_masks_keep_the_classes_logits_better_than_random_ones(tmp_path
         rand = run_prune(store, MODEL, "block1_2", spec, tmp_path / f"r{i}", fraction=0.5, progress=False,
                          keep_override=random_keep)
         assert rand["suffix"] == guided["suffix"]  # same shapes: same MACs and params
+        assert {n: g["size"] for n, g in rand["groups"].items()} == {n: g["size"] for n, g in guided["groups"].items()}
         errors.append(rand["pruned"]["logit_rel_error"])
     assert guided["pruned"]["logit_rel_error"] < min(errors)
 
@@ -89,7 +90,7 @@ def test_prune_refuses_bad_requests(tmp_path, store, capsys):
     out = tmp_path / "out"
     base = ["prune", MODEL, "--out", str(out), "--zoo-dir", str(store.root), *FAST]
     assert cli.main([*base, "--from", "block2_3", "--classes", "3"]) == 2
-    assert "classes [3] are not outputs of digits-cnn4-source" in capsys.readouterr().err
+    assert "classes [3] are not outputs of digits-cnn4-source (it predicts 5 5, 6 6" in capsys.readouterr().err
     assert cli.main([*base, "--from", "nope", "--classes", "5"]) == 2
     assert "'nope' is not a cut point of CNN4; its block cuts are block1_2, block2_3" in capsys.readouterr().err
     model, card = store.load(MODEL)

@@ -27,7 +27,15 @@ from torch import Tensor, nn
 from pnc.surgery.errors import ExportError, PncError, TaskError
 from pnc.surgery.io import atomic_write_bytes, atomic_write_text, save_tensors
 from pnc.surgery.local_models import fit_local_models
-from pnc.surgery.localization import LocalizeConfig, count_macs_params, find_cut, localize, masked_suffix, pruned_suffix
+from pnc.surgery.localization import (
+    LocalizeConfig,
+    count_macs_params,
+    find_cut,
+    group_sizes,
+    localize,
+    masked_suffix,
+    pruned_suffix,
+)
 from pnc.surgery.onnx_export import ATOL, RTOL, run, to_onnx
 from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import TracedModel, trace
@@ -41,19 +49,16 @@ FORMAT = "pnc-prune/1"
 CUT_INPUT = "cut"
 
 
-def model_classes(spec: str, card: ModelCard) -> list[int]:
+def model_classes(spec: str, card: ModelCard, dataset_classes: list[str]) -> list[int]:
     """Dataset class ids of ``spec`` ("S"/"M" presets of the model's classes, ids, ranges or
     names); TaskError unless each is one of the model's outputs."""
     if spec.upper() in CLONE_PRESETS:
         return card.classes[: max(1, round(CLONE_PRESETS[spec.upper()] * len(card.classes)))]
-    all_names = {i: n for i, n in zip(card.classes, card.class_names)}
-    width = max(card.classes) + 1
-    names = [all_names.get(i, f"#{i}") for i in range(width)]
-    ids = parse_classes(spec, names)
+    ids = parse_classes(spec, dataset_classes)
     outside = [i for i in ids if i not in card.classes]
     if outside:
         raise TaskError(f"classes {outside} are not outputs of {card.name} (it predicts "
-                        f"{', '.join(f'{i} {n}' for i, n in all_names.items())})")
+                        f"{', '.join(f'{i} {n}' for i, n in zip(card.classes, card.class_names))})")
     return ids
 
 
@@ -115,7 +120,7 @@ def run_prune(store: ZooStore, model_name: str, cut_name: str, classes_spec: str
     config = config or LocalizeConfig(keep=keep, seed=seed)
     model, card = store.load(model_name)
     dataset = load_dataset(card.dataset, data_dir)
-    classes = model_classes(classes_spec, card)
+    classes = model_classes(classes_spec, card, dataset.classes)
     outputs = [card.classes.index(c) for c in classes]
     train = share(select_classes(dataset.train, classes), fraction, seed)
     test = select_classes(dataset.test, card.classes)  # labels = model output index
@@ -130,10 +135,14 @@ def run_prune(store: ZooStore, model_name: str, cut_name: str, classes_spec: str
         keep_idx, masked = _localize(body, prefix, train.x, outputs, g, config, layout, head, progress)
         excluded = masked.excluded
         sizes = {gr.name: gr.size for gr in masked.groups}
-    else:
-        keep_idx, excluded, sizes = keep_override, {}, {n: -1 for n in keep_override}
     with torch.no_grad():
         example = prefix(train.x[:8])
+    if keep_override is not None:
+        keep_idx, excluded = keep_override, {}
+        sizes = group_sizes(body, example, layout, [head])
+        unknown = set(keep_idx) - set(sizes)
+        if unknown:
+            raise PncError(f"no coupling groups {sorted(unknown)} after {cut.node!r}; they are {sorted(sizes)}")
     pruned = pruned_suffix(traced, cut, keep_idx, example)
     before, after = count_macs_params(body, example), count_macs_params(pruned, example)
     reference = logits_on(model, test.x)
