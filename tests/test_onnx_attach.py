@@ -115,6 +115,15 @@ def test_branch_only_and_attach_through_the_cli(tmp_path, digits, task, capsys):
     assert cli.main(["detach", str(files["attached"]), "--all", "--out", str(files["detached"])]) == 0
     assert files["detached"].read_bytes() == files["target"].read_bytes()
 
+    wrong = tmp_path / "wrong.onnx"
+    assert cli.main(["export", "t", *z, "--branch-only", "--out", str(wrong)]) == 2
+    assert "not a clone, so it has no branch to ship" in capsys.readouterr().err
+    assert cli.main(["export", str(tmp_path / "clone.pnc"), *z, "--branch", "a", "--out", str(wrong)]) == 2
+    assert "add --branch-only" in capsys.readouterr().err
+    assert cli.main(["attach", str(files["branch"]), str(files["branch"]), "--out", str(wrong)]) == 2
+    assert "is a branch file, not a target export" in capsys.readouterr().err
+    assert not wrong.exists()
+
 
 def test_attach_adds_to_existing_branches(tmp_path, digits):
     net, _ = digits
