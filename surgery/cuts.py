@@ -397,9 +397,9 @@ def cut_points(
 
 
 def find_cut(cuts: Sequence[CutPoint], name: str) -> CutPoint:
-    """The cut named ``name``: a node name (``layer2_1_act2``), or a module path as
-    ``pnc cuts`` prints it (``layer2.1.act2``; a container such as ``layer2`` means the
-    last cut inside it). Raises CutError listing close matches.
+    """The cut named ``name``: a node name (``layer2_1_act2``), a module path as ``pnc cuts``
+    prints it (``layer2.1.act2``; a container such as ``layer2`` means the last cut inside
+    it), or ``first`` / ``last`` (block cuts). Raises CutError listing close matches.
 
     >>> from pnc.surgery.examples import tiny_cnn
     >>> cuts = cut_points(tiny_cnn(3, seed=0), (1, 8, 8))
@@ -407,6 +407,9 @@ def find_cut(cuts: Sequence[CutPoint], name: str) -> CutPoint:
     ('conv2', (4, 4, 4))
     """
     by_node = {c.node: c for c in cuts}
+    blocks = [c for c in cuts if c.block is not None]
+    if name in ("first", "last") and blocks:
+        return blocks[0] if name == "first" else blocks[-1]
     if name in by_node:
         return by_node[name]
     inside = [c for c in cuts if c.module == name or c.module.startswith(name + ".")]
@@ -416,4 +419,5 @@ def find_cut(cuts: Sequence[CutPoint], name: str) -> CutPoint:
     near = difflib.get_close_matches(name, known, n=6, cutoff=0.4)
     raise CutError(f"{name!r} is neither a cut point nor a module holding one"
                    + (f"; did you mean {', '.join(near)}?" if near else "")
-                   + " List them with `pnc cuts MODEL` (node and module columns).")
+                   + (f"; the block cuts are {', '.join(c.node for c in blocks)}" if blocks else "")
+                   + ". List every cut with `pnc cuts MODEL` (node and module columns).")

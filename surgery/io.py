@@ -1,6 +1,7 @@
 """Content hashes and atomic file writes: the one leaf every layer of pnc writes through.
 
-Nothing here imports the rest of pnc. Every file pnc writes goes through
+Nothing here imports the rest of pnc, nor torch until a tensor function is called (so
+writing ONNX files needs no torch). Every file pnc writes goes through
 :func:`atomic_write_bytes` (a temp file next to the target, fsync, ``os.replace``), so an
 interrupted run never leaves a half-written file; tensors are written with
 :func:`save_tensors` (safetensors, contiguous copies, never pickle).
@@ -12,10 +13,10 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save
-from torch import Tensor, nn
+if TYPE_CHECKING:  # torch is imported where it is used: writing ONNX files (pnc attach) needs no torch
+    from torch import Tensor, nn
 
 __all__ = ["state_dict_sha256", "file_sha256", "atomic_write_bytes", "atomic_write_text", "save_tensors",
            "tensor_bytes"]
@@ -25,10 +26,13 @@ def state_dict_sha256(module_or_state_dict: nn.Module | Mapping[str, Tensor]) ->
     """Content hash of a state dict: for each key in sorted order, its name, dtype, shape and
     the raw bytes of the contiguous CPU tensor. Equal iff every tensor is bitwise equal.
 
+    >>> import torch
     >>> state_dict_sha256(torch.nn.Linear(2, 2)) == state_dict_sha256(torch.nn.Linear(2, 2))
     False
     """
-    state = module_or_state_dict.state_dict() if isinstance(module_or_state_dict, nn.Module) \
+    import torch
+
+    state = module_or_state_dict.state_dict() if isinstance(module_or_state_dict, torch.nn.Module) \
         else module_or_state_dict
     digest = hashlib.sha256()
     for key in sorted(state):
@@ -76,6 +80,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def tensor_bytes(tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """``tensors`` serialized as safetensors. Strided views (a transposed solve, a sliced
     weight) are packed, and tensors that share memory (tied weights) are copied apart."""
+    from safetensors.torch import save
+
     packed, seen = {}, set()
     for key, value in tensors.items():
         value = value.detach().cpu().contiguous()

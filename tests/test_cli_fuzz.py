@@ -75,6 +75,17 @@ CASES: dict[str, list[str]] = {
     "split": ["t --cut nope --out {dir}/o", "t --cut block1 --out {file}", "t --cut block1 --out {proc}",
               "nope --cut x --out {dir}/o", "t --cut block1 --out {dir}/o --opset 5", "t --out {dir}/o",
               "t --cut block1 --out {dir}/o --input-size 1,8", "t --cut block1 --cut block2 --out {dir}/o"],
+    "prune": ["t --from nope --classes 1 --out {dir}/o", "t --from first --classes 7 --out {dir}/o",
+              "t --from first --classes 1 --out {file}", "t --from first --classes 1 --out {proc}",
+              "t --from first --classes 1 --out {dir}/o --keep 0", "t --from first --classes 1 --out {dir}/o --keep 2",
+              "t --from first --classes 1 --out {dir}/o --fraction 0", "t --from first --classes 1 --out {dir}/o "
+              "--steps 0", "t --from first --classes 1 --out {dir}/o --seed -1", "nope --from first --classes 1 "
+              "--out {dir}/o", "t --from first --out {dir}/o", "t --from first --classes 1,1 --out {dir}/o",
+              "t --from first --classes 1 --out {dir}/o --keep 0.5 --keep 0.6"],
+    "attach": ["{t_onnx} {dir}/missing.onnx --out {dir}/x.onnx", "{t_onnx} {junk} --out {dir}/x.onnx",
+               "{t_onnx} {t_onnx} --out {dir}/x.onnx", "{dir}/missing.onnx {t_onnx} --out {dir}/x.onnx",
+               "{t_onnx} {clone_onnx} --out {dir}/x.onnx", "{t_onnx} {clone_onnx} --out {t_onnx}",
+               "{t_onnx} {clone_onnx} --out {proc}/x.onnx", "{t_onnx} --out {dir}/x.onnx", "{t_onnx} {clone_onnx}"],
     "extract": ["t --from block3 --to block1 --out {dir}/o", "t --from nope --to block3 --out {dir}/o",
                 "t --from block1 --to block1 --out {dir}/o", "t --from block1 --to block3 --out {file}/sub",
                 "t --from block1 --out {dir}/o"],

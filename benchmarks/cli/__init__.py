@@ -8,11 +8,11 @@ import sys
 from pnc.adapters import AdapterError
 from pnc.surgery.errors import PncError
 
-from . import bench, clone, cuts, onnx, pieces, zoo
+from . import bench, clone, cuts, onnx, pieces, prune, zoo
 from .common import forbid_repeats
 
 #: sub-command groups, in help order
-COMMANDS = (cuts, pieces, zoo, clone, onnx, bench)
+COMMANDS = (cuts, pieces, zoo, clone, prune, onnx, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
