@@ -1,4 +1,5 @@
 """pnc.adapters: shape-matching adapters between a target's cut and a source's cut."""
+
 from .base import Adapter, AdapterError
 from .conv import ConvAdapter, SpatialConvAdapter
 from .factory import LAYOUT_RANK, AdapterSpec, make_adapter, register_adapter, supported_pairs

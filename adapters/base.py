@@ -12,6 +12,7 @@ Every adapter computes ``forward(x) = place(act(resample(x) @ W.T + b))``:
 ``least_squares_init`` fits ``W, b`` in closed form through this protocol, so it works
 for every adapter without knowing its class.
 """
+
 from __future__ import annotations
 
 import abc
@@ -19,8 +20,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-
 
 
 class AdapterError(ValueError):

@@ -1,4 +1,5 @@
 """Feature map -> feature map adapters: the paper's 1x1 conv (+ ReLU), and with resampling."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn

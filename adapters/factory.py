@@ -5,6 +5,7 @@ it must produce (the source's features at its cut R'); shapes exclude the batch 
 Layouts: "NCHW" (C, H, W), "NHWC" (H, W, C), "NLC" (L, C) with ``prefix_tokens``
 class/distillation tokens first and a square patch grid after them, "NC" (C,).
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Closed-form (ridge least-squares) initialization of any adapter's channel map."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Channels-last (NHWC) support by permuting around an NCHW-side adapter."""
+
 from __future__ import annotations
 
 from torch import Tensor

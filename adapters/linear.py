@@ -1,4 +1,5 @@
 """Last-dimension channel adapter for flat vectors and same-grid tokens."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn

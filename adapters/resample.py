@@ -1,4 +1,5 @@
 """Fixed (parameter-free) spatial resampling and map <-> row reshapes, ONNX-friendly."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn

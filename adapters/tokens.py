@@ -3,6 +3,7 @@
 Token tensors are NLC: ``prefix`` class/distillation tokens first, then a square
 ``grid`` of patch tokens in row-major order (timm's ViT/DeiT layout).
 """
+
 from __future__ import annotations
 
 import torch

@@ -14,6 +14,7 @@ and a resident-memory sampler and adds its inference MACs. The zoo models are ne
 modified: methods that train work on ``copy.deepcopy`` of the target, and their hashes
 are checked after every run.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,18 +32,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pnc.bench.metrics import LogitsFn, inference_macs
 from pnc.surgery.cloning import clone
 from pnc.surgery.cuts import classifier_of
 from pnc.surgery.errors import TaskError
 from pnc.surgery.insertion import SearchConfig, joint_teacher, kd_loss
-from pnc.surgery.tracing import trace
-from pnc.bench.metrics import LogitsFn, inference_macs
 from pnc.surgery.io import state_dict_sha256
+from pnc.surgery.tracing import trace
 from pnc.zoo.tasks import CloneTask
 from pnc.zoo.train import fit
 
-__all__ = ["Budget", "MethodRun", "METHODS", "CalibratedEnsemble", "METHOD_ONLY_FIELDS", "budget_fields",
-           "run_method", "extend_classifier", "PeakMemory"]
+__all__ = [
+    "Budget",
+    "MethodRun",
+    "METHODS",
+    "CalibratedEnsemble",
+    "METHOD_ONLY_FIELDS",
+    "budget_fields",
+    "run_method",
+    "extend_classifier",
+    "PeakMemory",
+]
 
 Model = nn.Module | LogitsFn
 MethodFn = Callable[..., tuple[Model, dict[str, Any], dict[str, Any]]]
@@ -80,8 +90,13 @@ class Budget:
 
     def search(self, seed: int, **overrides: Any) -> SearchConfig:
         """PNC's search settings under this budget."""
-        return SearchConfig(loc_epochs=self.loc_epochs, joint_epochs=self.joint_epochs,
-                            binary_epochs=self.binary_epochs, seed=seed, **overrides)
+        return SearchConfig(
+            loc_epochs=self.loc_epochs,
+            joint_epochs=self.joint_epochs,
+            binary_epochs=self.binary_epochs,
+            seed=seed,
+            **overrides,
+        )
 
 
 @dataclass
@@ -130,7 +145,7 @@ class PeakMemory:
         self.peak_mb = max(peak, self._rss() or 0) - start
         self.peak_mb /= 2**20
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         start = self._rss()
         if start is None:
             self._maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -150,14 +165,17 @@ class PeakMemory:
 
 # --- helpers -------------------------------------------------------------------------------
 
+
 def extend_classifier(model: nn.Module, num_new: int, example: Tensor, seed: int) -> nn.Module:
     """Replace ``model``'s nn.Linear classifier (found by tracing) in place with one having
     ``num_new`` more outputs: old rows copied, new rows default-initialized from ``seed``."""
     cls = classifier_of(trace(model, example[:2]))
     old = model.get_submodule(cls.module)
     if not isinstance(old, nn.Linear):
-        raise TaskError(f"the classifier {cls.module!r} is a {type(old).__name__}; the fine-tuning "
-                        "baselines extend an nn.Linear head only")
+        raise TaskError(
+            f"the classifier {cls.module!r} is a {type(old).__name__}; the fine-tuning "
+            "baselines extend an nn.Linear head only"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         new = nn.Linear(old.in_features, old.out_features + num_new, bias=old.bias is not None)
@@ -186,15 +204,26 @@ def _count_params(*modules: nn.Module) -> int:
 
 
 def _finetune_hparams(budget: Budget, **extra: Any) -> dict[str, Any]:
-    return {"epochs": budget.epochs, "lr": budget.lr, "batch_size": budget.batch_size, "optimizer": "sgd",
-            "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "schedule": "cosine per step",
-            "data": "available images (clone set + old-class replay)", **extra}
+    return {
+        "epochs": budget.epochs,
+        "lr": budget.lr,
+        "batch_size": budget.batch_size,
+        "optimizer": "sgd",
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 5e-4,
+        "schedule": "cosine per step",
+        "data": "available images (clone set + old-class replay)",
+        **extra,
+    }
 
 
 # --- the methods -----------------------------------------------------------------------------
 
-def pretrained(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
-               workdir: Path | None = None):
+
+def pretrained(
+    task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, workdir: Path | None = None
+):
     """The target alone: its own logits, and -inf for every cloned class (Tar = 0)."""
     num_new = len(task.clone_classes)
 
@@ -205,8 +234,9 @@ def pretrained(task: CloneTask, target: nn.Module, source: nn.Module, seed: int,
     return logits, {}, {"params": _count_params(target)}
 
 
-def direct_ensemble(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
-                    workdir: Path | None = None):
+def direct_ensemble(
+    task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, workdir: Path | None = None
+):
     """Concatenate the target's logits and the source's logits of T_s."""
     index = task.source_label_index()
 
@@ -238,7 +268,7 @@ class CalibratedEnsemble(nn.Module):
         return self.combine(target(x), source(x)[:, self.index])
 
     @torch.enable_grad()
-    def fit(self, x: Tensor, y: Tensor, weight_decay: float = 1e-3, steps: int = 200) -> "CalibratedEnsemble":
+    def fit(self, x: Tensor, y: Tensor, weight_decay: float = 1e-3, steps: int = 200) -> CalibratedEnsemble:
         """Minimize cross-entropy on images x (N, C, H, W) with joint labels y (N,) by L-BFGS,
         plus ``weight_decay`` x the squared parameters (keeps the fit finite when a side
         has no image, e.g. no old-class image in the strict setting)."""
@@ -258,37 +288,55 @@ class CalibratedEnsemble(nn.Module):
         return self.requires_grad_(False).eval()
 
 
-def calibrated_ensemble(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
-                        workdir: Path | None = None):
+def calibrated_ensemble(
+    task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, workdir: Path | None = None
+):
     """The direct ensemble, calibrated (:class:`CalibratedEnsemble`) on the available images.
     Not in the paper: the strongest cheap competitor when old-class images are available."""
     data = task.available_set()
     model = CalibratedEnsemble(target, source, task.source_label_index(), len(task.target_classes))
     model.fit(data.x, data.y)
-    hp = {"loss": "cross_entropy + 1e-3 * squared parameters", "optimizer": "lbfgs", "max_iter": 200,
-          "data": "available images (clone set + old-class images)", "fitted": {
-              "temperature": torch.exp(model.log_temperature).tolist(), "bias": model.bias.tolist()}}
-    return model, hp, {"params": _count_params(target, source) + model.bias.numel() + 2,
-                       "train_images": len(data)}
+    hp = {
+        "loss": "cross_entropy + 1e-3 * squared parameters",
+        "optimizer": "lbfgs",
+        "max_iter": 200,
+        "data": "available images (clone set + old-class images)",
+        "fitted": {"temperature": torch.exp(model.log_temperature).tolist(), "bias": model.bias.tolist()},
+    }
+    return model, hp, {"params": _count_params(target, source) + model.bias.numel() + 2, "train_images": len(data)}
 
 
-def joint_full(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
-               workdir: Path | None = None):
+def joint_full(
+    task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, workdir: Path | None = None
+):
     """The target's architecture, re-initialized, trained from scratch on all training
     images of T_t and T_s (``task.joint_train()``) with cross-entropy."""
     data = task.joint_train()
     model = _reinitialized(target, seed)
     extend_classifier(model, len(task.clone_classes), data.x, seed)
-    fit(model, data, epochs=budget.scratch_epochs, lr=budget.scratch_lr, seed=seed,
-        batch_size=budget.scratch_batch_size, progress=False)
-    hp = _finetune_hparams(budget, epochs=budget.scratch_epochs, lr=budget.scratch_lr,
-                           batch_size=budget.scratch_batch_size, data="all training images of T_t and T_s",
-                           init="reset_parameters (PyTorch default)")
+    fit(
+        model,
+        data,
+        epochs=budget.scratch_epochs,
+        lr=budget.scratch_lr,
+        seed=seed,
+        batch_size=budget.scratch_batch_size,
+        progress=False,
+    )
+    hp = _finetune_hparams(
+        budget,
+        epochs=budget.scratch_epochs,
+        lr=budget.scratch_lr,
+        batch_size=budget.scratch_batch_size,
+        data="all training images of T_t and T_s",
+        init="reset_parameters (PyTorch default)",
+    )
     return model, hp, {"train_images": len(data)}
 
 
-def _continual(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, kd: bool,
-               ce: bool = True):
+def _continual(
+    task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, kd: bool, ce: bool = True
+):
     data = task.available_set()
     model = extend_classifier(copy.deepcopy(target).requires_grad_(True), len(task.clone_classes), data.x, seed)
     index, t = task.source_label_index(), budget.kd_temperature
@@ -303,26 +351,43 @@ def _continual(task: CloneTask, target: nn.Module, source: nn.Module, seed: int,
             loss = loss + kd_loss(logits, teacher, t)
         return loss
 
-    fit(model, data, epochs=budget.epochs, lr=budget.lr, seed=seed, batch_size=budget.batch_size,
-        loss_fn=loss_fn, progress=False)
+    fit(
+        model,
+        data,
+        epochs=budget.epochs,
+        lr=budget.lr,
+        seed=seed,
+        batch_size=budget.batch_size,
+        loss_fn=loss_fn,
+        progress=False,
+    )
     extra = {"loss": "cross_entropy"}
     if kd:
-        teacher = ("per image: [frozen target logits, -inf] on old-class images, [-inf, source T_s logits] on "
-                   "clone-class images" if arbitrate else "[frozen target logits, source T_s logits]")
-        extra = {"loss": ("cross_entropy + " if ce else "") + f"KD(joint logits -> {teacher})",
-                 "kd_temperature": t, "kd_weight": 1.0}
+        teacher = (
+            "per image: [frozen target logits, -inf] on old-class images, [-inf, source T_s logits] on "
+            "clone-class images"
+            if arbitrate
+            else "[frozen target logits, source T_s logits]"
+        )
+        extra = {
+            "loss": ("cross_entropy + " if ce else "") + f"KD(joint logits -> {teacher})",
+            "kd_temperature": t,
+            "kd_weight": 1.0,
+        }
     return model, _finetune_hparams(budget, **extra), {"train_images": len(data)}
 
 
-def continual(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
-              workdir: Path | None = None):
+def continual(
+    task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, workdir: Path | None = None
+):
     """Fine-tune a copy of the target, head extended by |T_s| rows, on the available images
     (the clone set and the old-class replay; cross-entropy)."""
     return _continual(task, target, source, seed, budget, kd=False)
 
 
-def continual_kd(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
-                 workdir: Path | None = None):
+def continual_kd(
+    task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, workdir: Path | None = None
+):
     """Continual plus KD (temperature T) of the old logits to the frozen target and of the new
     logits to the source's logits of T_s, as one KL over the joint vector [old, new] towards
     PNC's teacher (:func:`~pnc.surgery.insertion.joint_teacher`): with old-class replay, per
@@ -332,49 +397,71 @@ def continual_kd(task: CloneTask, target: nn.Module, source: nn.Module, seed: in
     return _continual(task, target, source, seed, budget, kd=True)
 
 
-def continual_kd_only(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
-                      workdir: Path | None = None):
+def continual_kd_only(
+    task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, workdir: Path | None = None
+):
     """Continual+KD without the cross-entropy term: the fine-tuned target learns from the two
     teachers only (PNC's own objective, but on a shared, trainable backbone). Not in the
     paper; it shows whether Continual+KD's collapse comes from the cross-entropy."""
     return _continual(task, target, source, seed, budget, kd=True, ce=False)
 
 
-def _clone(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
-           workdir: Path | None, **overrides: Any):
+def _clone(
+    task: CloneTask,
+    target: nn.Module,
+    source: nn.Module,
+    seed: int,
+    budget: Budget,
+    workdir: Path | None,
+    **overrides: Any,
+):
     config = budget.search(seed, **overrides)
     ckpt = None
     if workdir is not None:
         ckpt = Path(workdir) / f"search-{hashlib.sha256(config.key().encode()).hexdigest()[:12]}"
     # G is refitted by every run (no cache_dir), so each row's time includes it
-    net = clone(target, source, **task.clone_inputs(), config=config, g_fraction=budget.g_fraction, num_masks=budget.num_masks,
-                checkpoint_dir=ckpt, progress=False)
+    net = clone(
+        target,
+        source,
+        **task.clone_inputs(),
+        config=config,
+        g_fraction=budget.g_fraction,
+        num_masks=budget.num_masks,
+        checkpoint_dir=ckpt,
+        progress=False,
+    )
     report = next(iter(net.branches.values())).report
-    hp = {"search": asdict(config), "g_fraction": budget.g_fraction, "num_masks": budget.num_masks,
-          "grid": report.settings["grid"]}
+    hp = {
+        "search": asdict(config),
+        "g_fraction": budget.g_fraction,
+        "num_masks": budget.num_masks,
+        "grid": report.settings["grid"],
+    }
     return net, hp, {"report": asdict(report)}
 
 
-def pnc(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
-        workdir: Path | None = None):
+def pnc(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, workdir: Path | None = None):
     """Partial network cloning with the default search (every block cut, masks on)."""
     return _clone(task, target, source, seed, budget, workdir)
 
 
-def pnc_wo_local(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
-                 workdir: Path | None = None):
+def pnc_wo_local(
+    task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, workdir: Path | None = None
+):
     """PNC without localization: every channel of the source after R' is kept."""
     return _clone(task, target, source, seed, budget, workdir, use_masks=False)
 
 
-def pnc_wo_insert(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
-                  workdir: Path | None = None):
+def pnc_wo_insert(
+    task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, workdir: Path | None = None
+):
     """PNC without the insertion search: R fixed to the first block cut."""
     return _clone(task, target, source, seed, budget, workdir, candidates=["first"])
 
 
-def pnc_f(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget,
-          workdir: Path | None = None):
+def pnc_f(
+    task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, workdir: Path | None = None
+):
     """PNC, then every weight of a deep copy of the cloned network (target, adapter,
     transferable module, head) fine-tuned on the available images with cross-entropy at
     ``budget.finetune_lr``. BatchNorm statistics stay frozen (the cloned network keeps its
@@ -382,10 +469,21 @@ def pnc_f(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budg
     net, hp, details = _clone(task, target, source, seed, budget, workdir)
     tuned = copy.deepcopy(net).requires_grad_(True)
     data = task.available_set()
-    fit(tuned, data, epochs=budget.epochs, lr=budget.finetune_lr, seed=seed, batch_size=budget.batch_size,
-        progress=False)
-    hp = {"pnc": hp, "finetune": _finetune_hparams(budget, lr=budget.finetune_lr, loss="cross_entropy",
-                                                   weights="all", batchnorm="frozen (eval mode)")}
+    fit(
+        tuned,
+        data,
+        epochs=budget.epochs,
+        lr=budget.finetune_lr,
+        seed=seed,
+        batch_size=budget.batch_size,
+        progress=False,
+    )
+    hp = {
+        "pnc": hp,
+        "finetune": _finetune_hparams(
+            budget, lr=budget.finetune_lr, loss="cross_entropy", weights="all", batchnorm="frozen (eval mode)"
+        ),
+    }
     return tuned, hp, details
 
 
@@ -413,8 +511,15 @@ METHODS: dict[str, MethodFn] = {
 }
 
 
-def run_method(name: str, task: CloneTask, target: nn.Module, source: nn.Module, seed: int,
-               budget: Budget, workdir: Path | None = None) -> MethodRun:
+def run_method(
+    name: str,
+    task: CloneTask,
+    target: nn.Module,
+    source: nn.Module,
+    seed: int,
+    budget: Budget,
+    workdir: Path | None = None,
+) -> MethodRun:
     """Run METHODS[name] timed and memory-sampled; add its inference MACs and parameters."""
     if name not in METHODS:
         raise TaskError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
@@ -432,5 +537,13 @@ def run_method(name: str, task: CloneTask, target: nn.Module, source: nn.Module,
     if params is None:
         params = _count_params(model)
     example = task.clone_set().x[:1]
-    return MethodRun(method=name, model=model, seconds=seconds, peak_mb=memory.peak_mb,
-                     macs=inference_macs(model, example), params=params, hparams=hparams, details=details)
+    return MethodRun(
+        method=name,
+        model=model,
+        seconds=seconds,
+        peak_mb=memory.peak_mb,
+        macs=inference_macs(model, example),
+        params=params,
+        hparams=hparams,
+        details=details,
+    )

@@ -7,6 +7,7 @@ columns = the target's own classes pooled and each cloned class) for the direct 
 for PNC cloning M = [Sandal, Shirt, Sneaker]; then the same two methods on a control
 3-class set without Shirt, [Sandal, Sneaker, Bag]. Writes benchmarks/results/diagnose-m-scale.{md,json}.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,9 @@ from pathlib import Path
 import torch
 
 from pnc.bench.baselines import Budget, run_method
-from pnc.zoo.datasets import load_dataset
 from pnc.bench.metrics import confusion_matrix, evaluate_clone, logits_of
 from pnc.surgery.io import atomic_write_text
+from pnc.zoo.datasets import load_dataset
 from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import CloneTask
 
@@ -42,14 +43,20 @@ def main() -> None:
             cm = confusion_matrix(logits_of(run.model, ori.x), ori.y, len(outputs))[: len(task.target_classes)]
             share = cm.double() / cm.sum(1, keepdim=True)
             result[f"{label}|{method}"] = {"accuracy": acc, "target_rows_share": share.tolist(), "outputs": outputs}
-            lines += [f"**{method}**: Ori {100 * acc['ori']:.1f}, Tar {100 * acc['tar']:.1f}, Avg {100 * acc['avg']:.1f}. "
-                      "Share (%) of each target class's test images predicted as:", "",
-                      "| target class | any target class | " + " | ".join(names[c] for c in clone_classes) + " |",
-                      "|---|---|" + "---|" * len(clone_classes)]
+            lines += [
+                f"**{method}**: Ori {100 * acc['ori']:.1f}, Tar {100 * acc['tar']:.1f}, Avg {100 * acc['avg']:.1f}. "
+                "Share (%) of each target class's test images predicted as:",
+                "",
+                "| target class | any target class | " + " | ".join(names[c] for c in clone_classes) + " |",
+                "|---|---|" + "---|" * len(clone_classes),
+            ]
             k = len(task.target_classes)
             for i, c in enumerate(task.target_classes):
-                lines.append(f"| {names[c]} | {100 * float(share[i, :k].sum()):.1f} | "
-                             + " | ".join(f"{100 * float(v):.1f}" for v in share[i, k:]) + " |")
+                lines.append(
+                    f"| {names[c]} | {100 * float(share[i, :k].sum()):.1f} | "
+                    + " | ".join(f"{100 * float(v):.1f}" for v in share[i, k:])
+                    + " |"
+                )
             lines.append("")
     lines += ["Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diagnose_m_scale.py`", ""]
     atomic_write_text(OUT / "diagnose-m-scale.json", json.dumps(result, indent=1))

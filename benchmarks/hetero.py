@@ -11,6 +11,7 @@ seeds, cloning the "S" set (20% of the source's classes):
 The zoo models these pairs need beyond the defaults are trained by the recipes in
 :data:`EXTRA_MODELS` on first use and reused after (same store checks as the defaults).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -21,10 +22,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pnc.surgery.errors import TaskError
 from pnc.bench.paper import RowCache, TableSpec, budget_for, run_table, write_table
+from pnc.surgery.errors import TaskError
 from pnc.zoo.datasets import DatasetSplits, ImageData
-from pnc.zoo.defaults import DefaultModel, ensure_default, DEFAULTS
+from pnc.zoo.defaults import DEFAULTS, DefaultModel, ensure_default
 from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import parse_classes
 from pnc.zoo.train import train_zoo_model
@@ -33,11 +34,16 @@ __all__ = ["EXTRA_MODELS", "PAIRS", "HeteroPair", "padded", "ensure_model", "run
 
 PADDED_NAME = "fashion-mnist-32"
 
-EXTRA_MODELS: dict[str, DefaultModel] = {m.name: m for m in [
-    DefaultModel("fmnist-cnn4-target", "cnn4", "fashion-mnist", "0-4", epochs=3, lr=0.05, seed=0),
-    DefaultModel("fmnist32-mobilenetv2_050-target", "mobilenetv2_050", PADDED_NAME, "0-4", epochs=3, lr=0.05, seed=0),
-    DefaultModel("fmnist32-resnet18-source", "resnet18", PADDED_NAME, "5-9", epochs=2, lr=0.05, seed=1),
-]}
+EXTRA_MODELS: dict[str, DefaultModel] = {
+    m.name: m
+    for m in [
+        DefaultModel("fmnist-cnn4-target", "cnn4", "fashion-mnist", "0-4", epochs=3, lr=0.05, seed=0),
+        DefaultModel(
+            "fmnist32-mobilenetv2_050-target", "mobilenetv2_050", PADDED_NAME, "0-4", epochs=3, lr=0.05, seed=0
+        ),
+        DefaultModel("fmnist32-resnet18-source", "resnet18", PADDED_NAME, "5-9", epochs=2, lr=0.05, seed=1),
+    ]
+}
 
 
 @dataclass(frozen=True)
@@ -49,12 +55,25 @@ class HeteroPair:
     padded: bool
 
 
-PAIRS: dict[str, HeteroPair] = {p.key: p for p in [
-    HeteroPair("resnetc20-cnn4", "ResNetC-20 source -> CNN4 target", "fmnist-cnn4-target",
-               "fmnist-resnetc20-source", padded=False),
-    HeteroPair("resnet18-mobilenetv2", "timm resnet18 source -> timm mobilenetv2_050 target, 32 px",
-               "fmnist32-mobilenetv2_050-target", "fmnist32-resnet18-source", padded=True),
-]}
+PAIRS: dict[str, HeteroPair] = {
+    p.key: p
+    for p in [
+        HeteroPair(
+            "resnetc20-cnn4",
+            "ResNetC-20 source -> CNN4 target",
+            "fmnist-cnn4-target",
+            "fmnist-resnetc20-source",
+            padded=False,
+        ),
+        HeteroPair(
+            "resnet18-mobilenetv2",
+            "timm resnet18 source -> timm mobilenetv2_050 target, 32 px",
+            "fmnist32-mobilenetv2_050-target",
+            "fmnist32-resnet18-source",
+            padded=True,
+        ),
+    ]
+}
 
 #: Table 2's methods (the paper shows Pre-train, Continual and PNC; the others are cheap context)
 HETERO_METHODS = ["Pre-trained", "Continual", "Continual+KD", "Direct Ensemble", "PNC"]
@@ -72,8 +91,13 @@ def padded(splits: DatasetSplits, size: int = 32) -> DatasetSplits:
         x = torch.stack([F.pad(data.x[:, c], (lo, hi, lo, hi), value=black[c]) for c in range(data.x.shape[1])], 1)
         return ImageData(x, data.y)
 
-    return replace(splits, name=PADDED_NAME, train=pad(splits.train), test=pad(splits.test),
-                   input_size=(splits.input_size[0], size, size))
+    return replace(
+        splits,
+        name=PADDED_NAME,
+        train=pad(splits.train),
+        test=pad(splits.test),
+        input_size=(splits.input_size[0], size, size),
+    )
 
 
 def ensure_model(store: ZooStore, name: str, splits: DatasetSplits) -> ModelCard:
@@ -84,13 +108,32 @@ def ensure_model(store: ZooStore, name: str, splits: DatasetSplits) -> ModelCard
     class_ids = parse_classes(spec.classes, splits.classes)
     if store.exists(name) and store.verify(name) and spec.matches(store.card(name), class_ids):
         return store.card(name)
-    return train_zoo_model(store, name, spec.arch, splits, class_ids, spec.epochs, spec.lr, spec.seed,
-                           batch_size=spec.batch_size, progress=False)
+    return train_zoo_model(
+        store,
+        name,
+        spec.arch,
+        splits,
+        class_ids,
+        spec.epochs,
+        spec.lr,
+        spec.seed,
+        batch_size=spec.batch_size,
+        progress=False,
+    )
 
 
-def run_hetero(pair_keys: list[str], *, seeds: list[int], methods: list[str] | None = None, zoo_dir: str | None = None,
-               data_dir: str | None = None, out_dir: Path = Path("benchmarks/results"), workdir: Path | None = None,
-               command: str = "", log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def run_hetero(
+    pair_keys: list[str],
+    *,
+    seeds: list[int],
+    methods: list[str] | None = None,
+    zoo_dir: str | None = None,
+    data_dir: str | None = None,
+    out_dir: Path = Path("benchmarks/results"),
+    workdir: Path | None = None,
+    command: str = "",
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
     """Table 2 rows for each pair in ``pair_keys`` (scale S); one markdown/JSON per pair."""
     from pnc.zoo.datasets import load_dataset
     from pnc.zoo.store import default_zoo_dir
@@ -108,9 +151,16 @@ def run_hetero(pair_keys: list[str], *, seeds: list[int], methods: list[str] | N
         t_card = ensure_model(store, pair.target, splits if pair.target not in DEFAULTS else base)
         s_card = ensure_model(store, pair.source, splits if pair.source not in DEFAULTS else base)
         stem = f"table2-{key}"
-        spec = TableSpec(stem=stem, title=f"Table 2 analogue: {pair.title}, Fashion-MNIST", target=pair.target,
-                         source=pair.source, scales=["S"], seeds=seeds, methods=methods or HETERO_METHODS,
-                         budget=budget_for(t_card, quick=False))
+        spec = TableSpec(
+            stem=stem,
+            title=f"Table 2 analogue: {pair.title}, Fashion-MNIST",
+            target=pair.target,
+            source=pair.source,
+            scales=["S"],
+            seeds=seeds,
+            methods=methods or HETERO_METHODS,
+            budget=budget_for(t_card, quick=False),
+        )
         cache = RowCache(Path(out_dir) / f"{stem}.rows.json")
         per_seed = run_table(spec, store, splits, cache, workdir, log=log)
         results.append(write_table(spec, per_seed, t_card, s_card, splits, out_dir, command))

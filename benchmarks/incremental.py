@@ -9,6 +9,7 @@ direct ensemble (target + the source's logits of the classes added so far) is th
 reference that costs both networks. Each step uses the clone set of its classes only
 (``fraction`` of their training images) and the budget of :class:`Budget`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pnc.bench.baselines import Budget, budget_fields, extend_classifier
+from pnc.bench.metrics import inference_macs, logits_of
+from pnc.bench.paper import RowCache, jsonable, machine_info
 from pnc.surgery.cloning import clone
 from pnc.surgery.insertion import kd_loss
-from pnc.bench.baselines import Budget, budget_fields, extend_classifier
-from pnc.bench.paper import RowCache, jsonable, machine_info
-from pnc.zoo.datasets import DatasetSplits, ImageData
-from pnc.bench.metrics import inference_macs, logits_of
 from pnc.surgery.io import atomic_write_text
+from pnc.zoo.datasets import DatasetSplits, ImageData
 from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import CloneTask, select_classes
 from pnc.zoo.train import fit
@@ -44,13 +45,23 @@ def _accuracy(model: nn.Module | Callable[[Tensor], Tensor], data: ImageData) ->
     return float((logits_of(model, data.x).argmax(1) == data.y).float().mean())
 
 
-def incremental_run(method: str, splits: DatasetSplits, target: nn.Module, source: nn.Module, t_classes: list[int],
-                    s_classes: list[int], step_size: int, seed: int, budget: Budget, fraction: float = 0.3,
-                    workdir: Path | None = None) -> dict[str, Any]:
+def incremental_run(
+    method: str,
+    splits: DatasetSplits,
+    target: nn.Module,
+    source: nn.Module,
+    t_classes: list[int],
+    s_classes: list[int],
+    step_size: int,
+    seed: int,
+    budget: Budget,
+    fraction: float = 0.3,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
     """Add ``s_classes`` to the target ``step_size`` classes at a time with ``method``.
 
     Returns ``{"accuracy": [step 0, step 1, ...], "seconds": [...], "macs": final MACs per image}``."""
-    steps = [s_classes[i:i + step_size] for i in range(0, len(s_classes), step_size)]
+    steps = [s_classes[i : i + step_size] for i in range(0, len(s_classes), step_size)]
     seen = list(t_classes)
     accuracy = [_accuracy(target, select_classes(splits.test, seen))]
     seconds: list[float] = []
@@ -65,12 +76,27 @@ def incremental_run(method: str, splits: DatasetSplits, target: nn.Module, sourc
         seen += new
         accuracy.append(_accuracy(model, select_classes(splits.test, seen)))
     example = splits.test.x[:1]
-    return {"accuracy": accuracy, "seconds": seconds, "macs": inference_macs(model, example),
-            "steps": steps, "average_incremental_accuracy": statistics.fmean(accuracy)}
+    return {
+        "accuracy": accuracy,
+        "seconds": seconds,
+        "macs": inference_macs(model, example),
+        "steps": steps,
+        "average_incremental_accuracy": statistics.fmean(accuracy),
+    }
 
 
-def _step(method: str, model: Any, task: CloneTask, target: nn.Module, source: nn.Module, num_seen: int, seed: int,
-          budget: Budget, workdir: Path | None, k: int) -> Any:
+def _step(
+    method: str,
+    model: Any,
+    task: CloneTask,
+    target: nn.Module,
+    source: nn.Module,
+    num_seen: int,
+    seed: int,
+    budget: Budget,
+    workdir: Path | None,
+    k: int,
+) -> Any:
     index = task.source_label_index()
     if method == "Direct Ensemble":  # one source pass, its logits of every class added so far
         added = [*getattr(model, "source_index", []), *index]
@@ -81,9 +107,18 @@ def _step(method: str, model: Any, task: CloneTask, target: nn.Module, source: n
         logits.source_index = added
         return logits
     if method == "PNC":
-        return clone(target, source, **task.clone_inputs(), config=budget.search(seed), into=model if k else None,
-                     name=f"step{k}", g_fraction=budget.g_fraction, num_masks=budget.num_masks,
-                     checkpoint_dir=None if workdir is None else Path(workdir) / f"step{k}", progress=False)
+        return clone(
+            target,
+            source,
+            **task.clone_inputs(),
+            config=budget.search(seed),
+            into=model if k else None,
+            name=f"step{k}",
+            g_fraction=budget.g_fraction,
+            num_masks=budget.num_masks,
+            checkpoint_dir=None if workdir is None else Path(workdir) / f"step{k}",
+            progress=False,
+        )
     data = task.clone_set()
     data = ImageData(data.x, data.y - len(task.target_classes) + num_seen)  # labels after the seen classes
     frozen = model
@@ -99,14 +134,33 @@ def _step(method: str, model: Any, task: CloneTask, target: nn.Module, source: n
             loss = loss + kd_loss(out, teacher, budget.kd_temperature)
         return loss
 
-    return fit(student, data, epochs=budget.epochs, lr=budget.lr, seed=seed, batch_size=budget.batch_size,
-               loss_fn=loss_fn, progress=False)
+    return fit(
+        student,
+        data,
+        epochs=budget.epochs,
+        lr=budget.lr,
+        seed=seed,
+        batch_size=budget.batch_size,
+        loss_fn=loss_fn,
+        progress=False,
+    )
 
 
-def run_incremental(dataset: str, arch: str, *, step_sizes: list[int], seeds: list[int], methods: list[str],
-                    quick: bool = False, zoo_dir: str | None = None, data_dir: str | None = None,
-                    out_dir: Path = Path("benchmarks/results"), workdir: Path | None = None, command: str = "",
-                    log: Callable[[str], None] = print) -> Path:
+def run_incremental(
+    dataset: str,
+    arch: str,
+    *,
+    step_sizes: list[int],
+    seeds: list[int],
+    methods: list[str],
+    quick: bool = False,
+    zoo_dir: str | None = None,
+    data_dir: str | None = None,
+    out_dir: Path = Path("benchmarks/results"),
+    workdir: Path | None = None,
+    command: str = "",
+    log: Callable[[str], None] = print,
+) -> Path:
     """The Table 3 analogue for the default zoo pair of ``arch``; returns the markdown path."""
     from pnc.bench.paper import QUICK_BUDGET, budget_for
     from pnc.zoo.datasets import load_dataset
@@ -132,17 +186,39 @@ def run_incremental(dataset: str, arch: str, *, step_sizes: list[int], seeds: li
                 fingerprint = json.dumps([budget_fields(budget, method), t_card.sha256, s_card.sha256])
                 row = cache.get(key, fingerprint)
                 if row is None:
-                    row = incremental_run(method, splits, target, source, t_card.classes, s_card.classes, step_size,
-                                          seed, budget, workdir=workdir / f"{method}-{step_size}-{seed}".replace(" ", "_"))
+                    row = incremental_run(
+                        method,
+                        splits,
+                        target,
+                        source,
+                        t_card.classes,
+                        s_card.classes,
+                        step_size,
+                        seed,
+                        budget,
+                        workdir=workdir / f"{method}-{step_size}-{seed}".replace(" ", "_"),
+                    )
                     row |= {"method": method, "step_size": step_size, "seed": seed, "fingerprint": fingerprint}
                     cache.put(key, row)
-                log(f"{stem}: {method:>15} step {step_size} seed {seed}: "
+                log(
+                    f"{stem}: {method:>15} step {step_size} seed {seed}: "
                     + " ".join(f"{a:.3f}" for a in row["accuracy"])
-                    + f"  avg inc {row['average_incremental_accuracy']:.4f}")
+                    + f"  avg inc {row['average_incremental_accuracy']:.4f}"
+                )
                 runs.append(row)
-    result = {"dataset": splits.name, "arch": arch, "target": target_name, "source": source_name,
-              "target_classes": t_card.classes, "source_classes": s_card.classes, "budget": asdict(budget),
-              "runs": runs, "summary": _summary(runs, methods, step_sizes), "machine": machine_info(), "command": command}
+    result = {
+        "dataset": splits.name,
+        "arch": arch,
+        "target": target_name,
+        "source": source_name,
+        "target_classes": t_card.classes,
+        "source_classes": s_card.classes,
+        "budget": asdict(budget),
+        "runs": runs,
+        "summary": _summary(runs, methods, step_sizes),
+        "machine": machine_info(),
+        "command": command,
+    }
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / f"{stem}.json", json.dumps(result, indent=1, default=jsonable))
     atomic_write_text(out_dir / f"{stem}.md", _markdown(result, stem))
@@ -159,38 +235,61 @@ def _summary(runs: list[dict[str, Any]], methods: list[str], step_sizes: list[in
                 continue
             curves = list(zip(*[r["accuracy"] for r in rows]))
             avgs = [r["average_incremental_accuracy"] for r in rows]
-            out.append({"method": method, "step_size": step_size, "seeds": [r["seed"] for r in rows],
-                        "accuracy": [statistics.fmean(c) for c in curves],
-                        "average_incremental_accuracy": statistics.fmean(avgs),
-                        "average_incremental_std": statistics.stdev(avgs) if len(avgs) > 1 else 0.0,
-                        "seconds": statistics.fmean(sum(r["seconds"]) for r in rows), "macs": rows[0]["macs"]})
+            out.append(
+                {
+                    "method": method,
+                    "step_size": step_size,
+                    "seeds": [r["seed"] for r in rows],
+                    "accuracy": [statistics.fmean(c) for c in curves],
+                    "average_incremental_accuracy": statistics.fmean(avgs),
+                    "average_incremental_std": statistics.stdev(avgs) if len(avgs) > 1 else 0.0,
+                    "seconds": statistics.fmean(sum(r["seconds"]) for r in rows),
+                    "macs": rows[0]["macs"],
+                }
+            )
     return out
 
 
 def _markdown(result: dict[str, Any], stem: str) -> str:
-    lines = [f"# Table 3 analogue: class-incremental {result['dataset']}, {result['arch']}", "",
-             f"![curves]({stem}.png)", "",
-             f"Target `{result['target']}` knows classes {result['target_classes']}; classes "
-             f"{result['source_classes']} are added `step` at a time from `{result['source']}`, each step from "
-             f"{int(100 * 0.3)}% of that step's training images only. Accuracy (%) on the test images of all classes "
-             "seen so far, after each step (step 0 = the target alone); average incremental accuracy = mean over "
-             "steps 0..K (mean ± std over seeds). PNC adds one branch per step to the same cloned network.", ""]
+    lines = [
+        f"# Table 3 analogue: class-incremental {result['dataset']}, {result['arch']}",
+        "",
+        f"![curves]({stem}.png)",
+        "",
+        f"Target `{result['target']}` knows classes {result['target_classes']}; classes "
+        f"{result['source_classes']} are added `step` at a time from `{result['source']}`, each step from "
+        f"{int(100 * 0.3)}% of that step's training images only. Accuracy (%) on the test images of all classes "
+        "seen so far, after each step (step 0 = the target alone); average incremental accuracy = mean over "
+        "steps 0..K (mean ± std over seeds). PNC adds one branch per step to the same cloned network.",
+        "",
+    ]
     for step_size in sorted({s["step_size"] for s in result["summary"]}):
         rows = [s for s in result["summary"] if s["step_size"] == step_size]
         k = len(rows[0]["accuracy"])
-        lines += [f"## step = {step_size} class(es)", "",
-                  "| Method | " + " | ".join(f"after {i}" for i in range(k)) + " | avg incremental | seconds | MACs / image |",
-                  "|---|" + "---|" * (k + 3)]
+        lines += [
+            f"## step = {step_size} class(es)",
+            "",
+            "| Method | "
+            + " | ".join(f"after {i}" for i in range(k))
+            + " | avg incremental | seconds | MACs / image |",
+            "|---|" + "---|" * (k + 3),
+        ]
         for s in rows:
-            lines.append(f"| {s['method']} | " + " | ".join(f"{100 * a:.1f}" for a in s["accuracy"])
-                         + f" | {100 * s['average_incremental_accuracy']:.1f} ± {100 * s['average_incremental_std']:.1f}"
-                         f" | {s['seconds']:.0f} | {s['macs']:,} |")
+            lines.append(
+                f"| {s['method']} | "
+                + " | ".join(f"{100 * a:.1f}" for a in s["accuracy"])
+                + f" | {100 * s['average_incremental_accuracy']:.1f} ± {100 * s['average_incremental_std']:.1f}"
+                f" | {s['seconds']:.0f} | {s['macs']:,} |"
+            )
         lines.append("")
     b = result["budget"]
-    lines += [f"Budget per step: PNC {b['loc_epochs']}+{b['joint_epochs']}+{b['binary_epochs']} epochs per candidate "
-              f"cut; Continual / Continual+KD {b['loc_epochs'] + b['joint_epochs'] + b['binary_epochs']} epochs (SGD lr "
-              f"{b['lr']}), Continual+KD distils the joint logits to [previous model, source logits of the new "
-              f"classes]. Machine: {result['machine']['cpu']}. Command: `{result['command']}`.", ""]
+    lines += [
+        f"Budget per step: PNC {b['loc_epochs']}+{b['joint_epochs']}+{b['binary_epochs']} epochs per candidate "
+        f"cut; Continual / Continual+KD {b['loc_epochs'] + b['joint_epochs'] + b['binary_epochs']} epochs (SGD lr "
+        f"{b['lr']}), Continual+KD distils the joint logits to [previous model, source logits of the new "
+        f"classes]. Machine: {result['machine']['cpu']}. Command: `{result['command']}`.",
+        "",
+    ]
     return "\n".join(lines)
 
 

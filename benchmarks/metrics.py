@@ -5,6 +5,7 @@ Label convention (see :mod:`pnc.zoo.tasks`): a cloned network outputs logits for
 ``target_classes + clone_classes``; labels ``< num_old`` are original (T_t) classes,
 the others cloned (T_s) ones. Every accuracy takes the argmax over *all* outputs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,16 @@ from pnc.surgery.local_models import LocalModelSet, patch_masks, perturbed_logit
 from pnc.surgery.tracing import evaluating
 from pnc.zoo.datasets import ImageData
 
-__all__ = ["clone_accuracy", "evaluate_clone", "logits_of", "per_class_accuracy", "confusion_matrix",
-           "locality_similarity", "local_model_set", "inference_macs"]
+__all__ = [
+    "clone_accuracy",
+    "evaluate_clone",
+    "logits_of",
+    "per_class_accuracy",
+    "confusion_matrix",
+    "locality_similarity",
+    "local_model_set",
+    "inference_macs",
+]
 
 LogitsFn = Callable[[Tensor], Tensor]
 
@@ -32,8 +41,9 @@ def clone_accuracy(logits: Tensor, labels: Tensor, num_old: int) -> dict[str, fl
     A part with no image is ``nan``.
     """
     if logits.ndim != 2 or labels.ndim != 1 or len(logits) != len(labels):
-        raise DataError(f"clone_accuracy needs logits (N, K) and labels (N,), got {tuple(logits.shape)} "
-                        f"and {tuple(labels.shape)}")
+        raise DataError(
+            f"clone_accuracy needs logits (N, K) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     correct = (logits.argmax(1) == labels).float()
     old = labels < num_old
 
@@ -56,21 +66,22 @@ def logits_of(model: nn.Module | LogitsFn, x: Tensor, batch_size: int = 512) -> 
         return torch.cat([model(xb) for xb in x.split(batch_size)])
 
 
-def evaluate_clone(model: nn.Module | LogitsFn, eval_sets: Mapping[str, ImageData],
-                   batch_size: int = 512) -> dict[str, float]:
+def evaluate_clone(
+    model: nn.Module | LogitsFn, eval_sets: Mapping[str, ImageData], batch_size: int = 512
+) -> dict[str, float]:
     """Ori / Tar / Avg of ``model`` on ``task.eval_sets()``: ``ori`` and ``tar`` are run once each
     and ``avg`` is their pooled accuracy. -> ``{"ori", "tar", "avg"}``."""
     missing = [k for k in ("ori", "tar") if k not in eval_sets]
     if missing:
-        raise TaskError(f"evaluate_clone needs eval sets 'ori' and 'tar' (from CloneTask.eval_sets()); "
-                        f"missing {missing}")
+        raise TaskError(
+            f"evaluate_clone needs eval sets 'ori' and 'tar' (from CloneTask.eval_sets()); missing {missing}"
+        )
     ori, tar = eval_sets["ori"], eval_sets["tar"]
     logits = torch.cat([logits_of(model, ori.x, batch_size), logits_of(model, tar.x, batch_size)])
     labels = torch.cat([ori.y, tar.y])
     num_old = int(ori.y.max()) + 1 if len(ori) else 0
     if len(tar) and int(tar.y.min()) < num_old:
-        raise TaskError("the 'tar' eval set has labels of original classes; build the sets with "
-                        "CloneTask.eval_sets()")
+        raise TaskError("the 'tar' eval set has labels of original classes; build the sets with CloneTask.eval_sets()")
     return clone_accuracy(logits, labels, num_old)
 
 
@@ -89,8 +100,10 @@ def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int | None =
 
 # --- locality similarity (Eq. 9, after "A Zest of LIME") ---------------------------------
 
-def local_model_set(model: nn.Module | LogitsFn, outputs: list[int] | None, images: Tensor, masks: Tensor,
-                    ridge: float = 1e-6) -> LocalModelSet:
+
+def local_model_set(
+    model: nn.Module | LogitsFn, outputs: list[int] | None, images: Tensor, masks: Tensor, ridge: float = 1e-6
+) -> LocalModelSet:
     """Zest's local models: for each image (N, C, H, W), plain least squares (no locality
     weight, ``ridge`` ~ 0) from the mask bits (|B|, P) to the model's logits ``outputs``."""
     with torch.no_grad(), _evaluating(model):
@@ -99,10 +112,18 @@ def local_model_set(model: nn.Module | LogitsFn, outputs: list[int] | None, imag
     return LocalModelSet(masks, coef, torch.arange(len(images)))
 
 
-def locality_similarity(model_a: nn.Module | LogitsFn, outputs_a: list[int] | None,
-                        model_b: nn.Module | LogitsFn, outputs_b: list[int] | None, images: Tensor,
-                        num_masks: int = 100, grid: int = 4, seed: int = 0, *,
-                        images_b: Tensor | None = None) -> float:
+def locality_similarity(
+    model_a: nn.Module | LogitsFn,
+    outputs_a: list[int] | None,
+    model_b: nn.Module | LogitsFn,
+    outputs_b: list[int] | None,
+    images: Tensor,
+    num_masks: int = 100,
+    grid: int = 4,
+    seed: int = 0,
+    *,
+    images_b: Tensor | None = None,
+) -> float:
     """Sim(M_a | D_a, M_b | D_b) = cos(G_a, G_b) (Eq. 9).
 
     Both local model sets use the same |B| = ``num_masks`` patch masks (a ``grid x grid``
@@ -113,18 +134,23 @@ def locality_similarity(model_a: nn.Module | LogitsFn, outputs_a: list[int] | No
     """
     images_b = images if images_b is None else images_b
     if len(images) == 0 or len(images) != len(images_b):
-        raise DataError(f"locality_similarity needs the same non-zero number of images for both "
-                        f"models, got {len(images)} and {len(images_b)}")
+        raise DataError(
+            f"locality_similarity needs the same non-zero number of images for both "
+            f"models, got {len(images)} and {len(images_b)}"
+        )
     masks = patch_masks(num_masks, grid, seed)
     g_a = local_model_set(model_a, outputs_a, images, masks)
     g_b = local_model_set(model_b, outputs_b, images_b, masks)
     if g_a.coef.shape != g_b.coef.shape:
-        raise TaskError(f"the models give {g_a.coef.shape[-1]} and {g_b.coef.shape[-1]} modelled outputs; "
-                        "pass output lists of equal length")
+        raise TaskError(
+            f"the models give {g_a.coef.shape[-1]} and {g_b.coef.shape[-1]} modelled outputs; "
+            "pass output lists of equal length"
+        )
     return g_a.similarity(g_b)
 
 
 # --- inference cost ----------------------------------------------------------------------
+
 
 @torch.no_grad()
 def inference_macs(model: nn.Module | LogitsFn, example: Tensor) -> int:

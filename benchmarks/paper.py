@@ -8,6 +8,7 @@ setting recomputes only the rows it touches. PNC's searches also checkpoint each
 candidate under ``workdir``. The seed picks the task's clone subset and every training
 seed; the zoo models are the same for every seed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,16 +26,25 @@ from typing import Any
 
 import torch
 
-from pnc.surgery.errors import TaskError
 from pnc.bench.baselines import METHODS, Budget, budget_fields, run_method
-from pnc.zoo.datasets import DatasetSplits
 from pnc.bench.metrics import clone_accuracy, logits_of, per_class_accuracy
+from pnc.surgery.errors import TaskError
 from pnc.surgery.io import atomic_write_text
+from pnc.zoo.datasets import DatasetSplits
 from pnc.zoo.store import ModelCard, ZooStore, package_versions
 from pnc.zoo.tasks import CloneTask
 
-__all__ = ["TableSpec", "RowCache", "jsonable", "run_table", "summarize", "write_table", "goal_checks", "machine_info",
-           "QUICK_BUDGET"]
+__all__ = [
+    "TableSpec",
+    "RowCache",
+    "jsonable",
+    "run_table",
+    "summarize",
+    "write_table",
+    "goal_checks",
+    "machine_info",
+    "QUICK_BUDGET",
+]
 
 #: the tiny budget of ``--quick`` runs (tests, smoke checks)
 QUICK_BUDGET = Budget(loc_epochs=1, joint_epochs=1, binary_epochs=1, scratch_epochs=2, num_masks=20)
@@ -43,8 +53,19 @@ REFERENCE = "Continual+KD"
 #: rows printed without a delta, as in the paper (the reference itself and the upper references)
 NO_DELTA = (REFERENCE, "Pre-trained", "Joint+Full")
 #: execution order: cheap rows first, PNC before PNC-F (which resumes PNC's search), Joint last
-RUN_ORDER = ["Pre-trained", "Direct Ensemble", "Calibrated Ensemble", "Continual", "Continual+KD",
-             "Continual+KD (no CE)", "PNC", "PNC-F", "PNC (w/o Local)", "PNC (w/o Insert)", "Joint+Full"]
+RUN_ORDER = [
+    "Pre-trained",
+    "Direct Ensemble",
+    "Calibrated Ensemble",
+    "Continual",
+    "Continual+KD",
+    "Continual+KD (no CE)",
+    "PNC",
+    "PNC-F",
+    "PNC (w/o Local)",
+    "PNC (w/o Insert)",
+    "Joint+Full",
+]
 
 
 @dataclass
@@ -104,8 +125,13 @@ def jsonable(value: Any) -> Any:
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -114,15 +140,24 @@ def _git_commit() -> str:
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or "unknown"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), **package_versions()}
 
 
-def run_table(spec: TableSpec, store: ZooStore, splits: DatasetSplits, cache: RowCache, workdir: Path,
-              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def run_table(
+    spec: TableSpec,
+    store: ZooStore,
+    splits: DatasetSplits,
+    cache: RowCache,
+    workdir: Path,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
     """Run (or reuse from ``cache``) every row of ``spec``; returns the per-seed rows.
 
     Rows run seed by seed, then scale by scale, so that a full first seed of the table
@@ -132,39 +167,76 @@ def run_table(spec: TableSpec, store: ZooStore, splits: DatasetSplits, cache: Ro
     rows = []
     for seed in spec.seeds:
         for scale in spec.scales:
-            task = CloneTask(splits, t_card.classes, s_card.classes, scale, fraction=spec.fraction, seed=seed,
-                             old_fraction=spec.old_fraction)
+            task = CloneTask(
+                splits,
+                t_card.classes,
+                s_card.classes,
+                scale,
+                fraction=spec.fraction,
+                seed=seed,
+                old_fraction=spec.old_fraction,
+            )
             for method in sorted(spec.methods, key=RUN_ORDER.index):
                 key = f"{method}|{scale}|{seed}"
                 fingerprint = _fingerprint(spec, method, task, t_card, s_card)
                 row = cache.get(key, fingerprint)
                 if row is None:
                     began = time.perf_counter()
-                    run = run_method(method, task, target, source, seed, spec.budget,
-                                     workdir=Path(workdir) / spec.stem / f"{scale}-{seed}")
+                    run = run_method(
+                        method,
+                        task,
+                        target,
+                        source,
+                        seed,
+                        spec.budget,
+                        workdir=Path(workdir) / spec.stem / f"{scale}-{seed}",
+                    )
                     pooled = task.eval_sets()["avg"]
                     logits = logits_of(run.model, pooled.x)
                     acc = clone_accuracy(logits, pooled.y, len(task.target_classes))
-                    row = {"method": method, "scale": scale, "seed": seed, "clone_classes": task.clone_classes,
-                           "ori": acc["ori"], "tar": acc["tar"], "avg": acc["avg"], "seconds": run.seconds,
-                           "peak_mb": run.peak_mb, "macs": run.macs, "params": run.params,
-                           "per_class": per_class_accuracy(logits, pooled.y, task.num_outputs).tolist(),
-                           "hparams": run.hparams, "details": run.details, "fingerprint": fingerprint,
-                           "commit": _git_commit(), "load_avg": os.getloadavg()[0],
-                           "row_seconds": time.perf_counter() - began}
+                    row = {
+                        "method": method,
+                        "scale": scale,
+                        "seed": seed,
+                        "clone_classes": task.clone_classes,
+                        "ori": acc["ori"],
+                        "tar": acc["tar"],
+                        "avg": acc["avg"],
+                        "seconds": run.seconds,
+                        "peak_mb": run.peak_mb,
+                        "macs": run.macs,
+                        "params": run.params,
+                        "per_class": per_class_accuracy(logits, pooled.y, task.num_outputs).tolist(),
+                        "hparams": run.hparams,
+                        "details": run.details,
+                        "fingerprint": fingerprint,
+                        "commit": _git_commit(),
+                        "load_avg": os.getloadavg()[0],
+                        "row_seconds": time.perf_counter() - began,
+                    }
                     cache.put(key, row)
                     status = "done"
                 else:
                     status = "cached"
-                log(f"{spec.stem}: {method:>20} {scale} seed {seed}: ori {row['ori']:.4f} tar {row['tar']:.4f} "
-                    f"avg {row['avg']:.4f}  {row['seconds']:.1f} s  {row['peak_mb']:.0f} MiB  ({status})")
+                log(
+                    f"{spec.stem}: {method:>20} {scale} seed {seed}: ori {row['ori']:.4f} tar {row['tar']:.4f} "
+                    f"avg {row['avg']:.4f}  {row['seconds']:.1f} s  {row['peak_mb']:.0f} MiB  ({status})"
+                )
                 rows.append(row)
     return rows
 
 
 def _fingerprint(spec: TableSpec, method: str, task: CloneTask, t_card: ModelCard, s_card: ModelCard) -> str:
-    blob = json.dumps({"method": method, "budget": budget_fields(spec.budget, method), "task": task.to_dict(),
-                       "target": t_card.sha256, "source": s_card.sha256}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "method": method,
+            "budget": budget_fields(spec.budget, method),
+            "task": task.to_dict(),
+            "target": t_card.sha256,
+            "source": s_card.sha256,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -210,7 +282,7 @@ def goal_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         p = at["PNC"]
 
-        def add(goal: str, value: float, need: str, met: bool) -> None:
+        def add(goal: str, value: float, need: str, met: bool, scale: str = scale) -> None:
             checks.append({"scale": scale, "goal": goal, "value": round(value, 3), "need": need, "met": bool(met)})
 
         if REFERENCE in at:
@@ -260,57 +332,81 @@ def render_markdown(result: dict[str, Any]) -> str:
     rows, scales, methods = result["rows"], result["scales"], result["methods"]
     by = {(r["method"], r["scale"]): r for r in rows}
     budget = result["budget"]
-    lines = [f"# {result['title']}", "",
-             f"Target `{result['target']}` (classes {result['target_classes']}), source `{result['source']}` "
-             f"(classes {result['source_classes']}); S clones {result['clone_classes'].get('S', '-')}, "
-             f"M clones {result['clone_classes'].get('M', '-')}, from {round(100 * result['fraction'])}% of their "
-             f"training images and {_old_images(result.get('old_fraction', 0.0))} (Joint+Full sees all training "
-             f"images of both sets). Accuracies in %, mean ± sample std over seeds {result['seeds']}; in "
-             f"brackets the difference to {REFERENCE}, in points, as the paper prints it (not for the reference "
-             "rows). Ori/Tar/Avg: test images of the target's / the cloned classes / both pooled, argmax over all "
-             "outputs.", "",
-             "| Method | " + " | ".join(f"Ori-{s} | Tar-{s} | Avg-{s}" for s in scales) + " |",
-             "|---|" + "---|" * (3 * len(scales))]
+    lines = [
+        f"# {result['title']}",
+        "",
+        f"Target `{result['target']}` (classes {result['target_classes']}), source `{result['source']}` "
+        f"(classes {result['source_classes']}); S clones {result['clone_classes'].get('S', '-')}, "
+        f"M clones {result['clone_classes'].get('M', '-')}, from {round(100 * result['fraction'])}% of their "
+        f"training images and {_old_images(result.get('old_fraction', 0.0))} (Joint+Full sees all training "
+        f"images of both sets). Accuracies in %, mean ± sample std over seeds {result['seeds']}; in "
+        f"brackets the difference to {REFERENCE}, in points, as the paper prints it (not for the reference "
+        "rows). Ori/Tar/Avg: test images of the target's / the cloned classes / both pooled, argmax over all "
+        "outputs.",
+        "",
+        "| Method | " + " | ".join(f"Ori-{s} | Tar-{s} | Avg-{s}" for s in scales) + " |",
+        "|---|" + "---|" * (3 * len(scales)),
+    ]
     for m in methods:
         cells = [_cell(by.get((m, s)), p) for s in scales for p in ("ori", "tar", "avg")]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "## Cost", "",
-              "Wall time of building/training the model (seconds, mean over seeds) and peak resident memory "
-              "above the level at the method's start (MiB, sampled every 5 ms from /proc/self/statm); "
-              "inference MACs per image (torch FlopCounterMode, convolutions and matrix products, / 2) "
-              "and parameters used at inference.", "",
-              "| Method | Scale | seconds | peak MiB | MACs / image | params |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Cost",
+        "",
+        "Wall time of building/training the model (seconds, mean over seeds) and peak resident memory "
+        "above the level at the method's start (MiB, sampled every 5 ms from /proc/self/statm); "
+        "inference MACs per image (torch FlopCounterMode, convolutions and matrix products, / 2) "
+        "and parameters used at inference.",
+        "",
+        "| Method | Scale | seconds | peak MiB | MACs / image | params |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in scales:
         for m in methods:
             e = by.get((m, s))
             if e is not None:
-                lines.append(f"| {m} | {s} | {e['seconds']:.1f} | {e['peak_mb']:.0f} | {e['macs']:,.0f} | "
-                             f"{e['params']:,.0f} |")
+                lines.append(
+                    f"| {m} | {s} | {e['seconds']:.1f} | {e['peak_mb']:.0f} | {e['macs']:,.0f} | {e['params']:,.0f} |"
+                )
     per_candidate = budget["loc_epochs"] + budget["joint_epochs"] + budget["binary_epochs"]
-    lines += ["", f"Budget: PNC trains {budget['loc_epochs']} + {budget['joint_epochs']} + {budget['binary_epochs']} "
-              f"(localize + joint + binary) epochs per candidate cut R; Continual, Continual+KD (with and without "
-              f"its cross-entropy term) and PNC-F's "
-              f"fine-tuning run the same {per_candidate} epochs over the available images (SGD, batch {budget['batch_size']}, "
-              f"Nesterov 0.9, wd 5e-4, cosine; lr {budget['lr']}, PNC-F lr {budget['finetune_lr']} with BatchNorm "
-              f"frozen); KD temperature {budget['kd_temperature']}. Joint+Full: the target architecture from scratch, "
-              f"the target's zoo recipe ({budget['scratch_epochs']} epochs, lr {budget['scratch_lr']}). G: "
-              f"{budget['num_masks']} masks on {int(100 * budget['g_fraction'])}% of the clone set. PNC-F resumes "
-              "PNC's checkpointed search, so its time is mostly G and the fine-tuning.", ""]
+    lines += [
+        "",
+        f"Budget: PNC trains {budget['loc_epochs']} + {budget['joint_epochs']} + {budget['binary_epochs']} "
+        f"(localize + joint + binary) epochs per candidate cut R; Continual, Continual+KD (with and without "
+        f"its cross-entropy term) and PNC-F's "
+        f"fine-tuning run the same {per_candidate} epochs over the available images "
+        f"(SGD, batch {budget['batch_size']}, "
+        f"Nesterov 0.9, wd 5e-4, cosine; lr {budget['lr']}, PNC-F lr {budget['finetune_lr']} with BatchNorm "
+        f"frozen); KD temperature {budget['kd_temperature']}. Joint+Full: the target architecture from scratch, "
+        f"the target's zoo recipe ({budget['scratch_epochs']} epochs, lr {budget['scratch_lr']}). G: "
+        f"{budget['num_masks']} masks on {int(100 * budget['g_fraction'])}% of the clone set. PNC-F resumes "
+        "PNC's checkpointed search, so its time is mostly G and the fine-tuning.",
+        "",
+    ]
     search = result.get("pnc_search", [])
     if search:
-        lines += ["## PNC's search (per seed)", "",
-                  "R is chosen by the least selection loss on held-out available images (never test images): "
-                  "held-out joint error with old-class images, held-out KD to the direct ensemble without. "
-                  "Regret = test Avg of the best candidate minus that of the chosen one, in points.", "",
-                  "| Method | Scale | seed | chosen R (target) | R' (source) | kept | best R (test Avg) | regret | "
-                  "candidates: R -> selection loss, Ori/Tar/Avg % |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## PNC's search (per seed)",
+            "",
+            "R is chosen by the least selection loss on held-out available images (never test images): "
+            "held-out joint error with old-class images, held-out KD to the direct ensemble without. "
+            "Regret = test Avg of the best candidate minus that of the chosen one, in points.",
+            "",
+            "| Method | Scale | seed | chosen R (target) | R' (source) | kept | best R (test Avg) | regret | "
+            "candidates: R -> selection loss, Ori/Tar/Avg % |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for s in search:
-            cands = "; ".join(f"{c['target_cut']} -> {c['loss']:.4f}, {100 * c['accuracy']['ori']:.1f}/"
-                              f"{100 * c['accuracy']['tar']:.1f}/{100 * c['accuracy']['avg']:.1f}"
-                              for c in s["candidates"])
-            lines.append(f"| {s['method']} | {s['scale']} | {s['seed']} | {s['target_cut']} | {s['source_cut']} | "
-                         f"{s['kept_fraction']:.2f} | {s['best_cut']} | {s['regret']:.2f} | {cands} |")
+            cands = "; ".join(
+                f"{c['target_cut']} -> {c['loss']:.4f}, {100 * c['accuracy']['ori']:.1f}/"
+                f"{100 * c['accuracy']['tar']:.1f}/{100 * c['accuracy']['avg']:.1f}"
+                for c in s["candidates"]
+            )
+            lines.append(
+                f"| {s['method']} | {s['scale']} | {s['seed']} | {s['target_cut']} | {s['source_cut']} | "
+                f"{s['kept_fraction']:.2f} | {s['best_cut']} | {s['regret']:.2f} | {cands} |"
+            )
         lines.append("")
     if result.get("goals"):
         lines += ["## Goals", "", "| Scale | Goal | Value | Need | Met |", "|---|---|---|---|---|"]
@@ -318,32 +414,64 @@ def render_markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {g['scale']} | {g['goal']} | {g['value']} | {g['need']} | {'yes' if g['met'] else 'NO'} |")
         lines.append("")
     commits = sorted({r["commit"] for r in result["per_seed"]})
-    lines += [f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores shared with other jobs, "
-              f"torch {result['machine']['torch']} ({result['machine']['torch_threads']} thread(s)). "
-              f"Code: commit(s) {', '.join(commits)}. Command: `{result['command']}`.", ""]
+    lines += [
+        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores shared with other jobs, "
+        f"torch {result['machine']['torch']} ({result['machine']['torch_threads']} thread(s)). "
+        f"Code: commit(s) {', '.join(commits)}. Command: `{result['command']}`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def write_table(spec: TableSpec, per_seed: list[dict[str, Any]], t_card: ModelCard, s_card: ModelCard,
-                splits: DatasetSplits, out_dir: Path, command: str) -> dict[str, Any]:
+def write_table(
+    spec: TableSpec,
+    per_seed: list[dict[str, Any]],
+    t_card: ModelCard,
+    s_card: ModelCard,
+    splits: DatasetSplits,
+    out_dir: Path,
+    command: str,
+) -> dict[str, Any]:
     """Write ``<stem>.json`` and ``<stem>.md`` under ``out_dir``; returns the JSON object."""
     rows = summarize(per_seed, spec.methods, spec.scales)
     clone_classes = {s: CloneTask(splits, t_card.classes, s_card.classes, s).clone_classes for s in spec.scales}
-    search = [{"method": r["method"], "scale": r["scale"], "seed": r["seed"],
-               **{k: r["details"]["report"][k] for k in ("target_cut", "source_cut", "kept_fraction", "candidates")}}
-              for r in per_seed if r["method"].startswith("PNC") and "report" in r["details"]]
+    search = [
+        {
+            "method": r["method"],
+            "scale": r["scale"],
+            "seed": r["seed"],
+            **{k: r["details"]["report"][k] for k in ("target_cut", "source_cut", "kept_fraction", "candidates")},
+        }
+        for r in per_seed
+        if r["method"].startswith("PNC") and "report" in r["details"]
+    ]
     for s in search:
         s["best_cut"], s["regret"] = selection_regret(s)
-    result = {"title": spec.title, "dataset": splits.name, "arch": t_card.arch, "source_arch": s_card.arch,
-              "target": spec.target, "source": spec.source, "target_classes": t_card.classes,
-              "source_classes": s_card.classes, "clone_classes": clone_classes, "fraction": spec.fraction,
-              "old_fraction": spec.old_fraction,
-              "stem": spec.stem,
-              "scales": spec.scales, "seeds": spec.seeds, "methods": spec.methods, "budget": asdict(spec.budget),
-              "rows": rows, "goals": goal_checks(rows), "pnc_search": search,
-              "per_seed": [{k: v for k, v in r.items() if k not in ("details", "hparams")} for r in per_seed],
-              "hparams": {r["method"]: r["hparams"] for r in per_seed},
-              "machine": machine_info(), "command": command}
+    result = {
+        "title": spec.title,
+        "dataset": splits.name,
+        "arch": t_card.arch,
+        "source_arch": s_card.arch,
+        "target": spec.target,
+        "source": spec.source,
+        "target_classes": t_card.classes,
+        "source_classes": s_card.classes,
+        "clone_classes": clone_classes,
+        "fraction": spec.fraction,
+        "old_fraction": spec.old_fraction,
+        "stem": spec.stem,
+        "scales": spec.scales,
+        "seeds": spec.seeds,
+        "methods": spec.methods,
+        "budget": asdict(spec.budget),
+        "rows": rows,
+        "goals": goal_checks(rows),
+        "pnc_search": search,
+        "per_seed": [{k: v for k, v in r.items() if k not in ("details", "hparams")} for r in per_seed],
+        "hparams": {r["method"]: r["hparams"] for r in per_seed},
+        "machine": machine_info(),
+        "command": command,
+    }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / f"{spec.stem}.json", json.dumps(result, indent=1, default=jsonable))
@@ -357,16 +485,33 @@ def budget_for(card: ModelCard, quick: bool) -> Budget:
     if quick:
         return base
     recipe = card.recipe
-    return Budget(**{**asdict(base), "scratch_epochs": int(recipe.get("epochs", base.scratch_epochs)),
-                     "scratch_lr": float(recipe.get("lr", base.scratch_lr)),
-                     "scratch_batch_size": int(recipe.get("batch_size", base.scratch_batch_size))})
+    return Budget(
+        **{
+            **asdict(base),
+            "scratch_epochs": int(recipe.get("epochs", base.scratch_epochs)),
+            "scratch_lr": float(recipe.get("lr", base.scratch_lr)),
+            "scratch_batch_size": int(recipe.get("batch_size", base.scratch_batch_size)),
+        }
+    )
 
 
-def run_paper(dataset: str, arch: str, *, scales: list[str], seeds: list[int], methods: list[str],
-              quick: bool = False, old_fraction: float = 0.3, zoo_dir: str | None = None,
-              data_dir: str | None = None,
-              out_dir: Path = Path("benchmarks/results"), workdir: Path | None = None, fresh: bool = False,
-              command: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_paper(
+    dataset: str,
+    arch: str,
+    *,
+    scales: list[str],
+    seeds: list[int],
+    methods: list[str],
+    quick: bool = False,
+    old_fraction: float = 0.3,
+    zoo_dir: str | None = None,
+    data_dir: str | None = None,
+    out_dir: Path = Path("benchmarks/results"),
+    workdir: Path | None = None,
+    fresh: bool = False,
+    command: str = "",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Table 1 on ``dataset`` with the default (target, source) zoo pair of ``arch``; an
     ``old_fraction`` other than the default 0.3 is named in the stem (``-old0`` for 0)."""
     from pnc.zoo.datasets import load_dataset
@@ -378,12 +523,22 @@ def run_paper(dataset: str, arch: str, *, scales: list[str], seeds: list[int], m
     target_name, source_name = default_pair(splits.name, arch)
     t_card = ensure_default(store, target_name, dataset=splits, progress=False)
     s_card = ensure_default(store, source_name, dataset=splits, progress=False)
-    stem = (f"table1-{splits.name}-{arch}" + ("" if old_fraction == 0.3 else f"-old{round(100 * old_fraction)}")
-            + ("-quick" if quick else ""))
-    spec = TableSpec(stem=stem, title=f"Table 1 analogue: {splits.name}, {arch} target and source"
-                     + (" (quick budget)" if quick else ""), target=target_name, source=source_name,
-                     scales=scales, seeds=seeds, methods=methods, budget=budget_for(t_card, quick),
-                     old_fraction=old_fraction)
+    stem = (
+        f"table1-{splits.name}-{arch}"
+        + ("" if old_fraction == 0.3 else f"-old{round(100 * old_fraction)}")
+        + ("-quick" if quick else "")
+    )
+    spec = TableSpec(
+        stem=stem,
+        title=f"Table 1 analogue: {splits.name}, {arch} target and source" + (" (quick budget)" if quick else ""),
+        target=target_name,
+        source=source_name,
+        scales=scales,
+        seeds=seeds,
+        methods=methods,
+        budget=budget_for(t_card, quick),
+        old_fraction=old_fraction,
+    )
     cache = RowCache(Path(out_dir) / f"{stem}.rows.json")
     if fresh:
         cache.rows.clear()

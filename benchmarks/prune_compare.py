@@ -20,6 +20,7 @@ only; trivially 100% for one class), mean one-vs-rest AUROC of each class's logi
 test images of all the model's classes, and the relative squared error of the classes'
 logits vs the unpruned model. Writes ``benchmarks/results/prune_compare.json`` and ``.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,8 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from pnc.bench.cli.prune import model_classes, run_prune, share
-from pnc.surgery.io import atomic_write_text
 from pnc.surgery.cuts import cut_points, find_cut
+from pnc.surgery.io import atomic_write_text
 from pnc.surgery.localization import group_scores, masked_suffix, top_share
 from pnc.surgery.tracing import trace
 from pnc.zoo.datasets import load_dataset
@@ -59,8 +60,17 @@ KEEPS = {"fmnist-lenet5-source": [0.5], "fmnist-resnetc20-source": [0.5, 0.7]}
 FRACTION = 0.1
 
 
-def baseline_keep(store: ZooStore, model_name: str, cut_name: str, spec: str, groups: list[str], method: str,
-                  keep: float, seed: int, data_dir: str | None) -> dict[str, torch.Tensor]:
+def baseline_keep(
+    store: ZooStore,
+    model_name: str,
+    cut_name: str,
+    spec: str,
+    groups: list[str],
+    method: str,
+    keep: float,
+    seed: int,
+    data_dir: str | None,
+) -> dict[str, torch.Tensor]:
     """Kept indices per group by torch-pruning's importance, on the images pnc's G uses."""
     model, card = store.load(model_name)
     dataset = load_dataset(card.dataset, data_dir)
@@ -90,11 +100,22 @@ def baseline_keep(store: ZooStore, model_name: str, cut_name: str, spec: str, gr
 
 
 def _machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown")
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": os.getloadavg()[0],
-            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
-            "versions": package_versions()}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown",
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": package_versions(),
+    }
 
 
 def run(models: list[str], seeds: list[int] | None, data_dir: str | None, zoo_dir: str | None) -> dict:
@@ -107,29 +128,68 @@ def run(models: list[str], seeds: list[int] | None, data_dir: str | None, zoo_di
         ensure_default(store, model_name, data_dir)
         for seed in seeds or SEEDS[model_name]:
             with tempfile.TemporaryDirectory() as tmp:
-                pnc = run_prune(store, model_name, cut, spec, Path(tmp) / "pnc", keep=share_kept, fraction=FRACTION,
-                                seed=seed, data_dir=data_dir, progress=False, cache_dir=cache)
+                pnc = run_prune(
+                    store,
+                    model_name,
+                    cut,
+                    spec,
+                    Path(tmp) / "pnc",
+                    keep=share_kept,
+                    fraction=FRACTION,
+                    seed=seed,
+                    data_dir=data_dir,
+                    progress=False,
+                    cache_dir=cache,
+                )
                 groups = list(pnc["groups"])
                 reports = {"pnc": pnc}
                 for method in METHODS[1:]:
                     keep = baseline_keep(store, model_name, cut, spec, groups, method, share_kept, seed, data_dir)
-                    reports[method] = run_prune(store, model_name, cut, spec, Path(tmp) / method, keep=share_kept,
-                                                fraction=FRACTION, seed=seed, data_dir=data_dir,
-                                                progress=False, keep_override=keep)
+                    reports[method] = run_prune(
+                        store,
+                        model_name,
+                        cut,
+                        spec,
+                        Path(tmp) / method,
+                        keep=share_kept,
+                        fraction=FRACTION,
+                        seed=seed,
+                        data_dir=data_dir,
+                        progress=False,
+                        keep_override=keep,
+                    )
             for method, rep in reports.items():
-                rows.append({"model": model_name, "cut": rep["cut"], "keep": share_kept, "classes": rep["class_names"],
-                             "seed": seed,
-                             "method": method, **rep["suffix"], "unpruned": rep["unpruned"],
-                             "pruned": rep["pruned"],
-                             "kept": {n: len(g["kept"]) for n, g in rep["groups"].items()},
-                             "seconds": rep["seconds"]})
-            print(f"{model_name} {cut} keep {share_kept} {spec} seed {seed}: " + ", ".join(
-                f"{m} {100 * r['pruned']['accuracy']:.2f}%/{r['pruned']['auroc']:.4f}" for m, r in reports.items()),
-                flush=True)
+                rows.append(
+                    {
+                        "model": model_name,
+                        "cut": rep["cut"],
+                        "keep": share_kept,
+                        "classes": rep["class_names"],
+                        "seed": seed,
+                        "method": method,
+                        **rep["suffix"],
+                        "unpruned": rep["unpruned"],
+                        "pruned": rep["pruned"],
+                        "kept": {n: len(g["kept"]) for n, g in rep["groups"].items()},
+                        "seconds": rep["seconds"],
+                    }
+                )
+            print(
+                f"{model_name} {cut} keep {share_kept} {spec} seed {seed}: "
+                + ", ".join(
+                    f"{m} {100 * r['pruned']['accuracy']:.2f}%/{r['pruned']['auroc']:.4f}" for m, r in reports.items()
+                ),
+                flush=True,
+            )
     shutil.rmtree(cache, ignore_errors=True)
-    return {"machine": _machine(), "keeps": {m: KEEPS[m] for m in models}, "fraction": FRACTION,
-            "seeds": {m: seeds or SEEDS[m] for m in models},
-            "seconds": round(time.perf_counter() - start, 1), "rows": rows}
+    return {
+        "machine": _machine(),
+        "keeps": {m: KEEPS[m] for m in models},
+        "fraction": FRACTION,
+        "seeds": {m: seeds or SEEDS[m] for m in models},
+        "seconds": round(time.perf_counter() - start, 1),
+        "rows": rows,
+    }
 
 
 def _mean(values: list[float]) -> str:
@@ -143,19 +203,37 @@ def summarize(doc: dict) -> tuple[list[dict], list[str]]:
     table, goals = [], []
     keys = list(dict.fromkeys((r["model"], r["cut"], r["keep"], tuple(r["classes"])) for r in doc["rows"]))
     for model, cut, keep, classes in keys:
-        cell = {m: [r for r in doc["rows"] if (r["model"], r["cut"], r["keep"], tuple(r["classes"]))
-                    == (model, cut, keep, classes) and r["method"] == m] for m in METHODS}
+        cell = {
+            m: [
+                r
+                for r in doc["rows"]
+                if (r["model"], r["cut"], r["keep"], tuple(r["classes"])) == (model, cut, keep, classes)
+                and r["method"] == m
+            ]
+            for m in METHODS
+        }
         acc = {m: [100 * r["pruned"]["accuracy"] for r in rs] for m, rs in cell.items()}
         unpruned = 100 * cell["pnc"][0]["unpruned"]["accuracy"]
         for m, rs in cell.items():
             r0 = rs[0]
-            table.append({"model": model, "classes": ", ".join(classes), "method": m, "cut": r0["cut"], "keep": keep,
-                          "macs_before": r0["macs_before"], "macs_after": r0["macs_after"],
-                          "params_before": r0["params_before"], "params_after": r0["params_after"],
-                          "unpruned_acc": unpruned, "acc": acc[m],
-                          "auroc": [r["pruned"]["auroc"] for r in rs],
-                          "unpruned_auroc": r0["unpruned"]["auroc"],
-                          "rel_error": [r["pruned"]["logit_rel_error"] for r in rs]})
+            table.append(
+                {
+                    "model": model,
+                    "classes": ", ".join(classes),
+                    "method": m,
+                    "cut": r0["cut"],
+                    "keep": keep,
+                    "macs_before": r0["macs_before"],
+                    "macs_after": r0["macs_after"],
+                    "params_before": r0["params_before"],
+                    "params_after": r0["params_after"],
+                    "unpruned_acc": unpruned,
+                    "acc": acc[m],
+                    "auroc": [r["pruned"]["auroc"] for r in rs],
+                    "unpruned_auroc": r0["unpruned"]["auroc"],
+                    "rel_error": [r["pruned"]["logit_rel_error"] for r in rs],
+                }
+            )
         r0 = cell["pnc"][0]
         halved = r0["macs_after"] <= 0.5 * r0["macs_before"]
         pnc_acc, mag_acc = statistics.mean(acc["pnc"]), statistics.mean(acc["magnitude"])
@@ -163,13 +241,15 @@ def summarize(doc: dict) -> tuple[list[dict], list[str]]:
         beats = pnc_acc >= mag_acc
         ok = halved and within and beats
         trivial = " (one class: accuracy among the classes is 100% by construction)" if len(classes) == 1 else ""
-        goals.append(f"- {model} after {cut}, keep {keep}, {', '.join(classes)}: "
-                     f"MACs {r0['macs_before']:,} -> {r0['macs_after']:,} "
-                     f"({r0['macs_after'] / r0['macs_before']:.2f}x, halved: {'yes' if halved else 'NO'}); "
-                     f"accuracy among the classes {pnc_acc:.2f}% vs unpruned {unpruned:.2f}% "
-                     f"(within 2 points: {'yes' if within else 'NO'}), vs magnitude {mag_acc:.2f}% "
-                     f"(at least magnitude's: {'yes' if beats else 'NO'}){trivial}. "
-                     f"**{'Met' if ok else 'Not met'}.**")
+        goals.append(
+            f"- {model} after {cut}, keep {keep}, {', '.join(classes)}: "
+            f"MACs {r0['macs_before']:,} -> {r0['macs_after']:,} "
+            f"({r0['macs_after'] / r0['macs_before']:.2f}x, halved: {'yes' if halved else 'NO'}); "
+            f"accuracy among the classes {pnc_acc:.2f}% vs unpruned {unpruned:.2f}% "
+            f"(within 2 points: {'yes' if within else 'NO'}), vs magnitude {mag_acc:.2f}% "
+            f"(at least magnitude's: {'yes' if beats else 'NO'}){trivial}. "
+            f"**{'Met' if ok else 'Not met'}.**"
+        )
     return table, goals
 
 
@@ -207,14 +287,22 @@ def write(doc: dict, out: Path) -> None:
             f"{r['macs_before']:,} -> {r['macs_after']:,} "
             f"({r['macs_after'] / r['macs_before']:.2f}x) | {r['params_before']:,} -> {r['params_after']:,} | "
             f"{r['unpruned_acc']:.2f} | {_mean(r['acc'])} | {r['unpruned_auroc']:.4f} | "
-            f"{statistics.mean(r['auroc']):.4f} | {statistics.mean(r['rel_error']):.4f} |")
-    lines += ["", "## Goals", "",
-              "Issue 14: halve the suffix's MACs for 1-2 classes with accuracy among those classes within 2 points "
-              "of the unpruned model and at least torch-pruning's magnitude importance at the same share.", "",
-              *goals, "",
-              f"Met in {sum('**Met.**' in g for g in goals)} of {len(goals)} rows. With one class the accuracy "
-              "criterion is empty (argmax over one logit); the AUROC and rel. err columns say how well each "
-              "method kept that class's logit.", ""]
+            f"{statistics.mean(r['auroc']):.4f} | {statistics.mean(r['rel_error']):.4f} |"
+        )
+    lines += [
+        "",
+        "## Goals",
+        "",
+        "Issue 14: halve the suffix's MACs for 1-2 classes with accuracy among those classes within 2 points "
+        "of the unpruned model and at least torch-pruning's magnitude importance at the same share.",
+        "",
+        *goals,
+        "",
+        f"Met in {sum('**Met.**' in g for g in goals)} of {len(goals)} rows. With one class the accuracy "
+        "criterion is empty (argmax over one logit); the AUROC and rel. err columns say how well each "
+        "method kept that class's logit.",
+        "",
+    ]
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines))
 
 

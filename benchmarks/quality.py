@@ -11,6 +11,7 @@ while cloning, the paper's setting) and 0 (none), and writes
 against the best R by test Avg (the selection regret), the branch fine-tuning and the
 issue's goals. Rows are cached per setting (``.rows.json`` beside them), so a re-run resumes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,9 @@ from typing import Any
 import torch
 
 from pnc.bench.paper import RowCache, TableSpec, budget_for, jsonable, machine_info, run_table, summarize
+from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import load_dataset
 from pnc.zoo.defaults import default_pair, ensure_default
-from pnc.surgery.io import atomic_write_text
 from pnc.zoo.store import ZooStore, default_zoo_dir
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -75,9 +76,17 @@ def main() -> None:
     settings = []
     for old_fraction in (float(f) for f in args.old_fractions.split(",") if f):
         tag = f"{stem}-old{round(100 * old_fraction)}"
-        spec = TableSpec(stem=tag, title=tag, target=target_name, source=source_name, scales=scales,
-                         seeds=[args.seed], methods=methods, budget=budget_for(t_card, quick=False),
-                         old_fraction=old_fraction)
+        spec = TableSpec(
+            stem=tag,
+            title=tag,
+            target=target_name,
+            source=source_name,
+            scales=scales,
+            seeds=[args.seed],
+            methods=methods,
+            budget=budget_for(t_card, quick=False),
+            old_fraction=old_fraction,
+        )
         per_seed = run_table(spec, store, splits, RowCache(OUT / f"{tag}.rows.json"), workdir)
         rows = summarize(per_seed, methods, scales)
         search = []
@@ -88,21 +97,44 @@ def main() -> None:
             cands = rep["candidates"]
             chosen = next(c for c in cands if c["target_cut"] == rep["target_cut"])
             best = max(cands, key=lambda c: c["accuracy"]["avg"])
-            search.append({"scale": r["scale"], "chosen": rep["target_cut"], "best": best["target_cut"],
-                           "regret": 100 * (best["accuracy"]["avg"] - chosen["accuracy"]["avg"]),
-                           "candidates": cands, "images": rep["images"], "tuning": rep["tuning"],
-                           "final": {k: r[k] for k in ("ori", "tar", "avg")}})
-        checks = [g for s in scales
-                  for g in goals({e["method"]: e for e in rows if e["scale"] == s}, old_fraction, s)]
-        settings.append({"old_fraction": old_fraction, "rows": rows, "pnc_search": search, "goals": checks,
-                         "per_seed": [{k: v for k, v in r.items() if k not in ("details", "hparams")}
-                                      for r in per_seed],
-                         "hparams": {r["method"]: r["hparams"] for r in per_seed}})
-    command = ("OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quality.py "
-               + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    result = {"dataset": splits.name, "arch": t_card.arch, "target": target_name, "source": source_name,
-              "seed": args.seed, "scales": scales, "methods": methods, "settings": settings, "machine": machine_info(),
-              "command": command.strip()}
+            search.append(
+                {
+                    "scale": r["scale"],
+                    "chosen": rep["target_cut"],
+                    "best": best["target_cut"],
+                    "regret": 100 * (best["accuracy"]["avg"] - chosen["accuracy"]["avg"]),
+                    "candidates": cands,
+                    "images": rep["images"],
+                    "tuning": rep["tuning"],
+                    "final": {k: r[k] for k in ("ori", "tar", "avg")},
+                }
+            )
+        checks = [g for s in scales for g in goals({e["method"]: e for e in rows if e["scale"] == s}, old_fraction, s)]
+        settings.append(
+            {
+                "old_fraction": old_fraction,
+                "rows": rows,
+                "pnc_search": search,
+                "goals": checks,
+                "per_seed": [{k: v for k, v in r.items() if k not in ("details", "hparams")} for r in per_seed],
+                "hparams": {r["method"]: r["hparams"] for r in per_seed},
+            }
+        )
+    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quality.py " + " ".join(
+        shlex.quote(a) for a in sys.argv[1:]
+    )
+    result = {
+        "dataset": splits.name,
+        "arch": t_card.arch,
+        "target": target_name,
+        "source": source_name,
+        "seed": args.seed,
+        "scales": scales,
+        "methods": methods,
+        "settings": settings,
+        "machine": machine_info(),
+        "command": command.strip(),
+    }
     atomic_write_text(OUT / f"{stem}.json", json.dumps(result, indent=1, default=jsonable))
     atomic_write_text(OUT / f"{stem}.md", render(result))
     print(render(result))
@@ -110,53 +142,85 @@ def main() -> None:
 
 def render(result: dict[str, Any]) -> str:
     scales = result["scales"]
-    lines = [f"# Clone quality: {result['dataset']}, {result['arch']} pair, seed {result['seed']}", "",
-             f"Target `{result['target']}`, source `{result['source']}`; S / M clone 20% / 60% of the source's "
-             "classes from 30% of their training images. Old fraction 0.3: 30% of the target classes' training "
-             "images are available too (the paper's setting; Continual+KD replays them, Calibrated Ensemble is "
-             "fitted on them); old fraction 0: none (the strict setting). Joint+Full sees all training images "
-             "of both sets. Accuracies in % on the test images: Ori (target's classes), Tar (cloned classes), "
-             "Avg (both pooled), argmax over all outputs. At old fraction 0 the Calibrated Ensemble is fitted on "
-             "clone-class images only (nothing holds the old classes) and Continual+KD has no replay.", "",
-             "| Method | old fraction | " + " | ".join(f"Ori-{s} | Tar-{s} | Avg-{s}" for s in scales) + " |",
-             "|---|---|" + "---|" * (3 * len(scales))]
+    lines = [
+        f"# Clone quality: {result['dataset']}, {result['arch']} pair, seed {result['seed']}",
+        "",
+        f"Target `{result['target']}`, source `{result['source']}`; S / M clone 20% / 60% of the source's "
+        "classes from 30% of their training images. Old fraction 0.3: 30% of the target classes' training "
+        "images are available too (the paper's setting; Continual+KD replays them, Calibrated Ensemble is "
+        "fitted on them); old fraction 0: none (the strict setting). Joint+Full sees all training images "
+        "of both sets. Accuracies in % on the test images: Ori (target's classes), Tar (cloned classes), "
+        "Avg (both pooled), argmax over all outputs. At old fraction 0 the Calibrated Ensemble is fitted on "
+        "clone-class images only (nothing holds the old classes) and Continual+KD has no replay.",
+        "",
+        "| Method | old fraction | " + " | ".join(f"Ori-{s} | Tar-{s} | Avg-{s}" for s in scales) + " |",
+        "|---|---|" + "---|" * (3 * len(scales)),
+    ]
     for setting in result["settings"]:
         by = {(e["method"], e["scale"]): e for e in setting["rows"]}
         for m in result["methods"]:
             label = "Continual+KD (replay)" if m == "Continual+KD" and setting["old_fraction"] > 0 else m
-            cells = [f"{100 * by[(m, s)][f'{p}_acc']:.1f}" if (m, s) in by else "-" for s in scales
-                     for p in ("ori", "tar", "avg")]
+            cells = [
+                f"{100 * by[(m, s)][f'{p}_acc']:.1f}" if (m, s) in by else "-"
+                for s in scales
+                for p in ("ori", "tar", "avg")
+            ]
             lines.append(f"| {label} | {setting['old_fraction']:g} | " + " | ".join(cells) + " |")
-    lines += ["", "## PNC: chosen R vs best R", "",
-              "R is chosen on held-out available images (20% of each class, never test images): held-out joint "
-              "error with old-class images, held-out KD loss to the direct ensemble without. Best R = the "
-              "candidate with the highest test Avg (reported only); regret = its test Avg minus the chosen one's, "
-              "in points (candidate accuracies before the branch fine-tuning). Fine-tuning: held-out accuracy of "
-              "the chosen branch before -> after; kept only if it rose.", "",
-              "| old fraction | scale | chosen R | best R | regret | candidates: R -> selection loss, Ori/Tar/Avg | "
-              "fine-tuning (held-out acc) | images (train old + clone, held out) |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## PNC: chosen R vs best R",
+        "",
+        "R is chosen on held-out available images (20% of each class, never test images): held-out joint "
+        "error with old-class images, held-out KD loss to the direct ensemble without. Best R = the "
+        "candidate with the highest test Avg (reported only); regret = its test Avg minus the chosen one's, "
+        "in points (candidate accuracies before the branch fine-tuning). Fine-tuning: held-out accuracy of "
+        "the chosen branch before -> after; kept only if it rose.",
+        "",
+        "| old fraction | scale | chosen R | best R | regret | candidates: R -> selection loss, Ori/Tar/Avg | "
+        "fine-tuning (held-out acc) | images (train old + clone, held out) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for setting in result["settings"]:
         for s in setting["pnc_search"]:
-            cands = "; ".join(f"{c['target_cut']} -> {c['loss']:.4f}, {100 * c['accuracy']['ori']:.1f}/"
-                              f"{100 * c['accuracy']['tar']:.1f}/{100 * c['accuracy']['avg']:.1f}"
-                              for c in s["candidates"])
+            cands = "; ".join(
+                f"{c['target_cut']} -> {c['loss']:.4f}, {100 * c['accuracy']['ori']:.1f}/"
+                f"{100 * c['accuracy']['tar']:.1f}/{100 * c['accuracy']['avg']:.1f}"
+                for c in s["candidates"]
+            )
             t = s["tuning"]
-            tuning = (f"{100 * t['before']['acc']:.1f} -> {100 * t['after']['acc']:.1f} "
-                      f"({'kept' if t['kept'] else 'dropped'})") if t else "none (no old-class image)"
+            tuning = (
+                (
+                    f"{100 * t['before']['acc']:.1f} -> {100 * t['after']['acc']:.1f} "
+                    f"({'kept' if t['kept'] else 'dropped'})"
+                )
+                if t
+                else "none (no old-class image)"
+            )
             im = s["images"]
-            lines.append(f"| {setting['old_fraction']:g} | {s['scale']} | {s['chosen']} | {s['best']} | "
-                         f"{s['regret']:.2f} | {cands} | {tuning} | {im['old_train']} + {im['clone_train']}, "
-                         f"{im['old_holdout'] + im['clone_holdout']} |")
-    lines += ["", "## Goals (old fraction 0.3)", "", "| Scale | Goal (points) | Value | Need | Met |",
-              "|---|---|---|---|---|"]
+            lines.append(
+                f"| {setting['old_fraction']:g} | {s['scale']} | {s['chosen']} | {s['best']} | "
+                f"{s['regret']:.2f} | {cands} | {tuning} | {im['old_train']} + {im['clone_train']}, "
+                f"{im['old_holdout'] + im['clone_holdout']} |"
+            )
+    lines += [
+        "",
+        "## Goals (old fraction 0.3)",
+        "",
+        "| Scale | Goal (points) | Value | Need | Met |",
+        "|---|---|---|---|---|",
+    ]
     for setting in result["settings"]:
         for g in setting["goals"]:
-            lines.append(f"| {g['scale']} | {g['goal']} | {g['value']:.2f} | {g['need']} | "
-                         f"{'yes' if g['met'] else 'NO'} |")
+            lines.append(
+                f"| {g['scale']} | {g['goal']} | {g['value']:.2f} | {g['need']} | {'yes' if g['met'] else 'NO'} |"
+            )
     m = result["machine"]
-    lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores shared with other jobs, torch {m['torch']} "
-              f"({m['torch_threads']} thread(s)). Command: `{result['command']}`.", ""]
+    lines += [
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores shared with other jobs, torch {m['torch']} "
+        f"({m['torch_threads']} thread(s)). Command: `{result['command']}`.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ cut point is found and every one of them splits exactly.
 Writes ``benchmarks/results/timm_coverage.json`` and ``.md`` (atomically, after every
 family, so an interrupted run keeps what it measured and ``--resume`` goes on from there).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,16 +26,17 @@ import signal
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pnc.surgery.cuts import classifier_of, cut_points
-from pnc.zoo.resolve import resolve_model
 from pnc.surgery.errors import CutError, PncError
 from pnc.surgery.tracing import default_input, trace
+from pnc.zoo.resolve import resolve_model
 
 RESULTS = Path(__file__).parent / "results"
 SMALL = 64
@@ -42,8 +44,33 @@ SMALL = 64
 SMALL_SIZES = (SMALL, 112, 56, 128)
 #: size words in timm names, smallest first (a prefilter before counting parameters)
 _SIZE_WORDS = [
-    "atto", "femto", "pico", "nano", "xxxs", "micro", "xxs", "xs", "mini", "tiny", "t", "extra_small",
-    "small", "s", "lite", "light", "medium", "m", "base", "b", "large", "l", "xl", "huge", "h", "giant", "g",
+    "atto",
+    "femto",
+    "pico",
+    "nano",
+    "xxxs",
+    "micro",
+    "xxs",
+    "xs",
+    "mini",
+    "tiny",
+    "t",
+    "extra_small",
+    "small",
+    "s",
+    "lite",
+    "light",
+    "medium",
+    "m",
+    "base",
+    "b",
+    "large",
+    "l",
+    "xl",
+    "huge",
+    "h",
+    "giant",
+    "g",
 ]
 _CANDIDATES = 10
 
@@ -124,7 +151,9 @@ def _run_model(name: str, size: int | None) -> dict[str, Any]:
         "any_batch_size": traced.batch_size is None,
         "classifier": classifier,
         "status": "verified" if cuts and not bad else ("no cuts" if not cuts else "partial"),
-        "reason": "; ".join(f"{c.node}: {c.reason}" for c in bad[:3]) if bad else ("" if cuts else "no cut point found"),
+        "reason": "; ".join(f"{c.node}: {c.reason}" for c in bad[:3])
+        if bad
+        else ("" if cuts else "no cut point found"),
     }
 
 
@@ -194,7 +223,8 @@ def _markdown(doc: dict[str, Any]) -> str:
         lines.append(
             f"| {r['family']} | {r.get('model', '')} | {params} | {size} | {r['status']} | {cuts} | "
             f"{r.get('blocks', '')} | {','.join(r.get('block_layouts', []))} | "
-            f"{'none' if str(r.get('classifier', 'none')).startswith('none') else r['classifier']} | {r['seconds']} | {reason} |"
+            f"{'none' if str(r.get('classifier', 'none')).startswith('none') else r['classifier']} | "
+            f"{r['seconds']} | {reason} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -223,8 +253,10 @@ def main() -> None:
         for module in todo:
             bar.update(task, description=f"{module:28s}")
             done[module] = run_family(module, args.timeout)
-            bar.console.print(f"{module:28s} {done[module].get('model', ''):40s} {done[module]['status']:12s} "
-                              f"{done[module]['seconds']:7.1f}s {done[module].get('reason', '')[:100]}")
+            bar.console.print(
+                f"{module:28s} {done[module].get('model', ''):40s} {done[module]['status']:12s} "
+                f"{done[module]['seconds']:7.1f}s {done[module].get('reason', '')[:100]}"
+            )
             _save(args.out, done)
             bar.advance(task)
 

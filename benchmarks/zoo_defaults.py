@@ -6,6 +6,7 @@ Each model is trained from scratch (an existing model of that name in ``--zoo-di
 is deleted first) through ``pretrain_defaults(store, only=[name])``, and timed
 around that call. Writes ``benchmarks/results/zoo.json`` and ``zoo.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pnc.zoo.defaults import DEFAULTS, pretrain_defaults
 from pnc.surgery.io import atomic_write_text
+from pnc.zoo.defaults import DEFAULTS, pretrain_defaults
 from pnc.zoo.store import ZooStore, package_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,37 +50,64 @@ def run(zoo_dir: str, names: list[str], data_dir: str | None) -> dict:
             continue
         card = cards[0]
         model, _ = store.load(name)
-        rows.append({"name": name, "arch": card.arch, "dataset": card.dataset, "classes": card.classes,
-                     "params": sum(p.numel() for p in model.parameters()),
-                     "epochs": card.recipe["epochs"], "lr": card.recipe["lr"], "seed": card.recipe["seed"],
-                     "train_images": card.recipe["train_images"], "test_accuracy": card.test_accuracy,
-                     "train_seconds": card.recipe["train_seconds"], "total_seconds": round(seconds, 1),
-                     "load_avg_before": round(load, 2), "sha256": card.sha256})
+        rows.append(
+            {
+                "name": name,
+                "arch": card.arch,
+                "dataset": card.dataset,
+                "classes": card.classes,
+                "params": sum(p.numel() for p in model.parameters()),
+                "epochs": card.recipe["epochs"],
+                "lr": card.recipe["lr"],
+                "seed": card.recipe["seed"],
+                "train_images": card.recipe["train_images"],
+                "test_accuracy": card.test_accuracy,
+                "train_seconds": card.recipe["train_seconds"],
+                "total_seconds": round(seconds, 1),
+                "load_avg_before": round(load, 2),
+                "sha256": card.sha256,
+            }
+        )
         print(f"{name}: acc {card.test_accuracy:.4f}, {seconds:.1f} s", flush=True)
-    return {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        **package_versions()},
-            "zoo_dir": zoo_dir, "models": rows}
+    return {
+        "machine": {
+            "cpu": _cpu_name(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            **package_versions(),
+        },
+        "zoo_dir": zoo_dir,
+        "models": rows,
+    }
 
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    lines = ["# Default zoo models: accuracy and training time", "",
-             f"Written by `benchmarks/zoo_defaults.py` on {m['cpu']} ({m['cores']} cores, "
-             f"torch {m['torch']} with {m['torch_threads']} intra-op thread(s), timm {m['timm']}). "
-             "The CPU was shared with other jobs; `load` is the 1-minute load average before each run.",
-             "", "Recipe: SGD, Nesterov momentum 0.9, weight decay 5e-4, cosine learning rate per step, "
-             "batch 128, no augmentation, cross-entropy. Target = classes 0-4 (seed 0), "
-             "source = classes 5-9 (seed 1). Accuracy is on the test images of the model's own classes.",
-             "", "| model | arch | params | dataset | classes | epochs | lr | train images | test acc "
-             "| train s | total s | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Default zoo models: accuracy and training time",
+        "",
+        f"Written by `benchmarks/zoo_defaults.py` on {m['cpu']} ({m['cores']} cores, "
+        f"torch {m['torch']} with {m['torch_threads']} intra-op thread(s), timm {m['timm']}). "
+        "The CPU was shared with other jobs; `load` is the 1-minute load average before each run.",
+        "",
+        "Recipe: SGD, Nesterov momentum 0.9, weight decay 5e-4, cosine learning rate per step, "
+        "batch 128, no augmentation, cross-entropy. Target = classes 0-4 (seed 0), "
+        "source = classes 5-9 (seed 1). Accuracy is on the test images of the model's own classes.",
+        "",
+        "| model | arch | params | dataset | classes | epochs | lr | train images | test acc "
+        "| train s | total s | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["models"]:
         if "skipped" in r:
             lines.append(f"| {r['name']} | skipped: {r['skipped']} |||||||||||")
             continue
         classes = f"{r['classes'][0]}-{r['classes'][-1]}"
-        lines.append(f"| {r['name']} | {r['arch']} | {r['params']:,} | {r['dataset']} | {classes} | "
-                     f"{r['epochs']} | {r['lr']} | {r['train_images']:,} | {100 * r['test_accuracy']:.2f}% | "
-                     f"{r['train_seconds']:.1f} | {r['total_seconds']:.1f} | {r['load_avg_before']} |")
+        lines.append(
+            f"| {r['name']} | {r['arch']} | {r['params']:,} | {r['dataset']} | {classes} | "
+            f"{r['epochs']} | {r['lr']} | {r['train_images']:,} | {100 * r['test_accuracy']:.2f}% | "
+            f"{r['train_seconds']:.1f} | {r['total_seconds']:.1f} | {r['load_avg_before']} |"
+        )
     lines += ["", "`train s` is `fit` alone; `total s` adds loading the dataset, evaluation and saving.", ""]
     return "\n".join(lines)
 

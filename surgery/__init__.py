@@ -15,6 +15,7 @@ The public API, in the order a clone is made::
 
 Names are imported on first use, so ``import pnc.surgery`` stays cheap.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -33,12 +34,21 @@ _EXPORTS = {
     "detach_onnx": "pnc.surgery.onnx_detach",
 }
 
-__all__ = ["trace", "cut_points", "split", "clone", "ClonedNetwork", "save_patch", "load_patch", "export_onnx",
-           "detach_onnx"]
+__all__ = [
+    "trace",
+    "cut_points",
+    "split",
+    "clone",
+    "ClonedNetwork",
+    "save_patch",
+    "load_patch",
+    "export_onnx",
+    "detach_onnx",
+]
 
 if TYPE_CHECKING:
-    from pnc.surgery.cloning import clone
     from pnc.surgery.cloned import ClonedNetwork
+    from pnc.surgery.cloning import clone
     from pnc.surgery.cuts import cut_points
     from pnc.surgery.onnx_detach import detach_onnx
     from pnc.surgery.onnx_export import export_onnx

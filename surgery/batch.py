@@ -7,6 +7,7 @@ must be ``scale * batch + offset``, and is rewritten as that expression of the b
 node ``x.size(0)``. Tensor constants made with the batch size (one sample repeated) are
 stored once and expanded. Two traces that differ in anything else are not generalised.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,7 +31,6 @@ class BatchDim:
     dim: int
     scale: int
     offset: int
-
 
 
 class _NotBatchAffine(Exception):
@@ -126,13 +126,18 @@ def generalise_batch(gm: fx.GraphModule, other: fx.GraphModule, batches: tuple[i
 def _repeated_sample(c1: torch.Tensor, c2: torch.Tensor, batches: tuple[int, int]) -> bool:
     """True if both constants are one sample repeated along a leading batch dimension."""
     return (
-        c1.dim() > 0 and (c1.shape[0], c2.shape[0]) == batches and c1.shape[1:] == c2.shape[1:]
-        and torch.equal(c1[:1], c2[:1]) and bool((c1 == c1[:1]).all()) and bool((c2 == c2[:1]).all())
+        c1.dim() > 0
+        and (c1.shape[0], c2.shape[0]) == batches
+        and c1.shape[1:] == c2.shape[1:]
+        and torch.equal(c1[:1], c2[:1])
+        and bool((c1 == c1[:1]).all())
+        and bool((c2 == c2[:1]).all())
     )
 
 
-def batch_dims(small: dict[str, tuple[int, ...]], large: dict[str, tuple[int, ...]],
-               batches: tuple[int, int]) -> dict[str, BatchDim]:
+def batch_dims(
+    small: dict[str, tuple[int, ...]], large: dict[str, tuple[int, ...]], batches: tuple[int, int]
+) -> dict[str, BatchDim]:
     """Per node, the dimension that moves with the batch between traces at ``batches``."""
     dims = {}
     for name, s1 in small.items():

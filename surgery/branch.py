@@ -8,6 +8,7 @@ The branch reads the target's features at its cut R and its pre-logit features, 
     new        = W_new @ [target_prelogits, feats] + b          (B, |T_s|), feats' part starts
                                                                  as the source classifier's T_s rows
 """
+
 from __future__ import annotations
 
 import copy
@@ -49,7 +50,7 @@ class ExtendedHead(nn.Module):
         self.target_dim = target_dim
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Tensor]) -> "ExtendedHead":
+    def from_state(cls, state: Mapping[str, Tensor]) -> ExtendedHead:
         """A head sized and loaded from its own state_dict (``old.weight`` (|T_t|, branch_dim),
         ``new.weight`` (|T_s|, target_dim + branch_dim))."""
         num_old, branch_dim = state["old.weight"].shape
@@ -61,7 +62,7 @@ class ExtendedHead(nn.Module):
     def init_from_source(self, weight: Tensor, bias: Tensor | None) -> None:
         """Source classifier rows for T_s: weight (|T_s|, branch_dim), bias (|T_s|,)."""
         with torch.no_grad():
-            self.new.weight[:, self.target_dim:] = weight
+            self.new.weight[:, self.target_dim :] = weight
             if bias is not None:
                 self.new.bias.copy_(bias)
 
@@ -77,14 +78,15 @@ class ExtendedHead(nn.Module):
             state_dict.setdefault(key, torch.zeros_like(self.state_dict()[key]))
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def keep_branch_features(self, kept: Tensor) -> "ExtendedHead":
+    def keep_branch_features(self, kept: Tensor) -> ExtendedHead:
         """A copy that reads only the branch features ``kept`` (after structural pruning)."""
         head = ExtendedHead(self.target_dim, len(kept), self.old.out_features, self.new.out_features)
         with torch.no_grad():
             head.old.weight.copy_(self.old.weight[:, kept])
             head.old_target.load_state_dict(self.old_target.state_dict())
-            head.new.weight.copy_(torch.cat([self.new.weight[:, : self.target_dim],
-                                             self.new.weight[:, self.target_dim:][:, kept]], 1))
+            head.new.weight.copy_(
+                torch.cat([self.new.weight[:, : self.target_dim], self.new.weight[:, self.target_dim :][:, kept]], 1)
+            )
             head.new.bias.copy_(self.new.bias)
         return head
 
@@ -129,8 +131,9 @@ class TransferableModule(nn.Module):
 
     features: Tensor
 
-    def __init__(self, body: torch.fx.GraphModule, features: Tensor, keep: dict[str, Tensor],
-                 report: PruneReport | None = None):
+    def __init__(
+        self, body: torch.fx.GraphModule, features: Tensor, keep: dict[str, Tensor], report: PruneReport | None = None
+    ):
         super().__init__()
         self.body = body
         self.register_buffer("features", features, persistent=False)
@@ -140,8 +143,9 @@ class TransferableModule(nn.Module):
         self.tuned = False
 
     @classmethod
-    def from_keep(cls, body_with_head: torch.fx.GraphModule, head: str, example: Tensor, layout: str,
-                  keep: dict[str, Tensor]) -> "TransferableModule":
+    def from_keep(
+        cls, body_with_head: torch.fx.GraphModule, head: str, example: Tensor, layout: str, keep: dict[str, Tensor]
+    ) -> TransferableModule:
         """Prune a copy of ``body_with_head`` (cut -> (pre-logits, logits), the classifier
         at path ``head`` kept whole) to ``keep`` and drop the classifier.
 
@@ -158,14 +162,13 @@ class TransferableModule(nn.Module):
         pruned.delete_all_unused_submodules()
         pruned.recompile()
         after = module_cost(pruned, example)
-        report = PruneReport(params_before=before[1], params_after=after[1],
-                             macs_before=before[0], macs_after=after[0])
+        report = PruneReport(params_before=before[1], params_after=after[1], macs_before=before[0], macs_after=after[0])
         return cls(pruned.eval().requires_grad_(False), features, keep, report)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(x)
 
-    def train(self, mode: bool = True) -> "TransferableModule":
+    def train(self, mode: bool = True) -> TransferableModule:
         """The source's layers stay in eval mode (frozen BatchNorm statistics)."""
         return super().train(False)
 
@@ -191,9 +194,19 @@ class Branch(nn.Module):
 
     report: CloneReport | None
 
-    def __init__(self, adapter: nn.Module, body: nn.Module, head: ExtendedHead, *, target_cut: str,
-                 source_cut: str, classes: list[str], source_outputs: list[int], source_name: str = "",
-                 source_sha256: str = ""):
+    def __init__(
+        self,
+        adapter: nn.Module,
+        body: nn.Module,
+        head: ExtendedHead,
+        *,
+        target_cut: str,
+        source_cut: str,
+        classes: list[str],
+        source_outputs: list[int],
+        source_name: str = "",
+        source_sha256: str = "",
+    ):
         super().__init__()
         self.adapter, self.body, self.head = adapter, body, head
         self.target_cut, self.source_cut = target_cut, source_cut
@@ -211,8 +224,9 @@ class Branch(nn.Module):
         return self.head(target_prelogits, self.features(cut))
 
 
-def transferable_module(source: TracedModel, source_cut: str, images: Tensor,
-                        keep: Mapping[str, Tensor]) -> TransferableModule:
+def transferable_module(
+    source: TracedModel, source_cut: str, images: Tensor, keep: Mapping[str, Tensor]
+) -> TransferableModule:
     """M_f: the source's layers from ``source_cut`` to its pre-logits, pruned to ``keep``.
 
     images: (B, C, H, W) inputs of the source, used to trace the layers."""
@@ -228,11 +242,12 @@ def transferable_module(source: TracedModel, source_cut: str, images: Tensor,
 
 
 def _prefixed(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def branch_tensors(keep: Mapping[str, Tensor], adapter: nn.Module, head: nn.Module,
-                   module: TransferableModule | None = None) -> dict[str, Tensor]:
+def branch_tensors(
+    keep: Mapping[str, Tensor], adapter: nn.Module, head: nn.Module, module: TransferableModule | None = None
+) -> dict[str, Tensor]:
     """{M, A, F_c} as flat tensors: ``keep.<group>`` (kept channel indices of each coupling
     group), ``adapter.<param>``, ``head.<param>`` (copies), and ``module.<param>`` when the
     transferable module was fine-tuned; :func:`assemble_branch` reads them back."""
@@ -243,9 +258,19 @@ def branch_tensors(keep: Mapping[str, Tensor], adapter: nn.Module, head: nn.Modu
     return tensors
 
 
-def assemble_branch(source: TracedModel, images: Tensor, parts: Mapping[str, Tensor], *, source_cut: str,
-                    adapter_spec: Mapping[str, Any], target_cut: str, classes: list[str],
-                    source_outputs: list[int], source_name: str = "", source_sha256: str = "") -> Branch:
+def assemble_branch(
+    source: TracedModel,
+    images: Tensor,
+    parts: Mapping[str, Tensor],
+    *,
+    source_cut: str,
+    adapter_spec: Mapping[str, Any],
+    target_cut: str,
+    classes: list[str],
+    source_outputs: list[int],
+    source_name: str = "",
+    source_sha256: str = "",
+) -> Branch:
     """The one way a branch is built from its learned parts {M, A, F_c} (``parts`` as
     :func:`branch_tensors` writes them): by the search (head over every source feature)
     and by ``load_patch`` (head already pruned).
@@ -261,6 +286,14 @@ def assemble_branch(source: TracedModel, images: Tensor, parts: Mapping[str, Ten
     head = ExtendedHead.from_state(_prefixed(parts, "head."))
     if head.old.in_features != len(module.features):
         head = head.keep_branch_features(module.features)
-    return Branch(adapter.eval(), module, head.eval(), target_cut=target_cut, source_cut=source_cut,
-                  classes=classes, source_outputs=source_outputs, source_name=source_name,
-                  source_sha256=source_sha256)
+    return Branch(
+        adapter.eval(),
+        module,
+        head.eval(),
+        target_cut=target_cut,
+        source_cut=source_cut,
+        classes=classes,
+        source_outputs=source_outputs,
+        source_name=source_name,
+        source_sha256=source_sha256,
+    )

@@ -24,6 +24,7 @@ Example::
     >>> small[0].out_channels
     4
 """
+
 from __future__ import annotations
 
 import copy
@@ -146,8 +147,10 @@ def _close(a, b) -> bool:
     skipped; at least one output must keep its shape (the logits)."""
     a, b = ((t,) if isinstance(t, Tensor) else tuple(t) for t in (a, b))
     pairs = [(x, y) for x, y in zip(a, b) if x.shape == y.shape]
-    return len(a) == len(b) and bool(pairs) and all(
-        torch.allclose(x, y, rtol=1e-4, atol=1e-5 * max(1.0, float(x.abs().max()))) for x, y in pairs
+    return (
+        len(a) == len(b)
+        and bool(pairs)
+        and all(torch.allclose(x, y, rtol=1e-4, atol=1e-5 * max(1.0, float(x.abs().max()))) for x, y in pairs)
     )
 
 
@@ -204,9 +207,7 @@ class MaskedBody(nn.Module):
         self.example = example.detach()[:2].clone()
         self.pristine = copy.deepcopy(body).eval()
         self.body = copy.deepcopy(body).eval().requires_grad_(False)
-        _, _, groups, self.excluded = _build_groups(
-            self.body, self.example, layout, self._frozen(self.body)
-        )
+        _, _, groups, self.excluded = _build_groups(self.body, self.example, layout, self._frozen(self.body))
         self.groups: list[ChannelGroup] = groups
         self.binary: dict[str, Tensor] = {}
         self._values: dict[str, Tensor] = {}
@@ -324,9 +325,11 @@ class MaskedBody(nn.Module):
         for g in self.groups:
             empty = _empty_anchors(g, set(keep[g.name].tolist()))
             if empty:
-                raise ValueError(f"keeping channels {keep[g.name].tolist()} of group {g.name!r} removes every "
-                                 f"channel of {empty[0].module!r} (a concatenated part): keep at least one of "
-                                 f"{empty[0].roots.tolist()}; structural pruning cannot make a 0-channel layer")
+                raise ValueError(
+                    f"keeping channels {keep[g.name].tolist()} of group {g.name!r} removes every "
+                    f"channel of {empty[0].module!r} (a concatenated part): keep at least one of "
+                    f"{empty[0].roots.tolist()}; structural pruning cannot make a 0-channel layer"
+                )
             m = torch.zeros(g.size)
             m[keep[g.name].long()] = 1.0
             self.binary[g.name] = m

@@ -22,6 +22,7 @@ Example (``tiny_clone`` clones one class of a 2-class source into a 3-class targ
     True
     >>> net.add_branch("src", branch)             # and back
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,9 @@ class ClonedNetwork(nn.Module):
         target_classes: names of the target's classes, in output order.
     """
 
-    def __init__(self, target: nn.Module, example_input: Tensor, target_classes: list[str],
-                 traced: TracedModel | None = None):
+    def __init__(
+        self, target: nn.Module, example_input: Tensor, target_classes: list[str], traced: TracedModel | None = None
+    ):
         super().__init__()
         self.target = target
         self.target_classes = list(target_classes)
@@ -77,8 +79,9 @@ class ClonedNetwork(nn.Module):
         in their order. With every branch disabled the forward is ``target(x)`` exactly."""
         unknown = [n for n in names if n not in self.branches]
         if unknown:
-            raise BranchError(f"no branch named {', '.join(map(repr, unknown))}; "
-                              f"branches: {', '.join(self.branches) or 'none'}")
+            raise BranchError(
+                f"no branch named {', '.join(map(repr, unknown))}; branches: {', '.join(self.branches) or 'none'}"
+            )
         saved = self.branches
         self.branches = nn.ModuleDict({k: v for k, v in saved.items() if names and k not in names})
         self._taps = None
@@ -124,7 +127,7 @@ class ClonedNetwork(nn.Module):
             new.append(logits_new)
         return torch.cat([logits, *new], 1)
 
-    def train(self, mode: bool = True) -> "ClonedNetwork":
+    def train(self, mode: bool = True) -> ClonedNetwork:
         """Only the adapters and heads follow ``mode``; the target and the transferable
         modules stay in eval mode, so no BatchNorm statistic of theirs ever moves."""
         super().train(mode)

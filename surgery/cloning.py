@@ -12,6 +12,7 @@ classes') are split per class into a training part and a held-out part
 
 Neither network is modified: their state_dict hashes are checked before and after.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -103,16 +104,20 @@ def clone(
     source.eval()
     n_source, n_target = _num_outputs(source, images), _num_outputs(target, images)
     if int(labels.min()) < 0 or int(labels.max()) >= n_target + len(source_outputs):
-        raise TaskError(f"labels must lie in 0..{n_target + len(source_outputs) - 1} (the cloned network's outputs: "
-                        f"{n_target} of the target, then {len(source_outputs)} cloned classes)")
+        raise TaskError(
+            f"labels must lie in 0..{n_target + len(source_outputs) - 1} (the cloned network's outputs: "
+            f"{n_target} of the target, then {len(source_outputs)} cloned classes)"
+        )
     if not source_outputs or min(source_outputs) < 0 or max(source_outputs) >= n_source:
         raise TaskError(f"source_outputs {source_outputs} must be indices into the source's {n_source} outputs")
     if len(set(source_outputs)) != len(source_outputs):
         raise TaskError(f"source_outputs {source_outputs} names a class more than once")
     target_classes = list(target_classes) if target_classes is not None else [str(i) for i in range(n_target)]
     if len(target_classes) != n_target:
-        raise TaskError(f"the target has {n_target} outputs but {len(target_classes)} target class names were "
-                        "given; check the classes against the target's zoo card")
+        raise TaskError(
+            f"the target has {n_target} outputs but {len(target_classes)} target class names were "
+            "given; check the classes against the target's zoo card"
+        )
     names = list(class_names) if class_names is not None else [str(i) for i in source_outputs]
     train_idx, held_idx = split_holdout(labels, config.holdout, config.seed)
     train_x, train_y = images[train_idx], labels[train_idx]
@@ -120,17 +125,35 @@ def clone(
     if len(x) == 0:
         raise DataError("the clone set is empty: no training image of a class to clone")
     grid = grid or (4 if x.shape[-1] <= 32 else 8)
-    g = fit_local_models(source, x, source_outputs, num_images=max(1, round(g_fraction * len(x))),
-                         num_masks=num_masks, grid=grid, seed=config.seed, cache_dir=cache_dir)
+    g = fit_local_models(
+        source,
+        x,
+        source_outputs,
+        num_images=max(1, round(g_fraction * len(x))),
+        num_masks=num_masks,
+        grid=grid,
+        seed=config.seed,
+        cache_dir=cache_dir,
+    )
     t_traced = into.traced if into is not None else trace(target, x[:2])
-    ctx = SearchContext(t_traced, trace(source, x[:2]), train_x, train_y, source_outputs, g, dict(eval_sets or {}),
-                        n_target, holdout=(images[held_idx], labels[held_idx]))
+    ctx = SearchContext(
+        t_traced,
+        trace(source, x[:2]),
+        train_x,
+        train_y,
+        source_outputs,
+        g,
+        dict(eval_sets or {}),
+        n_target,
+        holdout=(images[held_idx], labels[held_idx]),
+    )
     data_sha = hashlib.sha256(images.contiguous().numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
     run_key = f"{hashes}{data_sha}{source_outputs}{g_fraction}{num_masks}{grid}"
     best, results = search(ctx, config, run_key=run_key, checkpoint_dir=checkpoint_dir, progress=progress)
     branch = build_branch(ctx, best, classes=names, source_name=source_name, source_sha256=hashes[1])
-    tuning = tune_branch(ctx, branch, config) if ctx.arbitrate and ctx.holdout is not None and config.tune_epochs \
-        else {}
+    tuning = (
+        tune_branch(ctx, branch, config) if ctx.arbitrate and ctx.holdout is not None and config.tune_epochs else {}
+    )
     net = into or ClonedNetwork(target, x[:2], target_classes, traced=t_traced)
     name = name or source_name or f"branch{len(net.branches)}"
     net.add_branch(name, branch)
@@ -138,13 +161,22 @@ def clone(
         raise RuntimeError("pnc bug: cloning changed the target's or the source's weights")
     rep = branch.body.report
     branch.report = CloneReport(
-        target_cut=best.target_cut, source_cut=best.source_cut, candidates=[r.summary() for r in results],
-        params_before=rep.params_before, params_after=rep.params_after, macs_before=rep.macs_before,
-        macs_after=rep.macs_after, kept_fraction=best.kept_fraction, seconds=time.perf_counter() - start,
+        target_cut=best.target_cut,
+        source_cut=best.source_cut,
+        candidates=[r.summary() for r in results],
+        params_before=rep.params_before,
+        params_after=rep.params_after,
+        macs_before=rep.macs_before,
+        macs_after=rep.macs_after,
+        kept_fraction=best.kept_fraction,
+        seconds=time.perf_counter() - start,
         settings={"search": vars(config) | {}, "g_fraction": g_fraction, "num_masks": num_masks, "grid": grid},
-        images={"old_train": int((train_y < n_target).sum()), "clone_train": len(x),
-                "old_holdout": int((labels[held_idx] < n_target).sum()),
-                "clone_holdout": int((labels[held_idx] >= n_target).sum())},
+        images={
+            "old_train": int((train_y < n_target).sum()),
+            "clone_train": len(x),
+            "old_holdout": int((labels[held_idx] < n_target).sum()),
+            "clone_holdout": int((labels[held_idx] >= n_target).sum()),
+        },
         tuning=tuning,
     )
     return net

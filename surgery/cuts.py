@@ -24,6 +24,7 @@ The cut of a block is the last cut point inside that module (for the stem: the l
 before the first block); blocks whose cut comes after the classifier's input (the head)
 are left out.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -31,7 +32,6 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-
 from typing import Any
 
 import networkx as nx
@@ -44,16 +44,28 @@ from pnc.surgery.splitting import split
 from pnc.surgery.tracing import TracedModel, default_input, evaluating, owning_module, trace
 
 __all__ = [
-    "CutPoint", "Classifier", "cut_points", "dominator_chain", "classifier_of", "block_rules",
-    "verify_cut", "find_cut",
+    "CutPoint",
+    "Classifier",
+    "cut_points",
+    "dominator_chain",
+    "classifier_of",
+    "block_rules",
+    "verify_cut",
+    "find_cut",
 ]
 
 _STAGE_CONTAINERS = ("stages", "layers", "blocks", "features")
 _PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Flatten)
 _PASS_THROUGH_OPS = frozenset({"flatten", "view", "reshape", "squeeze", "contiguous", "clone"})
 _CHANNEL_FIRST_MODULES = (
-    nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.InstanceNorm2d,
+    nn.Conv2d,
+    nn.ConvTranspose2d,
+    nn.BatchNorm2d,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.InstanceNorm2d,
 )
 
 
@@ -126,7 +138,9 @@ def _reshaped(tokens: _Tokens, in_shape: tuple[int, ...], out_shape: tuple[int, 
     if "C" in tokens and k >= 2:
         c = tokens.index("C")
         if c == len(tokens) - 1 and out_shape[-1] == in_shape[c]:
-            return {2: ("N", "C"), 3: ("N", "L", "C"), 4: ("N", "H", "W", "C")}.get(k, ("N",) + ("?",) * (k - 2) + ("C",))
+            return {2: ("N", "C"), 3: ("N", "L", "C"), 4: ("N", "H", "W", "C")}.get(
+                k, ("N",) + ("?",) * (k - 2) + ("C",)
+            )
         if c == 1 and out_shape[1] == in_shape[1]:
             return {2: ("N", "C"), 3: ("N", "C", "L"), 4: ("N", "C", "H", "W")}.get(k, ("N", "C") + ("?",) * (k - 2))
     return _default_tokens(k)
@@ -148,7 +162,9 @@ def _dims_arg(node: fx.Node) -> list[int]:
     return [int(d) for d in dims]
 
 
-def _node_tokens(node: fx.Node, tokens: dict[str, _Tokens], shapes: dict[str, tuple[int, ...]], root: nn.Module) -> _Tokens:
+def _node_tokens(
+    node: fx.Node, tokens: dict[str, _Tokens], shapes: dict[str, tuple[int, ...]], root: nn.Module
+) -> _Tokens:
     shape = shapes[node.name]
     src = next((a for a in node.all_input_nodes if a.name in tokens), None)
     if node.op == "placeholder" or src is None:
@@ -170,9 +186,9 @@ def _node_tokens(node: fx.Node, tokens: dict[str, _Tokens], shapes: dict[str, tu
     if name == "flatten" and len(shape) < len(t):
         start = _axis(_int(node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)), len(t))
         end = _axis(_int(node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)), len(t))
-        merged = "".join(t[start:end + 1])
+        merged = "".join(t[start : end + 1])
         merged = "C" if "C" in merged else merged  # channels absorb what is flattened into them
-        return t[:start] + (merged,) + t[end + 1:]
+        return t[:start] + (merged,) + t[end + 1 :]
     if name in ("reshape", "view", "unflatten"):
         return _reshaped(t, in_shape, shape)
     if len(shape) == len(t):
@@ -263,7 +279,9 @@ def block_rules(model: nn.Module) -> list[tuple[list[str], bool]]:
     return rules
 
 
-def _block_cuts(traced: TracedModel, chain: list[str], modules: dict[str, str], order: dict[str, int], head_at: int) -> list[tuple[str, str]]:
+def _block_cuts(
+    traced: TracedModel, chain: list[str], modules: dict[str, str], order: dict[str, int], head_at: int
+) -> list[tuple[str, str]]:
     """(module path, cut node) per block, in order, before the head: by the first rule giving two or more."""
     found: list[tuple[str, str]] = []
     for paths, has_stem in block_rules(traced.model):
@@ -296,7 +314,8 @@ def classifier_of(traced: TracedModel) -> Classifier:
         if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)):
             break
         passes = isinstance(module, _PASS_THROUGH_MODULES) or (
-            node.op in ("call_method", "call_function") and getattr(node.target, "__name__", node.target) in _PASS_THROUGH_OPS
+            node.op in ("call_method", "call_function")
+            and getattr(node.target, "__name__", node.target) in _PASS_THROUGH_OPS
         )
         inputs = [a for a in node.all_input_nodes if a.name in traced.shapes]
         if not passes or len(inputs) != 1:
@@ -312,15 +331,20 @@ def classifier_of(traced: TracedModel) -> Classifier:
         num_classes, in_features = module.out_features, module.in_features
     else:
         num_classes, in_features = int(module.out_channels), int(module.in_channels)
-    return Classifier(module=str(node.target), node=node.name, input_node=feed[0].name, num_classes=num_classes,
-                      in_features=in_features)
+    return Classifier(
+        module=str(node.target),
+        node=node.name,
+        input_node=feed[0].name,
+        num_classes=num_classes,
+        in_features=in_features,
+    )
 
 
 # ---------------------------------------------------------------- cut points
 
 
 def verify_cut(traced: TracedModel, node: str, reference: torch.Tensor) -> str:
-    """"" if suffix(prefix(x)) equals ``reference`` exactly at ``node``, else why not."""
+    """ "" if suffix(prefix(x)) equals ``reference`` exactly at ``node``, else why not."""
     try:
         prefix, suffix = split(traced, node)
         with evaluating(traced.model), torch.no_grad():
@@ -374,25 +398,29 @@ def cut_points(
     selected = [name for name in chain if name in block_of or not blocks]
     with evaluating(traced.model), torch.no_grad():
         reference = traced.model(traced.example_input) if verify else None
-        reasons = {n: verify_cut(traced, n, reference) if reference is not None else "not verified (verify=False)"
-                   for n in selected}
+        reasons = {
+            n: verify_cut(traced, n, reference) if reference is not None else "not verified (verify=False)"
+            for n in selected
+        }
     cuts = []
     for name in selected:
         shape = traced.shapes[name]
         stage = next((i for i, end in enumerate(stage_ends) if end is not None and order[name] <= end), None)
         reason = reasons[name]
-        cuts.append(CutPoint(
-            node=name,
-            module=modules[name],
-            shape=tuple(shape[1:]),
-            layout=layouts.get(name, ""),
-            prefix_tokens=_prefix_tokens(traced.model, shape) if layouts.get(name) == "NLC" else 0,
-            depth=position[name] / max(len(compute) - 1, 1),
-            stage=stage,
-            block=block_of.get(name),
-            verified=reason == "",
-            reason=reason,
-        ))
+        cuts.append(
+            CutPoint(
+                node=name,
+                module=modules[name],
+                shape=tuple(shape[1:]),
+                layout=layouts.get(name, ""),
+                prefix_tokens=_prefix_tokens(traced.model, shape) if layouts.get(name) == "NLC" else 0,
+                depth=position[name] / max(len(compute) - 1, 1),
+                stage=stage,
+                block=block_of.get(name),
+                verified=reason == "",
+                reason=reason,
+            )
+        )
     return cuts
 
 
@@ -417,7 +445,9 @@ def find_cut(cuts: Sequence[CutPoint], name: str) -> CutPoint:
         return inside[-1]
     known = list(by_node) + sorted({c.module for c in cuts})
     near = difflib.get_close_matches(name, known, n=6, cutoff=0.4)
-    raise CutError(f"{name!r} is neither a cut point nor a module holding one"
-                   + (f"; did you mean {', '.join(near)}?" if near else "")
-                   + (f"; the block cuts are {', '.join(c.node for c in blocks)}" if blocks else "")
-                   + ". List every cut with `pnc cuts MODEL` (node and module columns).")
+    raise CutError(
+        f"{name!r} is neither a cut point nor a module holding one"
+        + (f"; did you mean {', '.join(near)}?" if near else "")
+        + (f"; the block cuts are {', '.join(c.node for c in blocks)}" if blocks else "")
+        + ". List every cut with `pnc cuts MODEL` (node and module columns)."
+    )

@@ -3,6 +3,7 @@
 Each message says what was wrong and what to do instead; the CLI prints the
 message (no traceback) and exits with status 2.
 """
+
 from __future__ import annotations
 
 

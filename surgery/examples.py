@@ -1,6 +1,7 @@
 """Tiny networks for the docstring examples (run by the test suite): two 8x8 CNNs with
 different random weights and named layers ``conv -> relu -> conv2 -> relu2 -> pool ->
 flat -> fc``, and a clone between them made in about a second."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -15,8 +16,15 @@ def tiny_cnn(num_classes: int, seed: int) -> nn.Sequential:
     """(B, 1, 8, 8) -> (B, num_classes), random weights from ``seed``, in eval mode."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        layers = OrderedDict(conv=nn.Conv2d(1, 4, 3), relu=nn.ReLU(), conv2=nn.Conv2d(4, 4, 3), relu2=nn.ReLU(),
-                             pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(4, num_classes))
+        layers = OrderedDict(
+            conv=nn.Conv2d(1, 4, 3),
+            relu=nn.ReLU(),
+            conv2=nn.Conv2d(4, 4, 3),
+            relu2=nn.ReLU(),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flat=nn.Flatten(),
+            fc=nn.Linear(4, num_classes),
+        )
         return nn.Sequential(layers).eval()
 
 
@@ -34,6 +42,16 @@ def tiny_clone():  # -> (ClonedNetwork, target, source, images)
 
     target, source, images, labels = tiny_pair()
     config = SearchConfig(loc_epochs=1, joint_epochs=1, binary_epochs=1, min_steps_per_epoch=2)
-    net = clone(target, source, images, labels, [1], class_names=["new"], source_name="src", config=config,
-                num_masks=8, progress=False)
+    net = clone(
+        target,
+        source,
+        images,
+        labels,
+        [1],
+        class_names=["new"],
+        source_name="src",
+        config=config,
+        num_masks=8,
+        progress=False,
+    )
     return net, target, source, images

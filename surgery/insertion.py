@@ -30,9 +30,11 @@ the same answer. With old-class images, :func:`tune_branch` then fine-tunes the 
 pruned branch (A, its own copy of M_f, F_c) with the same L_ins, and keeps the result only
 if the held-out error falls; the target and the source are never trained.
 """
+
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -51,10 +53,10 @@ from pnc.surgery.branch import Branch, ExtendedHead, assemble_branch, branch_ten
 from pnc.surgery.channel_groups import MaskedBody
 from pnc.surgery.cuts import CutPoint, classifier_of, cut_points
 from pnc.surgery.errors import CutError
+from pnc.surgery.io import save_tensors
 from pnc.surgery.local_models import LocalModelSet, apply_masks
 from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import TracedModel
-from pnc.surgery.io import save_tensors
 
 
 @dataclass
@@ -174,9 +176,18 @@ class SearchContext:
     eval_sets: name -> (x, y) test sets, for reporting only.
     """
 
-    def __init__(self, target: TracedModel, source: TracedModel, train_x: Tensor, train_y: Tensor,
-                 source_outputs: list[int], g: LocalModelSet, eval_sets: dict[str, tuple[Tensor, Tensor]],
-                 num_old: int, holdout: tuple[Tensor, Tensor] | None = None):
+    def __init__(
+        self,
+        target: TracedModel,
+        source: TracedModel,
+        train_x: Tensor,
+        train_y: Tensor,
+        source_outputs: list[int],
+        g: LocalModelSet,
+        eval_sets: dict[str, tuple[Tensor, Tensor]],
+        num_old: int,
+        holdout: tuple[Tensor, Tensor] | None = None,
+    ):
         self.target, self.source = target, source
         self.train_x, self.train_y = train_x, train_y
         self.clone_x = train_x[train_y >= num_old]
@@ -207,10 +218,18 @@ class SearchContext:
         assert self.holdout is not None, "holdout_metrics needs held-out images"
         x, y = self.holdout
         logits = torch.cat([logits_fn(xb) for xb in x.split(512)])
-        ensemble = torch.cat([joint_teacher(self.target_logits(xb), self.source_logits(xb)[:, self.source_outputs],
-                                            None) for xb in x.split(512)])
-        return {"acc": float((logits.argmax(1) == y).float().mean()), "ce": float(F.cross_entropy(logits, y)),
-                "kd": float(kd_loss(logits, ensemble, temperature)), "images": len(y)}
+        ensemble = torch.cat(
+            [
+                joint_teacher(self.target_logits(xb), self.source_logits(xb)[:, self.source_outputs], None)
+                for xb in x.split(512)
+            ]
+        )
+        return {
+            "acc": float((logits.argmax(1) == y).float().mean()),
+            "ce": float(F.cross_entropy(logits, y)),
+            "kd": float(kd_loss(logits, ensemble, temperature)),
+            "images": len(y),
+        }
 
     def candidates(self, names: list[str] | None) -> list[tuple[CutPoint, CutPoint]]:
         """(R, R') pairs, R from the last target block cut to the first.
@@ -258,9 +277,15 @@ class CandidateTrainer:
         layout = "NCHW" if r_src.layout == "NCHW" else "NLC"
         head_module = dict(self.s_body.named_modules())[ctx.s_cls.module]
         self.masked = MaskedBody(self.s_body, s_cut[:8], layout, frozen=[head_module])
-        self.adapter = make_adapter(r.shape, r.layout, r_src.shape, r_src.layout,
-                                    src_prefix_tokens=r.prefix_tokens, dst_prefix_tokens=r_src.prefix_tokens,
-                                    relu=bool((s_cut >= 0).all()))
+        self.adapter = make_adapter(
+            r.shape,
+            r.layout,
+            r_src.shape,
+            r_src.layout,
+            src_prefix_tokens=r.prefix_tokens,
+            dst_prefix_tokens=r_src.prefix_tokens,
+            relu=bool((s_cut >= 0).all()),
+        )
         least_squares_init(self.adapter, t_cut, s_cut)
         self.head = ExtendedHead(t_pre.shape[1], ctx.s_cls.in_features, ctx.num_old, len(ctx.source_outputs))
         w = head_module.weight[ctx.source_outputs]
@@ -323,7 +348,9 @@ class CandidateTrainer:
         cfg, ctx = self.config, self.ctx
         params = {
             "localize": list(self.masked.logits.parameters()),
-            "joint": list(self.adapter.parameters()) + list(self.head.parameters()) + list(self.masked.logits.parameters()),
+            "joint": list(self.adapter.parameters())
+            + list(self.head.parameters())
+            + list(self.masked.logits.parameters()),
             "binary": list(self.adapter.parameters()) + list(self.head.parameters()),
         }[phase]
         opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -333,7 +360,7 @@ class CandidateTrainer:
             order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(steps * cfg.batch_size / n))])
             total, seen = 0.0, 0
             for step in range(steps):
-                rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 g_rows = torch.randint(len(ctx.g.index), (len(rows),), generator=gen)
                 g_masks = torch.randint(ctx.g.masks.shape[0], (len(rows),), generator=gen)
                 loc = self.loss_loc(g_rows, g_masks) if cfg.use_masks else torch.zeros(())
@@ -377,10 +404,16 @@ class CandidateTrainer:
         holdout = self.holdout_metrics() if self.ctx.holdout is not None else {}
         tensors = branch_tensors(self.masked.keep(), self.adapter, self.head)
         return CandidateResult(
-            target_cut=self.r.node, source_cut=self.r_src.node, loss=self.selection_loss(holdout, train_loss),
-            accuracy=self.accuracy(), kept_fraction=self.masked.kept_fraction(),
-            seconds=time.perf_counter() - start, adapter_spec=asdict(self.adapter.spec), train_loss=train_loss,
-            holdout=holdout, tensors=tensors,
+            target_cut=self.r.node,
+            source_cut=self.r_src.node,
+            loss=self.selection_loss(holdout, train_loss),
+            accuracy=self.accuracy(),
+            kept_fraction=self.masked.kept_fraction(),
+            seconds=time.perf_counter() - start,
+            adapter_spec=asdict(self.adapter.spec),
+            train_loss=train_loss,
+            holdout=holdout,
+            tensors=tensors,
         )
 
     @torch.no_grad()
@@ -446,13 +479,22 @@ def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dic
     return {"before": before, "after": after, "kept": kept, "epochs": config.tune_epochs}
 
 
-def build_branch(ctx: SearchContext, result: CandidateResult, *, classes: list[str],
-                 source_name: str = "", source_sha256: str = "") -> Branch:
+def build_branch(
+    ctx: SearchContext, result: CandidateResult, *, classes: list[str], source_name: str = "", source_sha256: str = ""
+) -> Branch:
     """The final branch of a candidate: structurally pruned M_f, its A and F_c."""
     return assemble_branch(
-        ctx.source, ctx.clone_x[:8], result.tensors, source_cut=result.source_cut,
-        adapter_spec=result.adapter_spec, target_cut=result.target_cut, classes=classes,
-        source_outputs=ctx.source_outputs, source_name=source_name, source_sha256=source_sha256)
+        ctx.source,
+        ctx.clone_x[:8],
+        result.tensors,
+        source_cut=result.source_cut,
+        adapter_spec=result.adapter_spec,
+        target_cut=result.target_cut,
+        classes=classes,
+        source_outputs=ctx.source_outputs,
+        source_name=source_name,
+        source_sha256=source_sha256,
+    )
 
 
 def _save_result(path: Path, result: CandidateResult, key: str) -> None:
@@ -472,8 +514,14 @@ def _load_result(path: Path, key: str) -> CandidateResult | None:
         return None  # a corrupt or foreign checkpoint: recompute that candidate
 
 
-def search(ctx: SearchContext, config: SearchConfig, *, run_key: str = "", checkpoint_dir: Path | None = None,
-           progress: bool = True) -> tuple[CandidateResult, list[CandidateResult]]:
+def search(
+    ctx: SearchContext,
+    config: SearchConfig,
+    *,
+    run_key: str = "",
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+) -> tuple[CandidateResult, list[CandidateResult]]:
     """Train every candidate R (last block to first); return (best, all) by the least
     selection loss (ties: the least held-out cross-entropy, then the later cut)."""
     from rich.console import Console
@@ -491,7 +539,7 @@ def search(ctx: SearchContext, config: SearchConfig, *, run_key: str = "", check
                 torch.manual_seed(config.seed + i)
                 trainer = CandidateTrainer(ctx, r, r_src, config)
                 task = bar.add_task(f"R={r.node} <- R'={r_src.node}", total=trainer.steps())
-                done = trainer.train(lambda: bar.advance(task))
+                done = trainer.train(functools.partial(bar.advance, task))
                 if path is not None:
                     _save_result(path, done, key)
             results.append(done)

@@ -6,6 +6,7 @@ writing ONNX files needs no torch). Every file pnc writes goes through
 interrupted run never leaves a half-written file; tensors are written with
 :func:`save_tensors` (safetensors, contiguous copies, never pickle).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where it is used: writing ONNX files (pnc attach) needs no torch
     from torch import Tensor, nn
 
-__all__ = ["state_dict_sha256", "file_sha256", "atomic_write_bytes", "atomic_write_text", "save_tensors",
-           "tensor_bytes"]
+__all__ = [
+    "state_dict_sha256",
+    "file_sha256",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "save_tensors",
+    "tensor_bytes",
+]
 
 
 def state_dict_sha256(module_or_state_dict: nn.Module | Mapping[str, Tensor]) -> str:
@@ -32,8 +39,9 @@ def state_dict_sha256(module_or_state_dict: nn.Module | Mapping[str, Tensor]) ->
     """
     import torch
 
-    state = module_or_state_dict.state_dict() if isinstance(module_or_state_dict, torch.nn.Module) \
-        else module_or_state_dict
+    state = (
+        module_or_state_dict.state_dict() if isinstance(module_or_state_dict, torch.nn.Module) else module_or_state_dict
+    )
     digest = hashlib.sha256()
     for key in sorted(state):
         tensor = state[key].detach().cpu().contiguous()

@@ -13,6 +13,7 @@ equations have one matrix for every image and every g_i comes out of one batched
 
 Shapes: N images, P = grid^2 patches, K classes of interest.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -79,7 +80,7 @@ class LocalModelSet:
         """All models' coefficients, concatenated: the Zest signature (N*(P+1)*K,)."""
         return self.coef.flatten()
 
-    def similarity(self, other: "LocalModelSet") -> float:
+    def similarity(self, other: LocalModelSet) -> float:
         """Cosine between two local model sets fitted with the same masks on the same images."""
         if not torch.equal(self.masks, other.masks) or self.coef.shape != other.coef.shape:
             raise ValueError("local model sets must share masks and images to be compared")
@@ -90,7 +91,7 @@ class LocalModelSet:
         save_tensors(path, tensors)
 
     @classmethod
-    def load(cls, path: Path) -> "LocalModelSet":
+    def load(cls, path: Path) -> LocalModelSet:
         t = load_file(str(path))
         return cls(t["masks"], t["coef"], t["index"])
 
@@ -154,8 +155,16 @@ def fit_local_models(
     path = None
     if cache_dir is not None:
         key = json.dumps(
-            [state_dict_sha256(model), hashlib.sha256(images[index].numpy().tobytes()).hexdigest(),
-             outputs, num_masks, grid, seed, width, ridge]
+            [
+                state_dict_sha256(model),
+                hashlib.sha256(images[index].numpy().tobytes()).hexdigest(),
+                outputs,
+                num_masks,
+                grid,
+                seed,
+                width,
+                ridge,
+            ]
         )
         path = Path(cache_dir) / f"G-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
         if path.exists():

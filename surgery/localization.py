@@ -17,6 +17,7 @@ Given a frozen classifier, a cut and the output indices of a few classes K:
     keep, masked = localize(suffix, prefix, images, outputs, g, LocalizeConfig(keep=0.5))
     small = pruned_suffix(traced, cut, keep)     # cut tensor -> logits, fewer channels
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,8 +36,17 @@ from pnc.surgery.local_models import LocalModelSet, apply_masks
 from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import TracedModel
 
-__all__ = ["LocalizeConfig", "relative_squared_error", "localization_loss", "localize", "masked_suffix",
-           "pruned_suffix", "group_scores", "group_sizes", "top_share"]
+__all__ = [
+    "LocalizeConfig",
+    "relative_squared_error",
+    "localization_loss",
+    "localize",
+    "masked_suffix",
+    "pruned_suffix",
+    "group_scores",
+    "group_sizes",
+    "top_share",
+]
 
 
 @dataclass
@@ -56,8 +66,9 @@ class LocalizeConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.keep <= 1:
-            raise PncError(f"keep must be a share in (0, 1], got {self.keep}; e.g. --keep 0.5 keeps half of "
-                           "each channel group")
+            raise PncError(
+                f"keep must be a share in (0, 1], got {self.keep}; e.g. --keep 0.5 keeps half of each channel group"
+            )
         if self.steps < 1 or self.batch_size < 1:
             raise PncError("steps and batch_size must be at least 1")
 
@@ -72,8 +83,9 @@ def _logits(out: Tensor | tuple[Tensor, ...]) -> Tensor:
     return out[-1] if isinstance(out, tuple) else out
 
 
-def localization_loss(masked: MaskedBody, cut: Tensor, outputs: Sequence[int], g_pred: Tensor, keep: float,
-                      budget_weight: float = 1.0) -> Tensor:
+def localization_loss(
+    masked: MaskedBody, cut: Tensor, outputs: Sequence[int], g_pred: Tensor, keep: float, budget_weight: float = 1.0
+) -> Tensor:
     """Eq. 5 with the budget: relative squared error of the masked body's logits of
     ``outputs`` on ``cut`` (B, *cut shape) vs G's predictions ``g_pred`` (B, K), plus
     ``budget_weight`` * :meth:`MaskedBody.budget_penalty` (keep)."""
@@ -81,9 +93,18 @@ def localization_loss(masked: MaskedBody, cut: Tensor, outputs: Sequence[int], g
     return relative_squared_error(pred, g_pred) + budget_weight * masked.budget_penalty(keep)
 
 
-def localize(body: nn.Module, prefix: nn.Module, images: Tensor, outputs: Sequence[int], g: LocalModelSet,
-             config: LocalizeConfig, *, layout: str = "NCHW", frozen: Sequence[nn.Module] = (),
-             tick: Callable[[], None] | None = None) -> tuple[dict[str, Tensor], MaskedBody]:
+def localize(
+    body: nn.Module,
+    prefix: nn.Module,
+    images: Tensor,
+    outputs: Sequence[int],
+    g: LocalModelSet,
+    config: LocalizeConfig,
+    *,
+    layout: str = "NCHW",
+    frozen: Sequence[nn.Module] = (),
+    tick: Callable[[], None] | None = None,
+) -> tuple[dict[str, Tensor], MaskedBody]:
     """Train soft masks on ``body`` (cut tensor -> logits, or (pre-logits, logits)) against G and
     binarize them to the top ``config.keep`` share per group.
 
@@ -98,8 +119,10 @@ def localize(body: nn.Module, prefix: nn.Module, images: Tensor, outputs: Sequen
         example = prefix(images[:8])
     masked = MaskedBody(body, example, layout, frozen=frozen)
     if not masked.groups:
-        raise PncError(f"the layers after the cut have no prunable channel group ({masked.excluded or 'none'}); "
-                       "choose an earlier cut")
+        raise PncError(
+            f"the layers after the cut have no prunable channel group ({masked.excluded or 'none'}); "
+            "choose an earlier cut"
+        )
     masked.mode = "soft"
     opt = torch.optim.Adam(masked.logits.parameters(), lr=config.lr)
     for _ in range(config.steps):
@@ -141,8 +164,14 @@ def _layout(cut: CutPoint) -> str:
     return "NCHW" if cut.layout == "NCHW" else "NLC"
 
 
-def group_scores(body: nn.Module, example: Tensor, layout: str, frozen: Sequence[nn.Module], groups: Sequence[str],
-                 importance: Callable[[object], Tensor]) -> dict[str, Tensor]:
+def group_scores(
+    body: nn.Module,
+    example: Tensor,
+    layout: str,
+    frozen: Sequence[nn.Module],
+    groups: Sequence[str],
+    importance: Callable[[object], Tensor],
+) -> dict[str, Tensor]:
     """{group: per-channel score (size,)} of a torch-pruning importance (e.g.
     ``tp.importance.MagnitudeImportance()``) on the coupling groups named ``groups`` of
     ``body``, built as :class:`MaskedBody` builds them. ``body`` is used as is: for

@@ -16,6 +16,7 @@ refused. This module imports neither torch nor the zoo: it runs on the device.
 
     attach_onnx("target.onnx", ["branch.onnx"], "clone.onnx")
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,9 @@ def _choose(branches: list[BranchGraph], name: str | None) -> BranchGraph:
     names = [b.name for b in branches]
     if name is None:
         if len(branches) != 1:
-            raise BranchError(f"this clone has {len(branches)} branches ({', '.join(names)}); "
-                              "name the one to ship with --branch NAME")
+            raise BranchError(
+                f"this clone has {len(branches)} branches ({', '.join(names)}); name the one to ship with --branch NAME"
+            )
         return branches[0]
     if name not in names:
         raise BranchError(f"no branch named {name!r} in this clone; its branches are {', '.join(names)}")
@@ -74,22 +76,44 @@ def branch_model(merged: onnx.ModelProto, name: str | None = None) -> onnx.Model
     entry = branch.manifest()
     outputs = branch.value_info[-2:]
     if [o.name for o in outputs] != [branch.correction, branch.logits]:
-        raise ExportError(f"branch {branch.name!r}: its value_info does not end with its outputs "
-                          f"{branch.correction!r}, {branch.logits!r}; re-export the clone with `pnc export`")
+        raise ExportError(
+            f"branch {branch.name!r}: its value_info does not end with its outputs "
+            f"{branch.correction!r}, {branch.logits!r}; re-export the clone with `pnc export`"
+        )
     defined = {x for n in branch.nodes for x in n.output} | {t.name for t in branch.initializers}
     reads = list(dict.fromkeys(x for n in branch.nodes for x in n.input if x and x not in defined))
     wired = list(dict.fromkeys([branch.info["cut_tensor"], branch.info["prelogits_tensor"]]))
     if sorted(reads) != sorted(wired):
-        raise ExportError(f"branch {branch.name!r} reads base tensors {reads}, not its cut and pre-logits "
-                          f"{wired}; re-export the clone with `pnc export`")
-    graph = helper.make_graph(list(branch.nodes), f"pnc_branch_{branch.name}", _input_infos(base, wired),
-                              list(outputs), list(branch.initializers), value_info=list(branch.value_info[:-2]))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in branch.opset_import],
-                              ir_version=base.ir_version, producer_name="pnc", producer_version=merged.producer_version)
-    model.doc_string = (f"pnc branch {branch.name!r} (classes {', '.join(branch.info['classes'])}) for the target "
-                        f"export with sha256 {manifest['base_sha256']}; `pnc attach TARGET.onnx THIS.onnx` adds it")
-    meta = {"format": _FORMAT, "base_sha256": manifest["base_sha256"], "target_classes": manifest["target_classes"],
-            "inputs": wired, "branch": entry}
+        raise ExportError(
+            f"branch {branch.name!r} reads base tensors {reads}, not its cut and pre-logits "
+            f"{wired}; re-export the clone with `pnc export`"
+        )
+    graph = helper.make_graph(
+        list(branch.nodes),
+        f"pnc_branch_{branch.name}",
+        _input_infos(base, wired),
+        list(outputs),
+        list(branch.initializers),
+        value_info=list(branch.value_info[:-2]),
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid(d, v) for d, v in branch.opset_import],
+        ir_version=base.ir_version,
+        producer_name="pnc",
+        producer_version=merged.producer_version,
+    )
+    model.doc_string = (
+        f"pnc branch {branch.name!r} (classes {', '.join(branch.info['classes'])}) for the target "
+        f"export with sha256 {manifest['base_sha256']}; `pnc attach TARGET.onnx THIS.onnx` adds it"
+    )
+    meta = {
+        "format": _FORMAT,
+        "base_sha256": manifest["base_sha256"],
+        "target_classes": manifest["target_classes"],
+        "inputs": wired,
+        "branch": entry,
+    }
     model.metadata_props.add(key=BRANCH_KEY, value=json.dumps(meta, sort_keys=True))
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -102,18 +126,25 @@ def read_branch(model: onnx.ModelProto) -> tuple[BranchGraph, dict]:
     """(the branch as merge takes it, its metadata) of a branch file made by :func:`branch_model`."""
     text = next((p.value for p in model.metadata_props if p.key == BRANCH_KEY), None)
     if text is None:
-        hint = (" (it is a clone export: ship one of its branches with `pnc export PATCH --branch-only`)"
-                if any(p.key == MANIFEST_KEY for p in model.metadata_props) else "")
-        raise ExportError(f"not a pnc branch file: it has no metadata_props[{BRANCH_KEY!r}]{hint}; "
-                          "make one with `pnc export PATCH --branch-only --out branch.onnx`")
+        hint = (
+            " (it is a clone export: ship one of its branches with `pnc export PATCH --branch-only`)"
+            if any(p.key == MANIFEST_KEY for p in model.metadata_props)
+            else ""
+        )
+        raise ExportError(
+            f"not a pnc branch file: it has no metadata_props[{BRANCH_KEY!r}]{hint}; "
+            "make one with `pnc export PATCH --branch-only --out branch.onnx`"
+        )
     try:
         meta = json.loads(text)
         ok = meta.get("format") == _FORMAT and all(k in meta for k in ("base_sha256", "target_classes", "branch"))
     except (json.JSONDecodeError, AttributeError):
         ok = False
     if not ok:
-        raise ExportError(f"the branch metadata is corrupt or from another pnc version (expected format "
-                          f"{_FORMAT!r}); re-export the branch with `pnc export PATCH --branch-only`")
+        raise ExportError(
+            f"the branch metadata is corrupt or from another pnc version (expected format "
+            f"{_FORMAT!r}); re-export the branch with `pnc export PATCH --branch-only`"
+        )
     holder = onnx.GraphProto()  # from_manifest looks outputs up among value_info
     holder.node.extend(model.graph.node)
     holder.initializer.extend(model.graph.initializer)
@@ -137,24 +168,31 @@ def attach_model(target: onnx.ModelProto, branch_files: list[onnx.ModelProto]) -
     else:
         base, existing, classes = target, [], None
     if any(p.key == BRANCH_KEY for p in base.metadata_props):
-        raise ExportError("the first file is a branch file, not a target export: "
-                          "write `pnc attach TARGET.onnx BRANCH.onnx [...]`")
+        raise ExportError(
+            "the first file is a branch file, not a target export: write `pnc attach TARGET.onnx BRANCH.onnx [...]`"
+        )
     have = sha256(base)
     added: list[BranchGraph] = []
     for model in branch_files:
         branch, meta = read_branch(model)
         if meta["base_sha256"] != have:
-            raise ExportError(f"branch {branch.name!r} was made for the target export with sha256 "
-                              f"{meta['base_sha256']}, but this target's export has sha256 {have}; attach it "
-                              "to the file `pnc export` wrote for its target (same model, opset and input size)")
+            raise ExportError(
+                f"branch {branch.name!r} was made for the target export with sha256 "
+                f"{meta['base_sha256']}, but this target's export has sha256 {have}; attach it "
+                "to the file `pnc export` wrote for its target (same model, opset and input size)"
+            )
         if classes is not None and list(meta["target_classes"]) != classes:
-            raise ExportError(f"branch {branch.name!r} expects target classes {meta['target_classes']}, "
-                              f"the target export has {classes}")
+            raise ExportError(
+                f"branch {branch.name!r} expects target classes {meta['target_classes']}, "
+                f"the target export has {classes}"
+            )
         classes = list(meta["target_classes"])
         taken = [b.name for b in (*existing, *added)]
         if branch.name in taken:
-            raise BranchError(f"the target already has a branch named {branch.name!r} (it has {', '.join(taken)}); "
-                              f"detach it first (`pnc detach FILE --branch {branch.name}`)")
+            raise BranchError(
+                f"the target already has a branch named {branch.name!r} (it has {', '.join(taken)}); "
+                f"detach it first (`pnc detach FILE --branch {branch.name}`)"
+            )
         added.append(branch)
     assert classes is not None
     merged = merge(base, [*existing, *added], classes)
@@ -165,8 +203,9 @@ def attach_model(target: onnx.ModelProto, branch_files: list[onnx.ModelProto]) -
     return merged
 
 
-def attach_onnx(target: str | Path | onnx.ModelProto, branches: list[str | Path | onnx.ModelProto],
-                out: str | Path) -> Path:
+def attach_onnx(
+    target: str | Path | onnx.ModelProto, branches: list[str | Path | onnx.ModelProto], out: str | Path
+) -> Path:
     """Write ``target`` with ``branches`` attached to ``out`` (atomically, only once every check passed)."""
     result = attach_model(load_onnx(target), [load_onnx(b) for b in branches])
     out = Path(out)

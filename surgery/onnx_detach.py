@@ -8,6 +8,7 @@ graph of the cloned network with the other branches, ``cloned_logits`` (batch,
     detach_onnx("clone.onnx", ["fmnist-5"], "smaller.onnx")
     detach_onnx("clone.onnx", None, "target.onnx")   # every branch
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from pnc.surgery.errors import BranchError, ExportError
-from pnc.surgery.onnx_merge import merge, read_manifest, split
 from pnc.surgery.io import atomic_write_bytes
+from pnc.surgery.onnx_merge import merge, read_manifest, split
 
 __all__ = ["detach_onnx", "detach_model", "branch_names", "load_onnx"]
 
@@ -49,8 +50,10 @@ def detach_model(model: onnx.ModelProto, branches: list[str] | None = None) -> o
     drop = names if branches is None else list(branches)
     unknown = [b for b in drop if b not in names]
     if unknown:
-        raise BranchError(f"no branch named {', '.join(map(repr, unknown))} in this export; its branches are "
-                          f"{', '.join(names)} (list them with `pnc detach FILE --list`)")
+        raise BranchError(
+            f"no branch named {', '.join(map(repr, unknown))} in this export; its branches are "
+            f"{', '.join(names)} (list them with `pnc detach FILE --list`)"
+        )
     if not drop:
         raise ExportError("name at least one branch to detach (--branch NAME), or --all")
     keep = [p for p in parts if p.name not in drop]

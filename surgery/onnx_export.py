@@ -21,6 +21,7 @@ A detach manifest (``pnc.surgery.onnx_merge``) in ``metadata_props`` lets
 
 Example: see :func:`export_onnx`.
 """
+
 from __future__ import annotations
 
 import io
@@ -35,13 +36,25 @@ from torch import Tensor, nn
 
 from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.errors import ExportError
+from pnc.surgery.io import atomic_write_bytes
 from pnc.surgery.onnx_merge import CLONED_OUTPUT, BranchGraph, merge
 from pnc.surgery.tracing import evaluating
-from pnc.surgery.io import atomic_write_bytes
 
-__all__ = ["OPSET", "OPSETS", "check_opset", "INPUT", "LOGITS", "RTOL", "ATOL", "export_onnx", "to_onnx",
-           "torch_to_onnx", "locate_tensors", "session",
-           "run"]
+__all__ = [
+    "OPSET",
+    "OPSETS",
+    "check_opset",
+    "INPUT",
+    "LOGITS",
+    "RTOL",
+    "ATOL",
+    "export_onnx",
+    "to_onnx",
+    "torch_to_onnx",
+    "locate_tensors",
+    "session",
+    "run",
+]
 
 OPSET = 17
 #: opsets that work end to end here: the TorchScript exporter supports at most 20 (it warns
@@ -53,8 +66,7 @@ INPUT, LOGITS = "input", "logits"
 RTOL, ATOL = 1e-3, 1e-5
 
 
-def export_onnx(model: nn.Module | ClonedNetwork, path: str | Path, example_input: Tensor,
-                opset: int = OPSET) -> Path:
+def export_onnx(model: nn.Module | ClonedNetwork, path: str | Path, example_input: Tensor, opset: int = OPSET) -> Path:
     """Write ``model`` as ONNX to ``path`` (atomically) and return the path.
 
     Args:
@@ -84,8 +96,7 @@ def export_onnx(model: nn.Module | ClonedNetwork, path: str | Path, example_inpu
 def check_opset(opset: int) -> int:
     """``opset`` if it is in :data:`OPSETS`, else ExportError (before any export is tried)."""
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
-        raise ExportError(f"opset {opset!r} is not supported: use {OPSETS.start}-{OPSETS.stop - 1} "
-                          f"(default {OPSET})")
+        raise ExportError(f"opset {opset!r} is not supported: use {OPSETS.start}-{OPSETS.stop - 1} (default {OPSET})")
     return opset
 
 
@@ -100,20 +111,29 @@ def to_onnx(model: nn.Module | ClonedNetwork, example_input: Tensor, opset: int 
     return torch_to_onnx(model, (example_input,), [INPUT], [LOGITS], opset)
 
 
-def torch_to_onnx(module: nn.Module, args: tuple[Tensor, ...], inputs: list[str], outputs: list[str],
-                  opset: int = OPSET) -> onnx.ModelProto:
+def torch_to_onnx(
+    module: nn.Module, args: tuple[Tensor, ...], inputs: list[str], outputs: list[str], opset: int = OPSET
+) -> onnx.ModelProto:
     """TorchScript export with a dynamic batch axis on every input and output."""
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # dynamo=False: we want its determinism
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         try:
-            torch.onnx.export(module, args, buffer,  # type: ignore[arg-type]  # a BytesIO is accepted
-                              dynamo=False, input_names=inputs, output_names=outputs,
-                              opset_version=opset, dynamic_axes={n: {0: "batch"} for n in inputs + outputs})
+            torch.onnx.export(
+                module,
+                args,
+                buffer,  # type: ignore[arg-type]  # a BytesIO is accepted
+                dynamo=False,
+                input_names=inputs,
+                output_names=outputs,
+                opset_version=opset,
+                dynamic_axes={n: {0: "batch"} for n in inputs + outputs},
+            )
         except (RuntimeError, torch.onnx.errors.OnnxExporterError) as err:
-            raise ExportError(f"torch.onnx could not export {type(module).__name__} at opset {opset}: "
-                              f"{err}; try another --opset") from err
+            raise ExportError(
+                f"torch.onnx could not export {type(module).__name__} at opset {opset}: {err}; try another --opset"
+            ) from err
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -146,8 +166,12 @@ def locate_tensors(base: onnx.ModelProto, probe: Tensor, wanted: dict[str, Tenso
     it, the closest one if several are (the earliest on a tie). ExportError if none is."""
     inferred = onnx.shape_inference.infer_shapes(base)
     types = {v.name: v.type for v in (*inferred.graph.value_info, *inferred.graph.output)}
-    names = [x for n in base.graph.node for x in n.output
-             if x in types and types[x].tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    names = [
+        x
+        for n in base.graph.node
+        for x in n.output
+        if x in types and types[x].tensor_type.elem_type == onnx.TensorProto.FLOAT
+    ]
     probing = onnx.ModelProto()
     probing.CopyFrom(base)
     del probing.graph.output[:]
@@ -163,7 +187,8 @@ def locate_tensors(base: onnx.ModelProto, probe: Tensor, wanted: dict[str, Tenso
             raise ExportError(
                 f"no tensor of the exported graph matches fx node {key!r} (shape {tuple(ref.shape)}; "
                 f"{len(same)} have that shape, none is allclose at rtol={RTOL}, atol={ATOL}): the exporter "
-                "folded or fused it away. Clone at another cut point (SearchConfig(candidates=[...]))")
+                "folded or fused it away. Clone at another cut point (SearchConfig(candidates=[...]))"
+            )
         found[key] = min(matches)[2]
     return found
 
@@ -185,13 +210,23 @@ def _clone_to_onnx(net: ClonedNetwork, example_input: Tensor, opset: int) -> onn
     located = locate_tensors(base, probe, {**at, pre_node: prelogits})
     graphs = []
     for name, branch in net.branches.items():
-        model = torch_to_onnx(branch, (at[branch.target_cut], prelogits), ["cut", "prelogits"],
-                              ["correction", "logits"], opset)
-        info = {"target_cut": branch.target_cut, "source_cut": branch.source_cut, "classes": list(branch.classes),
-                "source_name": branch.source_name, "source_sha256": branch.source_sha256,
-                "cut_tensor": located[branch.target_cut], "prelogits_tensor": located[pre_node]}
-        graphs.append(BranchGraph.from_model(name, model, {"cut": info["cut_tensor"],
-                                                           "prelogits": info["prelogits_tensor"]}, info))
+        model = torch_to_onnx(
+            branch, (at[branch.target_cut], prelogits), ["cut", "prelogits"], ["correction", "logits"], opset
+        )
+        info = {
+            "target_cut": branch.target_cut,
+            "source_cut": branch.source_cut,
+            "classes": list(branch.classes),
+            "source_name": branch.source_name,
+            "source_sha256": branch.source_sha256,
+            "cut_tensor": located[branch.target_cut],
+            "prelogits_tensor": located[pre_node],
+        }
+        graphs.append(
+            BranchGraph.from_model(
+                name, model, {"cut": info["cut_tensor"], "prelogits": info["prelogits_tensor"]}, info
+            )
+        )
     merged = merge(base, graphs, net.target_classes)
     try:
         onnx.checker.check_model(merged, full_check=True)
@@ -208,5 +243,7 @@ def _verify(merged: onnx.ModelProto, net: ClonedNetwork, probe: Tensor) -> None:
         ref = expected.numpy()
         if not _close(got[name], ref):
             err = float(np.abs(got[name] - ref).max()) if got[name].shape == ref.shape else float("nan")
-            raise ExportError(f"onnxruntime's {name!r} differs from PyTorch's by {err:.3g} "
-                              f"(rtol={RTOL}, atol={ATOL}); the export is wrong, please report it")
+            raise ExportError(
+                f"onnxruntime's {name!r} differs from PyTorch's by {err:.3g} "
+                f"(rtol={RTOL}, atol={ATOL}); the export is wrong, please report it"
+            )

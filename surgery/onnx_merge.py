@@ -13,6 +13,7 @@ bytes, so that :func:`split` restores the base byte for byte. ``merge`` is a pur
 function of (base, branches): merging the branches left after a split gives the same
 bytes as exporting a clone with only those branches.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,37 +58,55 @@ class BranchGraph:
     info: dict = field(default_factory=dict)
 
     @classmethod
-    def from_model(cls, name: str, model: onnx.ModelProto, inputs: dict[str, str], info: dict) -> "BranchGraph":
+    def from_model(cls, name: str, model: onnx.ModelProto, inputs: dict[str, str], info: dict) -> BranchGraph:
         """Prefix ``model`` (inputs (cut, prelogits) -> outputs (correction, logits)) with
         ``<name>/`` and rename its graph inputs to base tensors: ``inputs`` maps each input
         name of ``model`` to the base tensor it reads."""
         if model.functions or model.graph.sparse_initializer:
-            raise ExportError(f"branch {name!r} exported with local functions or sparse initializers, "
-                              "which pnc cannot merge; export it without export_modules_as_functions")
+            raise ExportError(
+                f"branch {name!r} exported with local functions or sparse initializers, "
+                "which pnc cannot merge; export it without export_modules_as_functions"
+            )
         prefix = f"{name}/"
         graph = onnx.compose.add_prefix_graph(model.graph, prefix)
         wiring = {prefix + k: v for k, v in inputs.items()}
         if set(wiring) != {i.name for i in graph.input}:
-            raise ExportError(f"branch {name!r} has inputs {[i.name[len(prefix):] for i in graph.input]}, "
-                              f"expected {sorted(inputs)} (an input the branch does not read is dropped "
-                              "by the exporter)")
+            raise ExportError(
+                f"branch {name!r} has inputs {[i.name[len(prefix) :] for i in graph.input]}, "
+                f"expected {sorted(inputs)} (an input the branch does not read is dropped "
+                "by the exporter)"
+            )
         for i, node in enumerate(graph.node):
             node.name = node.name or f"{prefix}{node.op_type}_{i}"
             node.input[:] = [wiring.get(x, x) for x in node.input]
         if len(graph.output) != 2 or any(o.name in wiring for o in graph.output):
             raise ExportError(f"branch {name!r} must give two computed outputs (correction, logits)")
         correction, logits = (o.name for o in graph.output)
-        return cls(name, list(graph.node), list(graph.initializer), [*graph.value_info, *graph.output],
-                   [(o.domain, o.version) for o in model.opset_import], correction, logits, info)
+        return cls(
+            name,
+            list(graph.node),
+            list(graph.initializer),
+            [*graph.value_info, *graph.output],
+            [(o.domain, o.version) for o in model.opset_import],
+            correction,
+            logits,
+            info,
+        )
 
     def manifest(self) -> dict:
-        return {"name": self.name, "correction": self.correction, "logits": self.logits,
-                "nodes": [n.name for n in self.nodes], "initializers": [t.name for t in self.initializers],
-                "value_info": [v.name for v in self.value_info],
-                "opset_import": [list(o) for o in self.opset_import], "info": self.info}
+        return {
+            "name": self.name,
+            "correction": self.correction,
+            "logits": self.logits,
+            "nodes": [n.name for n in self.nodes],
+            "initializers": [t.name for t in self.initializers],
+            "value_info": [v.name for v in self.value_info],
+            "opset_import": [list(o) for o in self.opset_import],
+            "info": self.info,
+        }
 
     @classmethod
-    def from_manifest(cls, entry: dict, graph: onnx.GraphProto) -> "BranchGraph":
+    def from_manifest(cls, entry: dict, graph: onnx.GraphProto) -> BranchGraph:
         """Collect the branch listed by ``entry`` from a merged ``graph``."""
         nodes = {n.name: n for n in graph.node}
         inits = {t.name: t for t in graph.initializer}
@@ -96,11 +115,20 @@ class BranchGraph:
         for kind, have in (("nodes", nodes), ("initializers", inits), ("value_info", infos)):
             missing = [x for x in entry[kind] if x not in have]
             if missing:
-                raise ExportError(f"branch {name!r}: the manifest lists {kind} {missing[:3]} that the graph "
-                                  "does not hold; the file was edited after `pnc export`, re-export it")
-        return cls(name, [nodes[x] for x in entry["nodes"]], [inits[x] for x in entry["initializers"]],
-                   [infos[x] for x in entry["value_info"]], [(d, v) for d, v in entry["opset_import"]],
-                   entry["correction"], entry["logits"], entry["info"])
+                raise ExportError(
+                    f"branch {name!r}: the manifest lists {kind} {missing[:3]} that the graph "
+                    "does not hold; the file was edited after `pnc export`, re-export it"
+                )
+        return cls(
+            name,
+            [nodes[x] for x in entry["nodes"]],
+            [inits[x] for x in entry["initializers"]],
+            [infos[x] for x in entry["value_info"]],
+            [(d, v) for d, v in entry["opset_import"]],
+            entry["correction"],
+            entry["logits"],
+            entry["info"],
+        )
 
 
 def _names(graph: onnx.GraphProto) -> set[str]:
@@ -113,8 +141,10 @@ def _names(graph: onnx.GraphProto) -> set[str]:
 def _base_logits(base: onnx.ModelProto) -> onnx.ValueInfoProto:
     outputs = base.graph.output
     if len(outputs) != 1 or len(outputs[0].type.tensor_type.shape.dim) != 2:
-        raise ExportError(f"the base graph must have one (batch, classes) output, it has "
-                          f"{[o.name for o in outputs]}; export the target with pnc.surgery.onnx_export")
+        raise ExportError(
+            f"the base graph must have one (batch, classes) output, it has "
+            f"{[o.name for o in outputs]}; export the target with pnc.surgery.onnx_export"
+        )
     return outputs[0]
 
 
@@ -128,8 +158,10 @@ def _added_opsets(base: onnx.ModelProto, branches: list[BranchGraph]) -> list[tu
                 have[domain] = version
                 added.append((domain, version))
             elif have[domain] != version:
-                raise ExportError(f"branch {b.name!r} uses opset {version} of domain {domain or 'ai.onnx'!r}, "
-                                  f"the base {have[domain]}; export both with the same --opset")
+                raise ExportError(
+                    f"branch {b.name!r} uses opset {version} of domain {domain or 'ai.onnx'!r}, "
+                    f"the base {have[domain]}; export both with the same --opset"
+                )
     return added
 
 
@@ -144,8 +176,10 @@ def merge(base: onnx.ModelProto, branches: list[BranchGraph], target_classes: li
         raise ExportError("the base graph is already a pnc clone export; detach its branches first")
     logits = _base_logits(base)
     if logits.type.tensor_type.shape.dim[1].dim_value != len(target_classes):
-        raise ExportError(f"the base gives {logits.type.tensor_type.shape.dim[1].dim_value} logits but "
-                          f"{len(target_classes)} target classes were named")
+        raise ExportError(
+            f"the base gives {logits.type.tensor_type.shape.dim[1].dim_value} logits but "
+            f"{len(target_classes)} target classes were named"
+        )
     model = onnx.ModelProto()
     model.CopyFrom(base)
     taken = _graft(model.graph, branches)
@@ -163,8 +197,9 @@ def _graft(graph: onnx.GraphProto, branches: list[BranchGraph]) -> set[str]:
         defined |= {t.name for t in b.initializers} | {v.name for v in b.value_info}
         clash = defined & taken
         if clash:
-            raise ExportError(f"branch {b.name!r} clashes with names already in the graph: {sorted(clash)[:3]}; "
-                              "give it another name")
+            raise ExportError(
+                f"branch {b.name!r} clashes with names already in the graph: {sorted(clash)[:3]}; give it another name"
+            )
         unwired = {x for n in b.nodes for x in n.input} - defined - taken - {""}
         if unwired:
             raise ExportError(f"branch {b.name!r} reads {sorted(unwired)[:3]}, which the base graph does not have")
@@ -175,16 +210,20 @@ def _graft(graph: onnx.GraphProto, branches: list[BranchGraph]) -> set[str]:
     return taken
 
 
-def _add_combiner(graph: onnx.GraphProto, logits: onnx.ValueInfoProto, branches: list[BranchGraph],
-                  num_old: int, taken: set[str]) -> list[onnx.NodeProto]:
+def _add_combiner(
+    graph: onnx.GraphProto, logits: onnx.ValueInfoProto, branches: list[BranchGraph], num_old: int, taken: set[str]
+) -> list[onnx.NodeProto]:
     """``cloned_logits`` (batch, |T_t| + sum |T_s|) = Concat(logits + sum corrections, new logits...)."""
     running, nodes = logits.name, []
     for i, b in enumerate(branches):
         out = f"{_COMBINER}logits_{i}"
         nodes.append(helper.make_node("Add", [running, b.correction], [out], name=f"{_COMBINER}Add_{i}"))
         running = out
-    nodes.append(helper.make_node("Concat", [running, *(b.logits for b in branches)], [CLONED_OUTPUT],
-                                  name=f"{_COMBINER}Concat", axis=1))
+    nodes.append(
+        helper.make_node(
+            "Concat", [running, *(b.logits for b in branches)], [CLONED_OUTPUT], name=f"{_COMBINER}Concat", axis=1
+        )
+    )
     clash = taken & {CLONED_OUTPUT, *(x for n in nodes for x in (n.name, *n.output))}
     if clash:
         raise ExportError(f"the graph already uses the combiner's name(s) {sorted(clash)}")
@@ -196,8 +235,14 @@ def _add_combiner(graph: onnx.GraphProto, logits: onnx.ValueInfoProto, branches:
     return nodes
 
 
-def _add_manifest(model: onnx.ModelProto, base: onnx.ModelProto, logits: str, branches: list[BranchGraph],
-                  target_classes: list[str], combiner: list[onnx.NodeProto]) -> None:
+def _add_manifest(
+    model: onnx.ModelProto,
+    base: onnx.ModelProto,
+    logits: str,
+    branches: list[BranchGraph],
+    target_classes: list[str],
+    combiner: list[onnx.NodeProto],
+) -> None:
     """The detach manifest in ``metadata_props``, the opsets the branches add, and producer fields."""
     added_opsets = _added_opsets(base, branches)
     manifest = {
@@ -215,8 +260,10 @@ def _add_manifest(model: onnx.ModelProto, base: onnx.ModelProto, logits: str, br
     model.opset_import.extend(helper.make_opsetid(d, v) for d, v in added_opsets)
     model.producer_name = "pnc"
     model.producer_version = _pnc_version()
-    model.doc_string = (f"pnc partial network clone: base graph plus detachable branches "
-                        f"{', '.join(b.name for b in branches)}; `pnc detach` restores the base")
+    model.doc_string = (
+        f"pnc partial network clone: base graph plus detachable branches "
+        f"{', '.join(b.name for b in branches)}; `pnc detach` restores the base"
+    )
     model.metadata_props.add(key=MANIFEST_KEY, value=json.dumps(manifest, sort_keys=True))
 
 
@@ -231,19 +278,33 @@ def read_manifest(model: onnx.ModelProto) -> dict:
     """The detach manifest of a merged model (ExportError if it has none or a bad one)."""
     text = next((p.value for p in model.metadata_props if p.key == MANIFEST_KEY), None)
     if text is None:
-        raise ExportError("this ONNX file is not a pnc clone export (it has no detach manifest in its "
-                          f"metadata_props[{MANIFEST_KEY!r}]); only files written by `pnc export` from a "
-                          "cloned network have branches to detach")
+        raise ExportError(
+            "this ONNX file is not a pnc clone export (it has no detach manifest in its "
+            f"metadata_props[{MANIFEST_KEY!r}]); only files written by `pnc export` from a "
+            "cloned network have branches to detach"
+        )
     try:
         manifest = json.loads(text)
         ok = manifest.get("format") == _FORMAT and all(
-            k in manifest for k in ("base_sha256", "base_fields", "added_opset_domains", "logits", "output",
-                                    "target_classes", "combiner_nodes", "branches"))
+            k in manifest
+            for k in (
+                "base_sha256",
+                "base_fields",
+                "added_opset_domains",
+                "logits",
+                "output",
+                "target_classes",
+                "combiner_nodes",
+                "branches",
+            )
+        )
     except (json.JSONDecodeError, AttributeError):
         ok = False
     if not ok:
-        raise ExportError(f"the detach manifest is corrupt or from another pnc version (expected format "
-                          f"{_FORMAT!r}); re-export the clone with `pnc export`")
+        raise ExportError(
+            f"the detach manifest is corrupt or from another pnc version (expected format "
+            f"{_FORMAT!r}); re-export the clone with `pnc export`"
+        )
     return manifest
 
 
@@ -276,9 +337,11 @@ def split(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[BranchGraph], d
             setattr(base, f, manifest["base_fields"][f])
     actual = sha256(base)
     if actual != manifest["base_sha256"]:
-        raise ExportError(f"the base graph has sha256 {actual[:16]}... but the manifest says "
-                          f"{manifest['base_sha256'][:16]}...: the target's part of the file was modified "
-                          "after export, so detaching cannot restore the original target; re-export it")
+        raise ExportError(
+            f"the base graph has sha256 {actual[:16]}... but the manifest says "
+            f"{manifest['base_sha256'][:16]}...: the target's part of the file was modified "
+            "after export, so detaching cannot restore the original target; re-export it"
+        )
     return base, branches, manifest
 
 

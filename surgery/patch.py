@@ -8,6 +8,7 @@ state_dict sha256, the cut node names R (target) and R' (source), class names, t
 adapter spec and each branch's clone task. With the public zoo models it names, the patch
 rebuilds the cloned network anywhere; weights whose hash differs are refused.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,15 @@ FORMAT = "pnc-patch/2"
 LEGACY_FORMATS = ("pnc-patch/1",)
 #: safetensors metadata key of the content hash: sha256 of the "pnc" JSON and every tensor
 HASH_KEY = "pnc_sha256"
-_BRANCH_KEYS = {"name": str, "source": dict, "target_cut": str, "source_cut": str, "classes": list,
-                "source_outputs": list, "adapter": dict}
+_BRANCH_KEYS = {
+    "name": str,
+    "source": dict,
+    "target_cut": str,
+    "source_cut": str,
+    "classes": list,
+    "source_outputs": list,
+    "adapter": dict,
+}
 
 
 def content_sha256(meta_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
@@ -44,8 +52,14 @@ def content_sha256(meta_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_patch(net: ClonedNetwork, path: str | Path, *, target_name: str, input_size: tuple[int, ...],
-               tasks: dict[str, dict] | None = None) -> int:
+def save_patch(
+    net: ClonedNetwork,
+    path: str | Path,
+    *,
+    target_name: str,
+    input_size: tuple[int, ...],
+    tasks: dict[str, dict] | None = None,
+) -> int:
     """Write ``net``'s branches to ``path`` (atomically); return the file size in bytes.
 
     Args:
@@ -65,14 +79,25 @@ def save_patch(net: ClonedNetwork, path: str | Path, *, target_name: str, input_
     branches = []
     for name, b in net.branches.items():
         tensors |= {f"{name}/{k}": v for k, v in branch_tensors(b.body.keep, b.adapter, b.head, b.body).items()}
-        branches.append({
-            "name": name, "source": {"name": b.source_name, "sha256": b.source_sha256},
-            "target_cut": b.target_cut, "source_cut": b.source_cut, "classes": b.classes,
-            "source_outputs": b.source_outputs, "adapter": asdict(b.adapter.spec),
-            "task": (tasks or {}).get(name), "report": None if b.report is None else asdict(b.report),
-        })
-    meta = {"format": FORMAT, "input_size": list(input_size), "branches": branches,
-            "target": {"name": target_name, "sha256": state_dict_sha256(net.target), "classes": net.target_classes}}
+        branches.append(
+            {
+                "name": name,
+                "source": {"name": b.source_name, "sha256": b.source_sha256},
+                "target_cut": b.target_cut,
+                "source_cut": b.source_cut,
+                "classes": b.classes,
+                "source_outputs": b.source_outputs,
+                "adapter": asdict(b.adapter.spec),
+                "task": (tasks or {}).get(name),
+                "report": None if b.report is None else asdict(b.report),
+            }
+        )
+    meta = {
+        "format": FORMAT,
+        "input_size": list(input_size),
+        "branches": branches,
+        "target": {"name": target_name, "sha256": state_dict_sha256(net.target), "classes": net.target_classes},
+    }
     text = json.dumps(meta)
     return save_tensors(path, tensors, metadata={"pnc": text, HASH_KEY: content_sha256(text, tensors)})
 
@@ -84,28 +109,33 @@ def read_patch(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         data = path.read_bytes()
         tensors = load(data)
         header_len = int.from_bytes(data[:8], "little")
-        stored = json.loads(data[8:8 + header_len])["__metadata__"]
+        stored = json.loads(data[8 : 8 + header_len])["__metadata__"]
         text = stored["pnc"]
         meta = json.loads(text)
     except FileNotFoundError:
         raise PatchError(f"{path}: no such patch file; make one with `pnc clone ... --out DIR`") from None
     except OSError as err:  # a folder, no permission, ...
-        raise PatchError(f"{path}: cannot read it as a patch file ({err.strerror or err}); give the .pnc file "
-                         "that `pnc clone --out DIR` wrote (DIR/clone.pnc)") from None
+        raise PatchError(
+            f"{path}: cannot read it as a patch file ({err.strerror or err}); give the .pnc file "
+            "that `pnc clone --out DIR` wrote (DIR/clone.pnc)"
+        ) from None
     except (SafetensorError, KeyError, ValueError, TypeError) as err:
         raise PatchError(f"{path} is not a pnc patch (corrupt or not made by `pnc clone`): {err}") from None
     if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, *LEGACY_FORMATS):
         found = meta.get("format") if isinstance(meta, dict) else None
         raise PatchError(f"{path}: unsupported patch format {found!r}; expected {FORMAT}")
     if meta["format"] == FORMAT and stored.get(HASH_KEY) != content_sha256(text, tensors):
-        raise PatchError(f"{path} is corrupt: its content does not match the hash it was saved with (a damaged "
-                         "copy or an edited file); copy it again or re-run `pnc clone`")
+        raise PatchError(
+            f"{path} is corrupt: its content does not match the hash it was saved with (a damaged "
+            "copy or an edited file); copy it again or re-run `pnc clone`"
+        )
     _check_schema(path, meta)
     return meta, tensors
 
 
 def _check_schema(path: Path, meta: dict) -> None:
     """PatchError unless ``meta`` has the fields load_patch reads, with the right types."""
+
     def bad(what: str) -> PatchError:
         return PatchError(f"{path} is not a valid pnc patch: {what}; re-run `pnc clone` to make it again")
 
@@ -113,8 +143,12 @@ def _check_schema(path: Path, meta: dict) -> None:
     if not (isinstance(size, list) and len(size) == 3 and all(type(v) is int and v > 0 for v in size)):
         raise bad(f"bad input_size {size!r}")
     target = meta.get("target")
-    if not (isinstance(target, dict) and isinstance(target.get("name"), str) and isinstance(target.get("sha256"), str)
-            and isinstance(target.get("classes"), list)):
+    if not (
+        isinstance(target, dict)
+        and isinstance(target.get("name"), str)
+        and isinstance(target.get("sha256"), str)
+        and isinstance(target.get("classes"), list)
+    ):
         raise bad("missing or bad 'target' record")
     branches = meta.get("branches")
     if not isinstance(branches, list) or not branches:
@@ -130,9 +164,11 @@ def _check_schema(path: Path, meta: dict) -> None:
 def _check_weights(model: nn.Module, sha256: str, role: str, name: str) -> None:
     actual = state_dict_sha256(model)
     if actual != sha256:
-        raise PatchError(f"the patch was made for other weights of {role} {name!r}: expected state_dict sha256 "
-                         f"{sha256[:12]}..., got {actual[:12]}...; pass the model the patch names, or re-run "
-                         f"`pnc clone`")
+        raise PatchError(
+            f"the patch was made for other weights of {role} {name!r}: expected state_dict sha256 "
+            f"{sha256[:12]}..., got {actual[:12]}...; pass the model the patch names, or re-run "
+            f"`pnc clone`"
+        )
 
 
 SourceResolver = Callable[[str], nn.Module] | Mapping[str, nn.Module]
@@ -169,8 +205,10 @@ def load_patch(path: str | Path, target: nn.Module, sources: SourceResolver) -> 
     try:
         net = ClonedNetwork(target, example, meta["target"]["classes"])
     except (PncError, TypeError, ValueError, RuntimeError) as err:
-        raise PatchError(f"{path}: the target does not fit the patch's input size {meta['input_size']} or "
-                         f"classes ({err}); pass the target the patch was made for") from None
+        raise PatchError(
+            f"{path}: the target does not fit the patch's input size {meta['input_size']} or "
+            f"classes ({err}); pass the target the patch was made for"
+        ) from None
     for b in meta["branches"]:
         name, source_name = b["name"], b["source"]["name"]
         try:
@@ -178,17 +216,27 @@ def load_patch(path: str | Path, target: nn.Module, sources: SourceResolver) -> 
         except KeyError:
             raise PatchError(f"{path}: no source network given for {source_name!r} (branch {name!r})") from None
         _check_weights(source, b["source"]["sha256"], "source", source_name)
-        parts = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}/")}
+        parts = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{name}/")}
         try:
             branch = assemble_branch(
-                trace(source.eval(), example), example, parts, source_cut=b["source_cut"], adapter_spec=b["adapter"],
-                target_cut=b["target_cut"], classes=b["classes"], source_outputs=b["source_outputs"],
-                source_name=source_name, source_sha256=b["source"]["sha256"])
+                trace(source.eval(), example),
+                example,
+                parts,
+                source_cut=b["source_cut"],
+                adapter_spec=b["adapter"],
+                target_cut=b["target_cut"],
+                classes=b["classes"],
+                source_outputs=b["source_outputs"],
+                source_name=source_name,
+                source_sha256=b["source"]["sha256"],
+            )
             branch.report = CloneReport(**b["report"]) if b.get("report") else None
             net.add_branch(name, branch)
         except (PncError, KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
             if isinstance(err, PatchError):
                 raise
-            raise PatchError(f"{path}: branch {name!r} does not fit the networks it names ({err}); the patch is "
-                             "damaged or was made by another version of pnc: re-run `pnc clone`") from None
+            raise PatchError(
+                f"{path}: branch {name!r} does not fit the networks it names ({err}); the patch is "
+                "damaged or was made by another version of pnc: re-run `pnc clone`"
+            ) from None
     return net, meta

@@ -7,6 +7,7 @@ carry, dynamic batch axis), checks the same composition in onnxruntime, and only
 writes, per piece, ``<name>.onnx`` and ``<name>.safetensors`` (its parameters and buffers),
 plus ``pieces.json`` (the spec that rebuilds them and what was checked).
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,9 @@ def _run_onnx(models: Sequence[onnx.ModelProto], x: np.ndarray) -> np.ndarray:
     return x
 
 
-def save_pieces(pieces: Sequence[Piece], x: Tensor, reference: Tensor, folder: str | Path, spec: dict[str, Any],
-                opset: int = OPSET) -> PieceCheck:
+def save_pieces(
+    pieces: Sequence[Piece], x: Tensor, reference: Tensor, folder: str | Path, spec: dict[str, Any], opset: int = OPSET
+) -> PieceCheck:
     """Check, export and write ``pieces`` (run in order on x, the first piece's input,
     they must give ``reference``); raise :class:`ExportError` and write nothing if the
     composition differs (PyTorch: allclose; onnxruntime: within 1e-5).
@@ -95,20 +97,30 @@ def save_pieces(pieces: Sequence[Piece], x: Tensor, reference: Tensor, folder: s
     onnx_out = _run_onnx(models, x.numpy())
     onnx_max = float(np.abs(onnx_out - reference.numpy()).max())
     if onnx_out.shape != tuple(reference.shape) or not np.allclose(onnx_out, reference.numpy(), rtol=RTOL, atol=ATOL):
-        raise ExportError(f"the ONNX pieces do not reproduce the model in onnxruntime (max |diff| {onnx_max:.3g} "
-                          f"at opset {opset}); try another --opset")
-    check = PieceCheck(torch_equal=bool(torch.equal(out, reference)), torch_max_abs=torch_max,
-                       onnx_max_abs=onnx_max, batch=len(x))
+        raise ExportError(
+            f"the ONNX pieces do not reproduce the model in onnxruntime (max |diff| {onnx_max:.3g} "
+            f"at opset {opset}); try another --opset"
+        )
+    check = PieceCheck(
+        torch_equal=bool(torch.equal(out, reference)), torch_max_abs=torch_max, onnx_max_abs=onnx_max, batch=len(x)
+    )
     folder = Path(folder)
     entries = []
     for piece, model in zip(pieces, models):
         state = _own_state(piece.module)
         atomic_write_bytes(folder / f"{piece.name}.onnx", model.SerializeToString())
         atomic_write_bytes(folder / f"{piece.name}.safetensors", tensor_bytes(state))
-        entries.append({"name": piece.name, "input": piece.input_name, "output": piece.output_name,
-                        "onnx": f"{piece.name}.onnx", "weights": f"{piece.name}.safetensors",
-                        "state_dict_sha256": state_dict_sha256(state),
-                        "params": sum(v.numel() for v in state.values())})
+        entries.append(
+            {
+                "name": piece.name,
+                "input": piece.input_name,
+                "output": piece.output_name,
+                "onnx": f"{piece.name}.onnx",
+                "weights": f"{piece.name}.safetensors",
+                "state_dict_sha256": state_dict_sha256(state),
+                "params": sum(v.numel() for v in state.values()),
+            }
+        )
     doc = {**spec, "opset": opset, "pieces": entries, "check": vars(check)}
     atomic_write_text(folder / "pieces.json", json.dumps(doc, indent=2))
     return check

@@ -4,18 +4,20 @@
 the tensor at node ``start``; ``split(model, cut)`` is the prefix/suffix pair with
 ``suffix(prefix(x)) == model(x)`` exactly.
 """
+
 from __future__ import annotations
 
 import difflib
 import operator
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from pnc.surgery.errors import CutError
 from pnc.surgery.batch import BATCH_META, BatchDim
+from pnc.surgery.errors import CutError
 from pnc.surgery.tracing import TracedModel, default_input, trace
 
 if TYPE_CHECKING:
@@ -63,7 +65,9 @@ def _batch_node(traced: TracedModel, graph: fx.Graph, placeholder: fx.Node, sour
     """``(placeholder.size(dim) - offset) // scale``: the batch size, read from the piece's input."""
     where = BatchDim(0, 1, 0) if source == traced.input_node else traced.batch_dims.get(source)
     if where is None:
-        raise CutError(f"{source!r} does not carry the batch dimension, so a piece starting there cannot size its batch.")
+        raise CutError(
+            f"{source!r} does not carry the batch dimension, so a piece starting there cannot size its batch."
+        )
     value = graph.call_method("size", (placeholder, where.dim))
     if where.offset:
         value = graph.call_function(operator.sub, (value, where.offset))
@@ -96,8 +100,11 @@ def extract(traced: TracedModel, start: str | None, outputs: Sequence[str]) -> f
 
     def arg(node: fx.Node) -> fx.Node:
         if node not in env:  # the batch size, re-derived from this piece's own input
-            env[node] = _batch_node(traced, graph, env[index[source]], source) if node.op == "call_method" \
+            env[node] = (
+                _batch_node(traced, graph, env[index[source]], source)
+                if node.op == "call_method"
                 else graph.node_copy(node, arg)
+            )
         return env[node]
 
     index = {n.name: n for n in traced.gm.graph.nodes}
@@ -129,12 +136,13 @@ def split(
     >>> prefix(x).shape, torch.equal(suffix(prefix(x)), model(x))
     (torch.Size([5, 4, 4, 4]), True)
     """
-    traced = model_or_traced if isinstance(model_or_traced, TracedModel) else trace(
-        model_or_traced, example_input if example_input is not None else default_input(model_or_traced)
+    traced = (
+        model_or_traced
+        if isinstance(model_or_traced, TracedModel)
+        else trace(model_or_traced, example_input if example_input is not None else default_input(model_or_traced))
     )
     name = cut if isinstance(cut, str) else cut.node
     check_node_name(traced, name)
     if name == traced.input_node or name == traced.output_node:
         raise CutError(f"{name!r} is the model's input or output; a cut must lie strictly between them.")
     return extract(traced, None, [name]), extract(traced, name, [traced.output_node])
-

@@ -8,6 +8,7 @@ so ``B, N, C = x.shape`` becomes constants, shape-dependent Python branches are 
 as they would be for that input, and the data-flow graph has no edge that carries only
 a shape. Branches on tensor *values* still fail: they are data-dependent.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,9 @@ import copy
 import inspect
 import math
 import operator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import networkx as nx
 import torch
@@ -34,14 +36,32 @@ __all__ = ["TracedModel", "BatchDim", "trace", "owning_module", "default_input",
 #: layers kept whole even when subclassed (timm's Linear, Conv2dSame, ...): one node per layer
 _LAYER_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 #: tensor methods that only read metadata; traced as their value for the example input
-_METADATA_METHODS = frozenset({
-    "size", "dim", "ndimension", "numel", "nelement", "element_size", "stride",
-    "storage_offset", "get_device", "is_contiguous", "is_floating_point", "is_complex",
-})
+_METADATA_METHODS = frozenset(
+    {
+        "size",
+        "dim",
+        "ndimension",
+        "numel",
+        "nelement",
+        "element_size",
+        "stride",
+        "storage_offset",
+        "get_device",
+        "is_contiguous",
+        "is_floating_point",
+        "is_complex",
+    }
+)
 #: ops whose result depends on their tensor arguments' shape/dtype only (folded to constants)
-_SHAPE_ONLY_FUNCTIONS = frozenset({
-    torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.numel,
-})
+_SHAPE_ONLY_FUNCTIONS = frozenset(
+    {
+        torch.zeros_like,
+        torch.ones_like,
+        torch.empty_like,
+        torch.full_like,
+        torch.numel,
+    }
+)
 _SHAPE_ONLY_METHODS = frozenset({"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"})
 
 
@@ -52,7 +72,8 @@ class TracedModel:
     Shapes are specialised to the example input, except the batch: a shape read that
     changes with the batch size becomes ``scale * x.size(0) + offset`` in the graph
     (found by tracing at two batch sizes). Where that fails (a Python branch on the batch
-    size), ``batch_size`` says the one batch size the graph is valid for. ``gm`` shares the model's parameters and buffers (no copies); ``graph`` is the data
+    size), ``batch_size`` says the one batch size the graph is valid for. ``gm`` shares the
+    model's parameters and buffers (no copies); ``graph`` is the data
     flow between fx node names (edge u -> v when v reads u's value); ``shapes`` maps every
     tensor-valued node to its shape *including* the batch dimension.
     """
@@ -138,8 +159,7 @@ class _ConcreteProxy(fx.Proxy):
         module = self.tracer.current_module()
         raise TraceError(
             f"data-dependent control flow in {module}: a Python `if`/`while`/`and`/`or` "
-            "reads the value of a tensor, which a graph cannot record."
-            + _leaf_hint(self.tracer.current_module_type())
+            "reads the value of a tensor, which a graph cannot record." + _leaf_hint(self.tracer.current_module_type())
         )
 
 
@@ -272,7 +292,9 @@ def _eager() -> Iterator[None]:
     patched = nn.Module.__call__, nn.Module.__getattr__
     tracing = _symbolic_trace._get_is_fx_tracing()
     nn.Module.__call__, nn.Module.__getattr__ = (  # type: ignore[method-assign]
-        _symbolic_trace._orig_module_call, _symbolic_trace._orig_module_getattr)
+        _symbolic_trace._orig_module_call,
+        _symbolic_trace._orig_module_getattr,
+    )
     _symbolic_trace._set_is_fx_tracing(False)
     try:
         yield
@@ -330,7 +352,9 @@ def _drop_concrete_placeholders(graph: fx.Graph) -> None:
         while frontier:
             node = frontier.pop()
             if node.op == "output":
-                raise TraceError(f"forward argument {ph.name!r} is returned; trace a forward that returns tensors only.")
+                raise TraceError(
+                    f"forward argument {ph.name!r} is returned; trace a forward that returns tensors only."
+                )
             if node not in checks:
                 checks.append(node)
                 frontier.extend(node.users)
@@ -466,8 +490,13 @@ def trace(model: nn.Module, example_input: torch.Tensor, leaf_modules: Sequence[
         )
     shapes = _shapes(gm)
     return TracedModel(
-        gm=gm, graph=_dataflow(gm), shapes=shapes, example_input=example_input, model=model,
-        batch_dims=batch_dims(shapes, large, batches), batch_size=batch_size,
+        gm=gm,
+        graph=_dataflow(gm),
+        shapes=shapes,
+        example_input=example_input,
+        model=model,
+        batch_dims=batch_dims(shapes, large, batches),
+        batch_size=batch_size,
     )
 
 

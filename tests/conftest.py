@@ -1,6 +1,7 @@
 """Test-wide settings: one intra-op thread. The tests run tiny models on tiny batches, where
 extra threads only add synchronisation (and, on a shared 2-core machine, oversubscription
 made the same clone 15x slower)."""
+
 import torch
 
 torch.set_num_threads(1)
@@ -11,8 +12,29 @@ import pytest  # noqa: E402
 def _train(zoo, name: str, classes: str, seed: int) -> None:
     from pnc.bench.cli import main
 
-    assert main(["zoo", "train", "--arch", "cnn4", "--dataset", "digits", "--classes", classes, "--name", name,
-                 "--epochs", "4", "--seed", str(seed), "--zoo-dir", str(zoo)]) == 0
+    assert (
+        main(
+            [
+                "zoo",
+                "train",
+                "--arch",
+                "cnn4",
+                "--dataset",
+                "digits",
+                "--classes",
+                classes,
+                "--name",
+                name,
+                "--epochs",
+                "4",
+                "--seed",
+                str(seed),
+                "--zoo-dir",
+                str(zoo),
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +53,23 @@ def tiny_run(tiny_zoo, tmp_path_factory):
     from pnc.bench.cli import main
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"
-    assert main(["clone", "--target", "t", "--source", "s", "--classes", "7", "--out", str(out),
-                 "--zoo-dir", str(tiny_zoo), "--json"]) == 0
+    assert (
+        main(
+            [
+                "clone",
+                "--target",
+                "t",
+                "--source",
+                "s",
+                "--classes",
+                "7",
+                "--out",
+                str(out),
+                "--zoo-dir",
+                str(tiny_zoo),
+                "--json",
+            ]
+        )
+        == 0
+    )
     return out

@@ -1,4 +1,5 @@
 """pnc.adapters: shapes, identity start, protocol consistency, least squares, fx, ONNX, errors."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,21 +29,83 @@ from pnc.adapters import (
 CASES = [
     ("nchw-equal", dict(src_shape=(8, 6, 6), src_layout="NCHW", dst_shape=(8, 6, 6), dst_layout="NCHW"), ConvAdapter),
     ("nchw-widths", dict(src_shape=(8, 6, 6), src_layout="NCHW", dst_shape=(12, 6, 6), dst_layout="NCHW"), ConvAdapter),
-    ("nchw-down2", dict(src_shape=(8, 8, 8), src_layout="NCHW", dst_shape=(12, 4, 4), dst_layout="NCHW"), SpatialConvAdapter),
-    ("nchw-up2", dict(src_shape=(8, 4, 4), src_layout="NCHW", dst_shape=(12, 8, 8), dst_layout="NCHW"), SpatialConvAdapter),
-    ("nchw-down-7to4", dict(src_shape=(8, 7, 7), src_layout="NCHW", dst_shape=(8, 4, 4), dst_layout="NCHW"), SpatialConvAdapter),
-    ("nchw-to-nlc-p1", dict(src_shape=(8, 8, 8), src_layout="NCHW", dst_shape=(17, 12), dst_layout="NLC", dst_prefix_tokens=1), MapToTokens),
-    ("nlc-p1-to-nchw", dict(src_shape=(17, 12), src_layout="NLC", dst_shape=(8, 8, 8), dst_layout="NCHW", src_prefix_tokens=1), TokensToMap),
-    ("nlc-dims", dict(src_shape=(17, 12), src_layout="NLC", dst_shape=(17, 20), dst_layout="NLC", src_prefix_tokens=1, dst_prefix_tokens=1), LinearAdapter),
-    ("nlc-grid-4to7", dict(src_shape=(17, 12), src_layout="NLC", dst_shape=(50, 20), dst_layout="NLC", src_prefix_tokens=1, dst_prefix_tokens=1), TokensToTokens),
-    ("nlc-p0-to-p2", dict(src_shape=(16, 12), src_layout="NLC", dst_shape=(18, 12), dst_layout="NLC", dst_prefix_tokens=2), TokensToTokens),
+    (
+        "nchw-down2",
+        dict(src_shape=(8, 8, 8), src_layout="NCHW", dst_shape=(12, 4, 4), dst_layout="NCHW"),
+        SpatialConvAdapter,
+    ),
+    (
+        "nchw-up2",
+        dict(src_shape=(8, 4, 4), src_layout="NCHW", dst_shape=(12, 8, 8), dst_layout="NCHW"),
+        SpatialConvAdapter,
+    ),
+    (
+        "nchw-down-7to4",
+        dict(src_shape=(8, 7, 7), src_layout="NCHW", dst_shape=(8, 4, 4), dst_layout="NCHW"),
+        SpatialConvAdapter,
+    ),
+    (
+        "nchw-to-nlc-p1",
+        dict(src_shape=(8, 8, 8), src_layout="NCHW", dst_shape=(17, 12), dst_layout="NLC", dst_prefix_tokens=1),
+        MapToTokens,
+    ),
+    (
+        "nlc-p1-to-nchw",
+        dict(src_shape=(17, 12), src_layout="NLC", dst_shape=(8, 8, 8), dst_layout="NCHW", src_prefix_tokens=1),
+        TokensToMap,
+    ),
+    (
+        "nlc-dims",
+        dict(
+            src_shape=(17, 12),
+            src_layout="NLC",
+            dst_shape=(17, 20),
+            dst_layout="NLC",
+            src_prefix_tokens=1,
+            dst_prefix_tokens=1,
+        ),
+        LinearAdapter,
+    ),
+    (
+        "nlc-grid-4to7",
+        dict(
+            src_shape=(17, 12),
+            src_layout="NLC",
+            dst_shape=(50, 20),
+            dst_layout="NLC",
+            src_prefix_tokens=1,
+            dst_prefix_tokens=1,
+        ),
+        TokensToTokens,
+    ),
+    (
+        "nlc-p0-to-p2",
+        dict(src_shape=(16, 12), src_layout="NLC", dst_shape=(18, 12), dst_layout="NLC", dst_prefix_tokens=2),
+        TokensToTokens,
+    ),
     ("nc", dict(src_shape=(10,), src_layout="NC", dst_shape=(6,), dst_layout="NC"), LinearAdapter),
     ("nhwc-same", dict(src_shape=(6, 6, 8), src_layout="NHWC", dst_shape=(6, 6, 12), dst_layout="NHWC"), LinearAdapter),
     ("nhwc-down2", dict(src_shape=(8, 8, 8), src_layout="NHWC", dst_shape=(4, 4, 12), dst_layout="NHWC"), ChannelsLast),
-    ("nhwc-to-nchw", dict(src_shape=(8, 8, 8), src_layout="NHWC", dst_shape=(12, 8, 8), dst_layout="NCHW"), ChannelsLast),
-    ("nchw-to-nhwc-down", dict(src_shape=(8, 8, 8), src_layout="NCHW", dst_shape=(4, 4, 12), dst_layout="NHWC"), ChannelsLast),
-    ("nhwc-to-nlc-p1", dict(src_shape=(8, 8, 8), src_layout="NHWC", dst_shape=(17, 12), dst_layout="NLC", dst_prefix_tokens=1), ChannelsLast),
-    ("nlc-p1-to-nhwc", dict(src_shape=(17, 12), src_layout="NLC", dst_shape=(8, 8, 6), dst_layout="NHWC", src_prefix_tokens=1), ChannelsLast),
+    (
+        "nhwc-to-nchw",
+        dict(src_shape=(8, 8, 8), src_layout="NHWC", dst_shape=(12, 8, 8), dst_layout="NCHW"),
+        ChannelsLast,
+    ),
+    (
+        "nchw-to-nhwc-down",
+        dict(src_shape=(8, 8, 8), src_layout="NCHW", dst_shape=(4, 4, 12), dst_layout="NHWC"),
+        ChannelsLast,
+    ),
+    (
+        "nhwc-to-nlc-p1",
+        dict(src_shape=(8, 8, 8), src_layout="NHWC", dst_shape=(17, 12), dst_layout="NLC", dst_prefix_tokens=1),
+        ChannelsLast,
+    ),
+    (
+        "nlc-p1-to-nhwc",
+        dict(src_shape=(17, 12), src_layout="NLC", dst_shape=(8, 8, 6), dst_layout="NHWC", src_prefix_tokens=1),
+        ChannelsLast,
+    ),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -68,7 +131,7 @@ def test_output_shape_and_class(name, kw, cls, relu):
     y = adapter(_x(kw, 3))
     assert tuple(y.shape) == (3, *kw["dst_shape"])
     if relu:
-        assert (y[:, kw.get("dst_prefix_tokens", 0):] >= 0).all()
+        assert (y[:, kw.get("dst_prefix_tokens", 0) :] >= 0).all()
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -81,7 +144,9 @@ def test_equal_widths_start_at_identity(relu):
 
 def test_equal_dims_token_and_linear_adapters_pass_through():
     tokens = torch.randn(2, 17, 12)
-    assert torch.equal(make_adapter((17, 12), "NLC", (17, 12), "NLC", src_prefix_tokens=1, dst_prefix_tokens=1)(tokens), tokens)
+    assert torch.equal(
+        make_adapter((17, 12), "NLC", (17, 12), "NLC", src_prefix_tokens=1, dst_prefix_tokens=1)(tokens), tokens
+    )
     feats = torch.randn(2, 12, 4, 4)
     out = make_adapter((12, 4, 4), "NCHW", (17, 12), "NLC", dst_prefix_tokens=1)(feats)
     assert torch.equal(out[:, 1:], feats.flatten(2).transpose(1, 2))
@@ -157,8 +222,19 @@ def test_fx_traceable(name, kw, cls):
     assert torch.equal(graph_module(x), adapter(x))
 
 
-ONNX_CASES = ["nchw-equal", "nchw-down2", "nchw-up2", "nchw-down-7to4", "nchw-to-nlc-p1", "nlc-p1-to-nchw",
-              "nlc-grid-4to7", "nlc-p0-to-p2", "nc", "nlc-dims", "nhwc-to-nlc-p1"]
+ONNX_CASES = [
+    "nchw-equal",
+    "nchw-down2",
+    "nchw-up2",
+    "nchw-down-7to4",
+    "nchw-to-nlc-p1",
+    "nlc-p1-to-nchw",
+    "nlc-grid-4to7",
+    "nlc-p0-to-p2",
+    "nc",
+    "nlc-dims",
+    "nhwc-to-nlc-p1",
+]
 
 
 @pytest.mark.parametrize("name", ONNX_CASES)
@@ -167,8 +243,14 @@ def test_onnx_export_parity_dynamic_batch(name, tmp_path):
     adapter = _randomize(make_adapter(**kw, relu=True)).eval()
     path = tmp_path / f"{name}.onnx"
     torch.onnx.export(
-        adapter, (_x(kw, 2),), str(path), dynamo=False, opset_version=17,
-        input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+        adapter,
+        (_x(kw, 2),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
     )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 3):
@@ -214,8 +296,11 @@ def test_num_params():
         (((8, 4), "NCHW", (8, 4, 4), "NCHW"), {}, ["src shape (8, 4)", "NCHW"]),
         (((8, 4, 4), "NCHW", (18, 12), "NLC"), {"dst_prefix_tokens": 1}, ["17 patch tokens", "not a square grid"]),
         (((8, 4, 4), "NCHW", (8, 4, 4), "NCHW"), {"src_prefix_tokens": 1}, ["prefix tokens need NLC"]),
-        (((8, 4, 4), "NCHW", (17, 12), "NLC"), {"dst_prefix_tokens": 1, "prefix_init": torch.zeros(2, 12)},
-         ["prefix_init has shape (2, 12)", "(1, 12)"]),
+        (
+            ((8, 4, 4), "NCHW", (17, 12), "NLC"),
+            {"dst_prefix_tokens": 1, "prefix_init": torch.zeros(2, 12)},
+            ["prefix_init has shape (2, 12)", "(1, 12)"],
+        ),
         (((8, 4, 4), "NCHW", (8, 4, 4), "NCHW"), {"prefix_init": torch.zeros(1, 8)}, ["prefix_init does not apply"]),
         (((8, 4, 4), "NCHW", (8, 4, 4), "NCHW"), {"relu": None}, ["relu must be True or False"]),
     ],

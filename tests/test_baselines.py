@@ -1,5 +1,6 @@
 """Every Table 1 method on digits with the quick budget, through ``pnc bench paper --quick``
 (pnc.bench.baselines, pnc.bench.paper, pnc.bench.cli.bench)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,15 +11,14 @@ import time
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from pnc.bench.baselines import METHODS, CalibratedEnsemble, PeakMemory, extend_classifier, run_method
 from pnc.bench.cli import main
-from pnc.bench.paper import QUICK_BUDGET
-from pnc.zoo.datasets import load_dataset
 from pnc.bench.metrics import evaluate_clone, logits_of
+from pnc.bench.paper import QUICK_BUDGET
 from pnc.surgery.io import state_dict_sha256
+from pnc.zoo.datasets import load_dataset
 from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import CloneTask
 from pnc.zoo.train import evaluate
@@ -30,8 +30,17 @@ STEM = "table1-digits-cnn4-quick"
 def bench(tmp_path_factory):
     """One quick run of all methods, then a second run that must come from the cache."""
     root = tmp_path_factory.mktemp("bench")
-    argv = ["bench", "paper", "--quick", "--zoo-dir", str(root / "zoo"), "--out", str(root / "out"),
-            "--workdir", str(root / "work")]
+    argv = [
+        "bench",
+        "paper",
+        "--quick",
+        "--zoo-dir",
+        str(root / "zoo"),
+        "--out",
+        str(root / "out"),
+        "--workdir",
+        str(root / "work"),
+    ]
     assert main(argv) == 0
     first = json.loads((root / "out" / f"{STEM}.json").read_text())
     store = ZooStore(root / "zoo")
@@ -41,8 +50,16 @@ def bench(tmp_path_factory):
         assert main(argv) == 0
     second = json.loads((root / "out" / f"{STEM}.json").read_text())
     cache = json.loads((root / "out" / f"{STEM}.rows.json").read_text())
-    return {"root": root, "first": first, "second": second, "cache": cache, "store": store, "hashes": hashes,
-            "rerun_log": out.getvalue(), "argv": argv}
+    return {
+        "root": root,
+        "first": first,
+        "second": second,
+        "cache": cache,
+        "store": store,
+        "hashes": hashes,
+        "rerun_log": out.getvalue(),
+        "argv": argv,
+    }
 
 
 @pytest.fixture(scope="module")

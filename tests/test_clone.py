@@ -1,4 +1,5 @@
 """Partial network cloning end to end on tiny digits models: accuracy, invariants, patches."""
+
 from __future__ import annotations
 
 import copy
@@ -9,15 +10,15 @@ import pytest
 import torch
 from torch import nn
 
+from pnc.bench.cli import main
 from pnc.surgery.channel_groups import MaskedBody
 from pnc.surgery.cloning import clone
-from pnc.bench.cli import main
 from pnc.surgery.errors import BranchError, PatchError, TaskError
 from pnc.surgery.insertion import SearchConfig
+from pnc.surgery.io import state_dict_sha256
 from pnc.surgery.patch import load_patch, read_patch, save_patch
 from pnc.zoo.archs import create
 from pnc.zoo.datasets import load_dataset
-from pnc.surgery.io import state_dict_sha256
 from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import CloneTask
 from pnc.zoo.train import evaluate, fit
@@ -27,16 +28,20 @@ QUICK = dict(loc_epochs=1, joint_epochs=1, binary_epochs=2, min_steps_per_epoch=
 
 def _trained(arch: str, task_data, num_classes: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = create(arch, in_chans=1, num_classes=num_classes, img_size=8) if arch == "lenet5" else \
-        create(arch, in_chans=1, num_classes=num_classes)
+    model = (
+        create(arch, in_chans=1, num_classes=num_classes, img_size=8)
+        if arch == "lenet5"
+        else create(arch, in_chans=1, num_classes=num_classes)
+    )
     return fit(model, task_data, epochs=10, lr=0.05, seed=seed, progress=False)
 
 
 @pytest.fixture(scope="module")
 def digits():
     ds = load_dataset("digits")
-    task = CloneTask(ds, target_classes=list(range(5)), source_classes=list(range(5, 10)), clone_classes="S",
-                     fraction=0.3, seed=0)
+    task = CloneTask(
+        ds, target_classes=list(range(5)), source_classes=list(range(5, 10)), clone_classes="S", fraction=0.3, seed=0
+    )
     target = _trained("cnn4", task.target_train(), 5, seed=1)
     source = _trained("cnn4", task.source_train(), 5, seed=2)
     return ds, task, target, source
@@ -49,7 +54,9 @@ def cloned(digits):
     flags = [p.requires_grad for p in target.parameters()] + [p.requires_grad for p in source.parameters()]
     target.train()  # handed over in train mode: cloning must still not move a BatchNorm statistic
     source.train()
-    net = clone(target, source, **task.clone_inputs(), config=SearchConfig(seed=0, **QUICK), source_name="src", progress=False)
+    net = clone(
+        target, source, **task.clone_inputs(), config=SearchConfig(seed=0, **QUICK), source_name="src", progress=False
+    )
     return net, hashes, flags
 
 
@@ -71,8 +78,10 @@ def test_clone_learns_new_class_and_keeps_old(digits, cloned):
     assert {c["target_cut"] for c in report.candidates} >= {report.target_cut}
     best = min(report.candidates, key=lambda c: (c["loss"], c["holdout"].get("ce", 0.0)))
     assert report.target_cut == best["target_cut"]
-    assert all(c["holdout"]["images"] == sum(report.images[k] for k in ("old_holdout", "clone_holdout"))
-               for c in report.candidates)
+    assert all(
+        c["holdout"]["images"] == sum(report.images[k] for k in ("old_holdout", "clone_holdout"))
+        for c in report.candidates
+    )
 
 
 def test_invariants_unchanged_and_detach_exact(digits, cloned):
@@ -93,9 +102,17 @@ def test_invariants_unchanged_and_detach_exact(digits, cloned):
 
 def test_structural_pruning_equals_zero_masking():
     torch.manual_seed(0)
-    body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    body = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
     for m in body.modules():
         if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics, so a bias survives masking
             m.running_mean.uniform_(-1, 1)
@@ -119,9 +136,18 @@ def test_patch_round_trip_and_refusals(digits, cloned, tmp_path):
     net, _, _ = cloned
     store = ZooStore(tmp_path / "zoo")
     for name, model, classes in (("t", target, task.target_classes), ("src", source, task.source_classes)):
-        card = ModelCard(name=name, arch="cnn4", kwargs={"in_chans": 1, "num_classes": 5}, dataset="digits",
-                         classes=classes, class_names=[ds.classes[c] for c in classes], mean=ds.mean,
-                         std=ds.std, input_size=ds.input_size, test_accuracy=0.0)
+        card = ModelCard(
+            name=name,
+            arch="cnn4",
+            kwargs={"in_chans": 1, "num_classes": 5},
+            dataset="digits",
+            classes=classes,
+            class_names=[ds.classes[c] for c in classes],
+            mean=ds.mean,
+            std=ds.std,
+            input_size=ds.input_size,
+            test_accuracy=0.0,
+        )
         store.save(name, model, card)
     path = tmp_path / "clone.pnc"
     size = save_patch(net, path, target_name="t", input_size=ds.input_size, tasks={"src": task.to_dict()})
@@ -160,8 +186,7 @@ def test_heterogeneous_pair_plain_cnn_target_resnet_source(digits):
     source = _trained("resnetc20", task.source_train(), 5, seed=3)
     net = clone(target, source, **task.clone_inputs(), config=SearchConfig(seed=0, **QUICK), progress=False)
     branch = next(iter(net.branches.values()))
-    assert branch.adapter.spec.src_shape != branch.adapter.spec.dst_shape or \
-        branch.target_cut != branch.source_cut
+    assert branch.adapter.spec.src_shape != branch.adapter.spec.dst_shape or branch.target_cut != branch.source_cut
     assert _accuracy(net, task.eval_sets()["tar"]) > 0.5
 
 
@@ -171,8 +196,23 @@ def test_bad_class_spec_is_refused(digits, tmp_path, capsys):
         CloneTask(ds, target_classes=[0, 1], source_classes=[1, 2], clone_classes=[1])
     with pytest.raises(TaskError):
         CloneTask(ds, target_classes=[0, 1], source_classes=[2, 3], clone_classes=[12])
-    code = main(["clone", "--target", "a", "--source", "b", "--classes", "S", "--classes", "M",
-                 "--out", str(tmp_path), "--zoo-dir", str(tmp_path)])
+    code = main(
+        [
+            "clone",
+            "--target",
+            "a",
+            "--source",
+            "b",
+            "--classes",
+            "S",
+            "--classes",
+            "M",
+            "--out",
+            str(tmp_path),
+            "--zoo-dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 2
     assert "one --classes per --source" in capsys.readouterr().err
 
@@ -210,8 +250,15 @@ def test_multi_branch_clone_and_partial_detach(digits, cloned):
     net, _, _ = cloned
     single = copy.deepcopy(net)
     second = CloneTask(ds, task.target_classes, task.source_classes, clone_classes=[6], fraction=0.3, seed=0)
-    multi = clone(target, source, **second.clone_inputs(), config=SearchConfig(seed=0, **QUICK), into=copy.deepcopy(net),
-                  name="six", progress=False)
+    multi = clone(
+        target,
+        source,
+        **second.clone_inputs(),
+        config=SearchConfig(seed=0, **QUICK),
+        into=copy.deepcopy(net),
+        name="six",
+        progress=False,
+    )
     assert list(multi.branches) == ["src", "six"]
     assert multi.classes == single.classes + [ds.classes[6]]
     x = second.eval_sets()["tar"].x
@@ -259,9 +306,18 @@ def test_patch_carries_a_fine_tuned_module(digits, cloned, tmp_path):
     net, _, _ = cloned
     store = ZooStore(tmp_path / "zoo")
     for name, model, classes in (("t", target, task.target_classes), ("src", source, task.source_classes)):
-        card = ModelCard(name=name, arch="cnn4", kwargs={"in_chans": 1, "num_classes": 5}, dataset="digits",
-                         classes=classes, class_names=[ds.classes[c] for c in classes], mean=ds.mean,
-                         std=ds.std, input_size=ds.input_size, test_accuracy=0.0)
+        card = ModelCard(
+            name=name,
+            arch="cnn4",
+            kwargs={"in_chans": 1, "num_classes": 5},
+            dataset="digits",
+            classes=classes,
+            class_names=[ds.classes[c] for c in classes],
+            mean=ds.mean,
+            std=ds.std,
+            input_size=ds.input_size,
+            test_accuracy=0.0,
+        )
         store.save(name, model, card)
     tuned = copy.deepcopy(net)
     module = tuned.branches["src"].body

@@ -3,6 +3,7 @@
 The multi-class case crashed once (G's coefficients were saved non-contiguous to the G
 cache, which only the CLI uses), while the Python tests cloned one class.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,16 +31,42 @@ def zoos(tmp_path_factory):
     idx_dir.mkdir()
     order = np.random.default_rng(0).permutation(len(images))
     train, test = order[:1400], order[1400:]
-    for stem, array in (("train-images-idx3-ubyte", images[train]), ("train-labels-idx1-ubyte", digits.target[train]),
-                        ("t10k-images-idx3-ubyte", images[test]), ("t10k-labels-idx1-ubyte", digits.target[test])):
+    for stem, array in (
+        ("train-images-idx3-ubyte", images[train]),
+        ("train-labels-idx1-ubyte", digits.target[train]),
+        ("t10k-images-idx3-ubyte", images[test]),
+        ("t10k-labels-idx1-ubyte", digits.target[test]),
+    ):
         (idx_dir / stem).write_bytes(_idx(array))
     out = {}
     for dataset, arch, data_dir in (("digits", "cnn4", None), ("mnist", "lenet5", str(idx_dir))):
         zoo = str(root / f"zoo-{dataset}")
         extra = ["--data-dir", data_dir] if data_dir else []
         for name, classes, seed in (("t", "0-4", 1), ("s", "5-9", 2)):
-            assert main(["zoo", "train", "--arch", arch, "--dataset", dataset, "--classes", classes, "--name", name,
-                         "--epochs", "15", "--seed", str(seed), "--zoo-dir", zoo, *extra]) == 0
+            assert (
+                main(
+                    [
+                        "zoo",
+                        "train",
+                        "--arch",
+                        arch,
+                        "--dataset",
+                        dataset,
+                        "--classes",
+                        classes,
+                        "--name",
+                        name,
+                        "--epochs",
+                        "15",
+                        "--seed",
+                        str(seed),
+                        "--zoo-dir",
+                        zoo,
+                        *extra,
+                    ]
+                )
+                == 0
+            )
         out[dataset] = (zoo, extra)
     return root, out
 
@@ -50,8 +77,26 @@ def test_clone_cli_over_class_counts(zoos, dataset, classes, expected, capsys):
     root, by_dataset = zoos
     zoo, extra = by_dataset[dataset]
     out = root / f"run-{dataset}-{len(expected)}"
-    assert main(["clone", "--target", "t", "--source", "s", "--classes", classes, "--out", str(out),
-                 "--zoo-dir", zoo, "--json", *extra]) == 0
+    assert (
+        main(
+            [
+                "clone",
+                "--target",
+                "t",
+                "--source",
+                "s",
+                "--classes",
+                classes,
+                "--out",
+                str(out),
+                "--zoo-dir",
+                zoo,
+                "--json",
+                *extra,
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["branches"][0]["classes"] == expected
     assert (out / "clone.pnc").stat().st_size > 0
@@ -70,8 +115,28 @@ def test_clone_cli_old_fraction_counts_the_images_it_used(zoos, old_fraction, ca
     root, by_dataset = zoos
     zoo, extra = by_dataset["digits"]
     out = root / f"run-old-{old_fraction}"
-    assert main(["clone", "--target", "t", "--source", "s", "--classes", "7", "--out", str(out),
-                 "--old-fraction", old_fraction, "--zoo-dir", zoo, "--json", *extra]) == 0
+    assert (
+        main(
+            [
+                "clone",
+                "--target",
+                "t",
+                "--source",
+                "s",
+                "--classes",
+                "7",
+                "--out",
+                str(out),
+                "--old-fraction",
+                old_fraction,
+                "--zoo-dir",
+                zoo,
+                "--json",
+                *extra,
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     train_y = load_dataset("digits").train.y
     expected_old = sum(round(float(old_fraction) * int((train_y == c).sum())) for c in range(5))

@@ -1,4 +1,5 @@
 """Cut points and block-level cut points of timm backbones and of a user's own module; the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,9 @@ from torch import nn
 
 from pnc.bench.cli import main
 from pnc.surgery.cuts import classifier_of, cut_points
-from pnc.zoo.resolve import resolve_model
 from pnc.surgery.errors import CutError, ModelNotFoundError
 from pnc.surgery.tracing import default_input, trace
+from pnc.zoo.resolve import resolve_model
 
 # (timm name, C,H,W, expected number of block-level cuts or None, layout of the block cuts)
 TIMM_MODELS = [

@@ -4,6 +4,7 @@ Every import in every module (top level or inside a function, absolute or relati
 ``importlib.import_module("pnc....")`` strings) is read with ``ast``; a module may import
 its own layer and the layers below it, never one above.
 """
+
 from __future__ import annotations
 
 import ast
@@ -13,8 +14,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: folder -> (package, rank): lower ranks never import higher ones
-LAYERS = {"adapters": ("pnc.adapters", 0), "surgery": ("pnc.surgery", 1), "zoo": ("pnc.zoo", 2),
-          "benchmarks": ("pnc.bench", 3)}
+LAYERS = {
+    "adapters": ("pnc.adapters", 0),
+    "surgery": ("pnc.surgery", 1),
+    "zoo": ("pnc.zoo", 2),
+    "benchmarks": ("pnc.bench", 3),
+}
 RANK = {package: rank for package, rank in LAYERS.values()}
 
 
@@ -42,7 +47,9 @@ def _imports(path: Path) -> list[tuple[int, str]]:
                 module = node.module or ""
             found += [(node.lineno, module)] + [(node.lineno, f"{module}.{a.name}") for a in node.names]
         elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module":
-            found += [(node.lineno, a.value) for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            found += [
+                (node.lineno, a.value) for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+            ]
     return found
 
 
@@ -60,15 +67,20 @@ def test_every_layer_has_modules():
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_imports_point_down(path):
     own = _layer(_module_name(path)[0])
-    against = [f"line {line}: {module}" for line, module in _imports(path)
-               if (layer := _layer(module)) is not None and RANK[layer] > RANK[own]]
+    against = [
+        f"line {line}: {module}"
+        for line, module in _imports(path)
+        if (layer := _layer(module)) is not None and RANK[layer] > RANK[own]
+    ]
     assert not against, f"{own} must not import a higher layer: {against}"
 
 
 def test_the_checker_sees_every_kind_of_import(tmp_path, monkeypatch):
     probe = ROOT / "surgery" / "probe.py"
-    text = ("import pnc.zoo\nfrom pnc.bench import cli\nfrom ..zoo import store\n"
-            "def f():\n    import importlib\n    importlib.import_module('pnc.zoo.archs')\n")
+    text = (
+        "import pnc.zoo\nfrom pnc.bench import cli\nfrom ..zoo import store\n"
+        "def f():\n    import importlib\n    importlib.import_module('pnc.zoo.archs')\n"
+    )
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: text if self == probe else "")
     modules = [m for _, m in _imports(probe)]
     assert {"pnc.zoo", "pnc.bench.cli", "pnc.zoo.store", "pnc.zoo.archs"} <= set(modules)

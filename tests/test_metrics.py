@@ -1,4 +1,5 @@
 """Metrics on hand-made predictions with known answers (pnc.bench.metrics)."""
+
 from __future__ import annotations
 
 import math
@@ -7,11 +8,19 @@ import pytest
 import torch
 from torch import nn
 
+from pnc.bench.metrics import (
+    clone_accuracy,
+    confusion_matrix,
+    evaluate_clone,
+    inference_macs,
+    local_model_set,
+    locality_similarity,
+    logits_of,
+    per_class_accuracy,
+)
 from pnc.surgery.errors import DataError, TaskError
 from pnc.surgery.local_models import patch_masks, perturbed_logits
 from pnc.zoo.datasets import ImageData
-from pnc.bench.metrics import (clone_accuracy, confusion_matrix, evaluate_clone, inference_macs, local_model_set,
-                             locality_similarity, logits_of, per_class_accuracy)
 
 
 def _one_hot_logits(pred: list[int], k: int) -> torch.Tensor:
@@ -79,8 +88,9 @@ def test_confusion_matrix_and_per_class_accuracy():
 
 def _convnet(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                         nn.Linear(16, 3)).eval()
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3)
+    ).eval()
 
 
 class _Affine(nn.Module):

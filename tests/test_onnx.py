@@ -3,6 +3,7 @@
 Models are untrained but seeded (export correctness does not need accuracy); clones use
 a one-candidate, one-step search on the digits clone set.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,17 +14,17 @@ import pytest
 import torch
 
 from pnc.bench import cli
-from pnc.surgery.cloning import clone
 from pnc.surgery.cloned import ClonedNetwork
+from pnc.surgery.cloning import clone
 from pnc.surgery.errors import BranchError, ExportError
 from pnc.surgery.insertion import SearchConfig
+from pnc.surgery.io import file_sha256
 from pnc.surgery.onnx_detach import branch_names, detach_model, detach_onnx
 from pnc.surgery.onnx_export import LOGITS, export_onnx, locate_tensors, run, to_onnx
 from pnc.surgery.onnx_merge import CLONED_OUTPUT, read_manifest
 from pnc.surgery.patch import save_patch
 from pnc.zoo.archs import create
 from pnc.zoo.datasets import load_dataset
-from pnc.surgery.io import file_sha256
 from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import CloneTask
 
@@ -50,8 +51,14 @@ def _parity(model: onnx.ModelProto, torch_fn, x: torch.Tensor, output: str) -> N
 def task() -> CloneTask:
     digits = load_dataset("digits")
     digits = dataclasses.replace(digits, test=digits.test.subset(torch.arange(0, len(digits.test), 4)))
-    return CloneTask(digits, target_classes=list(range(5)), source_classes=list(range(5, 10)),
-                     clone_classes="S", fraction=0.3, seed=0)
+    return CloneTask(
+        digits,
+        target_classes=list(range(5)),
+        source_classes=list(range(5, 10)),
+        clone_classes="S",
+        fraction=0.3,
+        seed=0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +71,35 @@ def images(task) -> dict[str, torch.Tensor]:
 def multi(task) -> ClonedNetwork:
     """cnn4 target with three branches: cnn4 (same arch), resnetc20 (residual), ViT-tiny (tokens)."""
     target = _model("cnn4", 1)
-    net = clone(target, _model("cnn4", 2), **task.clone_inputs(), config=_config("first"), name="cnn", num_masks=10, progress=False)
-    clone(target, _model("resnetc20", 3, **RESNET), **task.clone_inputs(), config=_config("block3_2"), into=net, name="res", num_masks=10,
-          progress=False)
-    clone(target, _model("vit_tiny_patch16_224", 4, **VIT), **task.clone_inputs(), config=_config("first"), into=net, name="vit",
-          num_masks=10, progress=False)
+    net = clone(
+        target,
+        _model("cnn4", 2),
+        **task.clone_inputs(),
+        config=_config("first"),
+        name="cnn",
+        num_masks=10,
+        progress=False,
+    )
+    clone(
+        target,
+        _model("resnetc20", 3, **RESNET),
+        **task.clone_inputs(),
+        config=_config("block3_2"),
+        into=net,
+        name="res",
+        num_masks=10,
+        progress=False,
+    )
+    clone(
+        target,
+        _model("vit_tiny_patch16_224", 4, **VIT),
+        **task.clone_inputs(),
+        config=_config("first"),
+        into=net,
+        name="vit",
+        num_masks=10,
+        progress=False,
+    )
     return net
 
 
@@ -79,9 +110,18 @@ def multi_onnx(multi, images) -> onnx.ModelProto:
 
 def _save_to_zoo(root, name: str, model: torch.nn.Module, arch: str, **kwargs) -> ZooStore:
     store = ZooStore(root)
-    card = ModelCard(name=name, arch=arch, kwargs={"in_chans": 1, "num_classes": 5, **kwargs}, dataset="digits",
-                     classes=list(range(5)), class_names=[str(i) for i in range(5)], mean=(0.0,), std=(1.0,),
-                     input_size=(1, 8, 8), test_accuracy=0.0)
+    card = ModelCard(
+        name=name,
+        arch=arch,
+        kwargs={"in_chans": 1, "num_classes": 5, **kwargs},
+        dataset="digits",
+        classes=list(range(5)),
+        class_names=[str(i) for i in range(5)],
+        mean=(0.0,),
+        std=(1.0,),
+        input_size=(1, 8, 8),
+        test_accuracy=0.0,
+    )
     store.save(name, model, card)
     return store
 
@@ -121,8 +161,10 @@ def test_clone_export_parity_and_structure(multi, multi_onnx, images):
         _parity(multi_onnx, multi, x, CLONED_OUTPUT)
         _parity(multi_onnx, multi.target, x, LOGITS)
     base = to_onnx(multi.target, images["real"][:1])
-    assert run(multi_onnx, images["real"], [LOGITS])[LOGITS].tobytes() == \
-        run(base, images["real"], [LOGITS])[LOGITS].tobytes()
+    assert (
+        run(multi_onnx, images["real"], [LOGITS])[LOGITS].tobytes()
+        == run(base, images["real"], [LOGITS])[LOGITS].tobytes()
+    )
 
 
 def test_transferable_module_is_exported_pruned(multi, multi_onnx):
@@ -184,7 +226,9 @@ def test_export_of_a_patch_equals_export_of_the_network(tmp_path, task, images):
     target, source = _model("cnn4", 1), _model("cnn4", 2)
     store = _save_to_zoo(tmp_path / "zoo", "t", target, "cnn4")
     _save_to_zoo(tmp_path / "zoo", "s", source, "cnn4")
-    net = clone(target, source, **task.clone_inputs(), config=_config("block2_3"), source_name="s", num_masks=10, progress=False)
+    net = clone(
+        target, source, **task.clone_inputs(), config=_config("block2_3"), source_name="s", num_masks=10, progress=False
+    )
     save_patch(net, tmp_path / "clone.pnc", target_name="t", input_size=(1, 8, 8))
     out = tmp_path / "clone.onnx"
     assert cli.main(["export", str(tmp_path / "clone.pnc"), "--zoo-dir", str(store.root), "--out", str(out)]) == 0
@@ -195,14 +239,24 @@ def test_export_of_a_patch_equals_export_of_the_network(tmp_path, task, images):
 # ------------------------------------------------------------------ other pairs
 
 
-@pytest.mark.parametrize("target_arch, target_kw, source_arch, source_kw, cut", [
-    ("resnetc20", RESNET, "resnetc20", RESNET, "last"),                 # residual pair
-    ("vit_tiny_patch16_224", VIT, "cnn4", {}, "last"),           # ViT target, CNN source
-])
+@pytest.mark.parametrize(
+    "target_arch, target_kw, source_arch, source_kw, cut",
+    [
+        ("resnetc20", RESNET, "resnetc20", RESNET, "last"),  # residual pair
+        ("vit_tiny_patch16_224", VIT, "cnn4", {}, "last"),  # ViT target, CNN source
+    ],
+)
 def test_round_trip(tmp_path, task, images, target_arch, target_kw, source_arch, source_kw, cut):
     target = _model(target_arch, 1, **target_kw)
-    net = clone(target, _model(source_arch, 2, **source_kw), **task.clone_inputs(), config=_config(cut), name="b", num_masks=10,
-                progress=False)
+    net = clone(
+        target,
+        _model(source_arch, 2, **source_kw),
+        **task.clone_inputs(),
+        config=_config(cut),
+        name="b",
+        num_masks=10,
+        progress=False,
+    )
     path = export_onnx(net, tmp_path / "clone.onnx", images["real"][:1])
     proto = onnx.load(path)
     onnx.checker.check_model(proto, full_check=True)
@@ -262,7 +316,10 @@ def test_unmatched_tensor_is_an_export_error(multi, multi_onnx, images):
     cuts, taps = multi.taps()
     with torch.no_grad():
         value = taps(probe)[0]
-    assert locate_tensors(base, probe, {cuts[0]: value}) == {cuts[0]: read_manifest(multi_onnx)["branches"][
-        [multi.branches[b].target_cut for b in multi.branches].index(cuts[0])]["info"]["cut_tensor"]}
+    assert locate_tensors(base, probe, {cuts[0]: value}) == {
+        cuts[0]: read_manifest(multi_onnx)["branches"][
+            [multi.branches[b].target_cut for b in multi.branches].index(cuts[0])
+        ]["info"]["cut_tensor"]
+    }
     with pytest.raises(ExportError, match="no tensor of the exported graph matches fx node 'fake'"):
         locate_tensors(base, probe, {"fake": value + 0.5})

@@ -3,6 +3,7 @@ attach(target, branch) == export(clone) and detach(attach(target, branch)) == ta
 for byte, on the digits cnn4 pair and on a LeNet-5 target with a ResNetC-20 source.
 
 Models are untrained but seeded; clones use a one-candidate, one-step search."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,8 +39,17 @@ def _model(arch: str, seed: int, **kwargs) -> torch.nn.Module:
 
 def _clone(target, source, task, cut, name, into=None):
     config = SearchConfig(loc_epochs=1, joint_epochs=1, binary_epochs=1, min_steps_per_epoch=1, candidates=[cut])
-    return clone(target, source, **task.clone_inputs(), config=config, into=into, name=name, source_name=name,
-                 num_masks=10, progress=False)
+    return clone(
+        target,
+        source,
+        **task.clone_inputs(),
+        config=config,
+        into=into,
+        name=name,
+        source_name=name,
+        num_masks=10,
+        progress=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +71,18 @@ def digits(task):
 def _zoo(root, models) -> ZooStore:
     store = ZooStore(root)
     for name, (model, arch) in models.items():
-        card = ModelCard(name=name, arch=arch, kwargs={"in_chans": 1, "num_classes": 5}, dataset="digits",
-                         classes=list(range(5)), class_names=[str(i) for i in range(5)], mean=(0.0,), std=(1.0,),
-                         input_size=(1, 8, 8), test_accuracy=0.0)
+        card = ModelCard(
+            name=name,
+            arch=arch,
+            kwargs={"in_chans": 1, "num_classes": 5},
+            dataset="digits",
+            classes=list(range(5)),
+            class_names=[str(i) for i in range(5)],
+            mean=(0.0,),
+            std=(1.0,),
+            input_size=(1, 8, 8),
+            test_accuracy=0.0,
+        )
         store.save(name, model, card)
     return store
 
@@ -153,8 +172,12 @@ def test_branch_for_another_target_is_refused(tmp_path, digits, task, capsys):
     want, have = read_manifest(to_onnx(other, X1))["base_sha256"], sha256(target)
     with pytest.raises(ExportError, match=f"sha256 {want}, but this target's export has sha256 {have}"):
         attach_onnx(tmp_path / "target.onnx", [tmp_path / "z.onnx"], tmp_path / "out.onnx")
-    assert cli.main(["attach", str(tmp_path / "target.onnx"), str(tmp_path / "z.onnx"),
-                     "--out", str(tmp_path / "out.onnx")]) == 2
+    assert (
+        cli.main(
+            ["attach", str(tmp_path / "target.onnx"), str(tmp_path / "z.onnx"), "--out", str(tmp_path / "out.onnx")]
+        )
+        == 2
+    )
     assert have in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target.onnx", "z.onnx"]  # nothing written
 
@@ -174,8 +197,9 @@ def test_identities_on_lenet5_target_with_resnetc20_source(tmp_path, task):
     x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     sess = session(onnx.load(out))
     with torch.no_grad():
-        np.testing.assert_allclose(sess.run([CLONED_OUTPUT], {"input": x.numpy()})[0], net(x).numpy(),
-                                   rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(
+            sess.run([CLONED_OUTPUT], {"input": x.numpy()})[0], net(x).numpy(), rtol=1e-3, atol=1e-5
+        )
 
 
 def test_attach_and_detach_run_without_torch(tmp_path, digits):

@@ -8,6 +8,7 @@
 * random mutations of a real patch file: read_patch/load_patch raise PatchError or give
   back exactly the original, never another exception.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,8 +31,12 @@ from pnc.surgery.tracing import trace
 from pnc.zoo.datasets import load_dataset
 from pnc.zoo.tasks import CloneTask, parse_classes
 
-SETTINGS = settings(derandomize=True, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 # --- random DAG modules ----------------------------------------------------------------
@@ -160,8 +165,12 @@ class CoupledBody(nn.Module):
 
 
 @settings(SETTINGS, max_examples=30)
-@given(program=st.lists(st.sampled_from(BODY_OPS), min_size=1, max_size=4), width=st.integers(2, 6),
-       seed=st.integers(0, 2**16), data=st.data())
+@given(
+    program=st.lists(st.sampled_from(BODY_OPS), min_size=1, max_size=4),
+    width=st.integers(2, 6),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
 def test_structural_pruning_equals_zero_masking(program, width, seed, data):
     torch.manual_seed(seed)
     body = CoupledBody(program, width).eval()
@@ -169,11 +178,18 @@ def test_structural_pruning_equals_zero_masking(program, width, seed, data):
         _randomize_bn(body, torch.Generator().manual_seed(seed))
     x = torch.randn(3, 3, 6, 6)
     masked = MaskedBody(body, x, "NCHW", frozen=[body.head])
-    keep = {g.name: torch.tensor(sorted(data.draw(st.sets(st.integers(0, g.size - 1), min_size=1, max_size=g.size),
-                                                  label=g.name)))
-            for g in masked.groups}
-    vanishing = [a.module for g in masked.groups for a in g.anchors
-                 if len(a.roots) and not set(keep[g.name].tolist()) & set(a.roots.tolist())]
+    keep = {
+        g.name: torch.tensor(
+            sorted(data.draw(st.sets(st.integers(0, g.size - 1), min_size=1, max_size=g.size), label=g.name))
+        )
+        for g in masked.groups
+    }
+    vanishing = [
+        a.module
+        for g in masked.groups
+        for a in g.anchors
+        if len(a.roots) and not set(keep[g.name].tolist()) & set(a.roots.tolist())
+    ]
     if vanishing:  # a concatenated part would lose every channel: refused, never a crash in prune
         with pytest.raises(ValueError, match="concatenated part"):
             masked.set_keep(keep)
@@ -192,8 +208,13 @@ def _assert_pruning_equals_masking(masked: MaskedBody, x: torch.Tensor) -> None:
 
 
 @settings(SETTINGS, max_examples=40)
-@given(program=st.lists(st.sampled_from(BODY_OPS), min_size=1, max_size=4), width=st.integers(2, 6),
-       seed=st.integers(0, 2**16), ratio=st.floats(0.01, 1.0), scope=st.sampled_from(["group", "global"]))
+@given(
+    program=st.lists(st.sampled_from(BODY_OPS), min_size=1, max_size=4),
+    width=st.integers(2, 6),
+    seed=st.integers(0, 2**16),
+    ratio=st.floats(0.01, 1.0),
+    scope=st.sampled_from(["group", "global"]),
+)
 def test_binarized_masks_always_prune_to_the_masked_output(program, width, seed, ratio, scope):
     """What the search keeps (top channels by soft mask) is always prunable, concatenations too."""
     torch.manual_seed(seed)
@@ -208,6 +229,7 @@ def test_binarized_masks_always_prune_to_the_masked_output(program, width, seed,
 
 
 # --- clone tasks ---------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=1)
 def _digits():
@@ -233,13 +255,18 @@ def _valid(target: list[int], source: list[int], clone: list[int] | str, fractio
 
 
 @settings(SETTINGS, max_examples=150)
-@given(target=id_lists, source=id_lists, clone=st.one_of(id_lists, st.sampled_from(["S", "M", "s", "L", ""])),
-       fraction=fractions)
+@given(
+    target=id_lists,
+    source=id_lists,
+    clone=st.one_of(id_lists, st.sampled_from(["S", "M", "s", "L", ""])),
+    fraction=fractions,
+)
 def test_a_clone_task_accepts_exactly_the_valid_ones(target, source, clone, fraction):
     valid = _valid(target, source, clone, fraction)
     try:
-        task = CloneTask(_digits(), list(target), list(source), clone if isinstance(clone, str) else list(clone),
-                         fraction=fraction)
+        task = CloneTask(
+            _digits(), list(target), list(source), clone if isinstance(clone, str) else list(clone), fraction=fraction
+        )
     except TaskError:
         assert not valid, "a valid task was refused"
         return
@@ -269,13 +296,15 @@ def test_disjoint_class_sets_always_make_a_task(classes, data):
         with pytest.raises(TaskError):
             CloneTask(_digits(), target, source, "S")
         return
-    task = CloneTask(_digits(), target, source, data.draw(st.sampled_from(["S", "M"])),
-                     fraction=data.draw(st.floats(1e-6, 1.0)))
-    assert task.clone_classes == source[:len(task.clone_classes)]
+    task = CloneTask(
+        _digits(), target, source, data.draw(st.sampled_from(["S", "M"])), fraction=data.draw(st.floats(1e-6, 1.0))
+    )
+    assert task.clone_classes == source[: len(task.clone_classes)]
     assert 1 <= len(task.clone_classes) <= math.ceil(0.6 * len(source)) + 1
 
 
 # --- mutated patch files -------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=1)
 def _patch(folder: str):
@@ -300,20 +329,25 @@ def _mutate(data: bytes, kind: str, where: int, value: int, size: int) -> bytes:
         return bytes([value]) * size
     where %= len(data)
     if kind == "flip":
-        return data[:where] + bytes([data[where] ^ (value or 1)]) + data[where + 1:]
+        return data[:where] + bytes([data[where] ^ (value or 1)]) + data[where + 1 :]
     if kind == "truncate":
         return data[:where]
     if kind == "insert":
         return data[:where] + bytes([value]) * size + data[where:]
     if kind == "delete":
-        return data[:where] + data[where + size:]
+        return data[:where] + data[where + size :]
     return data[:8] + data[8:][::-1] if kind == "reverse" else data[::-1]
 
 
 @settings(SETTINGS, max_examples=300)
-@given(mutations=st.lists(st.tuples(st.sampled_from(MUTATIONS), st.integers(0, 10**6), st.integers(0, 255),
-                                    st.integers(1, 8)), min_size=1, max_size=3),
-       header_bias=st.booleans())
+@given(
+    mutations=st.lists(
+        st.tuples(st.sampled_from(MUTATIONS), st.integers(0, 10**6), st.integers(0, 255), st.integers(1, 8)),
+        min_size=1,
+        max_size=3,
+    ),
+    header_bias=st.booleans(),
+)
 def test_a_mutated_patch_is_refused_or_loads_identically(patch_dir, tmp_path_factory, mutations, header_bias):
     original, (meta, tensors), target, source, x, reference = _patch(patch_dir)
     header_end = 8 + int.from_bytes(original[:8], "little")
@@ -338,14 +372,24 @@ def _legacy(original: bytes) -> bytes:
     """The same patch as pnc-patch/1 wrote it: no content hash, so nothing vouches for its bytes."""
     from safetensors.torch import load, save
 
-    header = json.loads(original[8:8 + int.from_bytes(original[:8], "little")])["__metadata__"]
+    header = json.loads(original[8 : 8 + int.from_bytes(original[:8], "little")])["__metadata__"]
     meta = json.loads(header["pnc"]) | {"format": "pnc-patch/1"}
     return save(load(original), metadata={"pnc": json.dumps(meta)})
 
 
 @settings(SETTINGS, max_examples=150)
-@given(mutations=st.lists(st.tuples(st.sampled_from(["flip", "flip", "insert", "delete"]), st.integers(0, 10**6),
-                                    st.integers(0, 255), st.integers(1, 4)), min_size=1, max_size=2))
+@given(
+    mutations=st.lists(
+        st.tuples(
+            st.sampled_from(["flip", "flip", "insert", "delete"]),
+            st.integers(0, 10**6),
+            st.integers(0, 255),
+            st.integers(1, 4),
+        ),
+        min_size=1,
+        max_size=2,
+    )
+)
 def test_a_mutated_legacy_patch_never_crashes(patch_dir, mutations):
     """Without a hash a changed weight may load (there is nothing to check it against), but a
     changed structure is PatchError, never another exception."""

@@ -1,6 +1,7 @@
 """`pnc prune`: class-local structural pruning after a cut (pnc.surgery.localization, pnc.bench.cli.prune).
 
 On the digits cnn4 source (classes 5-9, trained in about a second), short mask training."""
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,22 @@ def store(tmp_path_factory) -> ZooStore:
 @pytest.mark.parametrize("classes, names", [("5", ["5"]), ("7,9", ["7", "9"])])
 def test_prune_through_the_cli(tmp_path, store, capsys, classes, names):
     out = tmp_path / "pruned"
-    argv = ["prune", MODEL, "--from", "block2.3", "--classes", classes, "--keep", "0.5", "--out", str(out),
-            "--zoo-dir", str(store.root), "--json", *FAST]
+    argv = [
+        "prune",
+        MODEL,
+        "--from",
+        "block2.3",
+        "--classes",
+        classes,
+        "--keep",
+        "0.5",
+        "--out",
+        str(out),
+        "--zoo-dir",
+        str(store.root),
+        "--json",
+        *FAST,
+    ]
     assert cli.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert sorted(p.name for p in out.iterdir()) == ["prune.json", "suffix.onnx", "suffix.safetensors"]
@@ -72,15 +87,19 @@ def test_prune_through_the_cli(tmp_path, store, capsys, classes, names):
 
 def test_g_guided_masks_keep_the_classes_logits_better_than_random_ones(tmp_path, store):
     spec = "6,8"
-    guided = run_prune(store, MODEL, "block1_2", spec, tmp_path / "g", fraction=0.5,
-                       config=LocalizeConfig(steps=60), progress=False)
+    guided = run_prune(
+        store, MODEL, "block1_2", spec, tmp_path / "g", fraction=0.5, config=LocalizeConfig(steps=60), progress=False
+    )
     gen = torch.Generator().manual_seed(0)
     errors = []
     for i in range(3):
-        random_keep = {n: torch.randperm(g["size"], generator=gen)[: len(g["kept"])].sort().values
-                       for n, g in guided["groups"].items()}
-        rand = run_prune(store, MODEL, "block1_2", spec, tmp_path / f"r{i}", fraction=0.5, progress=False,
-                         keep_override=random_keep)
+        random_keep = {
+            n: torch.randperm(g["size"], generator=gen)[: len(g["kept"])].sort().values
+            for n, g in guided["groups"].items()
+        }
+        rand = run_prune(
+            store, MODEL, "block1_2", spec, tmp_path / f"r{i}", fraction=0.5, progress=False, keep_override=random_keep
+        )
         assert rand["suffix"] == guided["suffix"]  # same shapes: same MACs and params
         assert {n: g["size"] for n, g in rand["groups"].items()} == {n: g["size"] for n, g in guided["groups"].items()}
         errors.append(rand["pruned"]["logit_rel_error"])
@@ -93,12 +112,16 @@ def test_prune_refuses_bad_requests(tmp_path, store, capsys):
     assert cli.main([*base, "--from", "block2_3", "--classes", "3"]) == 2
     assert "classes [3] are not outputs of digits-cnn4-source (it predicts 5 5, 6 6" in capsys.readouterr().err
     assert cli.main([*base, "--from", "nope", "--classes", "5"]) == 2
-    assert "'nope' is neither a cut point nor a module holding one; the block cuts are block1_2, block2_3" in \
-        capsys.readouterr().err
+    assert (
+        "'nope' is neither a cut point nor a module holding one; the block cuts are block1_2, block2_3"
+        in capsys.readouterr().err
+    )
     model, card = store.load(MODEL)
     from pnc.surgery.tracing import trace
 
-    last = find_cut(cut_points(trace(model, torch.zeros(2, *card.input_size)), verify=False), "pool.1")  # only the classifier follows
+    last = find_cut(
+        cut_points(trace(model, torch.zeros(2, *card.input_size)), verify=False), "pool.1"
+    )  # only the classifier follows
     assert cli.main([*base, "--from", last.node, "--classes", "5"]) == 2
     assert "nothing to prune after" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:  # a share out of range is refused while parsing

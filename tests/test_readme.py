@@ -1,4 +1,5 @@
 """The README's Python example runs as written (on the digits pair, in a scratch folder)."""
+
 from __future__ import annotations
 
 import re

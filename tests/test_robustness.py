@@ -1,5 +1,6 @@
 """Issue 12's findings, one regression test each: bad input gives one typed error line (exit 2)
 before any work, never a traceback, a silent wrong result or a lost file."""
+
 from __future__ import annotations
 
 import json
@@ -55,18 +56,20 @@ def _clone(zoo: Path, out: Path, *extra: str) -> list[str]:
 
 def test_same_class_cloned_twice_is_refused_before_any_work(tiny_zoo, tmp_path, capsys):
     out = tmp_path / "run"
-    _fails(_clone(tiny_zoo, out, "--classes", "7", "--source", "s", "--classes", "7"), capsys,
-           "'7'", "cloned twice")
+    _fails(_clone(tiny_zoo, out, "--classes", "7", "--source", "s", "--classes", "7"), capsys, "'7'", "cloned twice")
     _fails(_clone(tiny_zoo, out, "--classes", "5-6", "--source", "s", "--classes", "6,7"), capsys, "cloned twice")
     _fails(_clone(tiny_zoo, out, "--classes", "S", "--source", "s", "--classes", "5"), capsys, "cloned twice")
     assert not out.exists()
 
 
-@pytest.mark.parametrize("make, expected", [
-    (lambda d: (d / "file").write_text("x") and d / "file", "is a file, not a folder"),
-    (lambda d: (d / "file").write_text("x") and d / "file" / "sub", "is a file, not a folder"),
-    (lambda d: Path("/proc/pnc-out"), "cannot write in /proc"),
-])
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda d: (d / "file").write_text("x") and d / "file", "is a file, not a folder"),
+        (lambda d: (d / "file").write_text("x") and d / "file" / "sub", "is a file, not a folder"),
+        (lambda d: Path("/proc/pnc-out"), "cannot write in /proc"),
+    ],
+)
 def test_clone_out_that_cannot_be_written(tiny_zoo, tmp_path, capsys, make, expected):
     out = make(tmp_path)
     before = _listing(tmp_path)
@@ -80,8 +83,11 @@ def test_export_and_detach_out_that_cannot_be_written(tiny_zoo, tmp_path, capsys
     assert main(["export", "t", "--out", str(onnx_file), "--zoo-dir", str(tiny_zoo)]) == 0
     capsys.readouterr()
     before = _listing(tmp_path)
-    for out, text in (("/proc/x.onnx", "cannot write in /proc"), (str(tmp_path / "file" / "x.onnx"), "is a file"),
-                      (str(tmp_path), "is a folder")):
+    for out, text in (
+        ("/proc/x.onnx", "cannot write in /proc"),
+        (str(tmp_path / "file" / "x.onnx"), "is a file"),
+        (str(tmp_path), "is a folder"),
+    ):
         _fails(["export", "t", "--out", out, "--zoo-dir", str(tiny_zoo)], capsys, text)
         _fails(["detach", str(onnx_file), "--all", "--out", out], capsys, text)
     _fails(["detach", str(onnx_file), "--all", "--out", str(onnx_file)], capsys, "is the input file")
@@ -118,8 +124,21 @@ def test_unsupported_opset_refused_before_export(tiny_zoo, tmp_path, capsys, ops
 
 def test_supported_opset_range_ends_export(tiny_zoo, tmp_path, capsys):
     for opset in (OPSETS.start, OPSETS.stop - 1):
-        assert main(["export", "t", "--out", str(tmp_path / f"{opset}.onnx"), "--opset", str(opset),
-                     "--zoo-dir", str(tiny_zoo)]) == 0
+        assert (
+            main(
+                [
+                    "export",
+                    "t",
+                    "--out",
+                    str(tmp_path / f"{opset}.onnx"),
+                    "--opset",
+                    str(opset),
+                    "--zoo-dir",
+                    str(tiny_zoo),
+                ]
+            )
+            == 0
+        )
     with pytest.raises(ExportError, match="use 9-20"):
         check_opset(OPSETS.stop)
 
@@ -130,17 +149,23 @@ def test_zoo_train_into_a_zoo_dir_that_is_a_file_refused_before_training(tmp_pat
     monkeypatch.setattr(pnc.zoo.train, "train_zoo_model", lambda *a, **k: pytest.fail("trained anyway"))
     (tmp_path / "zoo").write_text("not a folder")
     monkeypatch.setenv("PNC_ZOO_DIR", str(tmp_path / "zoo"))
-    _fails(["zoo", "train", "--arch", "cnn4", "--dataset", "digits", "--classes", "0-4", "--name", "x"], capsys,
-           "is a file")
+    _fails(
+        ["zoo", "train", "--arch", "cnn4", "--dataset", "digits", "--classes", "0-4", "--name", "x"],
+        capsys,
+        "is a file",
+    )
 
 
-@pytest.mark.parametrize("card, reason", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "expected a JSON object, got a list"),
-    ('{"name": "bad"}', "missing fields 'arch'"),
-    ("DROP mean", "missing field 'mean'"),
-    ("BAD classes", "bad field 'classes'"),
-])
+@pytest.mark.parametrize(
+    "card, reason",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object, got a list"),
+        ('{"name": "bad"}', "missing fields 'arch'"),
+        ("DROP mean", "missing field 'mean'"),
+        ("BAD classes", "bad field 'classes'"),
+    ],
+)
 def test_one_broken_card_does_not_break_the_zoo(zoo_copy, capsys, card, reason):
     good = json.loads((zoo_copy / "t" / "card.json").read_text())
     if card == "DROP mean":
@@ -163,12 +188,35 @@ def test_one_broken_card_does_not_break_the_zoo(zoo_copy, capsys, card, reason):
 
 def test_patch_for_other_weights_names_the_hash_zoo_show_prints(zoo_copy, tiny_run, capsys):
     patch = tiny_run / "clone.pnc"
-    meta_source = json.loads(json.loads(patch.read_bytes()[8:8 + int.from_bytes(patch.read_bytes()[:8], "little")])
-                             ["__metadata__"]["pnc"])["branches"][0]["source"]["sha256"]
+    meta_source = json.loads(
+        json.loads(patch.read_bytes()[8 : 8 + int.from_bytes(patch.read_bytes()[:8], "little")])["__metadata__"]["pnc"]
+    )["branches"][0]["source"]["sha256"]
     assert main(["zoo", "show", "s", "--json", "--zoo-dir", str(zoo_copy)]) == 0
     assert json.loads(capsys.readouterr().out)["state_dict_sha256"] == meta_source  # matchable before...
-    assert main(["zoo", "train", "--arch", "cnn4", "--dataset", "digits", "--classes", "5-9", "--name", "s",
-                 "--epochs", "1", "--seed", "9", "--force", "--zoo-dir", str(zoo_copy)]) == 0
+    assert (
+        main(
+            [
+                "zoo",
+                "train",
+                "--arch",
+                "cnn4",
+                "--dataset",
+                "digits",
+                "--classes",
+                "5-9",
+                "--name",
+                "s",
+                "--epochs",
+                "1",
+                "--seed",
+                "9",
+                "--force",
+                "--zoo-dir",
+                str(zoo_copy),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["zoo", "show", "s", "--json", "--zoo-dir", str(zoo_copy)]) == 0
     now = json.loads(capsys.readouterr().out)["state_dict_sha256"]
@@ -178,8 +226,24 @@ def test_patch_for_other_weights_names_the_hash_zoo_show_prints(zoo_copy, tiny_r
 
 def test_zoo_train_over_an_existing_model_needs_force(zoo_copy, capsys):
     card = (zoo_copy / "t" / "card.json").read_bytes()
-    argv = ["zoo", "train", "--arch", "cnn4", "--dataset", "digits", "--classes", "0-4", "--name", "t",
-            "--epochs", "1", "--seed", "5", "--zoo-dir", str(zoo_copy)]
+    argv = [
+        "zoo",
+        "train",
+        "--arch",
+        "cnn4",
+        "--dataset",
+        "digits",
+        "--classes",
+        "0-4",
+        "--name",
+        "t",
+        "--epochs",
+        "1",
+        "--seed",
+        "5",
+        "--zoo-dir",
+        str(zoo_copy),
+    ]
     _fails(argv, capsys, "already exists", "--force")
     assert (zoo_copy / "t" / "card.json").read_bytes() == card
     assert main(argv + ["--force"]) == 0

@@ -1,16 +1,17 @@
 """Splitting at cut points: exactness, parameter sharing, batch sizes, errors."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from test_cut_points import ResidualConcat
 from torch import nn
 
 from pnc.surgery.cuts import cut_points
-from pnc.zoo.resolve import resolve_model
 from pnc.surgery.errors import CutError
 from pnc.surgery.splitting import extract, split
 from pnc.surgery.tracing import default_input, evaluating, trace
-from test_cut_points import ResidualConcat
+from pnc.zoo.resolve import resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,8 @@ def user_traced():
 
 
 @pytest.mark.parametrize(
-    "name,size", [("resnet18", (3, 32, 32)), ("vit_tiny_patch16_224", (3, 32, 32)), ("swin_tiny_patch4_window7_224", (3, 32, 32))]
+    "name,size",
+    [("resnet18", (3, 32, 32)), ("vit_tiny_patch16_224", (3, 32, 32)), ("swin_tiny_patch4_window7_224", (3, 32, 32))],
 )
 def test_block_splits_are_exact_at_another_batch_size(name, size):
     torch.manual_seed(0)

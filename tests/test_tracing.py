@@ -1,4 +1,5 @@
 """Tracing: shape specialisation, batch generality, parameter sharing, errors."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,5 +1,6 @@
 """Surgery verbs on any model: `pnc split`, `pnc extract`, `pnc cuts` on zoo models and
 checkpoints, `pnc zoo import` / `pnc zoo export` (a timm model trained elsewhere becomes clonable)."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,13 @@ def test_split_resnet18_onnx_pieces_match_the_model(tmp_path, capsys):
     node = json.loads(capsys.readouterr().out)["cuts"][2]["node"]  # a listed block cut
     out = tmp_path / "d"
     assert main(["split", "resnet18", "--cut", node, "--input-size", "3,64,64", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["pieces.json", "prefix.onnx", "prefix.safetensors",
-                                                     "suffix.onnx", "suffix.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "pieces.json",
+        "prefix.onnx",
+        "prefix.safetensors",
+        "suffix.onnx",
+        "suffix.safetensors",
+    ]
     # the command checked the composition against the model it built, in PyTorch and onnxruntime
     spec = json.loads((out / "pieces.json").read_text())
     assert spec["cut"] == node and spec["check"]["onnx_max_abs"] <= 1e-5 and spec["check"]["torch_equal"]
@@ -51,8 +57,29 @@ def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("verbs")
     zoo_dir = str(root / "zoo")
     for name, classes, seed in (("t", "0-4", 1), ("s", "5-9", 2)):
-        assert main(["zoo", "train", "--arch", "cnn4", "--dataset", "digits", "--classes", classes, "--name", name,
-                     "--epochs", "6", "--seed", str(seed), "--zoo-dir", zoo_dir]) == 0
+        assert (
+            main(
+                [
+                    "zoo",
+                    "train",
+                    "--arch",
+                    "cnn4",
+                    "--dataset",
+                    "digits",
+                    "--classes",
+                    classes,
+                    "--name",
+                    name,
+                    "--epochs",
+                    "6",
+                    "--seed",
+                    str(seed),
+                    "--zoo-dir",
+                    zoo_dir,
+                ]
+            )
+            == 0
+        )
     return root, zoo_dir
 
 
@@ -87,27 +114,134 @@ def test_zoo_import_of_a_timm_model_makes_it_clonable_and_export_round_trips(zoo
     fit(timm_model, select_classes(splits.train, list(range(5, 10))), epochs=4, lr=0.05, seed=3, progress=False)
     weights = root / "resnet10t.safetensors"
     save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, str(weights))
-    assert main(["zoo", "import", "r10", "--arch", "resnet10t", "--weights", str(weights), "--dataset", "digits",
-                 "--classes", "5-9", "--zoo-dir", zoo_dir]) == 0
+    assert (
+        main(
+            [
+                "zoo",
+                "import",
+                "r10",
+                "--arch",
+                "resnet10t",
+                "--weights",
+                str(weights),
+                "--dataset",
+                "digits",
+                "--classes",
+                "5-9",
+                "--zoo-dir",
+                zoo_dir,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     card = json.loads((root / "zoo" / "r10" / "card.json").read_text())
     assert card["arch"] == "resnet10t" and card["classes"] == [5, 6, 7, 8, 9] and card["test_accuracy"] > 0.5
-    assert main(["clone", "--target", "t", "--source", "r10", "--classes", "7", "--out", str(root / "c"),
-                 "--zoo-dir", zoo_dir, "--json"]) == 0
+    assert (
+        main(
+            [
+                "clone",
+                "--target",
+                "t",
+                "--source",
+                "r10",
+                "--classes",
+                "7",
+                "--out",
+                str(root / "c"),
+                "--zoo-dir",
+                zoo_dir,
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["tar_acc"] > 0.5 and report["ori_acc"] > 0.5
 
     # the same weights as a .pt state dict load with weights_only=True; a pickled object is refused
     torch.save(timm_model.state_dict(), root / "r10.pt")
-    assert main(["zoo", "import", "r10pt", "--arch", "resnet10t", "--weights", str(root / "r10.pt"),
-                 "--dataset", "digits", "--classes", "5-9", "--zoo-dir", zoo_dir]) == 0
+    assert (
+        main(
+            [
+                "zoo",
+                "import",
+                "r10pt",
+                "--arch",
+                "resnet10t",
+                "--weights",
+                str(root / "r10.pt"),
+                "--dataset",
+                "digits",
+                "--classes",
+                "5-9",
+                "--zoo-dir",
+                zoo_dir,
+            ]
+        )
+        == 0
+    )
     torch.save({"model": timm_model}, root / "whole.pt")  # a pickled nn.Module, not a state dict
-    assert main(["zoo", "import", "bad", "--arch", "resnet10t", "--weights", str(root / "whole.pt"),
-                 "--dataset", "digits", "--classes", "5-9", "--zoo-dir", zoo_dir]) == 2
-    assert main(["zoo", "import", "bad", "--arch", "cnn4", "--weights", str(weights), "--dataset", "digits",
-                 "--classes", "5-9", "--zoo-dir", zoo_dir]) == 2  # other architecture: strict load fails
-    assert main(["zoo", "import", "r10", "--arch", "resnet10t", "--weights", str(weights), "--dataset", "digits",
-                 "--classes", "5-9", "--zoo-dir", zoo_dir]) == 2  # the name is taken
+    assert (
+        main(
+            [
+                "zoo",
+                "import",
+                "bad",
+                "--arch",
+                "resnet10t",
+                "--weights",
+                str(root / "whole.pt"),
+                "--dataset",
+                "digits",
+                "--classes",
+                "5-9",
+                "--zoo-dir",
+                zoo_dir,
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "zoo",
+                "import",
+                "bad",
+                "--arch",
+                "cnn4",
+                "--weights",
+                str(weights),
+                "--dataset",
+                "digits",
+                "--classes",
+                "5-9",
+                "--zoo-dir",
+                zoo_dir,
+            ]
+        )
+        == 2
+    )  # other architecture: strict load fails
+    assert (
+        main(
+            [
+                "zoo",
+                "import",
+                "r10",
+                "--arch",
+                "resnet10t",
+                "--weights",
+                str(weights),
+                "--dataset",
+                "digits",
+                "--classes",
+                "5-9",
+                "--zoo-dir",
+                zoo_dir,
+            ]
+        )
+        == 2
+    )  # the name is taken
     err = capsys.readouterr().err
     assert "never unpickles" in err and "does not fit cnn4" in err and "--force" in err
     assert not (root / "zoo" / "bad").exists()

@@ -1,4 +1,5 @@
 """IDX parsing, dataset loading, class specs and clone-task validation (pnc.zoo)."""
+
 from __future__ import annotations
 
 import gzip
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from pnc.surgery.errors import DataError, TaskError
-from pnc.zoo.datasets import ImageData, DatasetSplits, load_dataset
+from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
 from pnc.zoo.idx import read_idx
 from pnc.zoo.tasks import CloneTask, parse_classes, select_classes
 
@@ -30,14 +31,17 @@ def test_read_idx_raw_gz_and_dtypes(tmp_path):
     assert read_idx(tmp_path / "b").tolist() == [-5, 70000, 3]
 
 
-@pytest.mark.parametrize("mutate, words", [
-    (lambda raw: b"\x08\x03" + raw[2:], "bad magic"),
-    (lambda raw: raw[:2] + b"\x42" + raw[3:], "bad magic"),
-    (lambda raw: raw[:6], "truncated inside its header"),
-    (lambda raw: raw[:-5], "truncated"),
-    (lambda raw: raw + b"\x00", "longer than its header"),
-    (lambda raw: gzip.compress(raw)[:-12], "gzip"),
-])
+@pytest.mark.parametrize(
+    "mutate, words",
+    [
+        (lambda raw: b"\x08\x03" + raw[2:], "bad magic"),
+        (lambda raw: raw[:2] + b"\x42" + raw[3:], "bad magic"),
+        (lambda raw: raw[:6], "truncated inside its header"),
+        (lambda raw: raw[:-5], "truncated"),
+        (lambda raw: raw + b"\x00", "longer than its header"),
+        (lambda raw: gzip.compress(raw)[:-12], "gzip"),
+    ],
+)
 def test_read_idx_rejects_corrupt_files(tmp_path, mutate, words):
     raw = _idx_bytes(np.zeros((4, 5, 5), dtype=np.uint8))
     path = tmp_path / "train-images-idx3-ubyte"
@@ -50,10 +54,12 @@ def test_read_idx_rejects_corrupt_files(tmp_path, mutate, words):
 def _write_mnist_folder(folder, n_train=30, n_test=10, gz=True):
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
-    parts = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-             "train-labels-idx1-ubyte": (np.arange(n_train) % 10).astype(np.uint8),
-             "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-             "t10k-labels-idx1-ubyte": (np.arange(n_test) % 10).astype(np.uint8)}
+    parts = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": (np.arange(n_train) % 10).astype(np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": (np.arange(n_test) % 10).astype(np.uint8),
+    }
     for stem, array in parts.items():
         raw = _idx_bytes(array)
         (folder / (stem + (".gz" if gz else ""))).write_bytes(gzip.compress(raw) if gz else raw)
@@ -127,8 +133,14 @@ def test_parse_classes_forms_and_errors():
     assert parse_classes("Sandal,bag", NAMES) == [5, 8]
     assert parse_classes("1-2,Bag", NAMES) == [1, 2, 8]
     assert parse_classes([9, "Trouser"], NAMES) == [9, 1]
-    for bad, words in (("3-12", "out of range"), ("Sock", "unknown class"), ("4-2", "empty"),
-                       ("", "empty"), ("1,1", "more than once"), ([10], "out of range")):
+    for bad, words in (
+        ("3-12", "out of range"),
+        ("Sock", "unknown class"),
+        ("4-2", "empty"),
+        ("", "empty"),
+        ("1,1", "more than once"),
+        ([10], "out of range"),
+    ):
         with pytest.raises(TaskError, match=words):
             parse_classes(bad, NAMES)
 
@@ -136,16 +148,22 @@ def test_parse_classes_forms_and_errors():
 def _toy_splits(per_class=10) -> DatasetSplits:
     y = torch.arange(10).repeat_interleave(per_class)
     x = torch.arange(len(y), dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone()
-    return DatasetSplits("toy", ImageData(x, y), ImageData(x[::2].clone(), y[::2].clone()), NAMES,
-                         (0.0,), (1.0,), (1, 2, 2))
+    return DatasetSplits(
+        "toy", ImageData(x, y), ImageData(x[::2].clone(), y[::2].clone()), NAMES, (0.0,), (1.0,), (1, 2, 2)
+    )
 
 
 def test_clone_task_validation():
     ds = _toy_splits()
-    for args, words in ((([0, 1], [1, 2], [2]), "overlap"), (([], [5], [5]), "target class set is empty"),
-                        (([0], [5, 6], []), "clone class set is empty"),
-                        (([0], [5, 6], [7]), "not source classes"), (([0], [5, 12], [5]), "out of range"),
-                        (([0], [5, 6], "L"), "unknown clone preset"), (([0, 0], [5], [5]), "duplicates")):
+    for args, words in (
+        (([0, 1], [1, 2], [2]), "overlap"),
+        (([], [5], [5]), "target class set is empty"),
+        (([0], [5, 6], []), "clone class set is empty"),
+        (([0], [5, 6], [7]), "not source classes"),
+        (([0], [5, 12], [5]), "out of range"),
+        (([0], [5, 6], "L"), "unknown clone preset"),
+        (([0, 0], [5], [5]), "duplicates"),
+    ):
         with pytest.raises(TaskError, match=words):
             CloneTask(ds, *args)
     for fraction in (0.0, 1.5):
@@ -163,8 +181,7 @@ def test_clone_task_presets_and_labels():
     assert task.source_label_index() == [2, 0]
     assert task.num_outputs == 4
     tt = task.target_train()
-    assert set(tt.y.tolist()) == {0, 1} and torch.equal(ds.train.y[tt.x[:, 0, 0, 0].long()],
-                                                        torch.tensor([3, 1])[tt.y])
+    assert set(tt.y.tolist()) == {0, 1} and torch.equal(ds.train.y[tt.x[:, 0, 0, 0].long()], torch.tensor([3, 1])[tt.y])
     st = task.source_test()
     assert torch.equal(ds.train.y[st.x[:, 0, 0, 0].long()], torch.tensor([9, 7, 5])[st.y])
     clone = task.clone_set()
@@ -213,6 +230,7 @@ def test_cifar10_binary_version_without_pickle(tmp_path):
             pixels[label % 3] = 255  # one colour plane per record
             rows.append(bytes([label]) + pixels.tobytes())
         return b"".join(rows)
+
     for i in range(1, 6):
         (root / f"data_batch_{i}.bin").write_bytes(records([i, i + 2]))
     (root / "test_batch.bin").write_bytes(records([0, 9, 4]))

@@ -1,4 +1,5 @@
 """Architectures and the hash-verified checkpoint store (pnc.zoo)."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,22 @@ import torch
 from torch import nn
 
 from pnc.surgery.errors import ConfigError, ModelNotFoundError, StoreError
-from pnc.zoo import archs
 from pnc.surgery.io import file_sha256, state_dict_sha256
+from pnc.zoo import archs
 from pnc.zoo.store import ModelCard, ZooStore, default_zoo_dir
 
 
-@pytest.mark.parametrize("name, size, blocks", [
-    ("lenet5", (1, 28, 28), 3), ("lenet5", (3, 32, 32), 3), ("lenet5", (1, 8, 8), 3),
-    ("cnn4", (1, 8, 8), 4), ("resnetc20", (3, 32, 32), 4), ("resnetc20", (1, 28, 28), 4),
-])
+@pytest.mark.parametrize(
+    "name, size, blocks",
+    [
+        ("lenet5", (1, 28, 28), 3),
+        ("lenet5", (3, 32, 32), 3),
+        ("lenet5", (1, 8, 8), 3),
+        ("cnn4", (1, 8, 8), 4),
+        ("resnetc20", (3, 32, 32), 4),
+        ("resnetc20", (1, 28, 28), 4),
+    ],
+)
 def test_our_archs_shapes_blocks_and_head(name, size, blocks):
     torch.manual_seed(0)
     model = archs.create(name, num_classes=7, **archs.input_kwargs(name, size)).eval()
@@ -69,9 +77,20 @@ def test_state_dict_sha256_is_a_content_hash():
 
 
 def _card(model: nn.Module, **kwargs) -> ModelCard:
-    return ModelCard(name="x", arch="cnn4", kwargs={"in_chans": 1, "num_classes": 3, "width": 4},
-                     dataset="digits", classes=[0, 1, 2], class_names=["0", "1", "2"], mean=(0.3,),
-                     std=(0.4,), input_size=(1, 8, 8), test_accuracy=0.5, recipe={"epochs": 1}, **kwargs)
+    return ModelCard(
+        name="x",
+        arch="cnn4",
+        kwargs={"in_chans": 1, "num_classes": 3, "width": 4},
+        dataset="digits",
+        classes=[0, 1, 2],
+        class_names=["0", "1", "2"],
+        mean=(0.3,),
+        std=(0.4,),
+        input_size=(1, 8, 8),
+        test_accuracy=0.5,
+        recipe={"epochs": 1},
+        **kwargs,
+    )
 
 
 def test_store_round_trip(tmp_path):

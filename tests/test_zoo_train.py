@@ -1,18 +1,18 @@
 """Training, resume-after-interrupt determinism, zoo training and defaults (pnc.zoo)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from pnc.surgery.errors import ModelNotFoundError
+from pnc.surgery.io import state_dict_sha256
 from pnc.zoo import archs
 from pnc.zoo.datasets import load_dataset
 from pnc.zoo.defaults import DEFAULTS, default_pair, ensure_default
-from pnc.surgery.io import state_dict_sha256
 from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import select_classes
 from pnc.zoo.train import evaluate, fit, predict_logits, train_zoo_model
-
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +51,32 @@ class Interrupt(Exception):
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_resume_after_interrupt_gives_the_same_weights(digits, tmp_path, optimizer):
     train = select_classes(digits.train, range(5))
-    settings = dict(epochs=3, lr=0.02 if optimizer == "sgd" else 0.003, seed=7, batch_size=64,
-                    augment=True, progress=False, optimizer=optimizer)
+    settings = dict(
+        epochs=3,
+        lr=0.02 if optimizer == "sgd" else 0.003,
+        seed=7,
+        batch_size=64,
+        augment=True,
+        progress=False,
+        optimizer=optimizer,
+    )
     straight = fit(_model(), train, **settings)
 
     def stop_after_first(epoch: int, loss: float) -> None:
         if epoch == 1:
             raise Interrupt
+
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Interrupt):
         fit(_model(), train, checkpoint=ckpt, on_epoch_end=stop_after_first, **settings)
     epochs_done = []
-    resumed = fit(_model(seed=99), train, checkpoint=ckpt,  # other init: the checkpoint must win
-                  on_epoch_end=lambda e, _: epochs_done.append(e), **settings)
+    resumed = fit(
+        _model(seed=99),
+        train,
+        checkpoint=ckpt,  # other init: the checkpoint must win
+        on_epoch_end=lambda e, _: epochs_done.append(e),
+        **settings,
+    )
     assert epochs_done == [2, 3]
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
@@ -75,8 +88,17 @@ def test_checkpoint_of_other_settings_is_not_resumed(digits, tmp_path):
     ckpt = tmp_path / "ckpt"
     fit(_model(), train, epochs=1, lr=0.05, seed=0, batch_size=64, checkpoint=ckpt, progress=False)
     epochs_done = []
-    fit(_model(), train, epochs=1, lr=0.01, seed=0, batch_size=64, checkpoint=ckpt, progress=False,
-        on_epoch_end=lambda e, _: epochs_done.append(e))
+    fit(
+        _model(),
+        train,
+        epochs=1,
+        lr=0.01,
+        seed=0,
+        batch_size=64,
+        checkpoint=ckpt,
+        progress=False,
+        on_epoch_end=lambda e, _: epochs_done.append(e),
+    )
     assert epochs_done == [1]  # trained again instead of loading the lr=0.05 run
 
 
@@ -89,8 +111,18 @@ def test_fit_custom_loss_and_params(digits):
     def loss_fn(m, x, y):
         calls.append(len(x))
         return torch.nn.functional.cross_entropy(m(x), y)
-    fit(model, train, epochs=1, lr=0.05, seed=0, batch_size=64, loss_fn=loss_fn,
-        params=model.head.parameters(), progress=False)
+
+    fit(
+        model,
+        train,
+        epochs=1,
+        lr=0.05,
+        seed=0,
+        batch_size=64,
+        loss_fn=loss_fn,
+        params=model.head.parameters(),
+        progress=False,
+    )
     assert sum(calls) == len(train) // 64 * 64
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in frozen.items() if "running" not in k and "num_batches" not in k)
@@ -98,8 +130,19 @@ def test_fit_custom_loss_and_params(digits):
 
 def test_train_zoo_model_and_ensure_default(digits, tmp_path):
     store = ZooStore(tmp_path)
-    card = train_zoo_model(store, "d-src", "cnn4", digits, "5-9", epochs=3, lr=0.05, seed=1,
-                           arch_kwargs={"width": 8}, batch_size=32, progress=False)
+    card = train_zoo_model(
+        store,
+        "d-src",
+        "cnn4",
+        digits,
+        "5-9",
+        epochs=3,
+        lr=0.05,
+        seed=1,
+        arch_kwargs={"width": 8},
+        batch_size=32,
+        progress=False,
+    )
     assert card.classes == [5, 6, 7, 8, 9] and card.kwargs["num_classes"] == 5
     assert card.test_accuracy > 0.85 and card.recipe["optimizer"] == "sgd"
     assert not (tmp_path / "d-src" / ".ckpt").exists()

@@ -7,6 +7,7 @@ module paths of the block-level cut modules, and the classifier is the ``nn.Line
 ``forward_features`` (before the head), ``forward_head``, ``num_features`` and
 ``num_classes``.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -60,8 +61,9 @@ class LeNet5(_Classifier):
             raise ConfigError(f"lenet5 needs img_size >= 4, got {img_size}; pass the side of your images")
         self.block1 = nn.Sequential(nn.Conv2d(in_chans, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))
         self.block2 = nn.Sequential(nn.Conv2d(6, 16, 5, padding=pad2), nn.ReLU(), nn.MaxPool2d(2))
-        self.block3 = nn.Sequential(nn.Flatten(), nn.Linear(16 * out * out, 120), nn.ReLU(),
-                                    nn.Linear(120, 84), nn.ReLU())
+        self.block3 = nn.Sequential(
+            nn.Flatten(), nn.Linear(16 * out * out, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU()
+        )
         self.head = nn.Linear(84, num_classes)
         self.pnc_blocks = ["block1", "block2", "block3"]
 
@@ -71,8 +73,11 @@ class LeNet5(_Classifier):
 
 
 def _conv_bn(cin: int, cout: int, pool: bool) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                               nn.ReLU(inplace=True)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    ]
     return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
 
 
@@ -105,8 +110,11 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.act = nn.ReLU(inplace=True)
-        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.act(self.bn1(self.conv1(x)))
@@ -117,14 +125,14 @@ class ResNetC20(_Classifier):
     """CIFAR-style ResNet-20 (He et al. 2016): stem conv3x3(w) | 3 stages x 3 basic blocks,
     widths w/2w/4w (default 16/32/64), strides 1/2/2 | global average pool | linear head."""
 
-    def __init__(self, in_chans: int = 3, num_classes: int = 10, width: int = 16,
-                 depth: int = 20) -> None:
+    def __init__(self, in_chans: int = 3, num_classes: int = 10, width: int = 16, depth: int = 20) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ConfigError(f"resnetc depth must be 6n+2 (20, 32, 44, 56), got {depth}")
         n = (depth - 2) // 6
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
         widths = [width, 2 * width, 4 * width]
         cin = width
         for i, (cout, stride) in enumerate(zip(widths, (1, 2, 2)), start=1):
@@ -194,8 +202,10 @@ def create(name: str, in_chans: int = 3, num_classes: int = 1000, **kwargs) -> n
     if not timm.is_model(name):
         known = list_archs() + timm.list_models()
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
-        hint = f"did you mean {', '.join(close)}?" if close else \
-            f"use one of {', '.join(list_archs())} or a name from timm.list_models()"
+        hint = (
+            f"did you mean {', '.join(close)}?"
+            if close
+            else f"use one of {', '.join(list_archs())} or a name from timm.list_models()"
+        )
         raise ModelNotFoundError(f"unknown architecture {name!r}; {hint}")
     return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_classes, **kwargs)
-

@@ -5,6 +5,7 @@ model's card (architecture, kwargs, classes, input size), so a file alone is a m
 (``pnc cuts model.safetensors``). Weights come in as safetensors, or as a ``.pt``/``.pth``
 state dict read with ``torch.load(weights_only=True)``; nothing else is unpickled.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,15 +51,21 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
                     state = state[key]
             if isinstance(state, Mapping) and state and all(isinstance(v, Tensor) for v in state.values()):
                 return dict(state)
-            raise StoreError(f"{path} holds no state dict of tensors; save one with "
-                             "`safetensors.torch.save_file(model.state_dict(), 'model.safetensors')`")
+            raise StoreError(
+                f"{path} holds no state dict of tensors; save one with "
+                "`safetensors.torch.save_file(model.state_dict(), 'model.safetensors')`"
+            )
     except pickle.UnpicklingError:
-        raise StoreError(f"{path} holds Python objects besides tensors, which pnc never unpickles; save the "
-                         "state dict alone (`torch.save(model.state_dict(), path)`) or as safetensors") from None
+        raise StoreError(
+            f"{path} holds Python objects besides tensors, which pnc never unpickles; save the "
+            "state dict alone (`torch.save(model.state_dict(), path)`) or as safetensors"
+        ) from None
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
         raise StoreError(f"{path} is not a readable weights file ({type(err).__name__}: {err})") from None
-    raise StoreError(f"{path}: weights must be .safetensors or a .pt/.pth state dict (read with "
-                     "weights_only=True); other formats are refused")
+    raise StoreError(
+        f"{path}: weights must be .safetensors or a .pt/.pth state dict (read with "
+        "weights_only=True); other formats are refused"
+    )
 
 
 def _strict_model(arch: str, kwargs: dict[str, Any], state: Mapping[str, Tensor], source: str) -> nn.Module:
@@ -67,17 +74,21 @@ def _strict_model(arch: str, kwargs: dict[str, Any], state: Mapping[str, Tensor]
         model.load_state_dict(dict(state), strict=True)
     except RuntimeError as err:
         first = str(err).strip().splitlines()
-        raise StoreError(f"{source} does not fit {arch}({json.dumps(kwargs)}): "
-                         f"{' '.join(line.strip() for line in first[:3])}; check --arch, --classes and "
-                         "--input-size (or --arch-kwargs)") from None
+        raise StoreError(
+            f"{source} does not fit {arch}({json.dumps(kwargs)}): "
+            f"{' '.join(line.strip() for line in first[:3])}; check --arch, --classes and "
+            "--input-size (or --arch-kwargs)"
+        ) from None
     return model.eval()
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, ModelCard]:
     """(model in eval mode, its card) of a file written by :func:`export_model`."""
     path = Path(path)
-    hint = (f"register it first with `pnc zoo import NAME --arch ARCH --weights {path} --dataset D "
-            "--classes SPEC`, then use NAME")
+    hint = (
+        f"register it first with `pnc zoo import NAME --arch ARCH --weights {path} --dataset D "
+        "--classes SPEC`, then use NAME"
+    )
     if path.suffix != ".safetensors":
         raise StoreError(f"{path} carries no pnc card; {hint}")
     try:
@@ -91,10 +102,19 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, ModelCard]:
     return _strict_model(card.arch, card.kwargs, read_state_dict(path), str(path)), card
 
 
-def import_model(store: ZooStore, name: str, arch: str, weights: str | Path, dataset: str,
-                 classes: str | Sequence[int | str], *, input_size: tuple[int, int, int] | None = None,
-                 arch_kwargs: dict[str, Any] | None = None, data_dir: str | None = None,
-                 force: bool = False) -> ModelCard:
+def import_model(
+    store: ZooStore,
+    name: str,
+    arch: str,
+    weights: str | Path,
+    dataset: str,
+    classes: str | Sequence[int | str],
+    *,
+    input_size: tuple[int, int, int] | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    data_dir: str | None = None,
+    force: bool = False,
+) -> ModelCard:
     """Register a model trained elsewhere: build ``arch`` for ``dataset``'s input size (or
     ``input_size``) with one output per class of ``classes``, load ``weights`` strictly,
     run it and measure its accuracy on those classes' test images, save it with its card."""
@@ -104,18 +124,28 @@ def import_model(store: ZooStore, name: str, arch: str, weights: str | Path, dat
     class_ids = parse_classes(classes, splits.classes)
     size = tuple(input_size) if input_size is not None else splits.input_size
     if size != tuple(splits.input_size):
-        raise StoreError(f"{dataset} images are {tuple(splits.input_size)} but --input-size says {size}; "
-                         "a zoo model is evaluated on its dataset's images")
+        raise StoreError(
+            f"{dataset} images are {tuple(splits.input_size)} but --input-size says {size}; "
+            "a zoo model is evaluated on its dataset's images"
+        )
     kwargs = {**archs.input_kwargs(arch, splits.input_size), **(arch_kwargs or {}), "num_classes": len(class_ids)}
     model = _strict_model(arch, kwargs, read_state_dict(weights), str(weights))
     test = select_classes(splits.test, class_ids)
     with torch.no_grad():
         accuracy = float((model(test.x).argmax(1) == test.y).float().mean())
     card = ModelCard(
-        name=name, arch=arch, kwargs=kwargs, dataset=splits.name, classes=class_ids,
-        class_names=[splits.classes[c] for c in class_ids], mean=splits.mean, std=splits.std,
-        input_size=splits.input_size, test_accuracy=round(accuracy, 6),
-        recipe={"imported_from": str(weights), "file_sha256": hashlib.sha256(Path(weights).read_bytes()).hexdigest()})
+        name=name,
+        arch=arch,
+        kwargs=kwargs,
+        dataset=splits.name,
+        classes=class_ids,
+        class_names=[splits.classes[c] for c in class_ids],
+        mean=splits.mean,
+        std=splits.std,
+        input_size=splits.input_size,
+        test_accuracy=round(accuracy, 6),
+        recipe={"imported_from": str(weights), "file_sha256": hashlib.sha256(Path(weights).read_bytes()).hexdigest()},
+    )
     store.save(name, model, card)
     return card
 

@@ -5,6 +5,7 @@ One registry maps a dataset name to its loader. Every loader returns images in
 normalizes both splits with the per-channel mean/std of the training split.
 Nothing is unpickled: CIFAR is read from its binary (not its python) version.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,18 @@ from pnc.zoo.idx import read_idx
 
 __all__ = ["ImageData", "DatasetSplits", "load_dataset", "list_datasets", "FASHION_MNIST_CLASSES"]
 
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 IMAGEFOLDER_PREFIX = "imagefolder:"
 
 
@@ -35,8 +46,10 @@ class ImageData:
 
     def __post_init__(self) -> None:
         if self.x.ndim != 4 or self.y.ndim != 1 or len(self.x) != len(self.y):
-            raise DataError(f"ImageData needs x of shape (N, C, H, W) and y of shape (N,), "
-                            f"got {tuple(self.x.shape)} and {tuple(self.y.shape)}")
+            raise DataError(
+                f"ImageData needs x of shape (N, C, H, W) and y of shape (N,), "
+                f"got {tuple(self.x.shape)} and {tuple(self.y.shape)}"
+            )
 
     def __len__(self) -> int:
         return len(self.y)
@@ -89,8 +102,12 @@ def _images(array: np.ndarray, scale: float) -> Tensor:
 
 # --- MNIST-format IDX folders (MNIST, Fashion-MNIST) ---------------------------------
 
-_IDX_STEMS = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
-              "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+_IDX_STEMS = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
 _IDX_SUBDIRS = ("", "raw", "MNIST/raw", "FashionMNIST/raw")
 
 
@@ -112,14 +129,21 @@ def _read_idx_folder(folder: Path, classes: list[str]) -> _Raw:
     for split in ("train", "test"):
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise DataError(f"IDX files in {folder}: {split} images {x.shape} and labels {y.shape} "
-                            "do not match (expected (N, H, W) and (N,))")
+            raise DataError(
+                f"IDX files in {folder}: {split} images {x.shape} and labels {y.shape} "
+                "do not match (expected (N, H, W) and (N,))"
+            )
         if y.size and int(y.max()) >= len(classes):
-            raise DataError(f"IDX labels in {folder} go up to {int(y.max())}, "
-                            f"but the dataset has {len(classes)} classes")
-    return _Raw(_images(arrays["train_x"], 255.0), torch.from_numpy(arrays["train_y"].astype(np.int64)),
-                _images(arrays["test_x"], 255.0), torch.from_numpy(arrays["test_y"].astype(np.int64)),
-                list(classes))
+            raise DataError(
+                f"IDX labels in {folder} go up to {int(y.max())}, but the dataset has {len(classes)} classes"
+            )
+    return _Raw(
+        _images(arrays["train_x"], 255.0),
+        torch.from_numpy(arrays["train_y"].astype(np.int64)),
+        _images(arrays["test_x"], 255.0),
+        torch.from_numpy(arrays["test_y"].astype(np.int64)),
+        list(classes),
+    )
 
 
 def _torchvision_fetch(dataset_cls: str) -> Callable[[Path], None]:
@@ -128,6 +152,7 @@ def _torchvision_fetch(dataset_cls: str) -> Callable[[Path], None]:
 
         getattr(tvd, dataset_cls)(str(folder), train=True, download=True)
         getattr(tvd, dataset_cls)(str(folder), train=False, download=True)
+
     return fetch
 
 
@@ -138,18 +163,21 @@ def _idx_how_to_get(name: str) -> str:
 
 # --- CIFAR binary version --------------------------------------------------------------
 
+
 def _read_cifar_bin(files: list[Path], label_bytes: int, label_at: int) -> tuple[Tensor, Tensor]:
     record = label_bytes + 3 * 32 * 32
     chunks = []
     for path in files:
         raw = np.fromfile(path, dtype=np.uint8)
         if raw.size == 0 or raw.size % record:
-            raise DataError(f"CIFAR file {path} has {raw.size} bytes, not a multiple of the "
-                            f"{record}-byte record; download it again")
+            raise DataError(
+                f"CIFAR file {path} has {raw.size} bytes, not a multiple of the {record}-byte record; download it again"
+            )
         chunks.append(raw.reshape(-1, record))
     rows = np.concatenate(chunks)
-    return _images(rows[:, label_bytes:].reshape(-1, 3, 32, 32), 255.0), \
-        torch.from_numpy(rows[:, label_at].astype(np.int64))
+    return _images(rows[:, label_bytes:].reshape(-1, 3, 32, 32), 255.0), torch.from_numpy(
+        rows[:, label_at].astype(np.int64)
+    )
 
 
 def _cifar_dir(folder: Path, sub: str, probe: str) -> Path | None:
@@ -180,24 +208,32 @@ def _archive_fetch(url: str, md5: str) -> Callable[[Path], None]:
         from torchvision.datasets.utils import download_and_extract_archive
 
         download_and_extract_archive(url, str(folder), md5=md5)
+
     return fetch
 
 
 # --- scikit-learn digits ---------------------------------------------------------------
+
 
 def _read_digits(_: Path | None) -> _Raw:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    x_tr, x_te, y_tr, y_te = train_test_split(digits.images, digits.target, test_size=0.3,
-                                              stratify=digits.target, random_state=0)
-    return _Raw(_images(x_tr, 16.0), torch.from_numpy(y_tr.astype(np.int64)),
-                _images(x_te, 16.0), torch.from_numpy(y_te.astype(np.int64)),
-                [str(i) for i in range(10)])
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        digits.images, digits.target, test_size=0.3, stratify=digits.target, random_state=0
+    )
+    return _Raw(
+        _images(x_tr, 16.0),
+        torch.from_numpy(y_tr.astype(np.int64)),
+        _images(x_te, 16.0),
+        torch.from_numpy(y_te.astype(np.int64)),
+        [str(i) for i in range(10)],
+    )
 
 
 # --- image folders (Tiny-ImageNet layout or train/<class>/*, val/<class>/*) -------------
+
 
 def _load_images(paths: list[str], size: int, desc: str) -> Tensor:
     from PIL import Image
@@ -227,10 +263,11 @@ def _imagefolder_eval_split(root: Path, class_to_idx: dict[str, int]) -> list[tu
                 raise DataError(f"{annotations} names classes absent from {root / 'train'}: {unknown[:5]}")
             return [(str(folder / "images" / r[0]), class_to_idx[r[1]]) for r in rows]
         if folder.is_dir():
-            return make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS,
-                                allow_empty=True)
-    raise DataError(f"{root} has no val/ or test/ folder; expected val/<class>/* or Tiny-ImageNet's "
-                    "val/images/* with val/val_annotations.txt")
+            return make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    raise DataError(
+        f"{root} has no val/ or test/ folder; expected val/<class>/* or Tiny-ImageNet's "
+        "val/images/* with val/val_annotations.txt"
+    )
 
 
 def _read_image_folder(root: str | Path, image_size: int) -> _Raw:
@@ -239,8 +276,10 @@ def _read_image_folder(root: str | Path, image_size: int) -> _Raw:
 
     root = Path(root)
     if not (root / "train").is_dir():
-        raise DataError(f"image folder {root} has no train/ subfolder; expected train/<class>/*.JPEG "
-                        "(or Tiny-ImageNet's train/<wnid>/images/*.JPEG) and val/")
+        raise DataError(
+            f"image folder {root} has no train/ subfolder; expected train/<class>/*.JPEG "
+            "(or Tiny-ImageNet's train/<wnid>/images/*.JPEG) and val/"
+        )
     try:
         classes, class_to_idx = find_classes(str(root / "train"))
         train = make_dataset(str(root / "train"), class_to_idx, extensions=IMG_EXTENSIONS)
@@ -249,37 +288,54 @@ def _read_image_folder(root: str | Path, image_size: int) -> _Raw:
     test = _imagefolder_eval_split(root, class_to_idx)
     if not test:
         raise DataError(f"image folder {root} has no evaluation images under val/ or test/")
-    return _Raw(_load_images([p for p, _ in train], image_size, "train images"),
-                torch.tensor([c for _, c in train], dtype=torch.int64),
-                _load_images([p for p, _ in test], image_size, "val images"),
-                torch.tensor([c for _, c in test], dtype=torch.int64), classes)
+    return _Raw(
+        _load_images([p for p, _ in train], image_size, "train images"),
+        torch.tensor([c for _, c in train], dtype=torch.int64),
+        _load_images([p for p, _ in test], image_size, "val images"),
+        torch.tensor([c for _, c in test], dtype=torch.int64),
+        classes,
+    )
 
 
 # --- registry --------------------------------------------------------------------------
 
 _REGISTRY: dict[str, _Loader] = {
-    "digits": _Loader(read=_read_digits, present=lambda _: True, how_to_get="bundled with scikit-learn",
-                      needs_folder=False),
+    "digits": _Loader(
+        read=_read_digits, present=lambda _: True, how_to_get="bundled with scikit-learn", needs_folder=False
+    ),
     "fashion-mnist": _Loader(
-        read=lambda folder: _read_idx_folder(folder, FASHION_MNIST_CLASSES), present=_idx_present,
+        read=lambda folder: _read_idx_folder(folder, FASHION_MNIST_CLASSES),
+        present=_idx_present,
         how_to_get="apt-get install dataset-fashion-mnist (Debian/Ubuntu), or "
-                   + _idx_how_to_get("fashion-mnist") + ", or add --download",
-        fetch=_torchvision_fetch("FashionMNIST"), default_dir="/usr/share/datasets/fashion-mnist"),
+        + _idx_how_to_get("fashion-mnist")
+        + ", or add --download",
+        fetch=_torchvision_fetch("FashionMNIST"),
+        default_dir="/usr/share/datasets/fashion-mnist",
+    ),
     "mnist": _Loader(
-        read=lambda folder: _read_idx_folder(folder, [str(i) for i in range(10)]), present=_idx_present,
-        how_to_get=_idx_how_to_get("mnist") + ", or add --download", fetch=_torchvision_fetch("MNIST")),
+        read=lambda folder: _read_idx_folder(folder, [str(i) for i in range(10)]),
+        present=_idx_present,
+        how_to_get=_idx_how_to_get("mnist") + ", or add --download",
+        fetch=_torchvision_fetch("MNIST"),
+    ),
     "cifar10": _Loader(
-        read=_read_cifar10, present=lambda f: _cifar_dir(f, "cifar-10-batches-bin", "test_batch.bin") is not None,
+        read=_read_cifar10,
+        present=lambda f: _cifar_dir(f, "cifar-10-batches-bin", "test_batch.bin") is not None,
         how_to_get="pass --data-dir FOLDER holding the CIFAR-10 binary version (cifar-10-batches-bin/"
-                   "data_batch_1..5.bin, test_batch.bin, batches.meta.txt), or add --download",
-        fetch=_archive_fetch("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
-                             "c32a1d4ab5d03f1284b67883e8d87530")),
+        "data_batch_1..5.bin, test_batch.bin, batches.meta.txt), or add --download",
+        fetch=_archive_fetch(
+            "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530"
+        ),
+    ),
     "cifar100": _Loader(
-        read=_read_cifar100, present=lambda f: _cifar_dir(f, "cifar-100-binary", "test.bin") is not None,
+        read=_read_cifar100,
+        present=lambda f: _cifar_dir(f, "cifar-100-binary", "test.bin") is not None,
         how_to_get="pass --data-dir FOLDER holding the CIFAR-100 binary version (cifar-100-binary/"
-                   "train.bin, test.bin, fine_label_names.txt), or add --download",
-        fetch=_archive_fetch("https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
-                             "03b5dce01913d631647c71ecec9e9cb8")),
+        "train.bin, test.bin, fine_label_names.txt), or add --download",
+        fetch=_archive_fetch(
+            "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz", "03b5dce01913d631647c71ecec9e9cb8"
+        ),
+    ),
 }
 
 
@@ -313,41 +369,48 @@ def _normalize(name: str, raw: _Raw, data_dir: str | None) -> DatasetSplits:
     shift, scale = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
     train = ImageData(raw.train_x.sub_(shift).div_(scale), raw.train_y)
     test = ImageData(raw.test_x.sub_(shift).div_(scale), raw.test_y)
-    return DatasetSplits(name=name, train=train, test=test, classes=raw.classes,
-                         mean=tuple(round(v, 6) for v in mean.tolist()),
-                         std=tuple(round(v, 6) for v in std.tolist()),
-                         input_size=tuple(raw.train_x.shape[1:]), data_dir=data_dir)
+    return DatasetSplits(
+        name=name,
+        train=train,
+        test=test,
+        classes=raw.classes,
+        mean=tuple(round(v, 6) for v in mean.tolist()),
+        std=tuple(round(v, 6) for v in std.tolist()),
+        input_size=tuple(raw.train_x.shape[1:]),
+        data_dir=data_dir,
+    )
 
 
-def load_dataset(name: str, data_dir: str | None = None, download: bool = False,
-                 image_size: int = 64) -> DatasetSplits:
+def load_dataset(name: str, data_dir: str | None = None, download: bool = False, image_size: int = 64) -> DatasetSplits:
     """Load ``name`` (see :func:`list_datasets`, or ``imagefolder:PATH``) normalized by the
     training split's per-channel mean/std. ``data_dir`` is the dataset's folder (or a
     parent holding a ``<name>`` subfolder); without it ``$PNC_DATA_DIR/<name>`` and then
     the system default are tried. ``image_size`` applies to image folders only."""
     name = canonical_dataset(name)
     if name.startswith(IMAGEFOLDER_PREFIX):
-        root = name[len(IMAGEFOLDER_PREFIX):]
+        root = name[len(IMAGEFOLDER_PREFIX) :]
         return _normalize(name, _read_image_folder(root, image_size), root)
     loader = _REGISTRY.get(name)
     if loader is None:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(list_datasets())} "
-                        f"or {IMAGEFOLDER_PREFIX}PATH")
+        raise DataError(
+            f"unknown dataset {name!r}; choose one of {', '.join(list_datasets())} or {IMAGEFOLDER_PREFIX}PATH"
+        )
     if not loader.needs_folder:
         return _normalize(name, loader.read(None), None)
     candidates = _candidates(name, loader, data_dir)
     folder = next((c for c in candidates if c.is_dir() and loader.present(c)), None)
     if folder is None and download and loader.fetch is not None:
         if not candidates:
-            raise DataError(f"--download needs a folder for {name}: pass --data-dir FOLDER "
-                            "or set PNC_DATA_DIR")
+            raise DataError(f"--download needs a folder for {name}: pass --data-dir FOLDER or set PNC_DATA_DIR")
         folder = candidates[0]
         folder.mkdir(parents=True, exist_ok=True)
         try:
             loader.fetch(folder)
         except (OSError, RuntimeError) as err:
-            raise DataError(f"downloading {name} into {folder} failed ({err}); "
-                            f"without a network, {loader.how_to_get.removesuffix(', or add --download')}") from err
+            raise DataError(
+                f"downloading {name} into {folder} failed ({err}); "
+                f"without a network, {loader.how_to_get.removesuffix(', or add --download')}"
+            ) from err
     if folder is None:
         tried = ", ".join(str(c) for c in candidates) or "no folder given"
         raise DataError(f"dataset {name} not found (looked in: {tried}); {loader.how_to_get}")

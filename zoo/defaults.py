@@ -5,6 +5,7 @@ seeds (with the same seed their features line up by accident, see DESIGN.md).
 Recipes are SGD + Nesterov momentum with a cosine schedule (see ``train.fit``); their
 accuracies and times on a 2-core CPU are in ``benchmarks/results/zoo.md``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,7 +20,6 @@ from pnc.zoo.tasks import parse_classes
 from pnc.zoo.train import train_zoo_model
 
 __all__ = ["DefaultModel", "DEFAULTS", "default_pair", "ensure_default", "pretrain_defaults"]
-
 
 
 @dataclass(frozen=True)
@@ -39,21 +39,29 @@ class DefaultModel:
     def matches(self, card: ModelCard, class_ids: list[int]) -> bool:
         """Was ``card`` trained by this recipe?"""
         recipe = card.recipe
-        return (card.arch, card.dataset, card.classes) == (self.arch, self.dataset, class_ids) and \
-            (recipe.get("epochs"), recipe.get("lr"), recipe.get("seed"), recipe.get("batch_size")) == \
-            (self.epochs, self.lr, self.seed, self.batch_size)
+        return (card.arch, card.dataset, card.classes) == (self.arch, self.dataset, class_ids) and (
+            recipe.get("epochs"),
+            recipe.get("lr"),
+            recipe.get("seed"),
+            recipe.get("batch_size"),
+        ) == (self.epochs, self.lr, self.seed, self.batch_size)
 
 
 def _pair(prefix: str, arch: str, dataset: str, epochs: int, lr: float) -> list[DefaultModel]:
-    return [DefaultModel(f"{prefix}-{arch}-target", arch, dataset, "0-4", epochs, lr, seed=0),
-            DefaultModel(f"{prefix}-{arch}-source", arch, dataset, "5-9", epochs, lr, seed=1)]
+    return [
+        DefaultModel(f"{prefix}-{arch}-target", arch, dataset, "0-4", epochs, lr, seed=0),
+        DefaultModel(f"{prefix}-{arch}-source", arch, dataset, "5-9", epochs, lr, seed=1),
+    ]
 
 
-DEFAULTS: dict[str, DefaultModel] = {m.name: m for m in [
-    *_pair("digits", "cnn4", "digits", epochs=10, lr=0.05),
-    *_pair("fmnist", "lenet5", "fashion-mnist", epochs=15, lr=0.05),
-    *_pair("fmnist", "resnetc20", "fashion-mnist", epochs=3, lr=0.1),
-]}
+DEFAULTS: dict[str, DefaultModel] = {
+    m.name: m
+    for m in [
+        *_pair("digits", "cnn4", "digits", epochs=10, lr=0.05),
+        *_pair("fmnist", "lenet5", "fashion-mnist", epochs=15, lr=0.05),
+        *_pair("fmnist", "resnetc20", "fashion-mnist", epochs=3, lr=0.1),
+    ]
+}
 
 
 def default_pair(dataset: str, arch: str) -> tuple[str, str]:
@@ -62,9 +70,11 @@ def default_pair(dataset: str, arch: str) -> tuple[str, str]:
     names = [m.name for m in DEFAULTS.values() if (m.dataset, m.arch) == (dataset, arch)]
     if len(names) != 2:
         pairs = sorted({f"{m.dataset}/{m.arch}" for m in DEFAULTS.values()})
-        raise ModelNotFoundError(f"no default pair for dataset {dataset!r} and arch {arch!r}; "
-                                 f"defaults exist for {', '.join(pairs)}; train your own with "
-                                 "`pnc zoo train`")
+        raise ModelNotFoundError(
+            f"no default pair for dataset {dataset!r} and arch {arch!r}; "
+            f"defaults exist for {', '.join(pairs)}; train your own with "
+            "`pnc zoo train`"
+        )
     target, source = sorted(names, key=lambda n: not n.endswith("-target"))
     return target, source
 
@@ -75,8 +85,9 @@ def _spec(name: str) -> DefaultModel:
     return DEFAULTS[name]
 
 
-def ensure_default(store: ZooStore, name: str, data_dir: str | None = None,
-                   dataset: DatasetSplits | None = None, progress: bool = True) -> ModelCard:
+def ensure_default(
+    store: ZooStore, name: str, data_dir: str | None = None, dataset: DatasetSplits | None = None, progress: bool = True
+) -> ModelCard:
     """The card of default model ``name``: reused when the store holds it, intact and trained
     by the current recipe; trained (and saved) otherwise."""
     spec = _spec(name)
@@ -89,12 +100,24 @@ def ensure_default(store: ZooStore, name: str, data_dir: str | None = None,
         except StoreError as err:  # an unreadable card: a default model is rebuilt, like corrupt weights
             Console(stderr=True).print(f"{name}: {err}")
         Console(stderr=True).print(f"{name}: stored model is corrupt or from another recipe; retraining")
-    return train_zoo_model(store, name, spec.arch, splits, class_ids, spec.epochs, spec.lr, spec.seed,
-                           arch_kwargs=spec.arch_kwargs, batch_size=spec.batch_size, progress=progress)
+    return train_zoo_model(
+        store,
+        name,
+        spec.arch,
+        splits,
+        class_ids,
+        spec.epochs,
+        spec.lr,
+        spec.seed,
+        arch_kwargs=spec.arch_kwargs,
+        batch_size=spec.batch_size,
+        progress=progress,
+    )
 
 
-def pretrain_defaults(store: ZooStore, data_dir: str | None = None, only: list[str] | None = None,
-                      progress: bool = True) -> list[ModelCard]:
+def pretrain_defaults(
+    store: ZooStore, data_dir: str | None = None, only: list[str] | None = None, progress: bool = True
+) -> list[ModelCard]:
     """Train (or reuse) every default model, or those in ``only``, whose data is present;
     the others are skipped with a message saying how to get their data."""
     console = Console(stderr=True)

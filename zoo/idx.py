@@ -3,6 +3,7 @@
 Layout: two zero bytes, a dtype code, the number of dimensions ``d``, then ``d``
 big-endian uint32 sizes, then the data in C order (big-endian multi-byte types).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -35,8 +36,7 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as err:
-        raise DataError(f"IDX file {path} is a corrupt or truncated gzip stream ({err}); "
-                        "download it again") from err
+        raise DataError(f"IDX file {path} is a corrupt or truncated gzip stream ({err}); download it again") from err
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -45,18 +45,23 @@ def read_idx(path: str | Path) -> np.ndarray:
     path = Path(path)
     raw = _read_bytes(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
-        raise DataError(f"{path} is not an IDX file: bad magic number {raw[:4].hex() or '(empty)'} "
-                        "(expected 0000 followed by a dtype code 08/09/0b/0c/0d/0e and the rank)")
+        raise DataError(
+            f"{path} is not an IDX file: bad magic number {raw[:4].hex() or '(empty)'} "
+            "(expected 0000 followed by a dtype code 08/09/0b/0c/0d/0e and the rank)"
+        )
     dtype, ndim = IDX_DTYPES[raw[2]], raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(f"IDX file {path} is truncated inside its header ({len(raw)} bytes, "
-                        f"{header} needed for {ndim} dimensions)")
+        raise DataError(
+            f"IDX file {path} is truncated inside its header ({len(raw)} bytes, {header} needed for {ndim} dimensions)"
+        )
     shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) != expected:
         problem = "truncated" if len(raw) < expected else "longer than its header says"
-        raise DataError(f"IDX file {path} is {problem}: header shape {shape} of {dtype.name} "
-                        f"needs {expected} bytes, the file has {len(raw)}; download it again")
+        raise DataError(
+            f"IDX file {path} is {problem}: header shape {shape} of {dtype.name} "
+            f"needs {expected} bytes, the file has {len(raw)}; download it again"
+        )
     data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
     return data.astype(dtype.newbyteorder("="), copy=True)

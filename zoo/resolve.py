@@ -8,6 +8,7 @@ A *model spec* is, by the first rule that applies:
 4. one of pnc's architectures (:func:`pnc.zoo.archs.list_archs`) or any timm name, built
    with random weights (never downloaded) for ``input_size`` when given.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -23,8 +24,9 @@ from pnc.zoo.store import ZooStore
 __all__ = ["resolve_model"]
 
 
-def resolve_model(spec: str, input_size: tuple[int, int, int] | None = None, *,
-                  store: ZooStore | None = None) -> tuple[nn.Module, tuple[int, int, int] | None]:
+def resolve_model(
+    spec: str, input_size: tuple[int, int, int] | None = None, *, store: ZooStore | None = None
+) -> tuple[nn.Module, tuple[int, int, int] | None]:
     """(model in eval mode, its (C, H, W) input size if known) for a model spec (see module doc).
 
     >>> model, size = resolve_model("cnn4", (1, 8, 8))
@@ -53,6 +55,7 @@ def _from_factory(spec: str) -> nn.Module:
     except Exception as err:  # noqa: BLE001 - arbitrary user code: report it, never a traceback
         raise ModelNotFoundError(f"cannot load {spec!r}: {type(err).__name__}: {err}. {hint}") from err
     if not isinstance(model, nn.Module):
-        raise ModelNotFoundError(f"cannot load {spec!r}: it returned a {type(model).__name__}, not an "
-                                 f"nn.Module. {hint}")
+        raise ModelNotFoundError(
+            f"cannot load {spec!r}: it returned a {type(model).__name__}, not an nn.Module. {hint}"
+        )
     return model.eval()

@@ -5,6 +5,7 @@ outputs mean (dataset class ids), how it was trained, and the sha256 of the
 weights file; :meth:`ZooStore.load` refuses weights whose hash does not match.
 Nothing is ever unpickled.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -123,16 +124,20 @@ _OPTIONAL_CARD_FIELDS: dict[str, tuple[Any, str]] = {
 def _check_card_fields(data: dict[str, Any]) -> None:
     missing = [k for k in _CARD_FIELDS if k not in data]
     if missing:
-        raise StoreError(f"not a pnc model card: missing field{'s' * (len(missing) > 1)} "
-                         f"{', '.join(map(repr, missing))}")
+        raise StoreError(
+            f"not a pnc model card: missing field{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}"
+        )
     for table in (_CARD_FIELDS, _OPTIONAL_CARD_FIELDS):
         for key, (ok, what) in table.items():
             if key in data and not ok(data[key]):
-                raise StoreError(f"bad field {key!r} in the model card: expected {what}, "
-                                 f"got {json.dumps(data[key])[:60]}")
+                raise StoreError(
+                    f"bad field {key!r} in the model card: expected {what}, got {json.dumps(data[key])[:60]}"
+                )
     if len(data["class_names"]) != len(data["classes"]):
-        raise StoreError(f"bad field 'class_names' in the model card: {len(data['class_names'])} names "
-                         f"for {len(data['classes'])} classes")
+        raise StoreError(
+            f"bad field 'class_names' in the model card: {len(data['class_names'])} names "
+            f"for {len(data['classes'])} classes"
+        )
 
 
 class ZooStore:
@@ -173,8 +178,10 @@ class ZooStore:
 
     def _missing(self, name: str, what: str) -> StoreError:
         have = ", ".join(self.names()) or "none"
-        return StoreError(f"zoo model {name!r} {what} in {self.root} (models there: {have}); train it "
-                          f"with `pnc zoo train --name {name} ...` or `pnc zoo pretrain-defaults`")
+        return StoreError(
+            f"zoo model {name!r} {what} in {self.root} (models there: {have}); train it "
+            f"with `pnc zoo train --name {name} ...` or `pnc zoo pretrain-defaults`"
+        )
 
     def card(self, name: str) -> ModelCard:
         path = self.path(name) / CARD_FILE
@@ -183,8 +190,9 @@ class ZooStore:
         try:
             return ModelCard.from_json(path.read_text(encoding="utf-8"))
         except (StoreError, OSError, UnicodeDecodeError) as err:
-            raise StoreError(f"{path}: {err}; retrain the model (`pnc zoo train --name {name} --force ...`) "
-                             f"or delete {path.parent}") from None
+            raise StoreError(
+                f"{path}: {err}; retrain the model (`pnc zoo train --name {name} --force ...`) or delete {path.parent}"
+            ) from None
 
     def broken(self) -> dict[str, str]:
         """Name -> reason of each model whose card cannot be read (the rest of the zoo still works)."""
@@ -212,9 +220,11 @@ class ZooStore:
             raise self._missing(name, f"has a card but no {WEIGHTS_FILE}")
         actual = file_sha256(weights)
         if actual != card.sha256:
-            raise StoreError(f"{weights} has sha256 {actual[:16]}..., its card says {card.sha256[:16]}...: "
-                             f"the weights were modified or corrupted; retrain with `pnc zoo train "
-                             f"--name {name} ...` (or `pnc zoo pretrain-defaults` for a default model)")
+            raise StoreError(
+                f"{weights} has sha256 {actual[:16]}..., its card says {card.sha256[:16]}...: "
+                f"the weights were modified or corrupted; retrain with `pnc zoo train "
+                f"--name {name} ...` (or `pnc zoo pretrain-defaults` for a default model)"
+            )
         model = archs.create(card.arch, **card.kwargs)
         try:
             load_model(model, weights, strict=True)
@@ -227,8 +237,18 @@ class ZooStore:
         Weights whose hash differs from the patch's are refused (:class:`PatchError`)."""
         meta, _ = read_patch(path)
         target = self._patch_model(path, meta["target"], "target")
-        return load_patch(path, target, lambda name: self._patch_model(path, {"name": name, "sha256": next(
-            b["source"]["sha256"] for b in meta["branches"] if b["source"]["name"] == name)}, "source"))
+        return load_patch(
+            path,
+            target,
+            lambda name: self._patch_model(
+                path,
+                {
+                    "name": name,
+                    "sha256": next(b["source"]["sha256"] for b in meta["branches"] if b["source"]["name"] == name),
+                },
+                "source",
+            ),
+        )
 
     def _patch_model(self, patch: str | Path, wanted: dict, role: str) -> nn.Module:
         """The zoo model a patch names; PatchError in the zoo's terms if its weights are not the
@@ -241,5 +261,6 @@ class ZooStore:
                 f"{patch} was made for other weights of {role} {name!r}: the patch expects state_dict_sha256 "
                 f"{wanted['sha256']}, the zoo's {name!r} has {actual} (see `pnc zoo show {name}`). The model "
                 f"was retrained after the patch was made: re-run `pnc clone` on the current model, or restore "
-                f"the weights the patch was made for")
+                f"the weights the patch was made for"
+            )
         return model

@@ -4,13 +4,14 @@ Label convention: a target model has ``len(target_classes)`` outputs (output j i
 class ``target_classes[j]``), a source model ``len(source_classes)``, and a cloned
 network outputs logits for ``target_classes + clone_classes`` in that order.
 """
+
 from __future__ import annotations
 
 import json
 import re
-from numbers import Integral
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -35,8 +36,10 @@ def _class_id(token: str | int, class_names: list[str]) -> int:
     lowered = {name.lower(): i for i, name in enumerate(class_names)}
     idx = lowered.get(str(token).strip().lower())
     if idx is None:
-        raise TaskError(f"unknown class {token!r}; use ids 0-{n - 1} or one of the names "
-                        f"{', '.join(class_names[:20])}{' ...' if n > 20 else ''}")
+        raise TaskError(
+            f"unknown class {token!r}; use ids 0-{n - 1} or one of the names "
+            f"{', '.join(class_names[:20])}{' ...' if n > 20 else ''}"
+        )
     return idx
 
 
@@ -99,13 +102,14 @@ class CloneTask:
         self.source_classes = [int(c) for c in self.source_classes]
         overlap = sorted(set(self.target_classes) & set(self.source_classes))
         if overlap:
-            raise TaskError(f"target and source classes overlap in {overlap}; a clone task needs "
-                            "disjoint class sets")
+            raise TaskError(f"target and source classes overlap in {overlap}; a clone task needs disjoint class sets")
         if isinstance(self.clone_classes, str):
             preset = self.clone_classes.upper()
             if preset not in CLONE_PRESETS:
-                raise TaskError(f"unknown clone preset {self.clone_classes!r}; use "
-                                f"{' or '.join(CLONE_PRESETS)} or a list of source class ids")
+                raise TaskError(
+                    f"unknown clone preset {self.clone_classes!r}; use "
+                    f"{' or '.join(CLONE_PRESETS)} or a list of source class ids"
+                )
             count = max(1, round(CLONE_PRESETS[preset] * len(self.source_classes)))
             self.clone_classes = self.source_classes[:count]
         if not self.clone_classes:
@@ -114,8 +118,10 @@ class CloneTask:
         self.clone_classes = [int(c) for c in self.clone_classes]
         outside = [c for c in self.clone_classes if c not in self.source_classes]
         if outside:
-            raise TaskError(f"clone classes {outside} are not source classes "
-                            f"{self.source_classes}; clone a subset of the source's classes")
+            raise TaskError(
+                f"clone classes {outside} are not source classes "
+                f"{self.source_classes}; clone a subset of the source's classes"
+            )
         if not 0.0 < self.fraction <= 1.0:
             raise TaskError(f"fraction {self.fraction} must be in (0, 1]")
         if not 0.0 <= self.old_fraction <= 1.0:
@@ -151,8 +157,9 @@ class CloneTask:
         labelled ``len(target_classes) + position in clone_classes``."""
         full = select_classes(self.dataset.train, self.clone_classes, offset=len(self.target_classes))
         if self._clone_index is None:
-            self._clone_index = _per_class_share(full.y, self.fraction, torch.Generator().manual_seed(self.seed),
-                                                 at_least_one=True)
+            self._clone_index = _per_class_share(
+                full.y, self.fraction, torch.Generator().manual_seed(self.seed), at_least_one=True
+            )
         return full.subset(self._clone_index)
 
     def old_set(self) -> ImageData:
@@ -184,10 +191,14 @@ class CloneTask:
         :meth:`available_set`):
         ``clone(target, source, **task.clone_inputs(), config=...)``."""
         names, available = self.dataset.classes, self.available_set()
-        return {"images": available.x, "labels": available.y, "source_outputs": self.source_label_index(),
-                "class_names": [names[c] for c in self.clone_classes],
-                "target_classes": [names[c] for c in self.target_classes],
-                "eval_sets": {k: (v.x, v.y) for k, v in self.eval_sets().items()}}
+        return {
+            "images": available.x,
+            "labels": available.y,
+            "source_outputs": self.source_label_index(),
+            "class_names": [names[c] for c in self.clone_classes],
+            "target_classes": [names[c] for c in self.target_classes],
+            "eval_sets": {k: (v.x, v.y) for k, v in self.eval_sets().items()},
+        }
 
     def joint_train(self) -> ImageData:
         """All training images of T_t and T_s with the cloned network's labels (Joint baseline)."""
@@ -203,11 +214,17 @@ class CloneTask:
         return json.dumps(self.to_dict(), indent=2)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dataset": self.dataset.name, "data_dir": self.dataset.data_dir,
-                "input_size": list(self.dataset.input_size),
-                "target_classes": self.target_classes, "source_classes": self.source_classes,
-                "clone_classes": self.clone_classes, "fraction": self.fraction, "seed": self.seed,
-                "old_fraction": self.old_fraction}
+        return {
+            "dataset": self.dataset.name,
+            "data_dir": self.dataset.data_dir,
+            "input_size": list(self.dataset.input_size),
+            "target_classes": self.target_classes,
+            "source_classes": self.source_classes,
+            "clone_classes": self.clone_classes,
+            "fraction": self.fraction,
+            "seed": self.seed,
+            "old_fraction": self.old_fraction,
+        }
 
     @classmethod
     def from_json(cls, text: str | dict[str, Any], dataset: DatasetSplits | None = None) -> CloneTask:
@@ -216,13 +233,20 @@ class CloneTask:
         spec = json.loads(text) if isinstance(text, str) else dict(text)
         try:
             if dataset is None:
-                dataset = load_dataset(spec["dataset"], spec.get("data_dir"),
-                                       image_size=spec.get("input_size", [3, 64, 64])[-1])
+                dataset = load_dataset(
+                    spec["dataset"], spec.get("data_dir"), image_size=spec.get("input_size", [3, 64, 64])[-1]
+                )
             elif dataset.name != spec["dataset"]:
                 raise TaskError(f"task is for dataset {spec['dataset']!r}, got {dataset.name!r}")
-            return cls(dataset, spec["target_classes"], spec["source_classes"], spec["clone_classes"],
-                       fraction=spec.get("fraction", 0.3), seed=spec.get("seed", 0),
-                       old_fraction=spec.get("old_fraction", 0.0))
+            return cls(
+                dataset,
+                spec["target_classes"],
+                spec["source_classes"],
+                spec["clone_classes"],
+                fraction=spec.get("fraction", 0.3),
+                seed=spec.get("seed", 0),
+                old_fraction=spec.get("old_fraction", 0.0),
+            )
         except (KeyError, TypeError) as err:
             raise TaskError(f"not a clone task description: missing or bad field {err}") from err
 

@@ -7,6 +7,7 @@ the step, so the only state to checkpoint is the weights and the optimizer buffe
 an interrupted run resumed from its checkpoint ends with the same weights as an
 uninterrupted one.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,9 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from pnc.surgery.errors import DataError, PncError, StoreError
+from pnc.surgery.io import atomic_write_bytes, atomic_write_text
 from pnc.zoo import archs
 from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
-from pnc.surgery.io import atomic_write_bytes, atomic_write_text
 from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import parse_classes, select_classes
 
@@ -35,8 +36,10 @@ __all__ = ["fit", "evaluate", "predict_logits", "train_zoo_model", "OPTIMIZERS",
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 #: optimizer name -> (factory(params, lr, weight_decay), its recorded hyper-parameters)
 OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]]] = {
-    "sgd": (lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd),
-            {"momentum": 0.9, "nesterov": True}),
+    "sgd": (
+        lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd),
+        {"momentum": 0.9, "nesterov": True},
+    ),
     "adamw": (lambda p, lr, wd: torch.optim.AdamW(p, lr=lr, weight_decay=wd), {"betas": [0.9, 0.999]}),
 }
 STATE_FILE = "state.json"
@@ -56,7 +59,7 @@ def _translate(x: Tensor, gen: torch.Generator) -> Tensor:
     pad = max(1, h // 8)
     padded = F.pad(x, (pad, pad, pad, pad))
     dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=gen).tolist()
-    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[Tensor]:
@@ -70,8 +73,10 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[Tensor]:
 
 # --- checkpoints: <dir>/epoch-NNNN.safetensors (model + optimizer tensors) + state.json ---
 
-def _save_checkpoint(folder: Path, epoch: int, config: dict[str, Any], model: nn.Module,
-                     optimizer: torch.optim.Optimizer) -> None:
+
+def _save_checkpoint(
+    folder: Path, epoch: int, config: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, state in optimizer.state_dict()["state"].items():
@@ -82,15 +87,18 @@ def _save_checkpoint(folder: Path, epoch: int, config: dict[str, Any], model: nn
                 scalars.setdefault(str(idx), {})[key] = value
     weights = f"epoch-{epoch:04d}.safetensors"
     atomic_write_bytes(folder / weights, save(tensors))
-    atomic_write_text(folder / STATE_FILE, json.dumps(
-        {"epoch": epoch, "weights": weights, "config": config, "optimizer_scalars": scalars}, indent=2))
+    atomic_write_text(
+        folder / STATE_FILE,
+        json.dumps({"epoch": epoch, "weights": weights, "config": config, "optimizer_scalars": scalars}, indent=2),
+    )
     for old in folder.glob("epoch-*.safetensors"):
         if old.name != weights:
             old.unlink()
 
 
-def _load_checkpoint(folder: Path, config: dict[str, Any], model: nn.Module,
-                     optimizer: torch.optim.Optimizer, console) -> int:
+def _load_checkpoint(
+    folder: Path, config: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, console
+) -> int:
     """Restore model and optimizer from ``folder``; returns the number of finished epochs."""
     state_path = folder / STATE_FILE
     if not state_path.is_file():
@@ -98,16 +106,18 @@ def _load_checkpoint(folder: Path, config: dict[str, Any], model: nn.Module,
     try:
         state = json.loads(state_path.read_text())
         if state["config"] != config:
-            changed = sorted(k for k in set(config) | set(state["config"])
-                             if config.get(k) != state["config"].get(k))
-            console.print(f"[yellow]checkpoint {folder} is from a run with other settings "
-                          f"({', '.join(changed)}); starting over[/]")
+            changed = sorted(k for k in set(config) | set(state["config"]) if config.get(k) != state["config"].get(k))
+            console.print(
+                f"[yellow]checkpoint {folder} is from a run with other settings "
+                f"({', '.join(changed)}); starting over[/]"
+            )
             return 0
         tensors = load_file(folder / state["weights"])
     except (OSError, json.JSONDecodeError, KeyError, SafetensorError) as err:
-        raise StoreError(f"training checkpoint {folder} is unreadable ({err}); delete the folder "
-                         "to start the run over") from err
-    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+        raise StoreError(
+            f"training checkpoint {folder} is unreadable ({err}); delete the folder to start the run over"
+        ) from err
+    model.load_state_dict({k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")})
     optim_state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim/"):
@@ -121,12 +131,24 @@ def _load_checkpoint(folder: Path, config: dict[str, Any], model: nn.Module,
     return int(state["epoch"])
 
 
-def fit(model: nn.Module, data: ImageData, *, epochs: int, lr: float, seed: int,
-        batch_size: int = 128, checkpoint: Path | str | None = None, augment: bool = False,
-        loss_fn: LossFn | None = None, params: Iterable[nn.Parameter] | None = None,
-        progress: bool = True, desc: str = "train", optimizer: str = "sgd",
-        weight_decay: float = 5e-4,
-        on_epoch_end: Callable[[int, float], None] | None = None) -> nn.Module:
+def fit(
+    model: nn.Module,
+    data: ImageData,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    batch_size: int = 128,
+    checkpoint: Path | str | None = None,
+    augment: bool = False,
+    loss_fn: LossFn | None = None,
+    params: Iterable[nn.Parameter] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    optimizer: str = "sgd",
+    weight_decay: float = 5e-4,
+    on_epoch_end: Callable[[int, float], None] | None = None,
+) -> nn.Module:
     """Train ``model`` in place on ``data`` (x: (N, C, H, W), y: (N,)) and return it in eval mode.
 
     ``loss_fn(model, x, y) -> scalar`` replaces cross-entropy on ``model(x)``; ``params``
@@ -144,24 +166,50 @@ def fit(model: nn.Module, data: ImageData, *, epochs: int, lr: float, seed: int,
     loss_fn = loss_fn or _cross_entropy
     trainable = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt = OPTIMIZERS[optimizer][0](trainable, lr, weight_decay)
-    config = {"epochs": epochs, "lr": lr, "seed": seed, "batch_size": batch_size, "augment": augment,
-              "optimizer": optimizer, "weight_decay": weight_decay, "samples": len(data)}
+    config = {
+        "epochs": epochs,
+        "lr": lr,
+        "seed": seed,
+        "batch_size": batch_size,
+        "augment": augment,
+        "optimizer": optimizer,
+        "weight_decay": weight_decay,
+        "samples": len(data),
+    }
     console = Console(stderr=True)
     folder = Path(checkpoint) if checkpoint is not None else None
     start = _load_checkpoint(folder, config, model, opt, console) if folder else 0
     steps_per_epoch = max(1, len(data) // batch_size)
     total = max(1, epochs * steps_per_epoch)
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, disable=not progress) as bar:
         task = bar.add_task(desc, total=total, completed=start * steps_per_epoch, loss=float("nan"))
         for epoch in range(start, epochs):
+
             def tick(mean_loss: float, epoch: int = epoch) -> None:
                 bar.update(task, advance=1, loss=mean_loss, description=f"{desc} epoch {epoch + 1}/{epochs}")
 
-            mean_loss = _train_epoch(model, data, opt, loss_fn, epoch=epoch, seed=seed, lr=lr, batch_size=batch_size,
-                                     steps_per_epoch=steps_per_epoch, total=total, augment=augment, tick=tick)
+            mean_loss = _train_epoch(
+                model,
+                data,
+                opt,
+                loss_fn,
+                epoch=epoch,
+                seed=seed,
+                lr=lr,
+                batch_size=batch_size,
+                steps_per_epoch=steps_per_epoch,
+                total=total,
+                augment=augment,
+                tick=tick,
+            )
             if folder is not None:
                 _save_checkpoint(folder, epoch + 1, config, model, opt)
             if on_epoch_end is not None:
@@ -169,9 +217,21 @@ def fit(model: nn.Module, data: ImageData, *, epochs: int, lr: float, seed: int,
     return model.eval()
 
 
-def _train_epoch(model: nn.Module, data: ImageData, opt: torch.optim.Optimizer, loss_fn: LossFn, *, epoch: int,
-                 seed: int, lr: float, batch_size: int, steps_per_epoch: int, total: int, augment: bool,
-                 tick: Callable[[float], None]) -> float:
+def _train_epoch(
+    model: nn.Module,
+    data: ImageData,
+    opt: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    *,
+    epoch: int,
+    seed: int,
+    lr: float,
+    batch_size: int,
+    steps_per_epoch: int,
+    total: int,
+    augment: bool,
+    tick: Callable[[float], None],
+) -> float:
     """One seeded pass over ``data`` with a cosine learning rate per step; the mean loss."""
     model.train()
     gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
@@ -213,37 +273,77 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int = 512) -> float:
     return float((predict_logits(model, data, batch_size).argmax(dim=1) == data.y).float().mean())
 
 
-def train_zoo_model(store: ZooStore, name: str, arch: str, dataset: str | DatasetSplits,
-                    classes: str | Sequence[int | str], epochs: int, lr: float, seed: int,
-                    data_dir: str | None = None, arch_kwargs: dict[str, Any] | None = None, *,
-                    batch_size: int = 128, optimizer: str = "sgd", weight_decay: float = 5e-4,
-                    augment: bool = False, progress: bool = True) -> ModelCard:
+def train_zoo_model(
+    store: ZooStore,
+    name: str,
+    arch: str,
+    dataset: str | DatasetSplits,
+    classes: str | Sequence[int | str],
+    epochs: int,
+    lr: float,
+    seed: int,
+    data_dir: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    *,
+    batch_size: int = 128,
+    optimizer: str = "sgd",
+    weight_decay: float = 5e-4,
+    augment: bool = False,
+    progress: bool = True,
+) -> ModelCard:
     """Build ``arch`` (initialized from ``seed``) with one output per class of ``classes``,
     train it on those classes' training images (checkpoints under ``<zoo>/<name>/.ckpt``,
     removed when done), test it on their test images, and save it with its card."""
     splits = dataset if isinstance(dataset, DatasetSplits) else load_dataset(dataset, data_dir)
     class_ids = parse_classes(classes, splits.classes)
-    kwargs = {**archs.input_kwargs(arch, splits.input_size), **(arch_kwargs or {}),
-              "num_classes": len(class_ids)}
+    kwargs = {**archs.input_kwargs(arch, splits.input_size), **(arch_kwargs or {}), "num_classes": len(class_ids)}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = archs.create(arch, **kwargs)
     ckpt = store.path(name) / ".ckpt"
     began = time.perf_counter()
-    fit(model, select_classes(splits.train, class_ids), epochs=epochs, lr=lr, seed=seed,
-        batch_size=batch_size, checkpoint=ckpt, augment=augment, optimizer=optimizer,
-        weight_decay=weight_decay, progress=progress, desc=name)
+    fit(
+        model,
+        select_classes(splits.train, class_ids),
+        epochs=epochs,
+        lr=lr,
+        seed=seed,
+        batch_size=batch_size,
+        checkpoint=ckpt,
+        augment=augment,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        progress=progress,
+        desc=name,
+    )
     seconds = time.perf_counter() - began
     accuracy = evaluate(model, select_classes(splits.test, class_ids))
     card = ModelCard(
-        name=name, arch=arch, kwargs=kwargs, dataset=splits.name, classes=class_ids,
-        class_names=[splits.classes[c] for c in class_ids], mean=splits.mean, std=splits.std,
-        input_size=splits.input_size, test_accuracy=round(accuracy, 6),
-        recipe={"epochs": epochs, "lr": lr, "seed": seed, "batch_size": batch_size,
-                "optimizer": optimizer, **OPTIMIZERS[optimizer][1], "weight_decay": weight_decay,
-                "schedule": "cosine per step", "augment": augment, "loss": "cross_entropy",
-                "train_images": int(sum(int((splits.train.y == c).sum()) for c in class_ids)),
-                "train_seconds": round(seconds, 2)})
+        name=name,
+        arch=arch,
+        kwargs=kwargs,
+        dataset=splits.name,
+        classes=class_ids,
+        class_names=[splits.classes[c] for c in class_ids],
+        mean=splits.mean,
+        std=splits.std,
+        input_size=splits.input_size,
+        test_accuracy=round(accuracy, 6),
+        recipe={
+            "epochs": epochs,
+            "lr": lr,
+            "seed": seed,
+            "batch_size": batch_size,
+            "optimizer": optimizer,
+            **OPTIMIZERS[optimizer][1],
+            "weight_decay": weight_decay,
+            "schedule": "cosine per step",
+            "augment": augment,
+            "loss": "cross_entropy",
+            "train_images": int(sum(int((splits.train.y == c).sum()) for c in class_ids)),
+            "train_seconds": round(seconds, 2),
+        },
+    )
     store.save(name, model, card)
     shutil.rmtree(ckpt, ignore_errors=True)
     return card

@@ -1,5 +1,6 @@
 """The ``pnc`` command. Each sub-command group is a module of this package with an
 ``add_cli(subparsers)`` function; :data:`COMMANDS` lists them in help order."""
+
 from __future__ import annotations
 
 import argparse

@@ -2,6 +2,7 @@
 
 The work lives in :mod:`pnc.bench.paper` and its siblings; this module only parses flags.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,7 @@ from .zoo import writable_zoo
 def _csv(kind, choices=None):  # type: ignore[no-untyped-def]
     """An argparse type: a comma-separated list of ``kind(item)`` (an argparse type or a
     builtin), each in ``choices`` when given, no item twice."""
+
     def parse(text: str) -> list:
         try:
             values = [kind(v.strip()) for v in text.split(",") if v.strip()]
@@ -27,12 +29,14 @@ def _csv(kind, choices=None):  # type: ignore[no-untyped-def]
             raise argparse.ArgumentTypeError("empty list")
         unknown = [v for v in values if choices is not None and v not in choices]
         if unknown:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}; choose from "
-                                             f"{', '.join(map(str, choices))}")
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(map(str, choices))}"
+            )
         twice = sorted({str(v) for v in values if values.count(v) > 1})
         if twice:
             raise argparse.ArgumentTypeError(f"{', '.join(twice)} given twice; list each once")
         return values
+
     return parse
 
 
@@ -71,9 +75,21 @@ def _cmd_paper(args: argparse.Namespace) -> int:
         raise TaskError(f"unknown scales {bad}; use S and/or M (--scales S,M)")
     _check(args, (dataset, arch))
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    result = run_paper(dataset, arch, scales=scales, seeds=seeds, methods=methods, quick=args.quick,
-                       old_fraction=args.old_fraction, zoo_dir=args.zoo_dir, data_dir=args.data_dir,
-                       out_dir=Path(args.out), workdir=args.workdir, fresh=args.fresh, command=_command())
+    result = run_paper(
+        dataset,
+        arch,
+        scales=scales,
+        seeds=seeds,
+        methods=methods,
+        quick=args.quick,
+        old_fraction=args.old_fraction,
+        zoo_dir=args.zoo_dir,
+        data_dir=args.data_dir,
+        out_dir=Path(args.out),
+        workdir=args.workdir,
+        fresh=args.fresh,
+        command=_command(),
+    )
     stem = Path(args.out) / result["stem"]
     print(f"wrote {stem}.md and {stem}.json")
     return 0
@@ -86,8 +102,18 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     arch = args.arch or ("cnn4" if args.quick else "lenet5")
     _check(args, (dataset, arch))
     seed = (args.seeds or [0])[0]
-    path = run_figures(dataset, arch, figures=args.figures, seed=seed, quick=args.quick, zoo_dir=args.zoo_dir,
-                       data_dir=args.data_dir, out_dir=Path(args.out), workdir=args.workdir, command=_command())
+    path = run_figures(
+        dataset,
+        arch,
+        figures=args.figures,
+        seed=seed,
+        quick=args.quick,
+        zoo_dir=args.zoo_dir,
+        data_dir=args.data_dir,
+        out_dir=Path(args.out),
+        workdir=args.workdir,
+        command=_command(),
+    )
     print(f"wrote {path} and its plots")
     return 0
 
@@ -96,9 +122,16 @@ def _cmd_hetero(args: argparse.Namespace) -> int:
     from pnc.bench.hetero import HETERO_METHODS, run_hetero
 
     _check(args, None)
-    results = run_hetero(args.pairs, seeds=args.seeds or [0], methods=args.methods or HETERO_METHODS,
-                         zoo_dir=args.zoo_dir, data_dir=args.data_dir, out_dir=Path(args.out), workdir=args.workdir,
-                         command=_command())
+    results = run_hetero(
+        args.pairs,
+        seeds=args.seeds or [0],
+        methods=args.methods or HETERO_METHODS,
+        zoo_dir=args.zoo_dir,
+        data_dir=args.data_dir,
+        out_dir=Path(args.out),
+        workdir=args.workdir,
+        command=_command(),
+    )
     for key in args.pairs:
         print(f"wrote {Path(args.out) / f'table2-{key}.md'}")
     return 0 if results else 1
@@ -110,10 +143,19 @@ def _cmd_incremental(args: argparse.Namespace) -> int:
     dataset = args.dataset or ("digits" if args.quick else "fashion-mnist")
     arch = args.arch or ("cnn4" if args.quick else "lenet5")
     _check(args, (dataset, arch))
-    path = run_incremental(dataset, arch, step_sizes=args.step_sizes,
-                           seeds=args.seeds or [0], methods=args.methods or INCREMENTAL_METHODS, quick=args.quick,
-                           zoo_dir=args.zoo_dir, data_dir=args.data_dir, out_dir=Path(args.out),
-                           workdir=args.workdir, command=_command())
+    path = run_incremental(
+        dataset,
+        arch,
+        step_sizes=args.step_sizes,
+        seeds=args.seeds or [0],
+        methods=args.methods or INCREMENTAL_METHODS,
+        quick=args.quick,
+        zoo_dir=args.zoo_dir,
+        data_dir=args.data_dir,
+        out_dir=Path(args.out),
+        workdir=args.workdir,
+        command=_command(),
+    )
     print(f"wrote {path} and its plot")
     return 0
 
@@ -135,38 +177,57 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     quick = argparse.ArgumentParser(add_help=False)
     quick.add_argument("--quick", action="store_true", help="tiny budget on digits (for tests and smoke runs)")
 
-    paper = cmds.add_parser("paper", parents=[common, quick],
-                            help="Table 1: PNC against the baselines and ablations, S and M scales")
+    paper = cmds.add_parser(
+        "paper", parents=[common, quick], help="Table 1: PNC against the baselines and ablations, S and M scales"
+    )
     paper.add_argument("--dataset", help="default fashion-mnist (digits with --quick)")
-    paper.add_argument("--arch", help="architecture of the default zoo pair: lenet5, resnetc20, cnn4 "
-                                      "(default lenet5; cnn4 with --quick)")
+    paper.add_argument(
+        "--arch",
+        help="architecture of the default zoo pair: lenet5, resnetc20, cnn4 (default lenet5; cnn4 with --quick)",
+    )
     paper.add_argument("--scales", type=_csv(str), help="S, M or S,M (default S,M; S with --quick)")
     paper.add_argument("--methods", type=_csv(str), help=f"comma-separated, of {', '.join(METHODS)} (default: all)")
-    paper.add_argument("--old-fraction", type=in_range(float, 0.0, 1.0), default=0.3,
-                       help="share of the target classes' training images available while cloning "
-                            "(default 0.3, the paper's; 0: none, the strict setting)")
+    paper.add_argument(
+        "--old-fraction",
+        type=in_range(float, 0.0, 1.0),
+        default=0.3,
+        help="share of the target classes' training images available while cloning "
+        "(default 0.3, the paper's; 0: none, the strict setting)",
+    )
     paper.add_argument("--fresh", action="store_true", help="ignore cached rows and recompute")
     paper.set_defaults(func=_cmd_paper)
 
-    figures = cmds.add_parser("figures", parents=[common, quick],
-                              help="Fig. 3 (accuracy vs mask ratio and R) and Fig. 4 (similarity matrices)")
+    figures = cmds.add_parser(
+        "figures",
+        parents=[common, quick],
+        help="Fig. 3 (accuracy vs mask ratio and R) and Fig. 4 (similarity matrices)",
+    )
     figures.add_argument("--dataset", help="default fashion-mnist (digits with --quick)")
     figures.add_argument("--arch", help="architecture of the default zoo pair (default lenet5; cnn4 with --quick)")
     figures.add_argument("--figures", type=_csv(int, (3, 4)), default=[3, 4], help="3, 4 or 3,4 (default)")
     figures.set_defaults(func=_cmd_figures)
 
     hetero = cmds.add_parser("hetero", parents=[common], help="Table 2: cloning between heterogeneous architectures")
-    hetero.add_argument("--pairs", type=_csv(str, list(PAIRS)), default=["resnetc20-cnn4", "resnet18-mobilenetv2"],
-                        help="resnetc20-cnn4 and/or resnet18-mobilenetv2 (default both)")
-    hetero.add_argument("--methods", type=_csv(str, HETERO_METHODS),
-                        help="default Pre-trained,Continual,Continual+KD,Direct Ensemble,PNC")
+    hetero.add_argument(
+        "--pairs",
+        type=_csv(str, list(PAIRS)),
+        default=["resnetc20-cnn4", "resnet18-mobilenetv2"],
+        help="resnetc20-cnn4 and/or resnet18-mobilenetv2 (default both)",
+    )
+    hetero.add_argument(
+        "--methods",
+        type=_csv(str, HETERO_METHODS),
+        help="default Pre-trained,Continual,Continual+KD,Direct Ensemble,PNC",
+    )
     hetero.set_defaults(func=_cmd_hetero)
 
     inc = cmds.add_parser("incremental", parents=[common, quick], help="Table 3: class-incremental steps by cloning")
     inc.add_argument("--dataset", help="default fashion-mnist (digits with --quick)")
     inc.add_argument("--arch", help="architecture of the default zoo pair (default lenet5; cnn4 with --quick)")
-    inc.add_argument("--step-sizes", type=_csv(in_range(int, 1, 1000)), default=[1],
-                     help="classes added per step (default 1)")
-    inc.add_argument("--methods", type=_csv(str, INCREMENTAL_METHODS),
-                     help="default Direct Ensemble,Continual,Continual+KD,PNC")
+    inc.add_argument(
+        "--step-sizes", type=_csv(in_range(int, 1, 1000)), default=[1], help="classes added per step (default 1)"
+    )
+    inc.add_argument(
+        "--methods", type=_csv(str, INCREMENTAL_METHODS), help="default Direct Ensemble,Continual,Continual+KD,PNC"
+    )
     inc.set_defaults(func=_cmd_incremental)

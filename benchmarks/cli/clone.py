@@ -1,9 +1,10 @@
 """``pnc clone``, ``pnc eval`` and ``pnc demo``: cloning between zoo models from the shell.
 
-    pnc clone --target fmnist-lenet5-target --source fmnist-lenet5-source --classes S --out runs/x
-    pnc eval runs/x/clone.pnc
-    pnc demo                      # the embedded default, end to end
+pnc clone --target fmnist-lenet5-target --source fmnist-lenet5-source --classes S --out runs/x
+pnc eval runs/x/clone.pnc
+pnc demo                      # the embedded default, end to end
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,17 +56,20 @@ def eval_set(tasks: list[CloneTask]) -> ImageData:
     return ImageData(torch.cat([s.x for s in sets]), torch.cat([s.y for s in sets]))
 
 
-def compare(net: ClonedNetwork, target: nn.Module, sources: list[tuple[nn.Module, list[int]]],
-            tasks: list[CloneTask]) -> dict[str, dict[str, float]]:
+def compare(
+    net: ClonedNetwork, target: nn.Module, sources: list[tuple[nn.Module, list[int]]], tasks: list[CloneTask]
+) -> dict[str, dict[str, float]]:
     """Ori/Tar/Avg of the target alone, the clone and the direct ensemble on the same images."""
     data = eval_set(tasks)
     n_old, n_all = len(tasks[0].target_classes), len(net.classes)
     target_logits = logits_of(target, data.x)
     padded = torch.cat([target_logits, torch.full((len(data), n_all - n_old), -torch.inf)], 1)
     ensemble = torch.cat([target_logits] + [logits_of(s, data.x)[:, idx] for s, idx in sources], 1)
-    return {"target": clone_accuracy(padded, data.y, n_old),
-            "clone": clone_accuracy(logits_of(net, data.x), data.y, n_old),
-            "ensemble": clone_accuracy(ensemble, data.y, n_old)}
+    return {
+        "target": clone_accuracy(padded, data.y, n_old),
+        "clone": clone_accuracy(logits_of(net, data.x), data.y, n_old),
+        "ensemble": clone_accuracy(ensemble, data.y, n_old),
+    }
 
 
 @dataclass
@@ -81,9 +85,17 @@ class ClonePlan:
     run: dict
 
 
-def plan_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]], *, seed: int = 0,
-               data_dir: str | None = None, fraction: float = 0.3, old_fraction: float = 0.3,
-               config: SearchConfig | None = None) -> ClonePlan:
+def plan_clone(
+    store: ZooStore,
+    target_name: str,
+    sources: list[tuple[str, str]],
+    *,
+    seed: int = 0,
+    data_dir: str | None = None,
+    fraction: float = 0.3,
+    old_fraction: float = 0.3,
+    config: SearchConfig | None = None,
+) -> ClonePlan:
     """Load and check everything a clone needs (TaskError/StoreError/DataError), writing nothing.
 
     Every dataset class is cloned at most once over all (source, class spec) pairs: the same
@@ -97,22 +109,37 @@ def plan_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]]
     for source_name, spec in sources:
         source, s_card = store.load(source_name)
         if s_card.dataset != t_card.dataset:
-            raise TaskError(f"target {target_name!r} is on {t_card.dataset} but source {source_name!r} on "
-                            f"{s_card.dataset}; clone between models of the same dataset")
-        task = CloneTask(dataset, t_card.classes, s_card.classes,
-                         spec if spec in ("S", "M") else _class_spec(spec, dataset.classes), fraction, seed,
-                         old_fraction=old_fraction)
+            raise TaskError(
+                f"target {target_name!r} is on {t_card.dataset} but source {source_name!r} on "
+                f"{s_card.dataset}; clone between models of the same dataset"
+            )
+        task = CloneTask(
+            dataset,
+            t_card.classes,
+            s_card.classes,
+            spec if spec in ("S", "M") else _class_spec(spec, dataset.classes),
+            fraction,
+            seed,
+            old_fraction=old_fraction,
+        )
         pair = f"--source {source_name} --classes {spec}"
         for c in task.clone_classes:
             if c in cloned_by:
-                raise TaskError(f"class {dataset.classes[c]!r} (id {c}) would be cloned twice: by "
-                                f"`{cloned_by[c]}` and by `{pair}`; clone each class once (drop the repeated "
-                                "pair, or give disjoint class specs)")
+                raise TaskError(
+                    f"class {dataset.classes[c]!r} (id {c}) would be cloned twice: by "
+                    f"`{cloned_by[c]}` and by `{pair}`; clone each class once (drop the repeated "
+                    "pair, or give disjoint class specs)"
+                )
             cloned_by[c] = pair
         planned.append((source_name, source, task))
-    run = {"target": [target_name, t_card.sha256], "sources": [[n, spec, store.card(n).sha256]
-                                                              for n, spec in sources],
-           "seed": seed, "fraction": fraction, "old_fraction": old_fraction, "config": (config or SearchConfig(seed=seed)).key()}
+    run = {
+        "target": [target_name, t_card.sha256],
+        "sources": [[n, spec, store.card(n).sha256] for n, spec in sources],
+        "seed": seed,
+        "fraction": fraction,
+        "old_fraction": old_fraction,
+        "config": (config or SearchConfig(seed=seed)).key(),
+    }
     return ClonePlan(target_name, target, t_card, dataset, planned, run)
 
 
@@ -137,17 +164,23 @@ def check_clone_out(out: Path, run: dict, force: bool) -> bool:
     check_output_dir(out, "--out")
     for name in ("clone.pnc", "report.json", ".ckpt"):
         if (out / name).exists() and (name == ".ckpt") != (out / name).is_dir():
-            raise OutputError(f"--out {out}: {out / name} is in the way (wrong kind of file); remove it "
-                              "or choose another --out")
+            raise OutputError(
+                f"--out {out}: {out / name} is in the way (wrong kind of file); remove it or choose another --out"
+            )
     recorded = _recorded_run(out)
     if recorded == run or not ((out / "clone.pnc").exists() or recorded is not None):
         return False
     if force:
         return True
-    what = "a clone.pnc of unknown origin" if recorded is None else \
-        f"a clone of another run ({', '.join(k for k in run if recorded.get(k) != run[k]) or 'settings'} differ)"
-    raise OutputError(f"--out {out} already holds {what}; pass --force to replace it, or choose another --out "
-                      "(rerunning the same command resumes or repeats that run)")
+    what = (
+        "a clone.pnc of unknown origin"
+        if recorded is None
+        else f"a clone of another run ({', '.join(k for k in run if recorded.get(k) != run[k]) or 'settings'} differ)"
+    )
+    raise OutputError(
+        f"--out {out} already holds {what}; pass --force to replace it, or choose another --out "
+        "(rerunning the same command resumes or repeats that run)"
+    )
 
 
 def precheck_clone_out(out: Path, target: str, sources: list[tuple[str, str]], seed: int, force: bool) -> None:
@@ -157,11 +190,16 @@ def precheck_clone_out(out: Path, target: str, sources: list[tuple[str, str]], s
     recorded = _recorded_run(out)
     if force or not ((out / "clone.pnc").exists() or recorded is not None):
         return
-    same = recorded is not None and recorded.get("target", [None])[0] == target and recorded.get("seed") == seed \
+    same = (
+        recorded is not None
+        and recorded.get("target", [None])[0] == target
+        and recorded.get("seed") == seed
         and [list(s[:2]) for s in recorded.get("sources", [])] == [list(s) for s in sources]
+    )
     if not same:
-        raise OutputError(f"--out {out} already holds a clone of another run; pass --force to replace it, or "
-                          "choose another --out")
+        raise OutputError(
+            f"--out {out} already holds a clone of another run; pass --force to replace it, or choose another --out"
+        )
 
 
 class _Stopwatch:
@@ -207,10 +245,21 @@ class _Stopwatch:
             self.save()
 
 
-def run_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]], out: Path, *, seed: int = 0,
-              data_dir: str | None = None, fraction: float = 0.3, old_fraction: float = 0.3,
-              config: SearchConfig | None = None, progress: bool = True, force: bool = False,
-              plan: ClonePlan | None = None) -> tuple[ClonedNetwork, dict]:
+def run_clone(
+    store: ZooStore,
+    target_name: str,
+    sources: list[tuple[str, str]],
+    out: Path,
+    *,
+    seed: int = 0,
+    data_dir: str | None = None,
+    fraction: float = 0.3,
+    old_fraction: float = 0.3,
+    config: SearchConfig | None = None,
+    progress: bool = True,
+    force: bool = False,
+    plan: ClonePlan | None = None,
+) -> tuple[ClonedNetwork, dict]:
     """Clone each (source name, class spec) into the target; write DIR/clone.pnc and DIR/report.json.
 
     ``fraction`` / ``old_fraction``: shares of the clone classes' / the target classes'
@@ -221,8 +270,16 @@ def run_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]],
     written (:func:`plan_clone`, :func:`check_clone_out`); an interrupted run resumes from the
     checkpoints in DIR/.ckpt, and report.json's ``seconds`` counts every attempt."""
     config = config or SearchConfig(seed=seed)
-    plan = plan or plan_clone(store, target_name, sources, seed=seed, data_dir=data_dir, fraction=fraction,
-                              old_fraction=old_fraction, config=config)
+    plan = plan or plan_clone(
+        store,
+        target_name,
+        sources,
+        seed=seed,
+        data_dir=data_dir,
+        fraction=fraction,
+        old_fraction=old_fraction,
+        config=config,
+    )
     out = Path(out)
     replace = check_clone_out(out, plan.run, force)
     if replace:
@@ -237,33 +294,55 @@ def run_clone(store: ZooStore, target_name: str, sources: list[tuple[str, str]],
     return net, report
 
 
-def _execute(plan: ClonePlan, store: ZooStore, out: Path, config: SearchConfig,
-             progress: bool) -> tuple[ClonedNetwork, dict]:
+def _execute(
+    plan: ClonePlan, store: ZooStore, out: Path, config: SearchConfig, progress: bool
+) -> tuple[ClonedNetwork, dict]:
     """The clone itself (after every check): branches, clone.pnc, and the report (without seconds)."""
     net, tasks, models, branches = None, [], [], []
     for k, (source_name, source, task) in enumerate(plan.sources):
         name = source_name if source_name not in (b["name"] for b in branches) else f"{source_name}-{k}"
-        net = clone(plan.target, source, **task.clone_inputs(), config=config, into=net, name=name,
-                    source_name=source_name, checkpoint_dir=out / ".ckpt" / name, cache_dir=out / ".cache",
-                    progress=progress)
+        net = clone(
+            plan.target,
+            source,
+            **task.clone_inputs(),
+            config=config,
+            into=net,
+            name=name,
+            source_name=source_name,
+            checkpoint_dir=out / ".ckpt" / name,
+            cache_dir=out / ".cache",
+            progress=progress,
+        )
         rep = net.branches[name].report
-        branches.append({"name": name, "source": source_name, "classes": net.branches[name].classes,
-                         **asdict(rep)})
+        branches.append({"name": name, "source": source_name, "classes": net.branches[name].classes, **asdict(rep)})
         tasks.append(task)
         models.append((source, task.source_label_index()))
     assert net is not None  # plan_clone refuses an empty source list
-    patch_bytes = save_patch(net, out / "clone.pnc", target_name=plan.target_name,
-                             input_size=plan.t_card.input_size,
-                             tasks={b["name"]: t.to_dict() for b, t in zip(branches, tasks)})
+    patch_bytes = save_patch(
+        net,
+        out / "clone.pnc",
+        target_name=plan.target_name,
+        input_size=plan.t_card.input_size,
+        tasks={b["name"]: t.to_dict() for b, t in zip(branches, tasks)},
+    )
     acc = compare(net, plan.target, models, tasks)
     report = {
-        "target": plan.target_name, "ori_acc": acc["clone"]["ori"], "tar_acc": acc["clone"]["tar"],
-        "avg_acc": acc["clone"]["avg"], "target_acc": acc["target"], "ensemble_acc": acc["ensemble"],
-        "target_cut": branches[0]["target_cut"], "source_cut": branches[0]["source_cut"],
-        "fraction": plan.run["fraction"], "old_fraction": plan.run["old_fraction"], "images": branches[0]["images"],
+        "target": plan.target_name,
+        "ori_acc": acc["clone"]["ori"],
+        "tar_acc": acc["clone"]["tar"],
+        "avg_acc": acc["clone"]["avg"],
+        "target_acc": acc["target"],
+        "ensemble_acc": acc["ensemble"],
+        "target_cut": branches[0]["target_cut"],
+        "source_cut": branches[0]["source_cut"],
+        "fraction": plan.run["fraction"],
+        "old_fraction": plan.run["old_fraction"],
+        "images": branches[0]["images"],
         "patch_bytes": patch_bytes,
         "source_bytes": sum(os.path.getsize(store.path(s) / WEIGHTS_FILE) for s, _, _ in plan.sources),
-        "seconds": None, "branches": branches, "run": plan.run,
+        "seconds": None,
+        "branches": branches,
+        "run": plan.run,
     }
     return net, report
 
@@ -280,8 +359,10 @@ def patch_path(path: str | Path) -> Path:
     if path.is_dir():
         if (path / "clone.pnc").is_file():
             return path / "clone.pnc"
-        raise PatchError(f"{path} is a folder without a clone.pnc; give the patch file, e.g. the "
-                         "DIR/clone.pnc that `pnc clone --out DIR` wrote")
+        raise PatchError(
+            f"{path} is a folder without a clone.pnc; give the patch file, e.g. the "
+            "DIR/clone.pnc that `pnc clone --out DIR` wrote"
+        )
     return check_input_file(path, "a .pnc patch", "make one with `pnc clone ... --out DIR`", PatchError)
 
 
@@ -294,9 +375,11 @@ def _branch_task(branch: dict, t_card: ModelCard, s_card: ModelCard, dataset: Da
     try:
         clone_classes = [s_card.classes[i] for i in branch["source_outputs"]]
     except (IndexError, TypeError) as err:
-        raise PatchError(f"branch {branch['name']!r} records no clone task and its source outputs "
-                         f"{branch.get('source_outputs')} do not fit source {s_card.name!r} ({err}); save "
-                         "the patch with save_patch(..., tasks={name: task.to_dict()})") from None
+        raise PatchError(
+            f"branch {branch['name']!r} records no clone task and its source outputs "
+            f"{branch.get('source_outputs')} do not fit source {s_card.name!r} ({err}); save "
+            "the patch with save_patch(..., tasks={name: task.to_dict()})"
+        ) from None
     return CloneTask(dataset, t_card.classes, s_card.classes, clone_classes)
 
 
@@ -310,13 +393,21 @@ def evaluate_patch(path: Path, store: ZooStore, data_dir: str | None = None) -> 
     for b in meta["branches"]:
         source, s_card = store.load(b["source"]["name"])
         if s_card.dataset != t_card.dataset:
-            raise PatchError(f"{path}: branch {b['name']!r} clones from {s_card.dataset} into a "
-                             f"{t_card.dataset} target; pnc eval measures clones within one dataset")
+            raise PatchError(
+                f"{path}: branch {b['name']!r} clones from {s_card.dataset} into a "
+                f"{t_card.dataset} target; pnc eval measures clones within one dataset"
+            )
         tasks.append(_branch_task(b, t_card, s_card, dataset))
         models.append((source, b["source_outputs"]))
     acc = compare(net, target, models, tasks)
-    return {"patch": str(path), "ori_acc": acc["clone"]["ori"], "tar_acc": acc["clone"]["tar"],
-            "avg_acc": acc["clone"]["avg"], "target_acc": acc["target"], "ensemble_acc": acc["ensemble"]}
+    return {
+        "patch": str(path),
+        "ori_acc": acc["clone"]["ori"],
+        "tar_acc": acc["clone"]["tar"],
+        "avg_acc": acc["clone"]["avg"],
+        "target_acc": acc["target"],
+        "ensemble_acc": acc["ensemble"],
+    }
 
 
 def print_table(report: dict) -> None:
@@ -327,9 +418,11 @@ def print_table(report: dict) -> None:
     table = Table(title="Ori / Tar / Avg accuracy (%) on the test images")
     for col in ("model", "Ori", "Tar", "Avg"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    rows = (("target alone", report["target_acc"]),
-            ("PNC clone", {"ori": report["ori_acc"], "tar": report["tar_acc"], "avg": report["avg_acc"]}),
-            ("direct ensemble", report["ensemble_acc"]))
+    rows = (
+        ("target alone", report["target_acc"]),
+        ("PNC clone", {"ori": report["ori_acc"], "tar": report["tar_acc"], "avg": report["avg_acc"]}),
+        ("direct ensemble", report["ensemble_acc"]),
+    )
     for label, acc in rows:
         table.add_row(label, *(f"{100 * acc[k]:.2f}" for k in ("ori", "tar", "avg")))
     Console().print(table)
@@ -345,24 +438,49 @@ def _cmd_clone(args) -> int:
     config = SearchConfig(seed=args.seed, mask_ratio=args.mask_ratio)
     store, sources, out = _store(args), list(zip(args.source, args.classes)), Path(args.out)
     check_output_dir(out, "--out")  # before loading anything: the cheapest check first
-    plan = plan_clone(store, args.target, sources, seed=args.seed, data_dir=args.data_dir,
-                      fraction=args.fraction, old_fraction=args.old_fraction, config=config)
-    _, report = run_clone(store, args.target, sources, out, seed=args.seed, data_dir=args.data_dir,
-                          fraction=args.fraction, old_fraction=args.old_fraction, config=config,
-                          progress=not args.json, force=args.force, plan=plan)
+    plan = plan_clone(
+        store,
+        args.target,
+        sources,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        fraction=args.fraction,
+        old_fraction=args.old_fraction,
+        config=config,
+    )
+    _, report = run_clone(
+        store,
+        args.target,
+        sources,
+        out,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        fraction=args.fraction,
+        old_fraction=args.old_fraction,
+        config=config,
+        progress=not args.json,
+        force=args.force,
+        plan=plan,
+    )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print_table(report)
         for b in report["branches"]:
-            print(f"branch {b['name']!r}: R = {b['target_cut']} (target) <- R' = {b['source_cut']} (source); "
-                  f"transferable module {b['params_before']:,} -> {b['params_after']:,} params, "
-                  f"{b['macs_before']:,} -> {b['macs_after']:,} MACs")
+            print(
+                f"branch {b['name']!r}: R = {b['target_cut']} (target) <- R' = {b['source_cut']} (source); "
+                f"transferable module {b['params_before']:,} -> {b['params_after']:,} params, "
+                f"{b['macs_before']:,} -> {b['macs_after']:,} MACs"
+            )
         im = report["images"]
-        print(f"images: {im['old_train']} of the target's classes + {im['clone_train']} of the cloned classes "
-              f"to train, {im['old_holdout'] + im['clone_holdout']} held out to choose R")
-        print(f"patch {report['patch_bytes']:,} bytes vs source checkpoint {report['source_bytes']:,} bytes; "
-              f"{report['seconds']:.0f} s; wrote {args.out}/clone.pnc and report.json")
+        print(
+            f"images: {im['old_train']} of the target's classes + {im['clone_train']} of the cloned classes "
+            f"to train, {im['old_holdout'] + im['clone_holdout']} held out to choose R"
+        )
+        print(
+            f"patch {report['patch_bytes']:,} bytes vs source checkpoint {report['source_bytes']:,} bytes; "
+            f"{report['seconds']:.0f} s; wrote {args.out}/clone.pnc and report.json"
+        )
     return 0
 
 
@@ -391,21 +509,28 @@ def _cmd_demo(args) -> int:
     precheck_clone_out(Path(args.out), target, [(source, "S")], args.seed, args.force)
     for name in (target, source):
         card = ensure_default(store, name, args.data_dir)
-        print(f"zoo: {name} ({card.arch} on {card.dataset}, classes {card.classes}, "
-              f"test accuracy {100 * card.test_accuracy:.2f}%)")
+        print(
+            f"zoo: {name} ({card.arch} on {card.dataset}, classes {card.classes}, "
+            f"test accuracy {100 * card.test_accuracy:.2f}%)"
+        )
     out = Path(args.out)
-    net, report = run_clone(store, target, [(source, "S")], out, seed=args.seed, data_dir=args.data_dir,
-                            force=args.force)
+    net, report = run_clone(
+        store, target, [(source, "S")], out, seed=args.seed, data_dir=args.data_dir, force=args.force
+    )
     print_table(report)
-    print(f"cloned {report['branches'][0]['classes']} from {source} into {target} at R = {report['target_cut']}; "
-          f"patch {report['patch_bytes']:,} bytes (source checkpoint {report['source_bytes']:,})")
+    print(
+        f"cloned {report['branches'][0]['classes']} from {source} into {target} at R = {report['target_cut']}; "
+        f"patch {report['patch_bytes']:,} bytes (source checkpoint {report['source_bytes']:,})"
+    )
     example = torch.zeros(1, *store.card(target).input_size)
     export_onnx(net, out / "clone.onnx", example)
     export_onnx(net.target, out / "target.onnx", example)
     detach_onnx(out / "clone.onnx", None, out / "detached.onnx")
     same = file_sha256(out / "detached.onnx") == file_sha256(out / "target.onnx")
-    print(f"ONNX: {out}/clone.onnx (detachable branch); detaching it gives a file "
-          f"{'byte-identical to' if same else 'DIFFERENT from'} {out}/target.onnx")
+    print(
+        f"ONNX: {out}/clone.onnx (detachable branch); detaching it gives a file "
+        f"{'byte-identical to' if same else 'DIFFERENT from'} {out}/target.onnx"
+    )
     print(f"demo {time.perf_counter() - start:.0f} s (clone {report['seconds']:.0f} s); wrote {out}")
     return 0 if same else 1
 
@@ -418,15 +543,22 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("clone", help="clone classes of source zoo models into a target zoo model")
     p.add_argument("--target", required=True, help="the target's zoo name")
     p.add_argument("--source", action="append", required=True, help="a source's zoo name (repeatable)")
-    p.add_argument("--classes", action="append", required=True,
-                   help="classes to clone from that source: S (20%%), M (60%%), 5-6, 5,7 or names")
+    p.add_argument(
+        "--classes",
+        action="append",
+        required=True,
+        help="classes to clone from that source: S (20%%), M (60%%), 5-6, 5,7 or names",
+    )
     p.add_argument("--out", required=True, help="output folder for clone.pnc and report.json")
     p.add_argument("--seed", type=seed_number, default=0)
-    p.add_argument("--fraction", type=share, default=0.3,
-                   help="share of the clone classes' training images, in (0, 1]")
-    p.add_argument("--old-fraction", type=in_range(float, 0.0, 1.0), default=0.3,
-                   help="share of the target classes' training images available while cloning, in [0, 1] "
-                        "(default 0.3, the paper's setting; 0: none)")
+    p.add_argument("--fraction", type=share, default=0.3, help="share of the clone classes' training images, in (0, 1]")
+    p.add_argument(
+        "--old-fraction",
+        type=in_range(float, 0.0, 1.0),
+        default=0.3,
+        help="share of the target classes' training images available while cloning, in [0, 1] "
+        "(default 0.3, the paper's setting; 0: none)",
+    )
     p.add_argument("--mask-ratio", type=share, default=0.5, help="kept share of each channel group, in (0, 1]")
     p.add_argument("--json", action="store_true", help="print report.json instead of a table")
     add_force(p, "a clone of another run in --out (rerunning the same command resumes without it)")

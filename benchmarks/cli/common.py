@@ -4,6 +4,7 @@ Every sub-command checks all its arguments before any training, file or folder i
 created: numbers and names at parse time (argparse types below: a usage line and exit 2),
 paths and zoo names with the ``check_*`` functions (a typed :class:`PncError`, exit 2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ def _number(kind: type, text: str) -> float:
     try:
         value = kind(text)
     except (ValueError, OverflowError):
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                         f"got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
     if value != value or value in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
@@ -44,11 +46,13 @@ def _number(kind: type, text: str) -> float:
 
 def positive(kind: type) -> Callable[[str], float]:
     """An argparse type: ``kind(text)`` that must be > 0 (and finite)."""
+
     def parse(text: str) -> float:
         value = _number(kind, text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
+
     return parse
 
 
@@ -64,6 +68,7 @@ def in_range(kind: type, low: float, high: float, *, low_open: bool = False) -> 
         if value > high or value < low or (low_open and value == low):
             raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
         return value
+
     return parse
 
 
@@ -93,7 +98,10 @@ def json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError('expected a JSON object like {"width": 16}')
     return value
+
+
 # --- paths: checked before any work, nothing created --------------------------------------
+
 
 def _nearest_existing(path: Path) -> Path:
     """``path`` or its closest ancestor that exists."""
@@ -129,15 +137,16 @@ def check_output_dir(path: str | Path, flag: str) -> Path:
     """A folder that exists or can be created and written in; OutputError otherwise."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
-        raise OutputError(f"{flag} {path} is a file, not a folder; give a folder path "
-                          "(it is created if missing)")
+        raise OutputError(f"{flag} {path} is a file, not a folder; give a folder path (it is created if missing)")
     base = _nearest_existing(path)
     if not base.is_dir():
-        raise OutputError(f"{flag} {path} cannot be created: {base} is a file, not a folder; "
-                          "choose a path that is not inside a file")
+        raise OutputError(
+            f"{flag} {path} cannot be created: {base} is a file, not a folder; choose a path that is not inside a file"
+        )
     if not _can_create_in(base):
-        raise OutputError(f"{flag} {path}: cannot write in {base} (permission denied or read-only); "
-                          "choose a writable folder")
+        raise OutputError(
+            f"{flag} {path}: cannot write in {base} (permission denied or read-only); choose a writable folder"
+        )
     return path
 
 
@@ -149,10 +158,10 @@ def check_output_file(path: str | Path, flag: str = "--out", *, not_same_as: str
         raise OutputError(f"{flag} {path} is a folder; give a file name such as {path / 'model.onnx'}")
     if not path.name or path.name in (".", ".."):
         raise OutputError(f"{flag} {str(path)!r} is not a file name; give one such as model.onnx")
-    if not_same_as is not None and path.exists() and Path(not_same_as).exists() \
-            and os.path.samefile(path, not_same_as):
-        raise OutputError(f"{flag} {path} is the input file: writing it would destroy the input; "
-                          "give another file name")
+    if not_same_as is not None and path.exists() and Path(not_same_as).exists() and os.path.samefile(path, not_same_as):
+        raise OutputError(
+            f"{flag} {path} is the input file: writing it would destroy the input; give another file name"
+        )
     check_output_dir(path.parent, f"{flag} {path}: its folder")
     return path
 
@@ -169,6 +178,7 @@ def check_input_file(path: str | Path, what: str, hint: str, error: type[PncErro
 
 # --- one value per option ---------------------------------------------------------------
 
+
 class _Once:
     """Mixin for argparse store actions: the option may be given once (argparse would keep the
     last of two silently; ``--source``/``--classes``/``--branch`` are the repeatable ones)."""
@@ -176,14 +186,18 @@ class _Once:
     def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
         seen = namespace.__dict__.setdefault("_given", set())
         if option_string is not None and self.dest in seen:  # type: ignore[attr-defined]
-            parser.error(f"{'/'.join(self.option_strings)} given more than once; "  # type: ignore[attr-defined]
-                         "give it once")
+            parser.error(
+                f"{'/'.join(self.option_strings)} given more than once; "  # type: ignore[attr-defined]
+                "give it once"
+            )
         seen.add(self.dest)  # type: ignore[attr-defined]
         super().__call__(parser, namespace, values, option_string)  # type: ignore[misc]
 
 
-_ONCE = {kind: type(f"Once{kind.__name__}", (_Once, kind), {})
-         for kind in (argparse._StoreAction, argparse._StoreTrueAction, argparse._StoreConstAction)}
+_ONCE = {
+    kind: type(f"Once{kind.__name__}", (_Once, kind), {})
+    for kind in (argparse._StoreAction, argparse._StoreTrueAction, argparse._StoreConstAction)
+}
 
 
 def forbid_repeats(parser: argparse.ArgumentParser) -> None:

@@ -1,5 +1,6 @@
 """``pnc cuts MODEL``: the verified cut points of any model spec (timm name, zoo name,
 pnc architecture or ``package.module:factory``)."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,14 +20,25 @@ from pnc.zoo.store import ZooStore
 
 from .common import add_zoo_dir, input_size
 
-
 COLUMNS = ("block", "node", "module", "shape", "layout", "depth", "stage", "params_after", "macs_after", "ok")
 
 
 def _rows(cuts: Sequence[CutPoint], costs: dict[str, tuple[int, int]]) -> list[tuple[str, ...]]:
-    return [("" if c.block is None else str(c.block), c.node, c.module, str(c.shape), c.layout, f"{c.depth:.2f}",
-             "" if c.stage is None else str(c.stage), f"{costs[c.node][1]:,}", f"{costs[c.node][0]:,}",
-             "yes" if c.verified else f"no: {c.reason}") for c in cuts]
+    return [
+        (
+            "" if c.block is None else str(c.block),
+            c.node,
+            c.module,
+            str(c.shape),
+            c.layout,
+            f"{c.depth:.2f}",
+            "" if c.stage is None else str(c.stage),
+            f"{costs[c.node][1]:,}",
+            f"{costs[c.node][0]:,}",
+            "yes" if c.verified else f"no: {c.reason}",
+        )
+        for c in cuts
+    ]
 
 
 def suffix_costs(traced: TracedModel, cuts: Sequence[CutPoint]) -> dict[str, tuple[int, int]]:
@@ -41,8 +53,9 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
-    with console.status(f"tracing {args.model} and verifying every cut (large models take a while)",
-                        spinner="dots") as status:
+    with console.status(
+        f"tracing {args.model} and verifying every cut (large models take a while)", spinner="dots"
+    ) as status:
         if args.plain or args.json:
             status.stop()
         model, size = resolve_model(args.model, args.input_size, store=ZooStore(args.zoo_dir))
@@ -52,9 +65,13 @@ def _run(args: argparse.Namespace) -> int:
         costs = suffix_costs(traced, cuts)
     verified = all(c.verified for c in cuts)
     if args.json:
-        doc = {"model": args.model, "input_size": list(x.shape[1:]), "blocks": args.blocks, "verified": verified,
-               "cuts": [asdict(c) | {"params_after": costs[c.node][1], "macs_after": costs[c.node][0]}
-                        for c in cuts]}
+        doc = {
+            "model": args.model,
+            "input_size": list(x.shape[1:]),
+            "blocks": args.blocks,
+            "verified": verified,
+            "cuts": [asdict(c) | {"params_after": costs[c.node][1], "macs_after": costs[c.node][0]} for c in cuts],
+        }
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     elif args.plain:  # one tab-separated line per cut: never wrapped, easy to grep and cut
@@ -89,8 +106,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         description="Trace MODEL, list the nodes every input-to-output path goes through, and verify "
         "that splitting at each one reproduces the model's output exactly. Exit status 1 if a cut fails.",
     )
-    parser.add_argument("model", help="timm name (built without weights), zoo name, pnc architecture, "
-                                      "or package.module:factory")
+    parser.add_argument(
+        "model", help="timm name (built without weights), zoo name, pnc architecture, or package.module:factory"
+    )
     parser.add_argument("--input-size", type=input_size, default=None, help="C,H,W (default: the model's own)")
     parser.add_argument("--blocks", action="store_true", help="only the block-level cut points")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

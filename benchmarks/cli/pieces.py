@@ -6,6 +6,7 @@
 Each command checks that the pieces reproduce the model, in PyTorch and in onnxruntime,
 before it writes anything (``pnc.surgery.pieces.save_pieces``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,11 @@ def _traced(args: argparse.Namespace) -> tuple[TracedModel, torch.Tensor]:
 
 
 def _report(args: argparse.Namespace, what: str, check: PieceCheck) -> int:
-    print(f"{args.out}: {what}; composition equals the model in PyTorch "
-          f"({'bit for bit' if check.torch_equal else f'max |diff| {check.torch_max_abs:.2e}'}) and in onnxruntime "
-          f"(max |diff| {check.onnx_max_abs:.2e}) at batch {check.batch}; see pieces.json")
+    print(
+        f"{args.out}: {what}; composition equals the model in PyTorch "
+        f"({'bit for bit' if check.torch_equal else f'max |diff| {check.torch_max_abs:.2e}'}) and in onnxruntime "
+        f"(max |diff| {check.onnx_max_abs:.2e}) at batch {check.batch}; see pieces.json"
+    )
     return 0
 
 
@@ -47,10 +50,22 @@ def _cmd_split(args: argparse.Namespace) -> int:
     prefix, suffix = extract(traced, None, [cut.node]), extract(traced, cut.node, [traced.output_node])
     with torch.no_grad():
         reference = traced.model(x)
-    spec = {"command": "split", "model": args.model, "cut": cut.node, "module": cut.module,
-            "cut_shape": list(cut.shape), "input_size": list(x.shape[1:])}
-    check = save_pieces([Piece("prefix", prefix, INPUT, cut.node), Piece("suffix", suffix, cut.node, LOGITS)],
-                        x, reference, args.out, spec, args.opset)
+    spec = {
+        "command": "split",
+        "model": args.model,
+        "cut": cut.node,
+        "module": cut.module,
+        "cut_shape": list(cut.shape),
+        "input_size": list(x.shape[1:]),
+    }
+    check = save_pieces(
+        [Piece("prefix", prefix, INPUT, cut.node), Piece("suffix", suffix, cut.node, LOGITS)],
+        x,
+        reference,
+        args.out,
+        spec,
+        args.opset,
+    )
     return _report(args, f"prefix (input -> {cut.node} {tuple(cut.shape)}) and suffix", check)
 
 
@@ -59,14 +74,23 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     cuts = cut_points(traced)
     start, end = find_cut(cuts, args.start), find_cut(cuts, args.end)
     if cuts.index(start) >= cuts.index(end):
-        raise CutError(f"--from {start.node} must come before --to {end.node} (cuts are listed input to output "
-                       "by `pnc cuts`)")
+        raise CutError(
+            f"--from {start.node} must come before --to {end.node} (cuts are listed input to output by `pnc cuts`)"
+        )
     with torch.no_grad():
         before = extract(traced, None, [start.node])(x)
         reference = extract(traced, None, [end.node])(x)
-    spec = {"command": "extract", "model": args.model, "from": start.node, "to": end.node,
-            "from_module": start.module, "to_module": end.module, "input_shape": list(start.shape),
-            "output_shape": list(end.shape), "input_size": list(x.shape[1:])}
+    spec = {
+        "command": "extract",
+        "model": args.model,
+        "from": start.node,
+        "to": end.node,
+        "from_module": start.module,
+        "to_module": end.module,
+        "input_shape": list(start.shape),
+        "output_shape": list(end.shape),
+        "input_size": list(x.shape[1:]),
+    }
     module = Piece("module", extract(traced, start.node, [end.node]), start.node, end.node)
     check = save_pieces([module], before, reference, args.out, spec, args.opset)
     return _report(args, f"module {start.node} {tuple(start.shape)} -> {end.node} {tuple(end.shape)}", check)
@@ -74,13 +98,21 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     """Register ``pnc split`` and ``pnc extract``."""
+
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("model", help="timm name, zoo name, pnc architecture, FILE.safetensors from "
-                                     "`pnc zoo export`, or package.module:factory")
+        p.add_argument(
+            "model",
+            help="timm name, zoo name, pnc architecture, FILE.safetensors from "
+            "`pnc zoo export`, or package.module:factory",
+        )
         p.add_argument("--input-size", type=input_size, help="C,H,W (default: the model's own)")
         p.add_argument("--out", required=True, help="folder for the .onnx, .safetensors and pieces.json")
-        p.add_argument("--opset", type=in_range(int, OPSETS.start, OPSETS.stop - 1), default=OPSET,
-                       help=f"ONNX opset, {OPSETS.start}-{OPSETS.stop - 1} (default {OPSET})")
+        p.add_argument(
+            "--opset",
+            type=in_range(int, OPSETS.start, OPSETS.stop - 1),
+            default=OPSET,
+            help=f"ONNX opset, {OPSETS.start}-{OPSETS.stop - 1} (default {OPSET})",
+        )
         add_zoo_dir(p)
 
     split = sub.add_parser("split", help="cut a model at a cut point into prefix and suffix (ONNX + safetensors)")

@@ -10,6 +10,7 @@ DIR/suffix.onnx (input ``cut`` (batch, *cut shape), output ``logits``, all the m
 classes), DIR/suffix.safetensors and DIR/prune.json (model, cut, classes, kept channel
 indices per group, sizes, accuracies); :func:`load_pruned` rebuilds the suffix from them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,10 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from pnc.surgery.errors import ExportError, PncError, TaskError
-from pnc.surgery.io import atomic_write_bytes, atomic_write_text, save_tensors
 from pnc.surgery.branch import module_cost
 from pnc.surgery.cuts import cut_points, find_cut
+from pnc.surgery.errors import ExportError, PncError, TaskError
+from pnc.surgery.io import atomic_write_bytes, atomic_write_text, save_tensors
 from pnc.surgery.local_models import fit_local_models
 from pnc.surgery.localization import (
     LocalizeConfig,
@@ -58,8 +59,10 @@ def model_classes(spec: str, card: ModelCard, dataset_classes: list[str]) -> lis
     ids = parse_classes(spec, dataset_classes)
     outside = [i for i in ids if i not in card.classes]
     if outside:
-        raise TaskError(f"classes {outside} are not outputs of {card.name} (it predicts "
-                        f"{', '.join(f'{i} {n}' for i, n in zip(card.classes, card.class_names))})")
+        raise TaskError(
+            f"classes {outside} are not outputs of {card.name} (it predicts "
+            f"{', '.join(f'{i} {n}' for i, n in zip(card.classes, card.class_names))})"
+        )
     return ids
 
 
@@ -87,8 +90,13 @@ def auroc(scores: Tensor, positive_: Tensor) -> float:
     return float((ranks[positive_].sum() - n_pos * (n_pos - 1) / 2) / max(n_pos * n_neg, 1))
 
 
-def measure(suffix: Callable[[Tensor], Tensor], prefix: nn.Module, test: ImageData, outputs: list[int],
-            reference: Tensor | None = None) -> dict[str, float]:
+def measure(
+    suffix: Callable[[Tensor], Tensor],
+    prefix: nn.Module,
+    test: ImageData,
+    outputs: list[int],
+    reference: Tensor | None = None,
+) -> dict[str, float]:
     """Metrics of ``suffix(prefix(x))`` on ``test`` (images of every model class, labels =
     model output index): accuracy among ``outputs`` (argmax over their logits only) on their
     images, mean one-vs-rest AUROC of each class's logit over all test images, and the
@@ -97,19 +105,34 @@ def measure(suffix: Callable[[Tensor], Tensor], prefix: nn.Module, test: ImageDa
     mine = torch.isin(test.y, torch.tensor(outputs))
     among = logits[mine][:, outputs]
     position = (test.y[mine].unsqueeze(1) == torch.tensor(outputs)).long().argmax(1)
-    result = {"accuracy": float((among.argmax(1) == position).float().mean()),
-              "auroc": float(np.mean([auroc(logits[:, o], test.y == o) for o in outputs])),
-              "test_images": int(mine.sum())}
+    result = {
+        "accuracy": float((among.argmax(1) == position).float().mean()),
+        "auroc": float(np.mean([auroc(logits[:, o], test.y == o) for o in outputs])),
+        "test_images": int(mine.sum()),
+    }
     if reference is not None:
         ref = reference[mine][:, outputs]
         result["logit_rel_error"] = float(((among - ref) ** 2).sum() / (ref**2).sum().clamp_min(1e-12))
     return result
 
 
-def run_prune(store: ZooStore, model_name: str, cut_name: str, classes_spec: str, out: Path, *,
-              keep: float = 0.5, fraction: float = 0.1, seed: int = 0, data_dir: str | None = None,
-              config: LocalizeConfig | None = None, num_masks: int = 100, progress: bool = True,
-              keep_override: dict[str, Tensor] | None = None, cache_dir: Path | None = None) -> dict:
+def run_prune(
+    store: ZooStore,
+    model_name: str,
+    cut_name: str,
+    classes_spec: str,
+    out: Path,
+    *,
+    keep: float = 0.5,
+    fraction: float = 0.1,
+    seed: int = 0,
+    data_dir: str | None = None,
+    config: LocalizeConfig | None = None,
+    num_masks: int = 100,
+    progress: bool = True,
+    keep_override: dict[str, Tensor] | None = None,
+    cache_dir: Path | None = None,
+) -> dict:
     """Prune ``model_name``'s layers after ``cut_name`` for ``classes_spec``; write DIR/suffix.onnx,
     suffix.safetensors and prune.json; return the report (prune.json's content).
 
@@ -131,8 +154,7 @@ def run_prune(store: ZooStore, model_name: str, cut_name: str, classes_spec: str
     layout = "NCHW" if cut.layout == "NCHW" else "NLC"
     if keep_override is None:
         grid = 4 if train.x.shape[-1] <= 32 else 8
-        g = fit_local_models(model, train.x, outputs, num_masks=num_masks, grid=grid, seed=seed,
-                             cache_dir=cache_dir)
+        g = fit_local_models(model, train.x, outputs, num_masks=num_masks, grid=grid, seed=seed, cache_dir=cache_dir)
         keep_idx, masked = _localize(body, prefix, train.x, outputs, g, config, layout, head, progress)
         excluded = masked.excluded
         sizes = {gr.name: gr.size for gr in masked.groups}
@@ -148,18 +170,37 @@ def run_prune(store: ZooStore, model_name: str, cut_name: str, classes_spec: str
     before, after = module_cost(body, example), module_cost(pruned, example)
     reference = logits_on(model, test.x)
     report = {
-        "format": FORMAT, "model": model_name, "model_sha256": card.sha256, "arch": card.arch,
-        "dataset": card.dataset, "cut": cut.node, "cut_module": cut.module, "cut_shape": list(cut.shape),
-        "layout": layout, "classes": classes, "class_names": [dataset.classes[c] for c in classes],
-        "outputs": outputs, "keep": config.keep,
+        "format": FORMAT,
+        "model": model_name,
+        "model_sha256": card.sha256,
+        "arch": card.arch,
+        "dataset": card.dataset,
+        "cut": cut.node,
+        "cut_module": cut.module,
+        "cut_shape": list(cut.shape),
+        "layout": layout,
+        "classes": classes,
+        "class_names": [dataset.classes[c] for c in classes],
+        "outputs": outputs,
+        "keep": config.keep,
         "groups": {n: {"size": sizes[n], "kept": [int(i) for i in idx]} for n, idx in keep_idx.items()},
         "excluded_groups": excluded,
-        "suffix": {"macs_before": before[0], "macs_after": after[0], "params_before": before[1],
-                   "params_after": after[1]},
+        "suffix": {
+            "macs_before": before[0],
+            "macs_after": after[0],
+            "params_before": before[1],
+            "params_after": after[1],
+        },
         "unpruned": measure(body, prefix, test, outputs),
         "pruned": measure(pruned, prefix, test, outputs, reference),
-        "settings": {"fraction": fraction, "seed": seed, "num_masks": num_masks, "train_images": len(train),
-                     "localize": vars(config) | {}, "masks": "G-guided" if keep_override is None else "given"},
+        "settings": {
+            "fraction": fraction,
+            "seed": seed,
+            "num_masks": num_masks,
+            "train_images": len(train),
+            "localize": vars(config) | {},
+            "masks": "G-guided" if keep_override is None else "given",
+        },
         "files": {"onnx": "suffix.onnx", "weights": "suffix.safetensors"},
     }
     _write(out, pruned, example, report)
@@ -172,11 +213,13 @@ def _localize(body, prefix, images, outputs, g, config, layout, head, progress):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    with Progress(TextColumn("localize"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True),
-                  disable=not progress) as bar:
+    with Progress(
+        TextColumn("localize"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True), disable=not progress
+    ) as bar:
         task = bar.add_task("localize", total=config.steps)
-        return localize(body, prefix, images, outputs, g, config, layout=layout, frozen=[head],
-                        tick=lambda: bar.advance(task))
+        return localize(
+            body, prefix, images, outputs, g, config, layout=layout, frozen=[head], tick=lambda: bar.advance(task)
+        )
 
 
 def _write(out: Path, pruned: nn.Module, example: Tensor, report: dict) -> None:
@@ -215,8 +258,10 @@ def load_pruned(folder: str | Path, store: ZooStore) -> tuple[nn.Module, TracedM
         raise PncError(f"{folder}/prune.json is not a `pnc prune` result (format {spec.get('format')!r})")
     model, card = store.load(spec["model"])
     if card.sha256 != spec["model_sha256"]:
-        raise PncError(f"zoo model {spec['model']!r} changed since it was pruned (sha256 {card.sha256[:12]}... vs "
-                       f"{spec['model_sha256'][:12]}...); prune it again")
+        raise PncError(
+            f"zoo model {spec['model']!r} changed since it was pruned (sha256 {card.sha256[:12]}... vs "
+            f"{spec['model_sha256'][:12]}...); prune it again"
+        )
     traced = trace(model, torch.zeros(2, *card.input_size))
     cut = find_cut(cut_points(traced, verify=False), spec["cut"])
     with torch.no_grad():
@@ -232,48 +277,82 @@ def print_report(report: dict) -> None:
     from rich.table import Table
 
     s = report["suffix"]
-    table = Table(title=f"{report['model']} after {report['cut']}, classes {', '.join(report['class_names'])}, "
-                        f"keep {report['keep']}")
+    table = Table(
+        title=f"{report['model']} after {report['cut']}, classes {', '.join(report['class_names'])}, "
+        f"keep {report['keep']}"
+    )
     for col in ("suffix", "MACs", "params", "acc among classes", "AUROC", "logit rel. error"):
         table.add_column(col, justify="left" if col == "suffix" else "right")
-    for label, key, macs, params in (("unpruned", "unpruned", s["macs_before"], s["params_before"]),
-                                     ("pruned", "pruned", s["macs_after"], s["params_after"])):
+    for label, key, macs, params in (
+        ("unpruned", "unpruned", s["macs_before"], s["params_before"]),
+        ("pruned", "pruned", s["macs_after"], s["params_after"]),
+    ):
         m = report[key]
-        table.add_row(label, f"{macs:,}", f"{params:,}", f"{100 * m['accuracy']:.2f}", f"{m['auroc']:.4f}",
-                      f"{m['logit_rel_error']:.4f}" if "logit_rel_error" in m else "")
+        table.add_row(
+            label,
+            f"{macs:,}",
+            f"{params:,}",
+            f"{100 * m['accuracy']:.2f}",
+            f"{m['auroc']:.4f}",
+            f"{m['logit_rel_error']:.4f}" if "logit_rel_error" in m else "",
+        )
     Console().print(table)
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     config = LocalizeConfig(keep=args.keep, steps=args.steps, seed=args.seed)
     out = check_output_dir(args.out, "--out")
-    report = run_prune(ZooStore(args.zoo_dir), args.model, args.cut, args.classes, out, keep=args.keep,
-                       fraction=args.fraction, seed=args.seed, data_dir=args.data_dir, config=config,
-                       progress=not args.json)
+    report = run_prune(
+        ZooStore(args.zoo_dir),
+        args.model,
+        args.cut,
+        args.classes,
+        out,
+        keep=args.keep,
+        fraction=args.fraction,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        config=config,
+        progress=not args.json,
+    )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print_report(report)
         s = report["suffix"]
-        print(f"MACs of the layers after {report['cut']}: {s['macs_before']:,} -> {s['macs_after']:,} "
-              f"({s['macs_after'] / max(s['macs_before'], 1):.2f}x); wrote {out}/suffix.onnx, suffix.safetensors, "
-              f"prune.json ({report['seconds']:.0f} s)")
+        print(
+            f"MACs of the layers after {report['cut']}: {s['macs_before']:,} -> {s['macs_after']:,} "
+            f"({s['macs_after'] / max(s['macs_before'], 1):.2f}x); wrote {out}/suffix.onnx, suffix.safetensors, "
+            f"prune.json ({report['seconds']:.0f} s)"
+        )
     return 0
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prune", help="prune the layers after a cut to the channels that serve some classes",
-                       description="Localization alone (Eq. 4-5): fit G on images of CLASSES, train channel "
-                                   "masks after the cut against it, keep the top share per coupling group and "
-                                   "prune structurally. Writes suffix.onnx, suffix.safetensors and prune.json.")
+    p = sub.add_parser(
+        "prune",
+        help="prune the layers after a cut to the channels that serve some classes",
+        description="Localization alone (Eq. 4-5): fit G on images of CLASSES, train channel "
+        "masks after the cut against it, keep the top share per coupling group and "
+        "prune structurally. Writes suffix.onnx, suffix.safetensors and prune.json.",
+    )
     p.add_argument("model", help="a zoo model name (its card gives the dataset and classes)")
-    p.add_argument("--from", dest="cut", required=True, metavar="CUT",
-                   help="the cut: an fx node or module name listed by `pnc cuts MODEL`, or first/last block cut")
+    p.add_argument(
+        "--from",
+        dest="cut",
+        required=True,
+        metavar="CUT",
+        help="the cut: an fx node or module name listed by `pnc cuts MODEL`, or first/last block cut",
+    )
     p.add_argument("--classes", required=True, help="classes to keep serving: ids, ranges, names, S or M")
     p.add_argument("--keep", type=share_arg, default=0.5, help="kept share of each channel group, in (0, 1]")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--fraction", type=share_arg, default=0.1,
-                   help="share of the classes' training images G is fitted on (seeded), in (0, 1]")
+    p.add_argument(
+        "--fraction",
+        type=share_arg,
+        default=0.1,
+        help="share of the classes' training images G is fitted on (seeded), in (0, 1]",
+    )
     p.add_argument("--steps", type=in_range(int, 1, 100_000), default=200, help="mask training steps")
     p.add_argument("--seed", type=seed_number, default=0)
     p.add_argument("--json", action="store_true", help="print prune.json instead of a table")

@@ -1,4 +1,5 @@
 """``pnc zoo {train,list,show,verify,pretrain-defaults}``."""
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,10 @@ def _check_new_model(store: ZooStore, name: str, force: bool) -> None:
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder} is a file; remove it or choose another --name")
     if store.exists(name) and not force:
-        raise OutputError(f"zoo model {name!r} already exists in {store.root}; `pnc zoo train ... --force` "
-                          "replaces it (the .pnc patches made on it will then be refused), or choose another --name")
+        raise OutputError(
+            f"zoo model {name!r} already exists in {store.root}; `pnc zoo train ... --force` "
+            "replaces it (the .pnc patches made on it will then be refused), or choose another --name"
+        )
 
 
 def _check_buildable(arch: str, kwargs: dict, input_size: tuple[int, int, int]) -> None:
@@ -57,8 +60,9 @@ def _check_buildable(arch: str, kwargs: dict, input_size: tuple[int, int, int]) 
     except ModelNotFoundError:
         raise
     except (TypeError, ValueError, RuntimeError, AssertionError, IndexError, KeyError) as err:
-        raise ModelNotFoundError(f"cannot build and run {arch}({kwargs}) on {input_size} images: {err}; "
-                                 "check --arch-kwargs") from None
+        raise ModelNotFoundError(
+            f"cannot build and run {arch}({kwargs}) on {input_size} images: {err}; check --arch-kwargs"
+        ) from None
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -73,11 +77,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     ids = parse_classes(args.classes, splits.classes)
     kwargs = {**archs.input_kwargs(args.arch, splits.input_size), **(args.arch_kwargs or {}), "num_classes": len(ids)}
     _check_buildable(args.arch, kwargs, splits.input_size)
-    card = train_zoo_model(store, args.name, args.arch, splits, args.classes, args.epochs, args.lr,
-                           args.seed, arch_kwargs=args.arch_kwargs, batch_size=args.batch_size,
-                           optimizer=args.optimizer, augment=args.augment)
-    print(f"{card.name}: {card.arch} on {card.dataset} classes {card.classes}, test accuracy "
-          f"{card.test_accuracy:.4f}, {card.recipe['train_seconds']:.1f} s -> {store.path(card.name)}")
+    card = train_zoo_model(
+        store,
+        args.name,
+        args.arch,
+        splits,
+        args.classes,
+        args.epochs,
+        args.lr,
+        args.seed,
+        arch_kwargs=args.arch_kwargs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        augment=args.augment,
+    )
+    print(
+        f"{card.name}: {card.arch} on {card.dataset} classes {card.classes}, test accuracy "
+        f"{card.test_accuracy:.4f}, {card.recipe['train_seconds']:.1f} s -> {store.path(card.name)}"
+    )
     return 0
 
 
@@ -102,8 +119,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     store = ZooStore(args.zoo_dir)
     cards, broken = _cards(store)
     if args.json:
-        print(json.dumps([dataclasses.asdict(c) for c in cards]
-                         + [{"name": n, "broken": reason} for n, reason in broken.items()], indent=2))
+        print(
+            json.dumps(
+                [dataclasses.asdict(c) for c in cards]
+                + [{"name": n, "broken": reason} for n, reason in broken.items()],
+                indent=2,
+            )
+        )
         _report_broken(broken)
         return 0
     if not cards and not broken:
@@ -113,8 +135,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for col in ("name", "arch", "dataset", "classes", "test acc", "sha256"):
         table.add_column(col)
     for c in cards:
-        table.add_row(c.name, c.arch, c.dataset, ",".join(map(str, c.classes)),
-                      f"{c.test_accuracy:.4f}", c.sha256[:12])
+        table.add_row(c.name, c.arch, c.dataset, ",".join(map(str, c.classes)), f"{c.test_accuracy:.4f}", c.sha256[:12])
     for name in broken:
         table.add_row(name, "BROKEN card (see below)", "", "", "", "")
     Console().print(table)
@@ -150,8 +171,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     for name in names:
         print(f"{'BROKEN' if name in broken else 'MISMATCH' if name in bad else 'ok':>8}  {name}")
     if bad:
-        print(f"{len(bad)} model(s) whose weights do not match their card's sha256; retrain them "
-              "with `pnc zoo train --force` or `pnc zoo pretrain-defaults`")
+        print(
+            f"{len(bad)} model(s) whose weights do not match their card's sha256; retrain them "
+            "with `pnc zoo train --force` or `pnc zoo pretrain-defaults`"
+        )
     _report_broken(broken)
     return 1 if bad or broken else 0
 
@@ -162,8 +185,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     store = writable_zoo(args.zoo_dir)
     cards = pretrain_defaults(store, args.data_dir, only=args.only)
     for card in cards:
-        print(f"{card.name:>24}: test accuracy {card.test_accuracy:.4f} "
-              f"({card.recipe['train_seconds']:.1f} s training)")
+        print(
+            f"{card.name:>24}: test accuracy {card.test_accuracy:.4f} ({card.recipe['train_seconds']:.1f} s training)"
+        )
     if not cards:
         raise DataError("no default model could be built: their data is missing (see above)")
     return 0
@@ -173,11 +197,22 @@ def _cmd_import(args: argparse.Namespace) -> int:
     store = writable_zoo(args.zoo_dir)
     _check_new_model(store, args.name, args.force)
     check_input_file(args.weights, "a weights file", "give FILE.safetensors or a .pt/.pth state dict", StoreError)
-    card = import_model(store, args.name, args.arch, args.weights, args.dataset, args.classes,
-                        input_size=args.input_size, arch_kwargs=args.arch_kwargs, data_dir=args.data_dir,
-                        force=args.force)
-    print(f"{card.name}: {card.arch} on {card.dataset} classes {card.classes} loads strictly and runs; test accuracy "
-          f"{card.test_accuracy:.4f} -> {store.path(card.name)}")
+    card = import_model(
+        store,
+        args.name,
+        args.arch,
+        args.weights,
+        args.dataset,
+        args.classes,
+        input_size=args.input_size,
+        arch_kwargs=args.arch_kwargs,
+        data_dir=args.data_dir,
+        force=args.force,
+    )
+    print(
+        f"{card.name}: {card.arch} on {card.dataset} classes {card.classes} loads strictly and runs; test accuracy "
+        f"{card.test_accuracy:.4f} -> {store.path(card.name)}"
+    )
     return 0
 
 
@@ -190,17 +225,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _add_import_export(cmds: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add ``import`` and ``export`` to ``pnc zoo``."""
-    imp = cmds.add_parser("import", parents=[common], help="register a model trained elsewhere (timm names too)",
-                          description="Build ARCH with one output per class, load WEIGHTS strictly "
-                                      "(.safetensors, or a .pt/.pth state dict read with weights_only=True), run it, "
-                                      "measure its accuracy and save it in the zoo.")
+    imp = cmds.add_parser(
+        "import",
+        parents=[common],
+        help="register a model trained elsewhere (timm names too)",
+        description="Build ARCH with one output per class, load WEIGHTS strictly "
+        "(.safetensors, or a .pt/.pth state dict read with weights_only=True), run it, "
+        "measure its accuracy and save it in the zoo.",
+    )
     imp.add_argument("name", help="zoo name for it")
     imp.add_argument("--arch", required=True, help="lenet5, cnn4, resnetc20 or any timm model name")
     imp.add_argument("--weights", required=True, help="FILE.safetensors (or a .pt/.pth state dict)")
     imp.add_argument("--dataset", required=True, help=f"{', '.join(list_datasets())} or imagefolder:PATH")
     imp.add_argument("--classes", required=True, help='its output classes in order: "0-4", "5,7,9", names')
     imp.add_argument("--input-size", type=input_size, help="C,H,W (default and only: the dataset's)")
-    imp.add_argument("--arch-kwargs", type=json_object, help='extra constructor kwargs as JSON')
+    imp.add_argument("--arch-kwargs", type=json_object, help="extra constructor kwargs as JSON")
     add_force(imp, "a zoo model of the same name")
     add_data_dir(imp)
     imp.set_defaults(func=_cmd_import)
@@ -222,8 +261,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
     train = cmds.add_parser("train", parents=[common], help="train a model on some classes of a dataset")
     train.add_argument("--arch", required=True, help="lenet5, cnn4, resnetc20 or any timm model name")
-    train.add_argument("--dataset", required=True,
-                       help=f"{', '.join(list_datasets())} or imagefolder:PATH")
+    train.add_argument("--dataset", required=True, help=f"{', '.join(list_datasets())} or imagefolder:PATH")
     train.add_argument("--classes", required=True, help='class ids or names: "0-4", "5,7,9", "Sandal,Bag"')
     train.add_argument("--name", required=True, help="zoo model name")
     train.add_argument("--epochs", type=in_range(int, 1, 10_000), default=10)
@@ -232,8 +270,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=in_range(int, 1, 65_536), default=128)
     train.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     train.add_argument("--augment", action="store_true", help="random translations")
-    train.add_argument("--arch-kwargs", type=json_object, default=None,
-                       help='extra constructor kwargs as JSON, e.g. \'{"width": 16}\'')
+    train.add_argument(
+        "--arch-kwargs", type=json_object, default=None, help="extra constructor kwargs as JSON, e.g. '{\"width\": 16}'"
+    )
     add_data_dir(train)
     train.add_argument("--download", action="store_true", help="download the dataset if missing")
     add_force(train, "an existing zoo model of that name (its .pnc patches will no longer load)")
@@ -248,15 +287,18 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=_cmd_show)
 
-    verify = cmds.add_parser("verify", parents=[common],
-                             help="re-hash weights against their cards (exit 1 on a mismatch)")
+    verify = cmds.add_parser(
+        "verify", parents=[common], help="re-hash weights against their cards (exit 1 on a mismatch)"
+    )
     verify.add_argument("name", nargs="?")
     verify.set_defaults(func=_cmd_verify)
 
-    pre = cmds.add_parser("pretrain-defaults", parents=[common],
-                          help="train (or reuse) the default target/source pairs")
-    pre.add_argument("--only", nargs="+", choices=list(DEFAULTS), metavar="NAME",
-                     help=f"only these: {', '.join(DEFAULTS)}")
+    pre = cmds.add_parser(
+        "pretrain-defaults", parents=[common], help="train (or reuse) the default target/source pairs"
+    )
+    pre.add_argument(
+        "--only", nargs="+", choices=list(DEFAULTS), metavar="NAME", help=f"only these: {', '.join(DEFAULTS)}"
+    )
     add_data_dir(pre)
     pre.set_defaults(func=_cmd_pretrain)
     _add_import_export(cmds, common)
