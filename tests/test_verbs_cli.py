@@ -4,6 +4,7 @@ checkpoints, `pnc zoo import` / `pnc zoo export` (a timm model trained elsewhere
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -53,34 +54,11 @@ def test_split_resnet18_onnx_pieces_match_the_model(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
+def zoo(tiny_zoo, tmp_path_factory):
+    """A writable copy of the session's tiny digits zoo ("t": classes 0-4, "s": 5-9)."""
     root = tmp_path_factory.mktemp("verbs")
-    zoo_dir = str(root / "zoo")
-    for name, classes, seed in (("t", "0-4", 1), ("s", "5-9", 2)):
-        assert (
-            main(
-                [
-                    "zoo",
-                    "train",
-                    "--arch",
-                    "cnn4",
-                    "--dataset",
-                    "digits",
-                    "--classes",
-                    classes,
-                    "--name",
-                    name,
-                    "--epochs",
-                    "6",
-                    "--seed",
-                    str(seed),
-                    "--zoo-dir",
-                    zoo_dir,
-                ]
-            )
-            == 0
-        )
-    return root, zoo_dir
+    shutil.copytree(tiny_zoo, root / "zoo")
+    return root, str(root / "zoo")
 
 
 def test_split_and_extract_by_module_name_on_a_zoo_model(zoo, capsys):
@@ -106,6 +84,12 @@ def test_split_and_extract_by_module_name_on_a_zoo_model(zoo, capsys):
     assert not (root / "bad").exists()
 
 
+def _import(zoo_dir: str, name: str, arch: str, weights, classes: str) -> int:
+    """`pnc zoo import NAME --arch ARCH --weights FILE --dataset digits --classes SPEC`."""
+    argv = ["zoo", "import", name, "--arch", arch, "--weights", str(weights), "--dataset", "digits"]
+    return main([*argv, "--classes", classes, "--zoo-dir", zoo_dir])
+
+
 def test_zoo_import_of_a_timm_model_makes_it_clonable_and_export_round_trips(zoo, capsys):
     root, zoo_dir = zoo
     splits = load_dataset("digits")
@@ -114,26 +98,7 @@ def test_zoo_import_of_a_timm_model_makes_it_clonable_and_export_round_trips(zoo
     fit(timm_model, select_classes(splits.train, list(range(5, 10))), epochs=4, lr=0.05, seed=3, progress=False)
     weights = root / "resnet10t.safetensors"
     save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, str(weights))
-    assert (
-        main(
-            [
-                "zoo",
-                "import",
-                "r10",
-                "--arch",
-                "resnet10t",
-                "--weights",
-                str(weights),
-                "--dataset",
-                "digits",
-                "--classes",
-                "5-9",
-                "--zoo-dir",
-                zoo_dir,
-            ]
-        )
-        == 0
-    )
+    assert _import(zoo_dir, "r10", "resnet10t", str(weights), "5-9") == 0
     capsys.readouterr()
     card = json.loads((root / "zoo" / "r10" / "card.json").read_text())
     assert card["arch"] == "resnet10t" and card["classes"] == [5, 6, 7, 8, 9] and card["test_accuracy"] > 0.5
@@ -161,87 +126,11 @@ def test_zoo_import_of_a_timm_model_makes_it_clonable_and_export_round_trips(zoo
 
     # the same weights as a .pt state dict load with weights_only=True; a pickled object is refused
     torch.save(timm_model.state_dict(), root / "r10.pt")
-    assert (
-        main(
-            [
-                "zoo",
-                "import",
-                "r10pt",
-                "--arch",
-                "resnet10t",
-                "--weights",
-                str(root / "r10.pt"),
-                "--dataset",
-                "digits",
-                "--classes",
-                "5-9",
-                "--zoo-dir",
-                zoo_dir,
-            ]
-        )
-        == 0
-    )
+    assert _import(zoo_dir, "r10pt", "resnet10t", str(root / "r10.pt"), "5-9") == 0
     torch.save({"model": timm_model}, root / "whole.pt")  # a pickled nn.Module, not a state dict
-    assert (
-        main(
-            [
-                "zoo",
-                "import",
-                "bad",
-                "--arch",
-                "resnet10t",
-                "--weights",
-                str(root / "whole.pt"),
-                "--dataset",
-                "digits",
-                "--classes",
-                "5-9",
-                "--zoo-dir",
-                zoo_dir,
-            ]
-        )
-        == 2
-    )
-    assert (
-        main(
-            [
-                "zoo",
-                "import",
-                "bad",
-                "--arch",
-                "cnn4",
-                "--weights",
-                str(weights),
-                "--dataset",
-                "digits",
-                "--classes",
-                "5-9",
-                "--zoo-dir",
-                zoo_dir,
-            ]
-        )
-        == 2
-    )  # other architecture: strict load fails
-    assert (
-        main(
-            [
-                "zoo",
-                "import",
-                "r10",
-                "--arch",
-                "resnet10t",
-                "--weights",
-                str(weights),
-                "--dataset",
-                "digits",
-                "--classes",
-                "5-9",
-                "--zoo-dir",
-                zoo_dir,
-            ]
-        )
-        == 2
-    )  # the name is taken
+    assert _import(zoo_dir, "bad", "resnet10t", str(root / "whole.pt"), "5-9") == 2
+    assert _import(zoo_dir, "bad", "cnn4", str(weights), "5-9") == 2  # other architecture: strict load fails
+    assert _import(zoo_dir, "r10", "resnet10t", str(weights), "5-9") == 2  # the name is taken
     err = capsys.readouterr().err
     assert "never unpickles" in err and "does not fit cnn4" in err and "--force" in err
     assert not (root / "zoo" / "bad").exists()
