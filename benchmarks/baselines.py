@@ -58,10 +58,16 @@ Model = nn.Module | LogitsFn
 MethodFn = Callable[..., tuple[Model, dict[str, Any], dict[str, Any]]]
 
 
+#: the search's own settings: the budget's epochs, batch and temperature default to them
+_SEARCH = SearchConfig()
+
+
 @dataclass(frozen=True)
 class Budget:
     """Training budget and hyper-parameters shared by all methods (none tuned on test data).
 
+    The epochs, batch size and KD temperature are the search's (:class:`SearchConfig`
+    defaults, passed on by :meth:`search`), so PNC and the baselines share one definition.
     ``loc_epochs + joint_epochs + binary_epochs`` are PNC's epochs per candidate R and
     also the epochs of every baseline that trains on the clone set (:attr:`epochs`);
     ``scratch_epochs`` / ``scratch_lr`` are Joint + Full's from-scratch recipe (the zoo
@@ -70,12 +76,12 @@ class Budget:
     at ``lr`` = 0.01 its fine-tuning diverged (NaN loss after 8 steps, ResNetC-20, "M").
     """
 
-    loc_epochs: int = 2
-    joint_epochs: int = 3
-    binary_epochs: int = 3
+    loc_epochs: int = _SEARCH.loc_epochs
+    joint_epochs: int = _SEARCH.joint_epochs
+    binary_epochs: int = _SEARCH.binary_epochs
     lr: float = 0.01
-    batch_size: int = 64
-    kd_temperature: float = 2.0
+    batch_size: int = _SEARCH.batch_size
+    kd_temperature: float = _SEARCH.temperature
     scratch_epochs: int = 15
     scratch_lr: float = 0.05
     scratch_batch_size: int = 128
@@ -90,13 +96,14 @@ class Budget:
 
     def search(self, seed: int, **overrides: Any) -> SearchConfig:
         """PNC's search settings under this budget."""
-        return SearchConfig(
-            loc_epochs=self.loc_epochs,
-            joint_epochs=self.joint_epochs,
-            binary_epochs=self.binary_epochs,
-            seed=seed,
-            **overrides,
-        )
+        shared = {
+            "loc_epochs": self.loc_epochs,
+            "joint_epochs": self.joint_epochs,
+            "binary_epochs": self.binary_epochs,
+            "batch_size": self.batch_size,
+            "temperature": self.kd_temperature,
+        }
+        return SearchConfig(**{**shared, "seed": seed, **overrides})
 
 
 @dataclass

@@ -36,7 +36,7 @@ from pnc.surgery.branch import Branch
 from pnc.surgery.cloning import clone
 from pnc.surgery.cuts import classifier_of, cut_points
 from pnc.surgery.io import atomic_write_text
-from pnc.surgery.local_models import patch_masks
+from pnc.surgery.local_models import occlusion_masks
 from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import trace
 from pnc.zoo.datasets import DatasetSplits
@@ -182,7 +182,7 @@ def figure4(
     source, s_card = store.load(source_name)
     classes = s_card.classes
     data = [select_classes(splits.test, [c]).x[:images_per_class] for c in classes]
-    masks = patch_masks(num_masks, grid, seed)
+    masks = occlusion_masks(num_masks, grid, seed)
 
     def g(model, outputs, images):
         return local_model_set(model, outputs, images, masks)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pnc.surgery.errors import DataError, TaskError
-from pnc.surgery.local_models import LocalModelSet, patch_masks, perturbed_logits, solve_local_models
+from pnc.surgery.local_models import LocalModelSet, occlusion_masks, perturbed_logits, solve_local_models
 from pnc.surgery.tracing import evaluating
 from pnc.zoo.datasets import ImageData
 
@@ -138,7 +138,7 @@ def locality_similarity(
             f"locality_similarity needs the same non-zero number of images for both "
             f"models, got {len(images)} and {len(images_b)}"
         )
-    masks = patch_masks(num_masks, grid, seed)
+    masks = occlusion_masks(num_masks, grid, seed)
     g_a = local_model_set(model_a, outputs_a, images, masks)
     g_b = local_model_set(model_b, outputs_b, images_b, masks)
     if g_a.coef.shape != g_b.coef.shape:

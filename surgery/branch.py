@@ -113,7 +113,7 @@ class CloneReport:
 
 
 @dataclass
-class PruneReport:
+class PruningCost:
     """Size of the source's layers after the cut, before and after structural pruning."""
 
     params_before: int
@@ -132,7 +132,7 @@ class TransferableModule(nn.Module):
     features: Tensor
 
     def __init__(
-        self, body: torch.fx.GraphModule, features: Tensor, keep: dict[str, Tensor], report: PruneReport | None = None
+        self, body: torch.fx.GraphModule, features: Tensor, keep: dict[str, Tensor], report: PruningCost | None = None
     ):
         super().__init__()
         self.body = body
@@ -162,7 +162,7 @@ class TransferableModule(nn.Module):
         pruned.delete_all_unused_submodules()
         pruned.recompile()
         after = module_cost(pruned, example)
-        report = PruneReport(params_before=before[1], params_after=after[1], macs_before=before[0], macs_after=after[0])
+        report = PruningCost(params_before=before[1], params_after=after[1], macs_before=before[0], macs_after=after[0])
         return cls(pruned.eval().requires_grad_(False), features, keep, report)
 
     def forward(self, x: Tensor) -> Tensor:

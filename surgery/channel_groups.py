@@ -284,7 +284,7 @@ class MaskedBody(nn.Module):
         return self.body(x)
 
     # -- budget, binarization, pruning ---------------------------------------------
-    def budget_penalty(self, ratio: float) -> Tensor:
+    def keep_penalty(self, ratio: float) -> Tensor:
         """L1 budget: sum over groups of the mean soft mask in excess of ``ratio``."""
         terms = [torch.relu(torch.sigmoid(p).mean() - ratio) for p in self.logits.values()]
         return torch.stack(terms).sum() if terms else torch.zeros(())

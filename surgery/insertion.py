@@ -54,7 +54,7 @@ from pnc.surgery.channel_groups import MaskedBody
 from pnc.surgery.cuts import CutPoint, classifier_of, cut_points
 from pnc.surgery.errors import CutError
 from pnc.surgery.io import save_tensors
-from pnc.surgery.local_models import LocalModelSet, apply_masks
+from pnc.surgery.local_models import LocalModelSet, occlude
 from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import TracedModel
 
@@ -88,7 +88,7 @@ class SearchConfig:
     batch_size: int = 64
     temperature: float = 2.0
     loc_weight: float = 1.0
-    budget_weight: float = 1.0
+    keep_weight: float = 1.0
     clean_fraction: float | None = None
     min_steps_per_epoch: int = 25
     candidates: list[str] | None = None
@@ -158,11 +158,11 @@ def split_holdout(labels: Tensor, share: float, seed: int) -> tuple[Tensor, Tens
     return torch.cat(train).sort().values, torch.cat(held).sort().values
 
 
-def random_patch_masks(n: int, patches: int, clean_fraction: float, gen: torch.Generator) -> Tensor:
-    """(n, patches) masks: a ``clean_fraction`` keeps everything, the rest keep each patch
+def random_occlusion_masks(n: int, cells: int, clean_fraction: float, gen: torch.Generator) -> Tensor:
+    """(n, cells) occlusion masks: a ``clean_fraction`` keeps everything, the rest keep each cell
     with a per-image probability drawn from U(0.1, 1)."""
     keep = 0.1 + 0.9 * torch.rand(n, 1, generator=gen)
-    masks = (torch.rand(n, patches, generator=gen) < keep).float()
+    masks = (torch.rand(n, cells, generator=gen) < keep).float()
     masks[: int(round(clean_fraction * n))] = 1.0
     return masks
 
@@ -335,7 +335,7 @@ class CandidateTrainer:
     def loss_loc(self, rows: Tensor, mask_ids: Tensor) -> Tensor:
         """Eq. 5: relative squared error between the masked source's T_s logits and G."""
         g = self.ctx.g
-        x = apply_masks(self.ctx.clone_x[g.index[rows]], g.masks[mask_ids])
+        x = occlude(self.ctx.clone_x[g.index[rows]], g.masks[mask_ids])
         with torch.no_grad():
             cut = self.s_prefix(x)
             target = g.predict(g.masks[mask_ids], which=rows)
@@ -365,15 +365,15 @@ class CandidateTrainer:
                 g_masks = torch.randint(ctx.g.masks.shape[0], (len(rows),), generator=gen)
                 loc = self.loss_loc(g_rows, g_masks) if cfg.use_masks else torch.zeros(())
                 if phase == "localize":
-                    loss = loc + cfg.budget_weight * self.masked.budget_penalty(cfg.mask_ratio)
+                    loss = loc + cfg.keep_weight * self.masked.keep_penalty(cfg.mask_ratio)
                     selection = loss
                 else:
-                    masks = random_patch_masks(len(rows), self.ctx.grid**2, self.clean_fraction, gen)
-                    ins = self.loss_ins(apply_masks(ctx.train_x[rows], masks), ctx.train_y[rows])
+                    masks = random_occlusion_masks(len(rows), self.ctx.grid**2, self.clean_fraction, gen)
+                    ins = self.loss_ins(occlude(ctx.train_x[rows], masks), ctx.train_y[rows])
                     selection = ins + cfg.loc_weight * loc.detach()
                     loss = ins + cfg.loc_weight * loc
                     if phase == "joint" and cfg.use_masks:
-                        loss = loss + cfg.budget_weight * self.masked.budget_penalty(cfg.mask_ratio)
+                        loss = loss + cfg.keep_weight * self.masked.keep_penalty(cfg.mask_ratio)
                 opt.zero_grad(set_to_none=True)
                 if loss.requires_grad:
                     loss.backward()

@@ -1,7 +1,7 @@
 """The local model set G of Eq. 4: one LIME-style linear model per image.
 
-For each image x_i, |B| binary patch masks b (a ``grid x grid`` split of the image; the
-first mask keeps every patch) give perturbed images b * x_i (a masked patch takes the
+For each image x_i, |B| binary occlusion masks b over a ``grid x grid`` split of the image
+into cells (the first mask keeps every cell) give perturbed images b * x_i (an occluded cell takes the
 dataset mean, i.e. zero after normalization). g_i is the weighted ridge regression from
 the mask bits to the network's logits of the classes of interest::
 
@@ -11,7 +11,8 @@ with the LIME locality weight pi_b = exp(-d_b^2 / width^2), d_b the cosine dista
 to the all-ones mask. The masks are shared by all images (Zest-style), so the normal
 equations have one matrix for every image and every g_i comes out of one batched solve.
 
-Shapes: N images, P = grid^2 patches, K classes of interest.
+Shapes: N images, P = grid^2 cells, K classes of interest. ("Occlusion masks" here hide
+image cells; the *channel* masks of localization live in ``channel_groups.py``.)
 """
 
 from __future__ import annotations
@@ -30,17 +31,17 @@ from pnc.surgery.errors import DataError
 from pnc.surgery.io import save_tensors, state_dict_sha256
 
 
-def patch_masks(num_masks: int, grid: int, seed: int) -> Tensor:
+def occlusion_masks(num_masks: int, grid: int, seed: int) -> Tensor:
     """(num_masks, grid*grid) binary masks; row 0 keeps everything, the rest keep each
-    patch with probability 1/2 (seeded)."""
+    cell with probability 1/2 (seeded)."""
     g = torch.Generator().manual_seed(seed)
     masks = (torch.rand(num_masks, grid * grid, generator=g) < 0.5).float()
     masks[0] = 1.0
     return masks
 
 
-def apply_masks(images: Tensor, masks: Tensor) -> Tensor:
-    """images (N, C, H, W), masks (N, P) -> images with the dropped patches set to 0."""
+def occlude(images: Tensor, masks: Tensor) -> Tensor:
+    """images (N, C, H, W), occlusion masks (N, P) -> images with the hidden cells set to 0."""
     n, _, h, w = images.shape
     grid = int(round(masks.shape[1] ** 0.5))
     pixel = F.interpolate(masks.view(n, 1, grid, grid), size=(h, w), mode="nearest")
@@ -107,7 +108,7 @@ def perturbed_logits(
     chunks = []
     for chunk in pairs.split(batch_size):
         i, b = chunk // m, chunk % m
-        logits = model(apply_masks(images[i], masks[b]))
+        logits = model(occlude(images[i], masks[b]))
         chunks.append(logits if outputs is None else logits[:, outputs])
     return torch.cat(chunks).view(n, m, -1)
 
@@ -169,7 +170,7 @@ def fit_local_models(
         path = Path(cache_dir) / f"G-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
         if path.exists():
             return LocalModelSet.load(path)
-    masks = patch_masks(num_masks, grid, seed)
+    masks = occlusion_masks(num_masks, grid, seed)
     was_training = model.training
     model.eval()
     targets = perturbed_logits(model, images[index], masks, outputs)

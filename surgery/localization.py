@@ -8,7 +8,7 @@ Given a frozen classifier, a cut and the output indices of a few classes K:
    (:class:`~pnc.surgery.channel_groups.MaskedBody`) are trained against G, Eq. 5::
 
        L_loc = sum ||f_masked(b * x)[K] - g_x(b)||^2 / sum ||g_x(b)||^2
-               + budget_weight * sum_groups relu(mean(mask) - keep)
+               + keep_weight * sum_groups relu(mean(mask) - keep)
 
    (the objective of the *localize* phase of :mod:`pnc.surgery.insertion`);
 3. the masks are binarized to the top ``keep`` share of each group and the layers are
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from pnc.surgery.channel_groups import MaskedBody, _build_groups, prune_structurally
 from pnc.surgery.cuts import CutPoint, classifier_of
 from pnc.surgery.errors import CutError, PncError
-from pnc.surgery.local_models import LocalModelSet, apply_masks
+from pnc.surgery.local_models import LocalModelSet, occlude
 from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import TracedModel
 
@@ -54,14 +54,14 @@ class LocalizeConfig:
     """Settings of the mask training (defaults: insertion's localize phase, longer).
 
     ``keep``: the kept share of each group; ``steps``: Adam steps of ``batch_size``
-    (image, patch mask) pairs drawn from G's images; ``budget_weight``: weight of the
+    (image, patch mask) pairs drawn from G's images; ``keep_weight``: weight of the
     budget penalty relu(mean mask - keep) per group."""
 
     keep: float = 0.5
     steps: int = 200
     batch_size: int = 64
     lr: float = 3e-2
-    budget_weight: float = 1.0
+    keep_weight: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,13 +84,13 @@ def _logits(out: Tensor | tuple[Tensor, ...]) -> Tensor:
 
 
 def localization_loss(
-    masked: MaskedBody, cut: Tensor, outputs: Sequence[int], g_pred: Tensor, keep: float, budget_weight: float = 1.0
+    masked: MaskedBody, cut: Tensor, outputs: Sequence[int], g_pred: Tensor, keep: float, keep_weight: float = 1.0
 ) -> Tensor:
     """Eq. 5 with the budget: relative squared error of the masked body's logits of
     ``outputs`` on ``cut`` (B, *cut shape) vs G's predictions ``g_pred`` (B, K), plus
-    ``budget_weight`` * :meth:`MaskedBody.budget_penalty` (keep)."""
+    ``keep_weight`` * :meth:`MaskedBody.keep_penalty` (keep)."""
     pred = _logits(masked(cut))[:, list(outputs)]
-    return relative_squared_error(pred, g_pred) + budget_weight * masked.budget_penalty(keep)
+    return relative_squared_error(pred, g_pred) + keep_weight * masked.keep_penalty(keep)
 
 
 def localize(
@@ -129,9 +129,9 @@ def localize(
         rows = torch.randint(len(g.index), (config.batch_size,), generator=gen)
         mask_ids = torch.randint(g.masks.shape[0], (config.batch_size,), generator=gen)
         with torch.no_grad():
-            cut = prefix(apply_masks(images[g.index[rows]], g.masks[mask_ids]))
+            cut = prefix(occlude(images[g.index[rows]], g.masks[mask_ids]))
             g_pred = g.predict(g.masks[mask_ids], which=rows)
-        loss = localization_loss(masked, cut, outputs, g_pred, config.keep, config.budget_weight)
+        loss = localization_loss(masked, cut, outputs, g_pred, config.keep, config.keep_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -19,7 +19,7 @@ from pnc.bench.metrics import (
     per_class_accuracy,
 )
 from pnc.surgery.errors import DataError, TaskError
-from pnc.surgery.local_models import patch_masks, perturbed_logits
+from pnc.surgery.local_models import occlusion_masks, perturbed_logits
 from pnc.zoo.datasets import ImageData
 
 
@@ -137,7 +137,7 @@ def test_similarity_on_other_images_and_input_checks(images):
 def test_local_models_are_plain_least_squares(images):
     """No locality weight, ~no ridge: each image's coefficients equal an ordinary lstsq fit."""
     a = _convnet(0)
-    masks = patch_masks(40, 4, seed=2)
+    masks = occlusion_masks(40, 4, seed=2)
     g = local_model_set(a, [1], images[:2], masks)
     z = torch.cat([masks, torch.ones(len(masks), 1)], 1).double()
     y = perturbed_logits(a, images[:2], masks, [1]).double()
