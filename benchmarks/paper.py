@@ -328,10 +328,28 @@ def selection_regret(search: dict[str, Any]) -> tuple[str, float]:
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    """The Table-1-style markdown of a :func:`write_table` result."""
-    rows, scales, methods = result["rows"], result["scales"], result["methods"]
-    by = {(r["method"], r["scale"]): r for r in rows}
-    budget = result["budget"]
+    """The Table-1-style markdown of a :func:`write_table` result: the accuracy table, costs,
+    budget, PNC's per-seed search, goals and where it ran."""
+    by = {(r["method"], r["scale"]): r for r in result["rows"]}
+    lines = [
+        *_accuracy_section(result, by),
+        *_cost_section(result, by),
+        *_budget_section(result["budget"]),
+        *_search_section(result.get("pnc_search", [])),
+        *_goals_section(result.get("goals", [])),
+    ]
+    commits = sorted({r["commit"] for r in result["per_seed"]})
+    lines += [
+        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores shared with other jobs, "
+        f"torch {result['machine']['torch']} ({result['machine']['torch_threads']} thread(s)). "
+        f"Code: commit(s) {', '.join(commits)}. Command: `{result['command']}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _accuracy_section(result: dict[str, Any], by: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    scales, methods = result["scales"], result["methods"]
     lines = [
         f"# {result['title']}",
         "",
@@ -350,7 +368,11 @@ def render_markdown(result: dict[str, Any]) -> str:
     for m in methods:
         cells = [_cell(by.get((m, s)), p) for s in scales for p in ("ori", "tar", "avg")]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += [
+    return lines
+
+
+def _cost_section(result: dict[str, Any], by: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    lines = [
         "",
         "## Cost",
         "",
@@ -362,15 +384,19 @@ def render_markdown(result: dict[str, Any]) -> str:
         "| Method | Scale | seconds | peak MiB | MACs / image | params |",
         "|---|---|---|---|---|---|",
     ]
-    for s in scales:
-        for m in methods:
+    for s in result["scales"]:
+        for m in result["methods"]:
             e = by.get((m, s))
             if e is not None:
                 lines.append(
                     f"| {m} | {s} | {e['seconds']:.1f} | {e['peak_mb']:.0f} | {e['macs']:,.0f} | {e['params']:,.0f} |"
                 )
+    return lines
+
+
+def _budget_section(budget: dict[str, Any]) -> list[str]:
     per_candidate = budget["loc_epochs"] + budget["joint_epochs"] + budget["binary_epochs"]
-    lines += [
+    return [
         "",
         f"Budget: PNC trains {budget['loc_epochs']} + {budget['joint_epochs']} + {budget['binary_epochs']} "
         f"(localize + joint + binary) epochs per candidate cut R; Continual, Continual+KD (with and without "
@@ -384,43 +410,44 @@ def render_markdown(result: dict[str, Any]) -> str:
         "PNC's checkpointed search, so its time is mostly G and the fine-tuning.",
         "",
     ]
-    search = result.get("pnc_search", [])
-    if search:
-        lines += [
-            "## PNC's search (per seed)",
-            "",
-            "R is chosen by the least selection loss on held-out available images (never test images): "
-            "held-out joint error with old-class images, held-out KD to the direct ensemble without. "
-            "Regret = test Avg of the best candidate minus that of the chosen one, in points.",
-            "",
-            "| Method | Scale | seed | chosen R (target) | R' (source) | kept | best R (test Avg) | regret | "
-            "candidates: R -> selection loss, Ori/Tar/Avg % |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for s in search:
-            cands = "; ".join(
-                f"{c['target_cut']} -> {c['loss']:.4f}, {100 * c['accuracy']['ori']:.1f}/"
-                f"{100 * c['accuracy']['tar']:.1f}/{100 * c['accuracy']['avg']:.1f}"
-                for c in s["candidates"]
-            )
-            lines.append(
-                f"| {s['method']} | {s['scale']} | {s['seed']} | {s['target_cut']} | {s['source_cut']} | "
-                f"{s['kept_fraction']:.2f} | {s['best_cut']} | {s['regret']:.2f} | {cands} |"
-            )
-        lines.append("")
-    if result.get("goals"):
-        lines += ["## Goals", "", "| Scale | Goal | Value | Need | Met |", "|---|---|---|---|---|"]
-        for g in result["goals"]:
-            lines.append(f"| {g['scale']} | {g['goal']} | {g['value']} | {g['need']} | {'yes' if g['met'] else 'NO'} |")
-        lines.append("")
-    commits = sorted({r["commit"] for r in result["per_seed"]})
-    lines += [
-        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores shared with other jobs, "
-        f"torch {result['machine']['torch']} ({result['machine']['torch_threads']} thread(s)). "
-        f"Code: commit(s) {', '.join(commits)}. Command: `{result['command']}`.",
+
+
+def _search_section(search: list[dict[str, Any]]) -> list[str]:
+    if not search:
+        return []
+    lines = [
+        "## PNC's search (per seed)",
         "",
+        "R is chosen by the least selection loss on held-out available images (never test images): "
+        "held-out joint error with old-class images, held-out KD to the direct ensemble without. "
+        "Regret = test Avg of the best candidate minus that of the chosen one, in points.",
+        "",
+        "| Method | Scale | seed | chosen R (target) | R' (source) | kept | best R (test Avg) | regret | "
+        "candidates: R -> selection loss, Ori/Tar/Avg % |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    return "\n".join(lines)
+    for s in search:
+        cands = "; ".join(
+            f"{c['target_cut']} -> {c['loss']:.4f}, {100 * c['accuracy']['ori']:.1f}/"
+            f"{100 * c['accuracy']['tar']:.1f}/{100 * c['accuracy']['avg']:.1f}"
+            for c in s["candidates"]
+        )
+        lines.append(
+            f"| {s['method']} | {s['scale']} | {s['seed']} | {s['target_cut']} | {s['source_cut']} | "
+            f"{s['kept_fraction']:.2f} | {s['best_cut']} | {s['regret']:.2f} | {cands} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _goals_section(goals: list[dict[str, Any]]) -> list[str]:
+    if not goals:
+        return []
+    lines = ["## Goals", "", "| Scale | Goal | Value | Need | Met |", "|---|---|---|---|---|"]
+    for g in goals:
+        lines.append(f"| {g['scale']} | {g['goal']} | {g['value']} | {g['need']} | {'yes' if g['met'] else 'NO'} |")
+    lines.append("")
+    return lines
 
 
 def write_table(
