@@ -110,6 +110,7 @@ class CloneReport:
     settings: dict[str, Any] = field(default_factory=dict)
     images: dict[str, int] = field(default_factory=dict)
     tuning: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # candidate pairs no adapter maps, with the reason
 
 
 @dataclass

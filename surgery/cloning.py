@@ -149,7 +149,7 @@ def clone(
     )
     data_sha = hashlib.sha256(images.contiguous().numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
     run_key = f"{hashes}{data_sha}{source_outputs}{g_fraction}{num_masks}{grid}"
-    best, results = search(ctx, config, run_key=run_key, checkpoint_dir=checkpoint_dir, progress=progress)
+    best, results, skipped = search(ctx, config, run_key=run_key, checkpoint_dir=checkpoint_dir, progress=progress)
     branch = build_branch(ctx, best, classes=names, source_name=source_name, source_sha256=hashes[1])
     tuning = (
         tune_branch(ctx, branch, config) if ctx.arbitrate and ctx.holdout is not None and config.tune_epochs else {}
@@ -178,5 +178,6 @@ def clone(
             "clone_holdout": int((labels[held_idx] >= n_target).sum()),
         },
         tuning=tuning,
+        skipped=skipped,
     )
     return net

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from safetensors.torch import load
 from torch import Tensor
 
-from pnc.adapters import least_squares_init, make_adapter
+from pnc.adapters import AdapterError, least_squares_init, make_adapter
 from pnc.surgery.branch import Branch, ExtendedHead, assemble_branch, branch_tensors
 from pnc.surgery.channel_groups import MaskedBody
 from pnc.surgery.cuts import CutPoint, classifier_of, cut_points
@@ -521,15 +521,19 @@ def search(
     run_key: str = "",
     checkpoint_dir: Path | None = None,
     progress: bool = True,
-) -> tuple[CandidateResult, list[CandidateResult]]:
-    """Train every candidate R (last block to first); return (best, all) by the least
-    selection loss (ties: the least held-out cross-entropy, then the later cut)."""
+) -> tuple[CandidateResult, list[CandidateResult], list[str]]:
+    """Train every candidate R (last block to first); return (best, all trained, skipped) by
+    the least selection loss (ties: the least held-out cross-entropy, then the later cut).
+
+    A candidate pair whose layouts no adapter maps (e.g. a flat NC target cut against a
+    ViT's token cut) is skipped with its reason, never aborting the search; CutError if
+    every pair is skipped."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     pairs = ctx.candidates(config.candidates)
     key = hashlib.sha256((run_key + config.key()).encode()).hexdigest()
-    results = []
+    results, skipped = [], []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
         for i, (r, r_src) in enumerate(pairs):
@@ -537,11 +541,20 @@ def search(
             done = _load_result(path, key) if path is not None and path.exists() else None
             if done is None:
                 torch.manual_seed(config.seed + i)
-                trainer = CandidateTrainer(ctx, r, r_src, config)
+                try:
+                    trainer = CandidateTrainer(ctx, r, r_src, config)
+                except AdapterError as err:
+                    skipped.append(f"R={r.node} <- R'={r_src.node}: {err}")
+                    continue
                 task = bar.add_task(f"R={r.node} <- R'={r_src.node}", total=trainer.steps())
                 done = trainer.train(functools.partial(bar.advance, task))
                 if path is not None:
                     _save_result(path, done, key)
             results.append(done)
+    if not results:
+        raise CutError(
+            f"no candidate pair of cuts can be bridged by an adapter ({'; '.join(skipped)}); "
+            "name target cuts whose layout an adapter maps with SearchConfig(candidates=[...])"
+        )
     best = min(results, key=lambda res: (res.loss, res.holdout.get("ce", 0.0)))
-    return best, results
+    return best, results, skipped

@@ -13,7 +13,7 @@ from torch import nn
 from pnc.bench.cli import main
 from pnc.surgery.channel_groups import MaskedBody
 from pnc.surgery.cloning import clone
-from pnc.surgery.errors import BranchError, PatchError, TaskError
+from pnc.surgery.errors import BranchError, CutError, PatchError, TaskError
 from pnc.surgery.insertion import SearchConfig
 from pnc.surgery.io import state_dict_sha256
 from pnc.surgery.patch import load_patch, read_patch, save_patch
@@ -336,3 +336,35 @@ def test_patch_carries_a_fine_tuned_module(digits, cloned, tmp_path):
             torch.testing.assert_close(rebuilt(x), model(x), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert not torch.allclose(tuned(x), net(x))
+
+
+def test_search_skips_pairs_no_adapter_maps_and_refuses_when_none_is_left(digits, monkeypatch):
+    """A candidate whose layouts no adapter maps is skipped with its reason, never aborting
+    the search (LeNet-5 <- ViT had aborted on its flat NC cut); none left is a CutError."""
+    from pnc.adapters import AdapterError
+    from pnc.surgery import insertion
+
+    ds, task, target, source = digits
+    real = insertion.make_adapter
+    blocked: set[tuple[int, ...]] = set()
+
+    def picky(src_shape, *args, **kwargs):
+        if tuple(src_shape) in blocked:
+            raise AdapterError(f"no adapter maps {tuple(src_shape)} (test)")
+        return real(src_shape, *args, **kwargs)
+
+    monkeypatch.setattr(insertion, "make_adapter", picky)
+    first = SearchConfig(seed=0, **QUICK)
+    unblocked = next(
+        iter(clone(target, source, **task.clone_inputs(), config=first, progress=False).branches.values())
+    ).report
+    shapes = [tuple(c["adapter_spec"]["src_shape"]) for c in unblocked.candidates]
+    blocked.add(shapes[0])  # the first candidate tried (the last block cut)
+    net = clone(target, source, **task.clone_inputs(), config=first, progress=False)
+    report = next(iter(net.branches.values())).report
+    assert len(report.skipped) == 1 and "no adapter maps" in report.skipped[0]
+    assert report.target_cut != report.skipped[0].split(" ")[0].removeprefix("R=")
+    assert len(report.candidates) == len(shapes) - 1
+    blocked.update(shapes)
+    with pytest.raises(CutError, match="no candidate pair of cuts can be bridged"):
+        clone(target, source, **task.clone_inputs(), config=first, progress=False)

@@ -472,6 +472,8 @@ def _cmd_clone(args) -> int:
                 f"transferable module {b['params_before']:,} -> {b['params_after']:,} params, "
                 f"{b['macs_before']:,} -> {b['macs_after']:,} MACs"
             )
+            for reason in b.get("skipped", []):
+                print(f"  skipped {reason}")
         im = report["images"]
         print(
             f"images: {im['old_train']} of the target's classes + {im['clone_train']} of the cloned classes "
