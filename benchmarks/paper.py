@@ -538,18 +538,32 @@ def run_paper(
     fresh: bool = False,
     command: str = "",
     log: Callable[[str], None] = print,
+    pair: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Table 1 on ``dataset`` with the default (target, source) zoo pair of ``arch``; an
-    ``old_fraction`` other than the default 0.3 is named in the stem (``-old0`` for 0)."""
+    """Table 1 on ``dataset`` with the default (target, source) zoo pair of ``arch``, or on
+    the zoo models ``pair`` = (target, source) (any dataset the zoo can load; ``dataset`` and
+    ``arch`` then come from their cards). An ``old_fraction`` other than the default 0.3 is
+    named in the stem (``-old0`` for 0)."""
     from pnc.zoo.datasets import load_dataset
     from pnc.zoo.defaults import default_pair, ensure_default
     from pnc.zoo.store import default_zoo_dir
 
     store = ZooStore(zoo_dir)
-    splits = load_dataset(dataset, data_dir)
-    target_name, source_name = default_pair(splits.name, arch)
-    t_card = ensure_default(store, target_name, dataset=splits, progress=False)
-    s_card = ensure_default(store, source_name, dataset=splits, progress=False)
+    if pair is not None:
+        target_name, source_name = pair
+        t_card, s_card = store.card(target_name), store.card(source_name)
+        if t_card.dataset != s_card.dataset:
+            raise TaskError(
+                f"target {target_name!r} is on {t_card.dataset} but source {source_name!r} on "
+                f"{s_card.dataset}; benchmark a pair of the same dataset"
+            )
+        splits = load_dataset(t_card.dataset, data_dir)
+        arch = f"{target_name}-{source_name}"
+    else:
+        splits = load_dataset(dataset, data_dir)
+        target_name, source_name = default_pair(splits.name, arch)
+        t_card = ensure_default(store, target_name, dataset=splits, progress=False)
+        s_card = ensure_default(store, source_name, dataset=splits, progress=False)
     stem = (
         f"table1-{splits.name}-{arch}"
         + ("" if old_fraction == 0.3 else f"-old{round(100 * old_fraction)}")

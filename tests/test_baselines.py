@@ -7,6 +7,7 @@ import contextlib
 import copy
 import io
 import json
+import shutil
 import time
 
 import pytest
@@ -205,3 +206,29 @@ def test_calibrated_ensemble_fits_temperatures_and_biases_on_the_available_image
     assert (state_dict_sha256(target), state_dict_sha256(source)) == before
     row = _row(bench["first"], "Calibrated Ensemble")
     assert row["avg_acc"] > 0.8 and row["params"] == _row(bench["first"], "Direct Ensemble")["params"] + 8
+
+
+def test_bench_paper_on_any_zoo_pair(tiny_zoo, tmp_path, capsys):
+    """`pnc bench paper --target NAME --source NAME`: the same table and JSON schema on a pair
+    the user trained (here the tiny digits pair), the dataset read from their cards."""
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    out = tmp_path / "results"
+    argv = ["bench", "paper", "--quick", "--target", "t", "--source", "s", "--methods", "Pre-trained,Direct Ensemble"]
+    assert main([*argv, "--out", str(out), "--workdir", str(tmp_path / "w"), "--zoo-dir", str(zoo)]) == 0
+    doc = json.loads((out / "table1-digits-t-s-quick.json").read_text())
+    assert doc["dataset"] == "digits" and doc["old_fraction"] == 0.3 and doc["target"] == "t"
+    rows = {(r["method"], r["scale"]): r for r in doc["rows"]}
+    assert set(rows) == {("Pre-trained", "S"), ("Direct Ensemble", "S")}
+    assert {"method", "scale", "ori_acc", "tar_acc", "avg_acc", "seconds", "peak_mb"} <= set(rows["Pre-trained", "S"])
+    assert rows["Pre-trained", "S"]["tar_acc"] == 0.0 and rows["Direct Ensemble", "S"]["tar_acc"] > 0.5
+    capsys.readouterr()
+    assert main(["bench", "paper", "--quick", "--target", "t", "--out", str(out), "--zoo-dir", str(zoo)]) == 2
+    assert (
+        main(
+            ["bench", "paper", "--quick", "--target", "t", "--source", "nope", "--out", str(out), "--zoo-dir", str(zoo)]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "together" in err and "nope" in err

@@ -67,13 +67,23 @@ def _cmd_paper(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise TaskError(f"unknown methods {unknown}; choose from {', '.join(repr(m) for m in METHODS)}")
+    pair = None
+    if args.target or args.source:
+        if not (args.target and args.source) or args.dataset or args.arch:
+            raise TaskError(
+                "give --target NAME and --source NAME together (zoo models; their cards name the "
+                "dataset), or --dataset/--arch for a default pair"
+            )
+        store = writable_zoo(args.zoo_dir)
+        pair = (args.target, args.source)
+        store.card(args.target), store.card(args.source)  # both exist and read (StoreError otherwise)
     dataset = args.dataset or ("digits" if args.quick else "fashion-mnist")
     arch = args.arch or ("cnn4" if args.quick else "lenet5")
     scales = args.scales or (["S"] if args.quick else ["S", "M"])
     bad = [s for s in scales if s not in ("S", "M")]
     if bad:
         raise TaskError(f"unknown scales {bad}; use S and/or M (--scales S,M)")
-    _check(args, (dataset, arch))
+    _check(args, (dataset, arch) if pair is None else None)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     result = run_paper(
         dataset,
@@ -89,6 +99,7 @@ def _cmd_paper(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         fresh=args.fresh,
         command=_command(),
+        pair=pair,
     )
     stem = Path(args.out) / result["stem"]
     print(f"wrote {stem}.md and {stem}.json")
@@ -185,6 +196,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "--arch",
         help="architecture of the default zoo pair: lenet5, resnetc20, cnn4 (default lenet5; cnn4 with --quick)",
     )
+    paper.add_argument("--target", help="a target zoo model (with --source: benchmark any pair the zoo holds)")
+    paper.add_argument("--source", help="a source zoo model of the same dataset as --target")
     paper.add_argument("--scales", type=_csv(str), help="S, M or S,M (default S,M; S with --quick)")
     paper.add_argument("--methods", type=_csv(str), help=f"comma-separated, of {', '.join(METHODS)} (default: all)")
     paper.add_argument(
