@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from pnc.surgery.branch import CloneReport
 from pnc.surgery.cloned import ClonedNetwork
-from pnc.surgery.errors import DataError, TaskError
+from pnc.surgery.errors import DataError, TaskError, require_finite_images, require_finite_weights
 from pnc.surgery.insertion import SearchConfig, SearchContext, build_branch, search, split_holdout, tune_branch
 from pnc.surgery.io import state_dict_sha256
 from pnc.surgery.local_models import fit_local_models
@@ -99,6 +99,11 @@ def clone(
     source_outputs = [int(i) for i in source_outputs]
     if len(images) == 0 or len(images) != len(labels):
         raise DataError(f"clone needs images and one label each, got {len(images)} images and {len(labels)} labels")
+    require_finite_images(images, "clone")
+    require_finite_weights(target, "the target")
+    require_finite_weights(source, "the source")
+    for set_name, (set_x, _) in (eval_sets or {}).items():
+        require_finite_images(set_x, f"clone: eval set {set_name!r}")
     hashes = state_dict_sha256(target), state_dict_sha256(source)
     target.eval()  # frozen: never let a forward pass move their BatchNorm statistics
     source.eval()

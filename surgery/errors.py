@@ -60,3 +60,36 @@ class OutputError(PncError):
 
 class ExportError(PncError):
     """An ONNX file that is not a pnc export, or a branch/base that does not match its manifest."""
+
+
+class TrainingError(PncError):
+    """Training that went non-finite (NaN/Inf in an input image or a loss); the last good
+    checkpoint is kept, so a rerun after the fix resumes from it."""
+
+
+def require_finite_images(images: object, what: str) -> None:
+    """TrainingError unless every value of the tensor ``images`` (N, ...) is finite; names how
+    many images hold NaN/Inf and the first one's index."""
+    import torch
+
+    assert isinstance(images, torch.Tensor)
+    if not images.is_floating_point() or images.numel() == 0:
+        return
+    bad = ~torch.isfinite(images.reshape(len(images), -1)).all(dim=1)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        raise TrainingError(
+            f"{what}: {int(bad.sum())} of {len(images)} images hold NaN or Inf values (the first is image "
+            f"{first}); drop or repair them before training"
+        )
+
+
+def require_finite_weights(model: object, what: str) -> None:
+    """TrainingError unless every floating-point parameter and buffer of the module ``model`` is
+    finite (NaN/Inf weights make NaN outputs and losses everywhere downstream)."""
+    import torch
+
+    assert isinstance(model, torch.nn.Module)
+    for key, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TrainingError(f"{what}: its weights hold NaN or Inf values ({key}); retrain it")

@@ -52,7 +52,7 @@ from pnc.adapters import AdapterError, least_squares_init, make_adapter
 from pnc.surgery.branch import Branch, ExtendedHead, assemble_branch, branch_tensors
 from pnc.surgery.channel_groups import MaskedBody
 from pnc.surgery.cuts import CutPoint, classifier_of, cut_points
-from pnc.surgery.errors import CutError
+from pnc.surgery.errors import CutError, TrainingError
 from pnc.surgery.io import save_tensors
 from pnc.surgery.local_models import LocalModelSet, occlude
 from pnc.surgery.splitting import extract
@@ -356,7 +356,7 @@ class CandidateTrainer:
         opt = torch.optim.Adam(params, lr=cfg.lr)
         n, last = len(ctx.train_x), float("nan")
         steps = self.steps_per_epoch()
-        for _ in range(epochs):
+        for epoch in range(epochs):
             order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(steps * cfg.batch_size / n))])
             total, seen = 0.0, 0
             for step in range(steps):
@@ -374,6 +374,7 @@ class CandidateTrainer:
                     loss = ins + cfg.loc_weight * loc
                     if phase == "joint" and cfg.use_masks:
                         loss = loss + cfg.keep_weight * self.masked.keep_penalty(cfg.mask_ratio)
+                self.check_finite(loss, phase, epoch, step)
                 opt.zero_grad(set_to_none=True)
                 if loss.requires_grad:
                     loss.backward()
@@ -383,6 +384,16 @@ class CandidateTrainer:
                 tick()
             last = total / seen
         return last
+
+    def check_finite(self, loss: Tensor, phase: str, epoch: int, step: int) -> None:
+        """TrainingError if ``loss`` is NaN/Inf (the candidates finished before stay checkpointed)."""
+        if not bool(torch.isfinite(loss).all()):
+            raise TrainingError(
+                f"candidate R={self.r.node} <- R'={self.r_src.node}: the {phase} loss became "
+                f"{float(loss.detach().reshape(-1)[0])} at epoch {epoch + 1}, step {step + 1}; lower the "
+                "learning rate or check the images and the target/source weights for NaN/Inf (the candidates "
+                "finished before are checkpointed and a rerun resumes from them)"
+            )
 
     def train(self, tick) -> CandidateResult:
         cfg = self.config
@@ -464,6 +475,12 @@ def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dic
             logits, target_logits = logits_fn(x)
             loss = kd_loss(logits, ctx.teacher(target_logits, x, y), config.temperature)
             loss = loss + config.ce_weight * F.cross_entropy(logits, y)
+            if not bool(torch.isfinite(loss).all()):
+                raise TrainingError(
+                    f"fine-tuning the branch at {branch.target_cut}: the loss became {float(loss.detach())}; lower the "
+                    "tuning learning rate or check the images for NaN/Inf (the candidate search is checkpointed "
+                    "and a rerun resumes from it)"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

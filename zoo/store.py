@@ -24,7 +24,7 @@ from safetensors.torch import load_model
 from torch import nn
 
 from pnc.surgery.cloned import ClonedNetwork
-from pnc.surgery.errors import PatchError, StoreError
+from pnc.surgery.errors import PatchError, StoreError, require_finite_weights
 from pnc.surgery.io import atomic_write_bytes, atomic_write_text, file_sha256, state_dict_sha256, tensor_bytes
 from pnc.surgery.patch import load_patch, read_patch
 
@@ -230,6 +230,7 @@ class ZooStore:
             load_model(model, weights, strict=True)
         except (SafetensorError, RuntimeError) as err:
             raise StoreError(f"{weights} does not fit {card.arch}({card.kwargs}): {err}") from err
+        require_finite_weights(model, f"zoo model {name!r} ({weights})")
         return model.eval(), card
 
     def load_patch(self, path: str | Path) -> tuple[ClonedNetwork, dict]:

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from pnc.surgery.errors import DataError, PncError, StoreError
+from pnc.surgery.errors import DataError, PncError, StoreError, TrainingError, require_finite_images
 from pnc.surgery.io import atomic_write_bytes, atomic_write_text
 from pnc.zoo import archs
 from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
@@ -163,6 +163,7 @@ def fit(
         raise PncError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
     if len(data) == 0:
         raise DataError("cannot train on an empty dataset; check the class list")
+    require_finite_images(data.x, f"{desc}: the training data")
     loss_fn = loss_fn or _cross_entropy
     trainable = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt = OPTIMIZERS[optimizer][0](trainable, lr, weight_decay)
@@ -192,6 +193,11 @@ def fit(
     with Progress(*columns, console=console, disable=not progress) as bar:
         task = bar.add_task(desc, total=total, completed=start * steps_per_epoch, loss=float("nan"))
         for epoch in range(start, epochs):
+            kept = (
+                f"the checkpoint of epoch {epoch} in {folder} is kept and a rerun resumes from it"
+                if folder is not None and epoch > 0
+                else "nothing was saved"
+            )
 
             def tick(mean_loss: float, epoch: int = epoch) -> None:
                 bar.update(task, advance=1, loss=mean_loss, description=f"{desc} epoch {epoch + 1}/{epochs}")
@@ -209,7 +215,14 @@ def fit(
                 total=total,
                 augment=augment,
                 tick=tick,
+                where=f"{desc}: ",
+                kept=kept,
             )
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise TrainingError(
+                    f"{desc}: the weights became NaN or Inf in epoch {epoch + 1} (the loss stayed finite); "
+                    f"lower the learning rate (--lr); {kept}"
+                )
             if folder is not None:
                 _save_checkpoint(folder, epoch + 1, config, model, opt)
             if on_epoch_end is not None:
@@ -231,8 +244,11 @@ def _train_epoch(
     total: int,
     augment: bool,
     tick: Callable[[float], None],
+    where: str = "",
+    kept: str = "nothing was saved",
 ) -> float:
-    """One seeded pass over ``data`` with a cosine learning rate per step; the mean loss."""
+    """One seeded pass over ``data`` with a cosine learning rate per step; the mean loss.
+    A non-finite loss stops it with a TrainingError (``where`` prefixes it, ``kept`` ends it)."""
     model.train()
     gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
     running, count = 0.0, 0
@@ -246,6 +262,11 @@ def _train_epoch(
             if augment:
                 x = _translate(x, gen)
             loss = loss_fn(model, x, y)
+            if not bool(torch.isfinite(loss).all()):
+                raise TrainingError(
+                    f"{where}the loss became {float(loss.detach().reshape(-1)[0])} at epoch {epoch + 1}, step "
+                    f"{i + 1}; lower the learning rate (--lr) or check the data and the loss; {kept}"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
