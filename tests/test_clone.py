@@ -131,10 +131,9 @@ def test_structural_pruning_equals_zero_masking():
     assert len(keep) == 1  # named by its root layer
 
 
-def test_patch_round_trip_and_refusals(digits, cloned, tmp_path):
-    ds, task, target, source = digits
-    net, _, _ = cloned
-    store = ZooStore(tmp_path / "zoo")
+def _store_pair(root, ds, task, target, source) -> ZooStore:
+    """A zoo holding the digits pair as "t" (target) and "src" (source)."""
+    store = ZooStore(root)
     for name, model, classes in (("t", target, task.target_classes), ("src", source, task.source_classes)):
         card = ModelCard(
             name=name,
@@ -149,6 +148,13 @@ def test_patch_round_trip_and_refusals(digits, cloned, tmp_path):
             test_accuracy=0.0,
         )
         store.save(name, model, card)
+    return store
+
+
+def test_patch_round_trip_and_refusals(digits, cloned, tmp_path):
+    ds, task, target, source = digits
+    net, _, _ = cloned
+    store = _store_pair(tmp_path / "zoo", ds, task, target, source)
     path = tmp_path / "clone.pnc"
     size = save_patch(net, path, target_name="t", input_size=ds.input_size, tasks={"src": task.to_dict()})
     assert size == path.stat().st_size < 0.5 * (store.path("src") / "model.safetensors").stat().st_size
@@ -304,21 +310,7 @@ def test_arbitrating_insertion_keeps_old_classes_when_old_images_are_given(digit
 def test_patch_carries_a_fine_tuned_module(digits, cloned, tmp_path):
     ds, task, target, source = digits
     net, _, _ = cloned
-    store = ZooStore(tmp_path / "zoo")
-    for name, model, classes in (("t", target, task.target_classes), ("src", source, task.source_classes)):
-        card = ModelCard(
-            name=name,
-            arch="cnn4",
-            kwargs={"in_chans": 1, "num_classes": 5},
-            dataset="digits",
-            classes=classes,
-            class_names=[ds.classes[c] for c in classes],
-            mean=ds.mean,
-            std=ds.std,
-            input_size=ds.input_size,
-            test_accuracy=0.0,
-        )
-        store.save(name, model, card)
+    store = _store_pair(tmp_path / "zoo", ds, task, target, source)
     tuned = copy.deepcopy(net)
     module = tuned.branches["src"].body
     with torch.no_grad():

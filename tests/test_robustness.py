@@ -188,9 +188,7 @@ def test_one_broken_card_does_not_break_the_zoo(zoo_copy, capsys, card, reason):
 
 def test_patch_for_other_weights_names_the_hash_zoo_show_prints(zoo_copy, tiny_run, capsys):
     patch = tiny_run / "clone.pnc"
-    meta_source = json.loads(
-        json.loads(patch.read_bytes()[8 : 8 + int.from_bytes(patch.read_bytes()[:8], "little")])["__metadata__"]["pnc"]
-    )["branches"][0]["source"]["sha256"]
+    meta_source = read_patch(patch)[0]["branches"][0]["source"]["sha256"]
     assert main(["zoo", "show", "s", "--json", "--zoo-dir", str(zoo_copy)]) == 0
     assert json.loads(capsys.readouterr().out)["state_dict_sha256"] == meta_source  # matchable before...
     assert (

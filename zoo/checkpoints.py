@@ -26,7 +26,8 @@ from pnc.surgery.io import atomic_write_bytes, tensor_bytes
 from pnc.zoo import archs
 from pnc.zoo.datasets import load_dataset
 from pnc.zoo.store import ModelCard, ZooStore
-from pnc.zoo.tasks import parse_classes, select_classes
+from pnc.zoo.tasks import parse_classes
+from pnc.zoo.train import measured_card
 
 __all__ = ["CARD_KEY", "read_state_dict", "load_checkpoint", "import_model", "export_model"]
 
@@ -130,22 +131,8 @@ def import_model(
         )
     kwargs = {**archs.input_kwargs(arch, splits.input_size), **(arch_kwargs or {}), "num_classes": len(class_ids)}
     model = _strict_model(arch, kwargs, read_state_dict(weights), str(weights))
-    test = select_classes(splits.test, class_ids)
-    with torch.no_grad():
-        accuracy = float((model(test.x).argmax(1) == test.y).float().mean())
-    card = ModelCard(
-        name=name,
-        arch=arch,
-        kwargs=kwargs,
-        dataset=splits.name,
-        classes=class_ids,
-        class_names=[splits.classes[c] for c in class_ids],
-        mean=splits.mean,
-        std=splits.std,
-        input_size=splits.input_size,
-        test_accuracy=round(accuracy, 6),
-        recipe={"imported_from": str(weights), "file_sha256": hashlib.sha256(Path(weights).read_bytes()).hexdigest()},
-    )
+    recipe = {"imported_from": str(weights), "file_sha256": hashlib.sha256(Path(weights).read_bytes()).hexdigest()}
+    card = measured_card(model, name, arch, kwargs, splits, class_ids, recipe)
     store.save(name, model, card)
     return card
 

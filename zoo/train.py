@@ -294,6 +294,33 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int = 512) -> float:
     return float((predict_logits(model, data, batch_size).argmax(dim=1) == data.y).float().mean())
 
 
+def measured_card(
+    model: nn.Module,
+    name: str,
+    arch: str,
+    kwargs: dict[str, Any],
+    splits: DatasetSplits,
+    class_ids: list[int],
+    recipe: dict[str, Any],
+) -> ModelCard:
+    """The card of ``model`` (outputs = ``class_ids`` of ``splits``), with its accuracy on
+    those classes' test images."""
+    accuracy = evaluate(model, select_classes(splits.test, class_ids))
+    return ModelCard(
+        name=name,
+        arch=arch,
+        kwargs=kwargs,
+        dataset=splits.name,
+        classes=class_ids,
+        class_names=[splits.classes[c] for c in class_ids],
+        mean=splits.mean,
+        std=splits.std,
+        input_size=splits.input_size,
+        test_accuracy=round(accuracy, 6),
+        recipe=recipe,
+    )
+
+
 def train_zoo_model(
     store: ZooStore,
     name: str,
@@ -338,18 +365,13 @@ def train_zoo_model(
         desc=name,
     )
     seconds = time.perf_counter() - began
-    accuracy = evaluate(model, select_classes(splits.test, class_ids))
-    card = ModelCard(
-        name=name,
-        arch=arch,
-        kwargs=kwargs,
-        dataset=splits.name,
-        classes=class_ids,
-        class_names=[splits.classes[c] for c in class_ids],
-        mean=splits.mean,
-        std=splits.std,
-        input_size=splits.input_size,
-        test_accuracy=round(accuracy, 6),
+    card = measured_card(
+        model,
+        name,
+        arch,
+        kwargs,
+        splits,
+        class_ids,
         recipe={
             "epochs": epochs,
             "lr": lr,
