@@ -320,8 +320,9 @@ def _old_images(old_fraction: float) -> str:
 
 def selection_regret(search: dict[str, Any]) -> tuple[str, float]:
     """(best candidate's target cut by test Avg, regret in points = its test Avg minus the
-    chosen candidate's) of one search record (``target_cut`` and ``candidates``)."""
-    cands = search["candidates"]
+    chosen candidate's) of one search record (``target_cut`` and ``candidates``), over the
+    finalists (candidates dropped by successive halving have no test accuracy)."""
+    cands = [c for c in search["candidates"] if c["accuracy"]]
     best = max(cands, key=lambda c: c["accuracy"]["avg"])
     chosen = next(c for c in cands if c["target_cut"] == search["target_cut"])
     return best["target_cut"], 100 * (best["accuracy"]["avg"] - chosen["accuracy"]["avg"])
@@ -420,7 +421,8 @@ def _search_section(search: list[dict[str, Any]]) -> list[str]:
         "",
         "R is chosen by the least selection loss on held-out available images (never test images): "
         "held-out joint error with old-class images, held-out KD to the direct ensemble without. "
-        "Regret = test Avg of the best candidate minus that of the chosen one, in points.",
+        "Candidates are compared after each stage and the worse half dropped (successive halving); "
+        "regret = test Avg of the best finalist minus that of the chosen one, in points.",
         "",
         "| Method | Scale | seed | chosen R (target) | R' (source) | kept | best R (test Avg) | regret | "
         "candidates: R -> selection loss, Ori/Tar/Avg % |",
@@ -428,8 +430,12 @@ def _search_section(search: list[dict[str, Any]]) -> list[str]:
     ]
     for s in search:
         cands = "; ".join(
-            f"{c['target_cut']} -> {c['loss']:.4f}, {100 * c['accuracy']['ori']:.1f}/"
-            f"{100 * c['accuracy']['tar']:.1f}/{100 * c['accuracy']['avg']:.1f}"
+            f"{c['target_cut']} -> {c['loss']:.4f}, "
+            + (
+                f"{100 * c['accuracy']['ori']:.1f}/{100 * c['accuracy']['tar']:.1f}/{100 * c['accuracy']['avg']:.1f}"
+                if c["accuracy"]
+                else f"dropped after {c.get('stage', '?')}"
+            )
             for c in s["candidates"]
         )
         lines.append(

@@ -95,8 +95,9 @@ class ExtendedHead(nn.Module):
 class CloneReport:
     """What the clone run that made a branch did: the chosen R, every candidate's summary,
     the transferable module's size before/after pruning, time, the images used (``images``:
-    old / clone training images and held-out images) and the chosen branch's fine-tuning
-    (``tuning``: held-out metrics before / after, kept or not)."""
+    old / clone training images and held-out images), the chosen branch's fine-tuning
+    (``tuning``: held-out metrics before / after, kept or not), whether a time budget
+    stopped the search early and where the time went (``profile``: seconds per phase)."""
 
     target_cut: str
     source_cut: str
@@ -111,6 +112,8 @@ class CloneReport:
     images: dict[str, int] = field(default_factory=dict)
     tuning: dict[str, Any] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # candidate pairs no adapter maps, with the reason
+    budget_stopped: bool = False
+    profile: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

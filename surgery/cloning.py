@@ -16,6 +16,7 @@ Neither network is modified: their state_dict hashes are checked before and afte
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +27,8 @@ from torch import Tensor, nn
 from pnc.surgery.branch import CloneReport
 from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.errors import DataError, TaskError, require_finite_images, require_finite_weights
-from pnc.surgery.insertion import SearchConfig, SearchContext, build_branch, search, split_holdout, tune_branch
+from pnc.surgery.cut_search import Backend, finalist_accuracy, search
+from pnc.surgery.insertion import SearchConfig, SearchContext, build_branch, split_holdout, tune_branch
 from pnc.surgery.io import state_dict_sha256
 from pnc.surgery.local_models import fit_local_models
 from pnc.surgery.tracing import trace
@@ -57,6 +59,8 @@ def clone(
     checkpoint_dir: Path | None = None,
     cache_dir: Path | None = None,
     progress: bool = True,
+    backend: Backend | None = None,
+    time_budget: float | None = None,
 ) -> ClonedNetwork:
     """Clone the classes behind ``source_outputs`` from ``source`` into ``target``.
 
@@ -76,9 +80,14 @@ def clone(
             (multi-source cloning); a new one otherwise.
         name: the branch name (default ``source_name`` or ``"branch<k>"``).
         g_fraction / num_masks / grid: the local model set G (Eq. 4): the share of clone
-            images it is fitted on, |B|, and the patch grid (4 for <= 32 px, else 8).
+            images it is fitted on (at most the ``config.loc_pool / num_masks`` images whose
+            (image, mask) pairs L_loc can draw), |B|, and the patch grid (4 for <= 32 px, else 8).
         checkpoint_dir: per-candidate checkpoints; an interrupted clone resumes there.
         cache_dir: cache for G.
+        backend: runs the candidates' stages (default: in this process, one after another;
+            ``pnc.bench.ray_backend.RayBackend`` on a Ray cluster).
+        time_budget: seconds; the search starts no new stage once spent and keeps the best
+            candidate so far (``report.budget_stopped``).
     Returns the cloned network (B, C, H, W) -> (B, |T_t| + |T_s|); the branch's
     :class:`~pnc.surgery.branch.CloneReport` is ``net.branches[name].report``.
     A :class:`~pnc.zoo.CloneTask` gives every data argument: ``clone(t, s, **task.clone_inputs())``.
@@ -130,16 +139,20 @@ def clone(
     if len(x) == 0:
         raise DataError("the clone set is empty: no training image of a class to clone")
     grid = grid or (4 if x.shape[-1] <= 32 else 8)
+    profile = {"checks": time.perf_counter() - start}
+    mark = time.perf_counter()
     g = fit_local_models(
         source,
         x,
         source_outputs,
-        num_images=max(1, round(g_fraction * len(x))),
+        num_images=max(1, min(round(g_fraction * len(x)), math.ceil(config.loc_pool / num_masks))),
         num_masks=num_masks,
         grid=grid,
         seed=config.seed,
         cache_dir=cache_dir,
     )
+    profile["local_models"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     t_traced = into.traced if into is not None else trace(target, x[:2])
     ctx = SearchContext(
         t_traced,
@@ -151,14 +164,34 @@ def clone(
         dict(eval_sets or {}),
         n_target,
         holdout=(images[held_idx], labels[held_idx]),
+        config=config,
     )
+    profile["frozen_outputs"] = time.perf_counter() - mark
     data_sha = hashlib.sha256(images.contiguous().numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
     run_key = f"{hashes}{data_sha}{source_outputs}{g_fraction}{num_masks}{grid}"
-    best, results, skipped = search(ctx, config, run_key=run_key, checkpoint_dir=checkpoint_dir, progress=progress)
+    mark = time.perf_counter()
+    outcome = search(
+        ctx,
+        config,
+        run_key=run_key,
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+        backend=backend,
+        time_budget=time_budget,
+    )
+    best = outcome.best
+    profile["search"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     branch = build_branch(ctx, best, classes=names, source_name=source_name, source_sha256=hashes[1])
+    profile["build_branch"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     tuning = (
         tune_branch(ctx, branch, config) if ctx.arbitrate and ctx.holdout is not None and config.tune_epochs else {}
     )
+    profile["tune_branch"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    finalist_accuracy(ctx, config, outcome)  # reported only: the choice is made
+    profile["report_accuracy"] = time.perf_counter() - mark
     net = into or ClonedNetwork(target, x[:2], target_classes, traced=t_traced)
     name = name or source_name or f"branch{len(net.branches)}"
     net.add_branch(name, branch)
@@ -168,7 +201,7 @@ def clone(
     branch.report = CloneReport(
         target_cut=best.target_cut,
         source_cut=best.source_cut,
-        candidates=[r.summary() for r in results],
+        candidates=[r.summary() for r in outcome.results],
         params_before=rep.params_before,
         params_after=rep.params_after,
         macs_before=rep.macs_before,
@@ -183,6 +216,8 @@ def clone(
             "clone_holdout": int((labels[held_idx] >= n_target).sum()),
         },
         tuning=tuning,
-        skipped=skipped,
+        skipped=outcome.skipped,
+        budget_stopped=outcome.budget_stopped,
+        profile=profile,
     )
     return net

@@ -1,17 +1,19 @@
-"""Localization and insertion search (Eq. 5-8): learn M, A and F_c at each candidate R.
+"""Localization and insertion (Eq. 5-8): learn M, A and F_c at one candidate R.
 
-At each candidate target cut R (block-level cuts, last to first) and its source cut R'
-(the source block cut at the nearest relative depth):
+At a candidate target cut R and its source cut R' (the source block cut at the nearest
+relative depth), :class:`CandidateTrainer` runs two *stages*, after each of which the
+candidate is measured on held-out images (:mod:`pnc.surgery.cut_search` compares
+candidates there and drops the clearly worse ones):
 
-1. *localize* (Eq. 5): soft masks on the source's channel groups after R' are trained so
-   that the masked source's T_s logits on perturbed images match the local models G,
-   under the channel budget;
-2. *joint* (Eq. 8): adapter A, head F_c and the masks together, L_loc + L_ins;
-3. *binary*: the masks are binarized to the top-c channels per group and A, F_c are
-   trained on with them; the mean loss of this last epoch is R's converged loss.
+1. ``"search"``: *localize* (Eq. 5): soft masks on the source's channel groups after R'
+   are trained so that the masked source's T_s logits on occluded images match the local
+   models G, under the channel budget; then *joint* (Eq. 8): adapter A, head F_c and the
+   masks together, L_loc + L_ins; measured with the soft masks it was trained with;
+2. ``"binary"``: the masks are binarized to the top-c channels and A and F_c are trained
+   on with them (L_loc has no gradient left, so only L_ins is computed).
 
 L_ins (Eq. 7) is a KL at temperature T between the cloned network's joint logits
-[old, new] (B, |T_t| + |T_s|) and a teacher built per image, on the same perturbed image:
+[old, new] (B, |T_t| + |T_s|) and a teacher built per image:
 
 * with images of the target's classes available (the paper's setting), it *arbitrates*:
   on an old-class image the teacher is [target logits, -inf], on a clone-class image
@@ -19,52 +21,52 @@ L_ins (Eq. 7) is a KL at temperature T between the cloned network's joint logits
   outputs lose on clone images; plus ``ce_weight`` x cross-entropy on the joint labels.
   F_c (reading the target's pre-logits and the branch features) learns the arbitration;
 * with clone-class images only (old fraction 0), the teacher is [target logits, source
-  logits of T_s] on every image (the direct ensemble): a loss on the new classes alone
-  cannot win, because the old-class term holds the target's behaviour in place.
+  logits of T_s] on every image (the direct ensemble), on clean and occluded images.
 
-R is selected on a held-out share of the available images (never the test set), by a
-criterion on one scale for every cut: held-out joint error (ties: held-out cross-entropy)
-when old-class images exist, else the held-out KD loss to the ensemble teacher on clean
-images. Each R's result is checkpointed, so an interrupted search resumes and ends with
-the same answer. With old-class images, :func:`tune_branch` then fine-tunes the chosen,
-pruned branch (A, its own copy of M_f, F_c) with the same L_ins, and keeps the result only
-if the held-out error falls; the target and the source are never trained.
+The frozen networks' outputs on the training images (and on a fixed pool of occluded
+ones) are computed once (:mod:`pnc.surgery.frozen_pool`); a step only runs the target up
+to R (or reads it from the cache) and the branch. Candidates are measured on one scale for
+every cut: held-out joint error (ties: held-out cross-entropy) when old-class images
+exist, else the held-out KD loss to the ensemble teacher on clean images. With old-class
+images, :func:`tune_branch` then fine-tunes the chosen, pruned branch (A, its own copy of
+M_f, F_c) with the same L_ins, kept only if the held-out error falls; the target and the
+source are never trained.
 """
 
 from __future__ import annotations
 
 import difflib
-import functools
-import hashlib
 import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load
 from torch import Tensor
 
-from pnc.adapters import AdapterError, least_squares_init, make_adapter
+from pnc.adapters import least_squares_init, make_adapter
 from pnc.surgery.branch import Branch, ExtendedHead, assemble_branch, branch_tensors
 from pnc.surgery.channel_groups import MaskedBody
 from pnc.surgery.cuts import CutPoint, classifier_of, cut_points
 from pnc.surgery.errors import CutError, TrainingError
-from pnc.surgery.io import save_tensors
-from pnc.surgery.local_models import LocalModelSet, occlude
+from pnc.surgery.frozen_pool import InsertionPool, LocalizationPool, batched, cut_activations
+from pnc.surgery.local_models import LocalModelSet
 from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import TracedModel
+
+#: the stages of a candidate, in order; candidates are compared after each
+STAGES = ("search", "binary")
 
 
 @dataclass
 class SearchConfig:
     """Settings of the localization + insertion search (defaults: the paper's, scaled to CPU).
 
-    An epoch is a pass over the clone set with fresh perturbations, and at least
-    ``min_steps_per_epoch`` batches (tiny clone sets are cycled).
+    An epoch is ``max(ceil(N / batch_size), min_steps_per_epoch)`` steps, N the clone
+    classes' training images (tiny clone sets are cycled); its batches are drawn from every
+    available image (old-class images too), so old-class images do not lengthen the search.
     ``mask_ratio`` is the kept fraction c/|W| per group (``mask_scope="global"``: of all
     maskable channels); ``use_masks=False`` is the "w/o Local" ablation (every channel
     kept) and ``candidates`` fixes the target cuts to try (["first"] is "w/o Insert").
@@ -73,9 +75,13 @@ class SearchConfig:
     ``tune_epochs`` / ``tune_lr``: with old-class images, the chosen branch's A, its pruned
     copy of M_f and F_c are then fine-tuned with L_ins (Adam, cosine schedule; the target
     stays frozen), kept only if the held-out error falls; 0 epochs: never.
-    ``clean_fraction``: the share of unperturbed images in L_ins's batches; None: 1 with
-    old-class images (measured best there), 0.25 without (L_ins then distils to the
-    source on perturbed images, and the perturbation helped).
+    ``perturbed_copies``: occluded versions of each training image in L_ins's pool, beside
+    the clean one; None: 0 with old-class images (measured best there), 3 without (a quarter
+    of L_ins's images clean; the perturbation helped when distilling to the source).
+    ``loc_pool``: the (image, mask) pairs of G that L_loc draws from. ``cache_mb``: the most
+    memory one candidate's cached target activations may take (else recomputed per step).
+    ``keep_fraction``: successive halving, the share of candidates kept after each stage
+    but the last (at least one; 1 keeps all).
     """
 
     mask_ratio: float = 0.5
@@ -89,13 +95,16 @@ class SearchConfig:
     temperature: float = 2.0
     loc_weight: float = 1.0
     keep_weight: float = 1.0
-    clean_fraction: float | None = None
+    perturbed_copies: int | None = None
     min_steps_per_epoch: int = 25
     candidates: list[str] | None = None
     holdout: float = 0.2
     ce_weight: float = 1.0
     tune_epochs: int = 6
     tune_lr: float = 3e-3
+    loc_pool: int = 4096
+    cache_mb: float = 64.0
+    keep_fraction: float = 0.5
     seed: int = 0
 
     def key(self) -> str:
@@ -106,7 +115,8 @@ class SearchConfig:
 class CandidateResult:
     """What one candidate R gave: its selection ``loss`` (the held-out criterion, lower is
     better; the last epoch's training loss when nothing is held out), held-out metrics,
-    test accuracies (reported, never used to select) and learned parts."""
+    test accuracies of the finalists (reported, never used to select), learned parts, the
+    last stage it finished and, when it was dropped, why."""
 
     target_cut: str
     source_cut: str
@@ -117,6 +127,9 @@ class CandidateResult:
     adapter_spec: dict
     train_loss: float = float("nan")
     holdout: dict[str, float] = field(default_factory=dict)
+    stage: str = ""
+    eliminated: str = ""
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     tensors: dict[str, Tensor] = field(repr=False, default_factory=dict)
 
     def summary(self) -> dict:
@@ -158,17 +171,9 @@ def split_holdout(labels: Tensor, share: float, seed: int) -> tuple[Tensor, Tens
     return torch.cat(train).sort().values, torch.cat(held).sort().values
 
 
-def random_occlusion_masks(n: int, cells: int, clean_fraction: float, gen: torch.Generator) -> Tensor:
-    """(n, cells) occlusion masks: a ``clean_fraction`` keeps everything, the rest keep each cell
-    with a per-image probability drawn from U(0.1, 1)."""
-    keep = 0.1 + 0.9 * torch.rand(n, 1, generator=gen)
-    masks = (torch.rand(n, cells, generator=gen) < keep).float()
-    masks[: int(round(clean_fraction * n))] = 1.0
-    return masks
-
-
 class SearchContext:
-    """Everything the candidates share: traced networks, training images, G, eval sets.
+    """Everything the candidates share: traced networks, training images, G, the frozen
+    networks' outputs on the pools and the held-out images, eval sets.
 
     train_x (N, C, H, W), train_y (N,): the available training images with the cloned
     network's labels (< num_old: target classes, the rest: clone classes); G indexes the
@@ -187,7 +192,9 @@ class SearchContext:
         eval_sets: dict[str, tuple[Tensor, Tensor]],
         num_old: int,
         holdout: tuple[Tensor, Tensor] | None = None,
+        config: SearchConfig | None = None,
     ):
+        config = config or SearchConfig()
         self.target, self.source = target, source
         self.train_x, self.train_y = train_x, train_y
         self.clone_x = train_x[train_y >= num_old]
@@ -198,38 +205,21 @@ class SearchContext:
         self.arbitrate = bool((train_y < num_old).any())
         self.t_cls, self.s_cls = classifier_of(target), classifier_of(source)
         self.source_logits = extract(source, None, [self.s_cls.node])
-        self.target_logits = extract(target, None, [self.t_cls.node])
+        self.target_head = extract(target, None, [self.t_cls.input_node, self.t_cls.node])
         self.t_blocks = cut_points(target, blocks=True, verify=False)
         self.s_blocks = cut_points(source, blocks=True, verify=False)
         self.grid = int(round(g.masks.shape[1] ** 0.5))
-
-    @torch.no_grad()
-    def teacher(self, target_logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """L_ins's teacher (B, |T_t| + |T_s|) for images x with joint labels y (B,), given the
-        target's logits on them (B, |T_t|): :func:`joint_teacher`, per image when arbitrating."""
-        new = self.source_logits(x)[:, self.source_outputs]
-        return joint_teacher(target_logits, new, y if self.arbitrate else None)
-
-    @torch.no_grad()
-    def holdout_metrics(self, logits_fn: Callable[[Tensor], Tensor], temperature: float) -> dict[str, float]:
-        """Of a cloned network's ``logits_fn`` (B, C, H, W) -> (B, K) on the held-out clean
-        images: joint accuracy, cross-entropy and the KD loss to the direct-ensemble teacher
-        (the same images and teacher for every R, so comparable across cuts)."""
-        assert self.holdout is not None, "holdout_metrics needs held-out images"
-        x, y = self.holdout
-        logits = torch.cat([logits_fn(xb) for xb in x.split(512)])
-        ensemble = torch.cat(
-            [
-                joint_teacher(self.target_logits(xb), self.source_logits(xb)[:, self.source_outputs], None)
-                for xb in x.split(512)
-            ]
+        copies = config.perturbed_copies
+        copies = (0 if self.arbitrate else 3) if copies is None else copies
+        self.pool = InsertionPool.build(
+            train_x, train_y, copies, self.grid, config.seed, self.target_head, self.source_logits, source_outputs
         )
-        return {
-            "acc": float((logits.argmax(1) == y).float().mean()),
-            "ce": float(F.cross_entropy(logits, y)),
-            "kd": float(kd_loss(logits, ensemble, temperature)),
-            "images": len(y),
-        }
+        self.loc_pool = LocalizationPool.build(g, config.loc_pool, config.seed)
+        self.holdout_frozen: tuple[Tensor, Tensor, Tensor] | None = None
+        if self.holdout is not None:  # (pre-logits, target logits, direct-ensemble teacher) on held-out images
+            pre, logits = batched(self.target_head, self.holdout[0])
+            source = batched(self.source_logits, self.holdout[0])[:, source_outputs]
+            self.holdout_frozen = (pre, logits, joint_teacher(logits, source, None))
 
     def candidates(self, names: list[str] | None) -> list[tuple[CutPoint, CutPoint]]:
         """(R, R') pairs, R from the last target block cut to the first.
@@ -261,19 +251,23 @@ class SearchContext:
 
 
 class CandidateTrainer:
-    """Trains A, F_c and the masks at one (R, R') pair."""
+    """Trains A, F_c and the masks at one (R, R') pair, stage by stage (:data:`STAGES`).
+
+    Its whole state after a stage is :meth:`state` (tensors, with the sampling generator's
+    state) and :meth:`restore` puts it back, so a stage can run in another process or after
+    an interruption and give the same numbers."""
 
     def __init__(self, ctx: SearchContext, r: CutPoint, r_src: CutPoint, config: SearchConfig):
         self.ctx, self.r, self.r_src, self.config = ctx, r, r_src, config
         t, s = ctx.target, ctx.source
-        self.taps = extract(t, None, [r.node, ctx.t_cls.input_node, ctx.t_cls.node])
+        self.t_prefix = extract(t, None, [r.node])
         self.s_prefix = extract(s, None, [r_src.node])
         self.s_body = extract(s, r_src.node, [ctx.s_cls.input_node, ctx.s_cls.node])
-        gen = torch.Generator().manual_seed(config.seed)
-        sample = ctx.train_x[torch.randperm(len(ctx.train_x), generator=gen)[:256]]
+        self.gen = torch.Generator().manual_seed(config.seed)
+        sample = ctx.train_x[torch.randperm(len(ctx.train_x), generator=torch.Generator().manual_seed(config.seed))]
+        sample = sample[:256]
         with torch.no_grad():
-            t_cut, t_pre, _ = self.taps(sample)
-            s_cut = self.s_prefix(sample)
+            t_cut, (t_pre, _), s_cut = self.t_prefix(sample), ctx.target_head(sample), self.s_prefix(sample)
         layout = "NCHW" if r_src.layout == "NCHW" else "NLC"
         head_module = dict(self.s_body.named_modules())[ctx.s_cls.module]
         self.masked = MaskedBody(self.s_body, s_cut[:8], layout, frozen=[head_module])
@@ -291,61 +285,123 @@ class CandidateTrainer:
         w = head_module.weight[ctx.source_outputs]
         b = head_module.bias[ctx.source_outputs] if head_module.bias is not None else None
         self.head.init_from_source(w.detach(), None if b is None else b.detach())
+        self.stage, self.train_loss = "", float("nan")
+        self.phase_seconds: dict[str, float] = {}
+        self._cuts: Tensor | None = None
+        self._loc_cuts: Tensor | None = None
+        self._cached = False
+
+    @staticmethod
+    def check_adapter(r: CutPoint, r_src: CutPoint) -> None:
+        """AdapterError if no adapter maps the target's activation at R to the source's at R'."""
+        make_adapter(
+            r.shape,
+            r.layout,
+            r_src.shape,
+            r_src.layout,
+            src_prefix_tokens=r.prefix_tokens,
+            dst_prefix_tokens=r_src.prefix_tokens,
+        )
 
     @property
-    def clean_fraction(self) -> float:
-        if self.config.clean_fraction is not None:
-            return self.config.clean_fraction
-        return 1.0 if self.ctx.arbitrate else 0.25
+    def masks_on(self) -> bool:
+        return self.config.use_masks and bool(self.masked.groups)
+
+    # -- cached frozen activations ---------------------------------------------------
+    def cache(self) -> None:
+        """The target up to R on L_ins's pool and the source up to R' on L_loc's pool,
+        each kept when it fits in ``config.cache_mb``."""
+        if self._cached:
+            return
+        ctx, budget = self.ctx, self.config.cache_mb
+        self._cuts = cut_activations(self.t_prefix, lambda e: ctx.pool.images(ctx.train_x, e), len(ctx.pool), budget)
+        if self.masks_on:
+            self._loc_cuts = cut_activations(
+                self.s_prefix, lambda e: ctx.loc_pool.images(ctx.clone_x, ctx.g, e), len(ctx.loc_pool), budget
+            )
+        self._cached = True
+
+    def release(self) -> None:
+        """Free the cached activations (recomputed by the next stage)."""
+        self._cuts = self._loc_cuts = None
+        self._cached = False
+
+    def cut_at(self, entries: Tensor) -> Tensor:
+        """The target's activation at R for L_ins pool ``entries`` (B,)."""
+        if self._cuts is not None:
+            return self._cuts[entries]
+        with torch.no_grad():
+            return self.t_prefix(self.ctx.pool.images(self.ctx.train_x, entries))
 
     # -- forward pieces --------------------------------------------------------------
-    def cloned_logits(self, x: Tensor) -> Tensor:
-        """The cloned network with this candidate's branch: (B, |T_t| + |T_s|)."""
-        with torch.no_grad():
-            cut, pre, logits = self.taps(x)
+    def joint_logits(self, cut: Tensor, pre: Tensor, logits: Tensor) -> Tensor:
+        """The cloned network's logits (B, |T_t| + |T_s|) from the target's activation at R,
+        its pre-logits (B, D) and logits (B, |T_t|)."""
         feats = self.masked(self.adapter(cut))[0]
         correction, new = self.head(pre, feats)
         return torch.cat([logits + correction, new], 1)
 
-    @torch.no_grad()
-    def teacher(self, x: Tensor, y: Tensor) -> Tensor:
-        """(B, |T_t| + |T_s|) teacher logits of L_ins for images x with joint labels y (B,):
-        [target, source T_s] without old-class images, else the losing side set to -inf."""
-        return self.ctx.teacher(self.taps(x)[2], x, y)
+    def cloned_logits(self, x: Tensor) -> Tensor:
+        """The cloned network with this candidate's branch on images x: (B, |T_t| + |T_s|)."""
+        with torch.no_grad():
+            cut, (pre, logits) = self.t_prefix(x), self.ctx.target_head(x)
+        return self.joint_logits(cut, pre, logits)
 
-    def loss_ins(self, x: Tensor, y: Tensor) -> Tensor:
-        """L_ins (Eq. 7) on images x (B, C, H, W) with joint labels y (B,)."""
-        logits = self.cloned_logits(x)
-        loss = kd_loss(logits, self.teacher(x, y), self.config.temperature)
+    def loss_ins(self, entries: Tensor) -> Tensor:
+        """L_ins (Eq. 7) on L_ins pool ``entries`` (B,)."""
+        pool = self.ctx.pool
+        logits = self.joint_logits(self.cut_at(entries), pool.pre[entries], pool.logits[entries])
+        y = pool.labels[entries]
+        teacher = joint_teacher(pool.logits[entries], pool.source[entries], y if self.ctx.arbitrate else None)
+        loss = kd_loss(logits, teacher, self.config.temperature)
         if self.ctx.arbitrate:
             loss = loss + self.config.ce_weight * F.cross_entropy(logits, y)
         return loss
 
-    def holdout_metrics(self) -> dict[str, float]:
-        """This candidate's :meth:`SearchContext.holdout_metrics`."""
-        return self.ctx.holdout_metrics(self.cloned_logits, self.config.temperature)
+    def loss_loc(self, entries: Tensor) -> Tensor:
+        """Eq. 5 on L_loc pool ``entries`` (B,): relative squared error between the masked
+        source's T_s logits and G."""
+        ctx = self.ctx
+        if self._loc_cuts is not None:
+            cut = self._loc_cuts[entries]
+        else:
+            with torch.no_grad():
+                cut = self.s_prefix(ctx.loc_pool.images(ctx.clone_x, ctx.g, entries))
+        target = ctx.loc_pool.targets[entries]
+        pred = self.masked(cut)[1][:, ctx.source_outputs]
+        return ((pred - target) ** 2).sum() / (target**2).sum().clamp_min(1e-8)
 
-    def selection_loss(self, holdout: dict[str, float], train_loss: float) -> float:
+    @torch.no_grad()
+    def holdout_metrics(self) -> dict[str, float]:
+        """On the held-out clean images: joint accuracy, cross-entropy and the KD loss to the
+        direct-ensemble teacher (the same images and teacher for every R: one scale)."""
+        assert self.ctx.holdout is not None and self.ctx.holdout_frozen is not None
+        (x, y), (pre, old, ensemble) = self.ctx.holdout, self.ctx.holdout_frozen
+        logits = torch.cat(
+            [
+                self.joint_logits(self.t_prefix(xb), p, lg)
+                for xb, p, lg in zip(x.split(512), pre.split(512), old.split(512), strict=True)
+            ]
+        )
+        return {
+            "acc": float((logits.argmax(1) == y).float().mean()),
+            "ce": float(F.cross_entropy(logits, y)),
+            "kd": float(kd_loss(logits, ensemble, self.config.temperature)),
+            "images": len(y),
+        }
+
+    def selection_loss(self, holdout: dict[str, float]) -> float:
         """Held-out error with old-class images, held-out KD without; the training loss
         when nothing is held out."""
         if not holdout:
-            return train_loss
+            return self.train_loss
         return 1.0 - holdout["acc"] if self.ctx.arbitrate else holdout["kd"]
 
-    def loss_loc(self, rows: Tensor, mask_ids: Tensor) -> Tensor:
-        """Eq. 5: relative squared error between the masked source's T_s logits and G."""
-        g = self.ctx.g
-        x = occlude(self.ctx.clone_x[g.index[rows]], g.masks[mask_ids])
-        with torch.no_grad():
-            cut = self.s_prefix(x)
-            target = g.predict(g.masks[mask_ids], which=rows)
-        pred = self.masked(cut)[1][:, self.ctx.source_outputs]
-        return ((pred - target) ** 2).sum() / (target**2).sum().clamp_min(1e-8)
-
     # -- phases ----------------------------------------------------------------------
-    def run_phase(self, phase: str, epochs: int, gen: torch.Generator, tick) -> float:
-        """Train for ``epochs``; return the mean selection loss of the last epoch."""
-        cfg, ctx = self.config, self.ctx
+    def run_phase(self, phase: str, epochs: int, tick: Callable[[], None]) -> float:
+        """Train for ``epochs``; return the mean training loss (L_ins + L_loc) of the last epoch."""
+        cfg, ctx, gen = self.config, self.ctx, self.gen
+        start = time.perf_counter()
         params = {
             "localize": list(self.masked.logits.parameters()),
             "joint": list(self.adapter.parameters())
@@ -354,23 +410,23 @@ class CandidateTrainer:
             "binary": list(self.adapter.parameters()) + list(self.head.parameters()),
         }[phase]
         opt = torch.optim.Adam(params, lr=cfg.lr)
-        n, last = len(ctx.train_x), float("nan")
+        n, last = len(ctx.pool), float("nan")
         steps = self.steps_per_epoch()
+        with_loc = cfg.use_masks and phase != "binary"  # binary masks: L_loc has no gradient left
         for epoch in range(epochs):
             order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(steps * cfg.batch_size / n))])
             total, seen = 0.0, 0
             for step in range(steps):
-                rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                g_rows = torch.randint(len(ctx.g.index), (len(rows),), generator=gen)
-                g_masks = torch.randint(ctx.g.masks.shape[0], (len(rows),), generator=gen)
-                loc = self.loss_loc(g_rows, g_masks) if cfg.use_masks else torch.zeros(())
+                entries = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                loc = torch.zeros(())
+                if with_loc:
+                    loc = self.loss_loc(torch.randint(len(ctx.loc_pool), (len(entries),), generator=gen))
                 if phase == "localize":
                     loss = loc + cfg.keep_weight * self.masked.keep_penalty(cfg.mask_ratio)
-                    selection = loss
+                    measured = loss
                 else:
-                    masks = random_occlusion_masks(len(rows), self.ctx.grid**2, self.clean_fraction, gen)
-                    ins = self.loss_ins(occlude(ctx.train_x[rows], masks), ctx.train_y[rows])
-                    selection = ins + cfg.loc_weight * loc.detach()
+                    ins = self.loss_ins(entries)
+                    measured = ins + cfg.loc_weight * loc.detach()
                     loss = ins + cfg.loc_weight * loc
                     if phase == "joint" and cfg.use_masks:
                         loss = loss + cfg.keep_weight * self.masked.keep_penalty(cfg.mask_ratio)
@@ -379,10 +435,11 @@ class CandidateTrainer:
                 if loss.requires_grad:
                     loss.backward()
                     opt.step()
-                total += float(selection.detach()) * len(rows)
-                seen += len(rows)
+                total += float(measured.detach()) * len(entries)
+                seen += len(entries)
                 tick()
             last = total / seen
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
         return last
 
     def check_finite(self, loss: Tensor, phase: str, epoch: int, step: int) -> None:
@@ -395,41 +452,91 @@ class CandidateTrainer:
                 "finished before are checkpointed and a rerun resumes from them)"
             )
 
-    def train(self, tick) -> CandidateResult:
+    def run_stage(self, stage: str, tick: Callable[[], None] = lambda: None) -> CandidateResult:
+        """Run ``stage`` (the next one of :data:`STAGES`) and measure the candidate."""
+        expected = STAGES[STAGES.index(self.stage) + 1] if self.stage else STAGES[0]
+        if stage != expected:
+            raise RuntimeError(f"pnc bug: stage {stage!r} run after {self.stage or 'nothing'!r}")
         cfg = self.config
-        start = time.perf_counter()
-        gen = torch.Generator().manual_seed(cfg.seed)
+        self.cache()
         self.adapter.train()
         self.head.train()
-        if cfg.use_masks and self.masked.groups:
-            self.masked.mode = "soft"
-            self.run_phase("localize", cfg.loc_epochs, gen, tick)
-            self.run_phase("joint", cfg.joint_epochs, gen, tick)
-            self.masked.binarize(cfg.mask_ratio, cfg.mask_scope)
+        if stage == "search":
+            if self.masks_on:
+                self.masked.mode = "soft"
+                self.run_phase("localize", cfg.loc_epochs, tick)
+            else:
+                self.masked.binarize(1.0)
+            self.train_loss = self.run_phase("joint", cfg.joint_epochs, tick)
         else:
-            self.masked.binarize(1.0)
-            self.run_phase("joint", cfg.joint_epochs, gen, tick)
-        train_loss = self.run_phase("binary", cfg.binary_epochs, gen, tick)
+            if self.masks_on:
+                self.masked.binarize(cfg.mask_ratio, cfg.mask_scope)
+            self.train_loss = self.run_phase("binary", cfg.binary_epochs, tick)
         self.adapter.eval()
         self.head.eval()
+        self.stage = stage
+        return self.result()
+
+    def result(self) -> CandidateResult:
+        """This candidate as it stands after its last stage (``tensors``: its branch, with the
+        masks binarized as they would be if it stopped here)."""
+        start = time.perf_counter()
         holdout = self.holdout_metrics() if self.ctx.holdout is not None else {}
-        tensors = branch_tensors(self.masked.keep(), self.adapter, self.head)
+        keep = self.binary_keep()
+        self.phase_seconds["holdout"] = self.phase_seconds.get("holdout", 0.0) + time.perf_counter() - start
         return CandidateResult(
             target_cut=self.r.node,
             source_cut=self.r_src.node,
-            loss=self.selection_loss(holdout, train_loss),
-            accuracy=self.accuracy(),
-            kept_fraction=self.masked.kept_fraction(),
-            seconds=time.perf_counter() - start,
+            loss=self.selection_loss(holdout),
+            accuracy={},
+            kept_fraction=sum(len(k) for k in keep.values()) / max(sum(g.size for g in self.masked.groups), 1),
+            seconds=sum(self.phase_seconds.values()),
             adapter_spec=asdict(self.adapter.spec),
-            train_loss=train_loss,
+            train_loss=self.train_loss,
             holdout=holdout,
-            tensors=tensors,
+            stage=self.stage,
+            phase_seconds=dict(self.phase_seconds),
+            tensors=branch_tensors(keep, self.adapter, self.head),
         )
+
+    def binary_keep(self) -> dict[str, Tensor]:
+        """Kept channels per group: the binary masks, or those binarizing the soft ones would give."""
+        if self.masked.mode == "binary":
+            return self.masked.keep()
+        keep = self.masked.binarize(self.config.mask_ratio, self.config.mask_scope)
+        self.masked.mode, self.masked.binary = "soft", {}
+        return keep
+
+    # -- state -----------------------------------------------------------------------
+    def state(self) -> dict[str, Tensor]:
+        """Everything needed to continue: A, F_c, the mask logits and binary masks, and the
+        sampling generator (as ``rng``)."""
+        tensors = branch_tensors(self.masked.keep(), self.adapter, self.head)
+        tensors |= {f"mask_logits.{k}": v.detach().clone() for k, v in self.masked.logits.items()}
+        return tensors | {"rng": self.gen.get_state()}
+
+    def restore(self, tensors: dict[str, Tensor], result: CandidateResult) -> None:
+        """Put back a :meth:`state` saved after ``result.stage``."""
+        self.adapter.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
+        self.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+        with torch.no_grad():
+            for k, v in tensors.items():
+                if k.startswith("mask_logits."):
+                    self.masked.logits[k[12:]].copy_(v)
+        keep = {k[5:]: v for k, v in tensors.items() if k.startswith("keep.")}
+        if keep or not self.masks_on:
+            self.masked.set_keep(keep if self.masks_on else {g.name: torch.arange(g.size) for g in self.masked.groups})
+        else:
+            self.masked.mode = "soft"
+        self.gen.set_state(tensors["rng"])
+        self.stage, self.train_loss = result.stage, result.train_loss
+        self.phase_seconds = dict(result.phase_seconds)
+        self.adapter.eval()
+        self.head.eval()
 
     @torch.no_grad()
     def accuracy(self) -> dict[str, float]:
-        """Ori / Tar / Avg of this candidate (reported, never used to select)."""
+        """Ori / Tar / Avg of this candidate on the eval sets (reported, never used to select)."""
         out = {}
         for name, (x, y) in self.ctx.eval_sets.items():
             pred = torch.cat([self.cloned_logits(xb).argmax(1) for xb in x.split(512)])
@@ -437,63 +544,97 @@ class CandidateTrainer:
         return out
 
     def steps_per_epoch(self) -> int:
-        return max(math.ceil(len(self.ctx.train_x) / self.config.batch_size), self.config.min_steps_per_epoch)
+        return steps_per_epoch(self.ctx, self.config)
 
-    def steps(self) -> int:
+    def stage_steps(self, stage: str) -> int:
+        """Optimizer steps of ``stage``."""
         cfg = self.config
-        epochs = cfg.joint_epochs + cfg.binary_epochs + (cfg.loc_epochs if cfg.use_masks and self.masked.groups else 0)
+        if stage == "binary":
+            epochs = cfg.binary_epochs
+        else:
+            epochs = cfg.joint_epochs + (cfg.loc_epochs if self.masks_on else 0)
         return epochs * self.steps_per_epoch()
+
+
+def steps_per_epoch(ctx: SearchContext, config: SearchConfig) -> int:
+    """Optimizer steps of one epoch: one pass over the clone classes' training images."""
+    return max(math.ceil(len(ctx.clone_x) / config.batch_size), config.min_steps_per_epoch)
 
 
 def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dict:
     """Fine-tune a built branch (A, the pruned copy M_f, F_c) with L_ins on the training
-    images, the target frozen; keep the result only if the held-out error falls.
+    images (clean), the target frozen; keep the result only if the held-out error falls.
 
-    Returns {"before": held-out metrics, "after": held-out metrics, "kept": bool, "epochs"}."""
-    taps = extract(ctx.target, None, [branch.target_cut, ctx.t_cls.input_node, ctx.t_cls.node])
+    Returns {"before": held-out metrics, "after": held-out metrics, "kept": bool, "epochs",
+    "seconds"}."""
+    start = time.perf_counter()
+    prefix = extract(ctx.target, None, [branch.target_cut])
+    n = len(ctx.train_x)
+    cuts = cut_activations(prefix, lambda rows: ctx.train_x[rows], n, config.cache_mb)
 
-    def logits_fn(x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, C, H, W) -> (cloned logits (B, K), the target's own logits (B, |T_t|))."""
-        with torch.no_grad():
-            cut, pre, logits = taps(x)
-        correction, new = branch(cut, pre)
-        return torch.cat([logits + correction, new], 1), logits
+    def logits_of(rows: Tensor) -> Tensor:
+        """Cloned logits (B, K) of training images ``rows`` (B,) (pool entries 0..N-1: clean)."""
+        if cuts is not None:
+            cut = cuts[rows]
+        else:
+            with torch.no_grad():
+                cut = prefix(ctx.train_x[rows])
+        correction, new = branch(cut, ctx.pool.pre[rows])
+        return torch.cat([ctx.pool.logits[rows] + correction, new], 1)
+
+    @torch.no_grad()
+    def held_out() -> dict[str, float]:
+        assert ctx.holdout is not None and ctx.holdout_frozen is not None
+        (x, y), (pre, old, ensemble) = ctx.holdout, ctx.holdout_frozen
+        parts = []
+        for xb, p, lg in zip(x.split(512), pre.split(512), old.split(512), strict=True):
+            correction, new = branch(prefix(xb), p)
+            parts.append(torch.cat([lg + correction, new], 1))
+        logits = torch.cat(parts)
+        return {
+            "acc": float((logits.argmax(1) == y).float().mean()),
+            "ce": float(F.cross_entropy(logits, y)),
+            "kd": float(kd_loss(logits, ensemble, config.temperature)),
+            "images": len(y),
+        }
 
     branch.eval()
-    before = ctx.holdout_metrics(lambda x: logits_fn(x)[0], config.temperature)
+    before = held_out()
     saved = {k: v.clone() for k, v in branch.state_dict().items()}
     branch.body.requires_grad_(True)
     params = [p for p in branch.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=config.tune_lr)
-    n, gen = len(ctx.train_x), torch.Generator().manual_seed(config.seed)
-    steps = config.tune_epochs * math.ceil(n / config.batch_size)
+    gen = torch.Generator().manual_seed(config.seed)
+    steps = config.tune_epochs * steps_per_epoch(ctx, config)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(steps * config.batch_size / n))])
     branch.train()
-    for _ in range(config.tune_epochs):
-        for rows in torch.randperm(n, generator=gen).split(config.batch_size):
-            x, y = ctx.train_x[rows], ctx.train_y[rows]
-            logits, target_logits = logits_fn(x)
-            loss = kd_loss(logits, ctx.teacher(target_logits, x, y), config.temperature)
-            loss = loss + config.ce_weight * F.cross_entropy(logits, y)
-            if not bool(torch.isfinite(loss).all()):
-                raise TrainingError(
-                    f"fine-tuning the branch at {branch.target_cut}: the loss became {float(loss.detach())}; lower the "
-                    "tuning learning rate or check the images for NaN/Inf (the candidate search is checkpointed "
-                    "and a rerun resumes from it)"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
+    for step in range(steps):
+        rows = order[step * config.batch_size : (step + 1) * config.batch_size]
+        y = ctx.train_y[rows]
+        logits = logits_of(rows)
+        teacher = joint_teacher(ctx.pool.logits[rows], ctx.pool.source[rows], y)
+        loss = kd_loss(logits, teacher, config.temperature) + config.ce_weight * F.cross_entropy(logits, y)
+        if not bool(torch.isfinite(loss).all()):
+            raise TrainingError(
+                f"fine-tuning the branch at {branch.target_cut}: the loss became {float(loss.detach())}; lower the "
+                "tuning learning rate or check the images for NaN/Inf (the candidate search is checkpointed "
+                "and a rerun resumes from it)"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
     branch.body.requires_grad_(False)
     branch.eval()
-    after = ctx.holdout_metrics(lambda x: logits_fn(x)[0], config.temperature)
+    after = held_out()
     kept = after["acc"] > before["acc"]
     if kept:
         branch.body.tuned = True
     else:
         branch.load_state_dict(saved)
-    return {"before": before, "after": after, "kept": kept, "epochs": config.tune_epochs}
+    seconds = time.perf_counter() - start
+    return {"before": before, "after": after, "kept": kept, "epochs": config.tune_epochs, "seconds": seconds}
 
 
 def build_branch(
@@ -512,66 +653,3 @@ def build_branch(
         source_name=source_name,
         source_sha256=source_sha256,
     )
-
-
-def _save_result(path: Path, result: CandidateResult, key: str) -> None:
-    save_tensors(path, result.tensors, metadata={"key": key, "result": json.dumps(result.summary())})
-
-
-def _load_result(path: Path, key: str) -> CandidateResult | None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata()
-        if meta.get("key") != key:
-            return None
-        return CandidateResult(**json.loads(meta["result"]), tensors=load(path.read_bytes()))
-    except (OSError, ValueError, KeyError, json.JSONDecodeError):
-        return None  # a corrupt or foreign checkpoint: recompute that candidate
-
-
-def search(
-    ctx: SearchContext,
-    config: SearchConfig,
-    *,
-    run_key: str = "",
-    checkpoint_dir: Path | None = None,
-    progress: bool = True,
-) -> tuple[CandidateResult, list[CandidateResult], list[str]]:
-    """Train every candidate R (last block to first); return (best, all trained, skipped) by
-    the least selection loss (ties: the least held-out cross-entropy, then the later cut).
-
-    A candidate pair whose layouts no adapter maps (e.g. a flat NC target cut against a
-    ViT's token cut) is skipped with its reason, never aborting the search; CutError if
-    every pair is skipped."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    pairs = ctx.candidates(config.candidates)
-    key = hashlib.sha256((run_key + config.key()).encode()).hexdigest()
-    results, skipped = [], []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
-        for i, (r, r_src) in enumerate(pairs):
-            path = None if checkpoint_dir is None else Path(checkpoint_dir) / f"candidate-{i}-{r.node}.safetensors"
-            done = _load_result(path, key) if path is not None and path.exists() else None
-            if done is None:
-                torch.manual_seed(config.seed + i)
-                try:
-                    trainer = CandidateTrainer(ctx, r, r_src, config)
-                except AdapterError as err:
-                    skipped.append(f"R={r.node} <- R'={r_src.node}: {err}")
-                    continue
-                task = bar.add_task(f"R={r.node} <- R'={r_src.node}", total=trainer.steps())
-                done = trainer.train(functools.partial(bar.advance, task))
-                if path is not None:
-                    _save_result(path, done, key)
-            results.append(done)
-    if not results:
-        raise CutError(
-            f"no candidate pair of cuts can be bridged by an adapter ({'; '.join(skipped)}); "
-            "name target cuts whose layout an adapter maps with SearchConfig(candidates=[...])"
-        )
-    best = min(results, key=lambda res: (res.loss, res.holdout.get("ce", 0.0)))
-    return best, results, skipped

@@ -231,19 +231,19 @@ def test_interrupted_search_resumes_to_the_same_result(digits, tmp_path, monkeyp
     x = task.eval_sets()["avg"].x[:50]
     reference = clone(target, source, **task.clone_inputs(), config=config, progress=False)
 
-    real_train, calls = insertion.CandidateTrainer.train, []
+    real_stage, calls = insertion.CandidateTrainer.run_stage, []
 
-    def crash_on_second(self, tick):
-        calls.append(self.r.node)
+    def crash_on_second(self, stage, tick=lambda: None):
+        calls.append((self.r.node, stage))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_train(self, tick)
+        return real_stage(self, stage, tick)
 
-    monkeypatch.setattr(insertion.CandidateTrainer, "train", crash_on_second)
+    monkeypatch.setattr(insertion.CandidateTrainer, "run_stage", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         clone(target, source, **task.clone_inputs(), config=config, checkpoint_dir=tmp_path, progress=False)
     assert len(list(tmp_path.glob("candidate-*.safetensors"))) == 1
-    monkeypatch.setattr(insertion.CandidateTrainer, "train", real_train)
+    monkeypatch.setattr(insertion.CandidateTrainer, "run_stage", real_stage)
     resumed = clone(target, source, **task.clone_inputs(), config=config, checkpoint_dir=tmp_path, progress=False)
     with torch.no_grad():
         assert torch.equal(resumed(x), reference(x))

@@ -1,0 +1,292 @@
+"""The search over cut points R: every candidate (R, R') trained stage by stage, with
+successive halving between stages, checkpoints, a time budget and pluggable backends.
+
+After each stage of :data:`~pnc.surgery.insertion.STAGES` but the last, the candidates
+are ranked by their held-out selection loss and only the best ``keep_fraction`` go on
+(:func:`survivors`: the same rule for every backend, so every backend keeps the same
+ones); the chosen R is the best finalist. A stage's work — one candidate's training — is
+a :class:`StageJob`; a *backend* runs a list of them (:class:`InProcess`, one after
+another here; ``pnc.bench.ray_backend`` on a Ray cluster) and returns their results.
+
+Every finished stage is checkpointed (``checkpoint_dir``), so an interrupted search
+resumes where it stopped and ends with the same answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load
+from torch import Tensor
+
+from pnc.adapters import AdapterError
+from pnc.surgery.errors import CutError
+from pnc.surgery.insertion import STAGES, CandidateResult, CandidateTrainer, SearchConfig, SearchContext
+from pnc.surgery.io import save_tensors
+
+
+@dataclass
+class StageJob:
+    """One candidate's next stage: candidate ``index`` (into the context's pairs), the
+    ``stage`` to run, and its state after the previous stage (None before the first)."""
+
+    index: int
+    stage: str
+    previous: tuple[dict[str, Tensor], CandidateResult] | None = None
+
+
+@dataclass
+class StageOutcome:
+    """A job's result and the candidate's state after it (to continue from)."""
+
+    index: int
+    result: CandidateResult
+    state: dict[str, Tensor] = field(repr=False)
+
+
+def run_job(
+    ctx: SearchContext, config: SearchConfig, job: StageJob, tick: Callable[[int], None] = lambda n: None
+) -> StageOutcome:
+    """Run one :class:`StageJob` in this process. ``tick(total)`` is called once with the
+    stage's step count, then ``tick(0)`` per step (for progress bars)."""
+    r, r_src = ctx.candidates(config.candidates)[job.index]
+    torch.manual_seed(config.seed + job.index)
+    trainer = CandidateTrainer(ctx, r, r_src, config)
+    if job.previous is not None:
+        trainer.restore(*job.previous)
+    tick(trainer.stage_steps(job.stage))
+    result = trainer.run_stage(job.stage, lambda: tick(0))
+    return StageOutcome(job.index, result, trainer.state())
+
+
+class Backend(Protocol):
+    """Runs a list of stage jobs, calls ``done`` with each outcome as soon as it exists (the
+    search checkpoints it there), and returns the outcomes in the jobs' order."""
+
+    def run(
+        self,
+        ctx: SearchContext,
+        config: SearchConfig,
+        jobs: list[StageJob],
+        progress: SearchProgress,
+        done: Callable[[StageOutcome], None],
+    ) -> list[StageOutcome]: ...
+
+
+class InProcess:
+    """The default backend: the jobs one after another in this process."""
+
+    def run(
+        self,
+        ctx: SearchContext,
+        config: SearchConfig,
+        jobs: list[StageJob],
+        progress: SearchProgress,
+        done: Callable[[StageOutcome], None],
+    ) -> list[StageOutcome]:
+        outcomes = []
+        for job in jobs:
+            outcomes.append(run_job(ctx, config, job, progress.ticker(ctx, config, job)))
+            done(outcomes[-1])
+        return outcomes
+
+
+class SearchProgress:
+    """Per-candidate progress bars with ETA (rich, on stderr), and one line per dropped or
+    skipped candidate saying why."""
+
+    def __init__(self, enabled: bool):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        self.enabled = enabled
+        self.bar = Progress(*columns, console=Console(stderr=True), disable=not enabled)
+
+    def __enter__(self) -> SearchProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(None, None, None)
+
+    def ticker(self, ctx: SearchContext, config: SearchConfig, job: StageJob) -> Callable[[int], None]:
+        r, r_src = ctx.candidates(config.candidates)[job.index]
+        task: list = []
+
+        def tick(total: int) -> None:
+            if not task:
+                task.append(self.bar.add_task(f"R={r.node} <- R'={r_src.node} [{job.stage}]", total=total))
+            else:
+                self.bar.advance(task[0])
+
+        return tick
+
+    def say(self, line: str) -> None:
+        if self.enabled:
+            self.bar.console.print(line)
+
+
+def survivors(results: dict[int, CandidateResult], keep_fraction: float) -> tuple[list[int], dict[int, str]]:
+    """Successive halving: the best ``ceil(keep_fraction * n)`` candidates by (selection
+    loss, held-out cross-entropy, index) go on; the others get the reason they were dropped."""
+    ranked = sorted(results, key=lambda i: (results[i].loss, results[i].holdout.get("ce", 0.0), i))
+    keep = max(1, math.ceil(keep_fraction * len(ranked)))
+    kept, best = ranked[:keep], results[ranked[0]]
+    reasons = {
+        i: (
+            f"after stage {results[i].stage!r}: selection loss {results[i].loss:.4f} vs "
+            f"{best.loss:.4f} of R={best.target_cut}; the best {keep} of {len(ranked)} go on"
+        )
+        for i in ranked[keep:]
+    }
+    return sorted(kept), reasons
+
+
+def _checkpoint(checkpoint_dir: Path | None, index: int, stage: str, node: str) -> Path | None:
+    if checkpoint_dir is None:
+        return None
+    return Path(checkpoint_dir) / f"candidate-{index}-{node}-{stage}.safetensors"
+
+
+def _save(path: Path, outcome: StageOutcome, key: str) -> None:
+    tensors = {f"state.{k}": v for k, v in outcome.state.items()}
+    tensors |= {f"result.{k}": v for k, v in outcome.result.tensors.items()}
+    save_tensors(path, tensors, metadata={"key": key, "result": json.dumps(outcome.result.summary())})
+
+
+def _load(path: Path | None, key: str, index: int) -> StageOutcome | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata()
+        if meta.get("key") != key:
+            return None
+        tensors = load(path.read_bytes())
+        result = CandidateResult(
+            **json.loads(meta["result"]), tensors={k[7:]: v for k, v in tensors.items() if k.startswith("result.")}
+        )
+        return StageOutcome(index, result, {k[6:]: v for k, v in tensors.items() if k.startswith("state.")})
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        return None  # a corrupt or foreign checkpoint: recompute that stage
+
+
+@dataclass
+class SearchOutcome:
+    """The chosen candidate, every candidate's last result (finalists and dropped ones), the
+    pairs skipped (no adapter maps them), whether the time budget stopped the search early,
+    and the finalists' states (to report on)."""
+
+    best: CandidateResult
+    results: list[CandidateResult]
+    skipped: list[str]
+    budget_stopped: bool = False
+    states: dict[int, dict[str, Tensor]] = field(default_factory=dict, repr=False)
+
+
+def search(
+    ctx: SearchContext,
+    config: SearchConfig,
+    *,
+    run_key: str = "",
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+    backend: Backend | None = None,
+    time_budget: float | None = None,
+) -> SearchOutcome:
+    """Train every candidate (R, R') stage by stage with successive halving; the best
+    finalist by (selection loss, held-out cross-entropy, later cut) is chosen.
+
+    A candidate pair whose layouts no adapter maps (e.g. a flat NC target cut against a
+    ViT's token cut) is skipped with its reason, never aborting the search; CutError if
+    every pair is skipped. ``time_budget`` (seconds): no new stage starts once it is spent;
+    the best candidate of the furthest stage reached is chosen and ``budget_stopped`` set.
+    """
+    backend = backend or InProcess()
+    start = time.perf_counter()
+    pairs = ctx.candidates(config.candidates)
+    key = hashlib.sha256((run_key + config.key()).encode()).hexdigest()
+    latest: dict[int, StageOutcome] = {}
+    skipped: list[str] = []
+    dropped: dict[int, str] = {}
+    alive = []
+    for i, (r, r_src) in enumerate(pairs):  # an adapter that cannot exist: skip before any training
+        try:
+            CandidateTrainer.check_adapter(r, r_src)
+        except AdapterError as err:
+            skipped.append(f"R={r.node} <- R'={r_src.node}: {err}")
+            continue
+        alive.append(i)
+    if not alive:
+        raise CutError(
+            f"no candidate pair of cuts can be bridged by an adapter ({'; '.join(skipped)}); "
+            "name target cuts whose layout an adapter maps with SearchConfig(candidates=[...])"
+        )
+    budget_stopped = False
+    with SearchProgress(progress) as bar:
+        for line in skipped:
+            bar.say(f"skipped {line}")
+        for s, stage in enumerate(STAGES):
+            if time_budget is not None and time.perf_counter() - start > time_budget and latest:
+                budget_stopped = True
+                bar.say(f"time budget of {time_budget:.0f} s spent: stopping before stage {stage!r}")
+                break
+            jobs, done = [], []
+            for i in alive:
+                loaded = _load(_checkpoint(checkpoint_dir, i, stage, pairs[i][0].node), key, i)
+                if loaded is not None:
+                    done.append(loaded)
+                else:
+                    previous = (latest[i].state, latest[i].result) if i in latest else None
+                    jobs.append(StageJob(i, stage, previous))
+
+            def checkpoint(outcome: StageOutcome, stage: str = stage) -> None:
+                path = _checkpoint(checkpoint_dir, outcome.index, stage, pairs[outcome.index][0].node)
+                if path is not None:
+                    _save(path, outcome, key)
+
+            fresh = backend.run(ctx, config, jobs, bar, checkpoint)
+            for outcome in done + fresh:
+                latest[outcome.index] = outcome
+            if s < len(STAGES) - 1:
+                alive, reasons = survivors({i: latest[i].result for i in alive}, config.keep_fraction)
+                for i, why in reasons.items():
+                    dropped[i] = why
+                    bar.say(f"dropped R={pairs[i][0].node}: {why}")
+    reached = max(STAGES.index(o.result.stage) for o in latest.values())
+    finalists = {i: o for i, o in latest.items() if STAGES.index(o.result.stage) == reached and i not in dropped}
+    best_i = min(finalists, key=lambda i: (finalists[i].result.loss, finalists[i].result.holdout.get("ce", 0.0), i))
+    results = {i: replace(latest[i].result, eliminated=dropped.get(i, "")) for i in sorted(latest)}
+    return SearchOutcome(
+        best=results[best_i],
+        results=list(results.values()),
+        skipped=skipped,
+        budget_stopped=budget_stopped,
+        states={i: o.state for i, o in finalists.items()},
+    )
+
+
+def finalist_accuracy(ctx: SearchContext, config: SearchConfig, outcome: SearchOutcome) -> None:
+    """Fill ``accuracy`` (Ori / Tar / Avg on the eval sets) of every finalist, after the
+    search: reported (e.g. for the selection regret), never used to select."""
+    if not ctx.eval_sets:
+        return
+    pairs = ctx.candidates(config.candidates)
+    by_pair = {(r.node, r_src.node): i for i, (r, r_src) in enumerate(pairs)}
+    for result in outcome.results:
+        i = by_pair[(result.target_cut, result.source_cut)]
+        if i not in outcome.states:
+            continue
+        trainer = CandidateTrainer(ctx, *pairs[i], config)
+        trainer.restore(outcome.states[i], result)
+        result.accuracy = trainer.accuracy()

@@ -1,0 +1,148 @@
+"""The fixed, seeded image pools of the search and the frozen networks' outputs on them.
+
+The target and the source never change while cloning, so what they compute on an image
+is computed once, not at every step of every candidate:
+
+* :class:`InsertionPool`: the images of L_ins (Eq. 7): every available training image,
+  clean, and (without old-class images) ``copies`` occluded versions of each; with the
+  target's pre-logits and logits and the source's logits of the cloned classes on them.
+* :class:`LocalizationPool`: a fixed set of (image, occlusion mask) pairs of G (Eq. 4)
+  for L_loc (Eq. 5), with G's predictions on them.
+* :func:`cut_activations`: the target (or the source) up to one cut on a pool's images,
+  kept only when it fits in the cache budget; otherwise the caller recomputes it per batch.
+
+Shapes: P pool entries, C x H x W images, D target pre-logit features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pnc.surgery.local_models import LocalModelSet, occlude
+
+
+def random_occlusion_masks(n: int, cells: int, gen: torch.Generator) -> Tensor:
+    """(n, cells) occlusion masks keeping each cell with a per-image probability from U(0.1, 1)."""
+    keep = 0.1 + 0.9 * torch.rand(n, 1, generator=gen)
+    return (torch.rand(n, cells, generator=gen) < keep).float()
+
+
+@torch.no_grad()
+def batched(fn: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor | tuple[Tensor, ...]:
+    """``fn`` over x (N, ...) in chunks; its outputs concatenated along dim 0."""
+    outs = [fn(chunk) for chunk in x.split(batch_size)]
+    if isinstance(outs[0], tuple | list):
+        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+    return torch.cat(outs)
+
+
+@dataclass
+class InsertionPool:
+    """The L_ins pool.
+
+    Attributes:
+        rows: (P,) index of each entry's image in the training images.
+        masks: (P, cells) its occlusion mask (all ones: the clean image), or None when every
+            entry is clean.
+        labels: (P,) joint labels.
+        pre: (P, D) the target's pre-logits; logits: (P, |T_t|) its logits;
+        source: (P, |T_s|) the source's logits of the cloned classes.
+    """
+
+    rows: Tensor
+    masks: Tensor | None
+    labels: Tensor
+    pre: Tensor
+    logits: Tensor
+    source: Tensor
+
+    def images(self, train_x: Tensor, entries: Tensor) -> Tensor:
+        """The (B, C, H, W) images of pool ``entries`` (B,)."""
+        x = train_x[self.rows[entries]]
+        return x if self.masks is None else occlude(x, self.masks[entries])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def build(
+        cls,
+        train_x: Tensor,
+        train_y: Tensor,
+        copies: int,
+        grid: int,
+        seed: int,
+        target_taps: nn.Module,
+        source_logits: nn.Module,
+        source_outputs: list[int],
+    ) -> InsertionPool:
+        """Every image clean, then ``copies`` occluded versions of each (seeded).
+
+        target_taps: x -> (pre-logits, logits) of the target; source_logits: x -> logits."""
+        n = len(train_x)
+        rows = torch.arange(n).repeat(copies + 1)
+        masks = None
+        if copies:
+            gen = torch.Generator().manual_seed(seed + 104729)
+            masks = torch.cat([torch.ones(n, grid * grid), random_occlusion_masks(n * copies, grid * grid, gen)])
+        pool = cls(rows, masks, train_y[rows], torch.empty(0), torch.empty(0), torch.empty(0))
+        chunks = [torch.arange(len(rows))[i : i + 512] for i in range(0, len(rows), 512)]
+        pre, logits, source = [], [], []
+        with torch.no_grad():
+            for entries in chunks:
+                x = pool.images(train_x, entries)
+                p, lg = target_taps(x)
+                pre.append(p)
+                logits.append(lg)
+                source.append(source_logits(x)[:, source_outputs])
+        pool.pre, pool.logits, pool.source = torch.cat(pre), torch.cat(logits), torch.cat(source)
+        return pool
+
+
+@dataclass
+class LocalizationPool:
+    """A fixed, seeded set of P (image of G, occlusion mask of G) pairs for L_loc.
+
+    Attributes:
+        g_rows: (P,) which local model (and image) of G; mask_ids: (P,) which mask of G;
+        targets: (P, |T_s|) G's prediction g_i(b) for each pair.
+    """
+
+    g_rows: Tensor
+    mask_ids: Tensor
+    targets: Tensor
+
+    def __len__(self) -> int:
+        return len(self.g_rows)
+
+    def images(self, clone_x: Tensor, g: LocalModelSet, entries: Tensor) -> Tensor:
+        """The (B, C, H, W) occluded clone images of pool ``entries`` (B,)."""
+        return occlude(clone_x[g.index[self.g_rows[entries]]], g.masks[self.mask_ids[entries]])
+
+    @classmethod
+    def build(cls, g: LocalModelSet, size: int, seed: int) -> LocalizationPool:
+        """``size`` distinct pairs drawn without replacement (every pair when G has fewer)."""
+        total = len(g.index) * g.masks.shape[0]
+        pick = torch.randperm(total, generator=torch.Generator().manual_seed(seed + 7))[: min(size, total)]
+        g_rows, mask_ids = pick // g.masks.shape[0], pick % g.masks.shape[0]
+        targets = torch.cat(
+            [g.predict(g.masks[m], which=r) for r, m in zip(g_rows.split(4096), mask_ids.split(4096), strict=True)]
+        )
+        return cls(g_rows, mask_ids, targets)
+
+
+def cut_activations(prefix: nn.Module, images, count: int, budget_mb: float) -> Tensor | None:
+    """``prefix`` (x -> activation at a cut) on every entry 0..count-1 of a pool, or None
+    when (count x activation size) float32 exceeds ``budget_mb`` MiB.
+
+    images: entries (B,) -> (B, C, H, W)."""
+    with torch.no_grad():
+        first = prefix(images(torch.arange(min(count, 2))))
+    if count * first[0].numel() * 4 > budget_mb * 2**20:
+        return None
+    entries = torch.arange(count)
+    with torch.no_grad():
+        return torch.cat([prefix(images(chunk)) for chunk in entries.split(512)])
