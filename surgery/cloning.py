@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from pnc.surgery.branch import CloneReport
 from pnc.surgery.cloned import ClonedNetwork
-from pnc.surgery.errors import DataError, TaskError, require_finite_images, require_finite_weights
 from pnc.surgery.cut_search import Backend, finalist_accuracy, search
+from pnc.surgery.errors import DataError, TaskError, require_finite_images, require_finite_weights
 from pnc.surgery.insertion import SearchConfig, SearchContext, build_branch, split_holdout, tune_branch
 from pnc.surgery.io import state_dict_sha256
 from pnc.surgery.local_models import fit_local_models
