@@ -105,6 +105,11 @@ class RowCache:
                 self.rows = {}  # a truncated file from a killed run: start over
 
     def get(self, key: str, fingerprint: str) -> dict[str, Any] | None:
+        if key not in self.rows and self.path.is_file():  # another process may have added it
+            try:
+                self.rows = json.loads(self.path.read_text()) | self.rows
+            except json.JSONDecodeError:
+                pass
         row = self.rows.get(key)
         return row if row is not None and row.get("fingerprint") == fingerprint else None
 
@@ -157,11 +162,13 @@ def run_table(
     cache: RowCache,
     workdir: Path,
     log: Callable[[str], None] = print,
+    shared: RowCache | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or reuse from ``cache``) every row of ``spec``; returns the per-seed rows.
 
     Rows run seed by seed, then scale by scale, so that a full first seed of the table
-    exists early."""
+    exists early. Rows of methods that never see the available images (:data:`SETTING_FREE`)
+    are also looked up in ``shared`` (the same table in the other data setting)."""
     target, t_card = store.load(spec.target)
     source, s_card = store.load(spec.source)
     rows = []
@@ -180,6 +187,10 @@ def run_table(
                 key = f"{method}|{scale}|{seed}"
                 fingerprint = _fingerprint(spec, method, task, t_card, s_card)
                 row = cache.get(key, fingerprint)
+                if row is None and shared is not None and method in SETTING_FREE:
+                    row = shared.get(key, fingerprint)
+                    if row is not None:
+                        cache.put(key, row)
                 if row is None:
                     began = time.perf_counter()
                     run = run_method(
@@ -226,12 +237,19 @@ def run_table(
     return rows
 
 
+#: methods whose rows do not depend on the old fraction (they never see the available images)
+SETTING_FREE = ("Pre-trained", "Direct Ensemble", "Joint+Full")
+
+
 def _fingerprint(spec: TableSpec, method: str, task: CloneTask, t_card: ModelCard, s_card: ModelCard) -> str:
+    described = task.to_dict()
+    if method in SETTING_FREE:
+        described.pop("old_fraction")
     blob = json.dumps(
         {
             "method": method,
             "budget": budget_fields(spec.budget, method),
-            "task": task.to_dict(),
+            "task": described,
             "target": t_card.sha256,
             "source": s_card.sha256,
         },
@@ -590,5 +608,8 @@ def run_paper(
     if fresh:
         cache.rows.clear()
     workdir = Path(workdir) if workdir is not None else default_zoo_dir(zoo_dir).parent / "bench"
-    per_seed = run_table(spec, store, splits, cache, workdir, log=log)
+    shared = None
+    if old_fraction != 0.3:  # the paper's setting's table holds the setting-free rows
+        shared = RowCache(Path(out_dir) / f"{stem.replace(f'-old{round(100 * old_fraction)}', '')}.rows.json")
+    per_seed = run_table(spec, store, splits, cache, workdir, log=log, shared=shared)
     return write_table(spec, per_seed, t_card, s_card, splits, out_dir, command)

@@ -64,9 +64,11 @@ STAGES = ("search", "binary")
 class SearchConfig:
     """Settings of the localization + insertion search (defaults: the paper's, scaled to CPU).
 
-    An epoch is ``max(ceil(N / batch_size), min_steps_per_epoch)`` steps, N the clone
-    classes' training images (tiny clone sets are cycled); its batches are drawn from every
-    available image (old-class images too), so old-class images do not lengthen the search.
+    An epoch is ``max(ceil(N / batch_size), min_steps_per_epoch)`` steps (tiny sets are
+    cycled), N the training images (``epoch_images="available"``, old-class ones included)
+    or only the clone classes' (``"clone"``: old-class images then do not lengthen the
+    search, for a few tenths of a point of Avg, see ``benchmarks/results/clone_cost.md``);
+    batches are drawn from every available image either way.
     ``mask_ratio`` is the kept fraction c/|W| per group (``mask_scope="global"``: of all
     maskable channels); ``use_masks=False`` is the "w/o Local" ablation (every channel
     kept) and ``candidates`` fixes the target cuts to try (["first"] is "w/o Insert").
@@ -97,6 +99,7 @@ class SearchConfig:
     keep_weight: float = 1.0
     perturbed_copies: int | None = None
     min_steps_per_epoch: int = 25
+    epoch_images: str = "available"
     candidates: list[str] | None = None
     holdout: float = 0.2
     ce_weight: float = 1.0
@@ -557,8 +560,12 @@ class CandidateTrainer:
 
 
 def steps_per_epoch(ctx: SearchContext, config: SearchConfig) -> int:
-    """Optimizer steps of one epoch: one pass over the clone classes' training images."""
-    return max(math.ceil(len(ctx.clone_x) / config.batch_size), config.min_steps_per_epoch)
+    """Optimizer steps of one epoch: one pass over the training images (or the clone
+    classes' only, ``config.epoch_images="clone"``), at least ``min_steps_per_epoch``."""
+    if config.epoch_images not in ("available", "clone"):
+        raise ValueError(f"epoch_images must be 'available' or 'clone', got {config.epoch_images!r}")
+    images = ctx.train_x if config.epoch_images == "available" else ctx.clone_x
+    return max(math.ceil(len(images) / config.batch_size), config.min_steps_per_epoch)
 
 
 def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dict:

@@ -39,6 +39,7 @@ from .common import (
     check_input_file,
     check_output_dir,
     in_range,
+    positive,
     seed_number,
     share,
 )
@@ -259,6 +260,7 @@ def run_clone(
     progress: bool = True,
     force: bool = False,
     plan: ClonePlan | None = None,
+    time_budget: float | None = None,
 ) -> tuple[ClonedNetwork, dict]:
     """Clone each (source name, class spec) into the target; write DIR/clone.pnc and DIR/report.json.
 
@@ -268,7 +270,9 @@ def run_clone(
 
     Returns (the cloned network, the report). Everything is checked before anything is
     written (:func:`plan_clone`, :func:`check_clone_out`); an interrupted run resumes from the
-    checkpoints in DIR/.ckpt, and report.json's ``seconds`` counts every attempt."""
+    checkpoints in DIR/.ckpt, and report.json's ``seconds`` counts every attempt.
+    ``time_budget``: seconds for the searches of all sources together; once spent, no new
+    search stage starts and each branch keeps its best candidate so far (``budget_stopped``)."""
     config = config or SearchConfig(seed=seed)
     plan = plan or plan_clone(
         store,
@@ -287,7 +291,7 @@ def run_clone(
     resume = _recorded_run(out) == plan.run
     atomic_write_text(out / ".ckpt" / RUN_FILE, json.dumps(plan.run, indent=2))
     with _Stopwatch(out / ".ckpt", resume) as watch:
-        net, report = _execute(plan, store, out, config, progress)
+        net, report = _execute(plan, store, out, config, progress, time_budget)
         report["seconds"] = round(watch.seconds(), 2)
         atomic_write_text(out / "report.json", json.dumps(report, indent=2))
         watch.save(finished=True)
@@ -295,11 +299,13 @@ def run_clone(
 
 
 def _execute(
-    plan: ClonePlan, store: ZooStore, out: Path, config: SearchConfig, progress: bool
+    plan: ClonePlan, store: ZooStore, out: Path, config: SearchConfig, progress: bool, time_budget: float | None
 ) -> tuple[ClonedNetwork, dict]:
     """The clone itself (after every check): branches, clone.pnc, and the report (without seconds)."""
     net, tasks, models, branches = None, [], [], []
+    began = time.perf_counter()
     for k, (source_name, source, task) in enumerate(plan.sources):
+        left = None if time_budget is None else max(0.0, time_budget - (time.perf_counter() - began))
         name = source_name if source_name not in (b["name"] for b in branches) else f"{source_name}-{k}"
         net = clone(
             plan.target,
@@ -312,6 +318,7 @@ def _execute(
             checkpoint_dir=out / ".ckpt" / name,
             cache_dir=out / ".cache",
             progress=progress,
+            time_budget=left,
         )
         rep = net.branches[name].report
         branches.append({"name": name, "source": source_name, "classes": net.branches[name].classes, **asdict(rep)})
@@ -461,6 +468,7 @@ def _cmd_clone(args) -> int:
         progress=not args.json,
         force=args.force,
         plan=plan,
+        time_budget=args.time_budget,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -474,6 +482,11 @@ def _cmd_clone(args) -> int:
             )
             for reason in b.get("skipped", []):
                 print(f"  skipped {reason}")
+            for c in b.get("candidates", []):
+                if c.get("eliminated"):
+                    print(f"  dropped R={c['target_cut']} {c['eliminated']}")
+            if b.get("budget_stopped"):
+                print("  --time-budget spent: the search stopped early; this is the best candidate so far")
         im = report["images"]
         print(
             f"images: {im['old_train']} of the target's classes + {im['clone_train']} of the cloned classes "
@@ -562,6 +575,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "(default 0.3, the paper's setting; 0: none)",
     )
     p.add_argument("--mask-ratio", type=share, default=0.5, help="kept share of each channel group, in (0, 1]")
+    p.add_argument(
+        "--time-budget",
+        type=positive(float),
+        metavar="SECONDS",
+        help="stop the search early once SECONDS are spent, keeping the best candidate so far (reported)",
+    )
     p.add_argument("--json", action="store_true", help="print report.json instead of a table")
     add_force(p, "a clone of another run in --out (rerunning the same command resumes without it)")
     common(p)
