@@ -39,7 +39,7 @@ def unit_costs(row: dict[str, Any]) -> dict[str, float]:
     return {
         "train_pass": train / (search_passes + binary_passes),
         "frozen_forward": frozen / (2 * pool + g_images),
-        "tune_step": ph.get("tune_branch", 0.0) / (cfg.tune_epochs * steps * cfg.batch_size),
+        "tune_step": ph.get("tune_branch", 0.0) / (cfg.tune_epochs * (images["old_train"] + images["clone_train"])),
     }
 
 
@@ -59,7 +59,7 @@ def extrapolate(units: dict[str, float], workers: int) -> dict[str, float]:
         "G + frozen outputs": frozen_images * units["frozen_forward"] * scale,
         "search stage": math.ceil(candidates / workers) * per_search,
         "binary stage": math.ceil(finalists / workers) * per_binary,
-        "tuning": cfg.tune_epochs * steps * cfg.batch_size * units["tune_step"] * scale,
+        "tuning": cfg.tune_epochs * (clone_images + old_images) * units["tune_step"] * scale,
     }
 
 
@@ -80,8 +80,9 @@ def cost_model_section(rows: list[dict[str, Any]]) -> list[str]:
         f"{RESNET50_MACS / RESNETC20_MACS:.0f}x (ResNet-50 at 224 px: {RESNET50_MACS / 1e9:.1f} GMACs per image, "
         f"ResNetC-20 at 28 px: {RESNETC20_MACS / 1e6:.1f} MMACs), i.e. assuming a CPU core runs both at the "
         "same MAC rate. Task: S = 10 of the source's 50 classes, 30% of 1300 images per class of both sets "
-        f"(3,900 clone and 19,500 old-class images), 16 block cuts, default search (keep {SearchConfig().keep_fraction:g} "
-        f"after the first stage), JPEG decoding at {1e3 * DECODE_SECONDS:.0f} ms per image per core (assumed). "
+        "(3,900 clone and 19,500 old-class images), 16 block cuts, default search (keep "
+        f"{SearchConfig().keep_fraction:g} after the first stage), JPEG decoding at "
+        f"{1e3 * DECODE_SECONDS:.0f} ms per image per core (assumed). "
         "Candidates of a stage run in parallel on N single-core workers (Ray); the frozen outputs, G and the "
         "tuning run on one.",
         "",

@@ -64,11 +64,12 @@ STAGES = ("search", "binary")
 class SearchConfig:
     """Settings of the localization + insertion search (defaults: the paper's, scaled to CPU).
 
-    An epoch is ``max(ceil(N / batch_size), min_steps_per_epoch)`` steps (tiny sets are
-    cycled), N the training images (``epoch_images="available"``, old-class ones included)
-    or only the clone classes' (``"clone"``: old-class images then do not lengthen the
-    search, for a few tenths of a point of Avg, see ``benchmarks/results/clone_cost.md``);
-    batches are drawn from every available image either way.
+    An epoch of the search is ``max(ceil(N / batch_size), min_steps_per_epoch)`` steps (tiny
+    sets are cycled), N the clone classes' training images (``epoch_images="clone"``: the
+    old-class images do not lengthen the search) or all of them (``"available"``); batches
+    are drawn from every available image either way. A tuning epoch is a pass over every
+    training image: the long tuning of the one chosen branch is what the accuracy needs,
+    the long search of every candidate is not (``benchmarks/results/clone_cost.md``).
     ``mask_ratio`` is the kept fraction c/|W| per group (``mask_scope="global"``: of all
     maskable channels); ``use_masks=False`` is the "w/o Local" ablation (every channel
     kept) and ``candidates`` fixes the target cuts to try (["first"] is "w/o Insert").
@@ -99,7 +100,7 @@ class SearchConfig:
     keep_weight: float = 1.0
     perturbed_copies: int | None = None
     min_steps_per_epoch: int = 25
-    epoch_images: str = "available"
+    epoch_images: str = "clone"
     candidates: list[str] | None = None
     holdout: float = 0.2
     ce_weight: float = 1.0
@@ -172,6 +173,25 @@ def split_holdout(labels: Tensor, share: float, seed: int) -> tuple[Tensor, Tens
         held.append(members[:k])
         train.append(members[k:])
     return torch.cat(train).sort().values, torch.cat(held).sort().values
+
+
+def holdout_metrics(ctx: SearchContext, logits: Tensor, temperature: float) -> dict[str, float]:
+    """Held-out metrics of a cloned network's logits (M, K) on ``ctx.holdout``: accuracy,
+    cross-entropy, KD to the direct ensemble, and ``se``, the standard error of the
+    selection criterion (the error with old-class images, else the KD loss)."""
+    assert ctx.holdout is not None and ctx.holdout_frozen is not None
+    y, ensemble = ctx.holdout[1], ctx.holdout_frozen[2]
+    n, acc = len(y), float((logits.argmax(1) == y).float().mean())
+    t = temperature
+    per_image = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(ensemble / t, 1), reduction="none").sum(1) * t * t
+    se = math.sqrt(acc * (1 - acc) / n) if ctx.arbitrate else float(per_image.std() / math.sqrt(n)) if n > 1 else 0.0
+    return {
+        "acc": acc,
+        "ce": float(F.cross_entropy(logits, y)),
+        "kd": float(per_image.mean()),
+        "se": se,
+        "images": n,
+    }
 
 
 class SearchContext:
@@ -376,22 +396,18 @@ class CandidateTrainer:
 
     @torch.no_grad()
     def holdout_metrics(self) -> dict[str, float]:
-        """On the held-out clean images: joint accuracy, cross-entropy and the KD loss to the
-        direct-ensemble teacher (the same images and teacher for every R: one scale)."""
+        """On the held-out clean images: joint accuracy, cross-entropy, the KD loss to the
+        direct-ensemble teacher (the same images and teacher for every R: one scale) and the
+        standard error ``se`` of the selection criterion (error or KD) over the images."""
         assert self.ctx.holdout is not None and self.ctx.holdout_frozen is not None
-        (x, y), (pre, old, ensemble) = self.ctx.holdout, self.ctx.holdout_frozen
+        x, (pre, old, _) = self.ctx.holdout[0], self.ctx.holdout_frozen
         logits = torch.cat(
             [
                 self.joint_logits(self.t_prefix(xb), p, lg)
                 for xb, p, lg in zip(x.split(512), pre.split(512), old.split(512), strict=True)
             ]
         )
-        return {
-            "acc": float((logits.argmax(1) == y).float().mean()),
-            "ce": float(F.cross_entropy(logits, y)),
-            "kd": float(kd_loss(logits, ensemble, self.config.temperature)),
-            "images": len(y),
-        }
+        return holdout_metrics(self.ctx, logits, self.config.temperature)
 
     def selection_loss(self, holdout: dict[str, float]) -> float:
         """Held-out error with old-class images, held-out KD without; the training loss
@@ -560,8 +576,9 @@ class CandidateTrainer:
 
 
 def steps_per_epoch(ctx: SearchContext, config: SearchConfig) -> int:
-    """Optimizer steps of one epoch: one pass over the training images (or the clone
-    classes' only, ``config.epoch_images="clone"``), at least ``min_steps_per_epoch``."""
+    """Optimizer steps of one epoch of the search: one pass over the clone classes' training
+    images (or every training image, ``config.epoch_images="available"``), at least
+    ``min_steps_per_epoch``."""
     if config.epoch_images not in ("available", "clone"):
         raise ValueError(f"epoch_images must be 'available' or 'clone', got {config.epoch_images!r}")
     images = ctx.train_x if config.epoch_images == "available" else ctx.clone_x
@@ -570,7 +587,8 @@ def steps_per_epoch(ctx: SearchContext, config: SearchConfig) -> int:
 
 def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dict:
     """Fine-tune a built branch (A, the pruned copy M_f, F_c) with L_ins on the training
-    images (clean), the target frozen; keep the result only if the held-out error falls.
+    images (clean; ``tune_epochs`` passes over all of them), the target frozen; keep the
+    result only if the held-out error falls.
 
     Returns {"before": held-out metrics, "after": held-out metrics, "kept": bool, "epochs",
     "seconds"}."""
@@ -592,18 +610,12 @@ def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dic
     @torch.no_grad()
     def held_out() -> dict[str, float]:
         assert ctx.holdout is not None and ctx.holdout_frozen is not None
-        (x, y), (pre, old, ensemble) = ctx.holdout, ctx.holdout_frozen
+        (x, _), (pre, old, _) = ctx.holdout, ctx.holdout_frozen
         parts = []
         for xb, p, lg in zip(x.split(512), pre.split(512), old.split(512), strict=True):
             correction, new = branch(prefix(xb), p)
             parts.append(torch.cat([lg + correction, new], 1))
-        logits = torch.cat(parts)
-        return {
-            "acc": float((logits.argmax(1) == y).float().mean()),
-            "ce": float(F.cross_entropy(logits, y)),
-            "kd": float(kd_loss(logits, ensemble, config.temperature)),
-            "images": len(y),
-        }
+        return holdout_metrics(ctx, torch.cat(parts), config.temperature)
 
     branch.eval()
     before = held_out()
@@ -612,7 +624,7 @@ def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dic
     params = [p for p in branch.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=config.tune_lr)
     gen = torch.Generator().manual_seed(config.seed)
-    steps = config.tune_epochs * steps_per_epoch(ctx, config)
+    steps = config.tune_epochs * max(math.ceil(n / config.batch_size), config.min_steps_per_epoch)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(steps * config.batch_size / n))])
     branch.train()

@@ -23,17 +23,23 @@ def pair(tiny_zoo):
     return target, source, task
 
 
-def _result(cut: str, loss: float, ce: float) -> CandidateResult:
-    return CandidateResult(cut, cut, loss, {}, 0.5, 0.0, {}, holdout={"ce": ce}, stage="search")
+def _result(cut: str, loss: float, ce: float, se: float = 0.0) -> CandidateResult:
+    return CandidateResult(cut, cut, loss, {}, 0.5, 0.0, {}, holdout={"ce": ce, "se": se}, stage="search")
 
 
 def test_survivors_keep_the_best_share_and_say_why_the_others_went():
     results = {0: _result("a", 0.30, 1.0), 1: _result("b", 0.10, 1.0), 2: _result("c", 0.10, 0.5)}
     kept, reasons = survivors(results, 0.5)
     assert kept == [1, 2]  # ceil(0.5 * 3) = 2: c (tie on loss, lower ce) and b
-    assert set(reasons) == {0} and "0.3000 vs 0.1000 of R=c" in reasons[0]
-    assert survivors(results, 0.01)[0] == [2]  # at least one goes on
+    assert set(reasons) == {0} and "0.3000 vs 0.1000 (+- 0.0000) of R=c" in reasons[0]
+    assert survivors(results, 0.01)[0] == [1, 2]  # b is within 0 of c: a tie is never dropped
     assert survivors(results, 1.0) == ([0, 1, 2], {})
+
+
+def test_survivors_never_drop_a_candidate_within_one_standard_error_of_the_best():
+    results = {0: _result("a", 0.12, 1.0), 1: _result("b", 0.10, 1.0, se=0.03), 2: _result("c", 0.20, 1.0)}
+    kept, reasons = survivors(results, 0.34)
+    assert kept == [0, 1] and set(reasons) == {2}  # a: 0.12 <= 0.10 + 0.03
 
 
 def _branch(net):
