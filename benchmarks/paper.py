@@ -29,6 +29,7 @@ import torch
 from pnc.bench.baselines import METHODS, Budget, budget_fields, run_method
 from pnc.bench.metrics import clone_accuracy, logits_of, per_class_accuracy
 from pnc.surgery.errors import TaskError
+from pnc.surgery.insertion import SearchConfig
 from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import DatasetSplits
 from pnc.zoo.store import ModelCard, ZooStore, package_versions
@@ -418,14 +419,18 @@ def _budget_section(budget: dict[str, Any]) -> list[str]:
     return [
         "",
         f"Budget: PNC trains {budget['loc_epochs']} + {budget['joint_epochs']} + {budget['binary_epochs']} "
-        f"(localize + joint + binary) epochs per candidate cut R; Continual, Continual+KD (with and without "
+        f"(localize + joint + binary) epochs per candidate cut R (an epoch: a pass over the clone classes' "
+        "images, batches drawn from all available images; after localize + joint the candidates clearly worse "
+        "than the best are dropped), then fine-tunes the chosen branch for "
+        f"{SearchConfig().tune_epochs} passes over all available images; Continual, Continual+KD (with and without "
         f"its cross-entropy term) and PNC-F's "
         f"fine-tuning run the same {per_candidate} epochs over the available images "
         f"(SGD, batch {budget['batch_size']}, "
         f"Nesterov 0.9, wd 5e-4, cosine; lr {budget['lr']}, PNC-F lr {budget['finetune_lr']} with BatchNorm "
         f"frozen); KD temperature {budget['kd_temperature']}. Joint+Full: the target architecture from scratch, "
         f"the target's zoo recipe ({budget['scratch_epochs']} epochs, lr {budget['scratch_lr']}). G: "
-        f"{budget['num_masks']} masks on {int(100 * budget['g_fraction'])}% of the clone set. PNC-F resumes "
+        f"{budget['num_masks']} masks on {int(100 * budget['g_fraction'])}% of the clone set, at most the "
+        f"{math.ceil(SearchConfig().loc_pool / budget['num_masks'])} images whose pairs L_loc draws. PNC-F resumes "
         "PNC's checkpointed search, so its time is mostly G and the fine-tuning.",
         "",
     ]

@@ -167,7 +167,9 @@ def clone(
         config=config,
     )
     profile["frozen_outputs"] = time.perf_counter() - mark
-    data_sha = hashlib.sha256(images.contiguous().numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
+    data_hash = hashlib.sha256(memoryview(images.contiguous().numpy()).cast("B"))  # no copy of the images
+    data_hash.update(memoryview(labels.contiguous().numpy()).cast("B"))
+    data_sha = data_hash.hexdigest()
     run_key = f"{hashes}{data_sha}{source_outputs}{g_fraction}{num_masks}{grid}"
     mark = time.perf_counter()
     outcome = search(

@@ -31,7 +31,7 @@ def random_occlusion_masks(n: int, cells: int, gen: torch.Generator) -> Tensor:
 
 
 @torch.no_grad()
-def batched(fn: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor | tuple[Tensor, ...]:
+def batched(fn: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor | tuple[Tensor, ...]:
     """``fn`` over x (N, ...) in chunks; its outputs concatenated along dim 0."""
     outs = [fn(chunk) for chunk in x.split(batch_size)]
     if isinstance(outs[0], tuple | list):
@@ -89,7 +89,7 @@ class InsertionPool:
             gen = torch.Generator().manual_seed(seed + 104729)
             masks = torch.cat([torch.ones(n, grid * grid), random_occlusion_masks(n * copies, grid * grid, gen)])
         pool = cls(rows, masks, train_y[rows], torch.empty(0), torch.empty(0), torch.empty(0))
-        chunks = [torch.arange(len(rows))[i : i + 512] for i in range(0, len(rows), 512)]
+        chunks = [torch.arange(len(rows))[i : i + 256] for i in range(0, len(rows), 256)]
         pre, logits, source = [], [], []
         with torch.no_grad():
             for entries in chunks:
@@ -141,8 +141,9 @@ def cut_activations(prefix: nn.Module, images, count: int, budget_mb: float) -> 
     images: entries (B,) -> (B, C, H, W)."""
     with torch.no_grad():
         first = prefix(images(torch.arange(min(count, 2))))
-    if count * first[0].numel() * 4 > budget_mb * 2**20:
-        return None
-    entries = torch.arange(count)
-    with torch.no_grad():
-        return torch.cat([prefix(images(chunk)) for chunk in entries.split(512)])
+        if count * first[0].numel() * first.element_size() > budget_mb * 2**20:
+            return None
+        out = first.new_empty((count, *first.shape[1:]))  # filled in place: no second copy
+        for chunk in torch.arange(count).split(256):
+            out[chunk[0] : chunk[-1] + 1] = prefix(images(chunk))
+    return out

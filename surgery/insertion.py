@@ -107,7 +107,7 @@ class SearchConfig:
     tune_epochs: int = 6
     tune_lr: float = 3e-3
     loc_pool: int = 4096
-    cache_mb: float = 64.0
+    cache_mb: float = 32.0
     keep_fraction: float = 0.5
     seed: int = 0
 
@@ -404,7 +404,7 @@ class CandidateTrainer:
         logits = torch.cat(
             [
                 self.joint_logits(self.t_prefix(xb), p, lg)
-                for xb, p, lg in zip(x.split(512), pre.split(512), old.split(512), strict=True)
+                for xb, p, lg in zip(x.split(256), pre.split(256), old.split(256), strict=True)
             ]
         )
         return holdout_metrics(self.ctx, logits, self.config.temperature)
@@ -558,7 +558,7 @@ class CandidateTrainer:
         """Ori / Tar / Avg of this candidate on the eval sets (reported, never used to select)."""
         out = {}
         for name, (x, y) in self.ctx.eval_sets.items():
-            pred = torch.cat([self.cloned_logits(xb).argmax(1) for xb in x.split(512)])
+            pred = torch.cat([self.cloned_logits(xb).argmax(1) for xb in x.split(256)])
             out[name] = float((pred == y).float().mean())
         return out
 
@@ -612,7 +612,7 @@ def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dic
         assert ctx.holdout is not None and ctx.holdout_frozen is not None
         (x, _), (pre, old, _) = ctx.holdout, ctx.holdout_frozen
         parts = []
-        for xb, p, lg in zip(x.split(512), pre.split(512), old.split(512), strict=True):
+        for xb, p, lg in zip(x.split(256), pre.split(256), old.split(256), strict=True):
             correction, new = branch(prefix(xb), p)
             parts.append(torch.cat([lg + correction, new], 1))
         return holdout_metrics(ctx, torch.cat(parts), config.temperature)

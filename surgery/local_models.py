@@ -99,7 +99,7 @@ class LocalModelSet:
 
 @torch.no_grad()
 def perturbed_logits(
-    model: nn.Module, images: Tensor, masks: Tensor, outputs: list[int] | None, batch_size: int = 1024
+    model: nn.Module, images: Tensor, masks: Tensor, outputs: list[int] | None, batch_size: int = 256
 ) -> Tensor:
     """The model's logits on every (image, mask) pair: (N, |B|, K), one batched forward
     per chunk of pairs."""
