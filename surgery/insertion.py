@@ -437,29 +437,33 @@ class CandidateTrainer:
             total, seen = 0.0, 0
             for step in range(steps):
                 entries = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                loc = torch.zeros(())
+                # L_loc and L_ins pass different images through the branch: each term is
+                # backpropagated as soon as it is computed, so only one graph is alive at a time
+                opt.zero_grad(set_to_none=True)
+                measured = torch.zeros(())
                 if with_loc:
                     loc = self.loss_loc(torch.randint(len(ctx.loc_pool), (len(entries),), generator=gen))
-                if phase == "localize":
-                    loss = loc + cfg.keep_weight * self.masked.keep_penalty(cfg.mask_ratio)
-                    measured = loss
-                else:
+                    term = (1.0 if phase == "localize" else cfg.loc_weight) * loc
+                    if phase != "binary":
+                        term = term + cfg.keep_weight * self.masked.keep_penalty(cfg.mask_ratio)
+                    self._backward(term, phase, epoch, step)
+                    measured = term.detach() if phase == "localize" else cfg.loc_weight * loc.detach()
+                if phase != "localize":
                     ins = self.loss_ins(entries)
-                    measured = ins + cfg.loc_weight * loc.detach()
-                    loss = ins + cfg.loc_weight * loc
-                    if phase == "joint" and cfg.use_masks:
-                        loss = loss + cfg.keep_weight * self.masked.keep_penalty(cfg.mask_ratio)
-                self.check_finite(loss, phase, epoch, step)
-                opt.zero_grad(set_to_none=True)
-                if loss.requires_grad:
-                    loss.backward()
-                    opt.step()
+                    self._backward(ins, phase, epoch, step)
+                    measured = measured + ins.detach()
+                opt.step()
                 total += float(measured.detach()) * len(entries)
                 seen += len(entries)
                 tick()
             last = total / seen
         self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
         return last
+
+    def _backward(self, loss: Tensor, phase: str, epoch: int, step: int) -> None:
+        self.check_finite(loss, phase, epoch, step)
+        if loss.requires_grad:
+            loss.backward()
 
     def check_finite(self, loss: Tensor, phase: str, epoch: int, step: int) -> None:
         """TrainingError if ``loss`` is NaN/Inf (the candidates finished before stay checkpointed)."""
