@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from pnc.surgery.cloned import ClonedNetwork
+from pnc.surgery.devices import cpu_copy
 from pnc.surgery.errors import ExportError
 from pnc.surgery.io import atomic_write_bytes
 from pnc.surgery.onnx_merge import CLONED_OUTPUT, BranchGraph, merge
@@ -75,6 +76,8 @@ def export_onnx(model: nn.Module | ClonedNetwork, path: str | Path, example_inpu
         example_input: (B, C, H, W); only its shape (C, H, W) matters, the batch axis is dynamic.
         opset: ONNX opset of the default domain.
 
+    A model on another device is exported from a CPU copy: the same bytes on every device.
+
     >>> import tempfile, onnx
     >>> from pnc.surgery import detach_onnx
     >>> from pnc.surgery.examples import tiny_clone
@@ -101,8 +104,9 @@ def check_opset(opset: int) -> int:
 
 
 def to_onnx(model: nn.Module | ClonedNetwork, example_input: Tensor, opset: int = OPSET) -> onnx.ModelProto:
-    """The ModelProto :func:`export_onnx` writes."""
+    """The ModelProto :func:`export_onnx` writes (from a CPU copy of a model on another device)."""
     check_opset(opset)
+    model, example_input = cpu_copy(model), example_input.cpu()
     if isinstance(model, ClonedNetwork) and model.branches:
         with evaluating(model):
             return _clone_to_onnx(model, example_input, opset)
