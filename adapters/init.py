@@ -39,7 +39,7 @@ def least_squares_init(adapter: Adapter, src_feats: Tensor, dst_feats: Tensor, r
             f"adapter maps src_feats {tuple(src_feats.shape)} to {out_shape}, but dst_feats is "
             f"{tuple(dst_feats.shape)}; build the adapter from these two cut shapes"
         )
-    dst_norm = dst_feats.norm()
+    dst_norm = float(dst_feats.norm())
     if dst_norm == 0:
         raise AdapterError("dst_feats is all zeros; nothing to fit (check the source cut and the images)")
     solver = torch.device("cpu")

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -286,7 +287,7 @@ def plot_figure4(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(10, 9))
     names = result["class_names"]
     for ax, (key, title) in zip(axes.flat, titles.items()):
-        m = torch.tensor(result["matrices"][key])
+        m = np.asarray(result["matrices"][key])
         im = ax.imshow(m, cmap="Blues", vmin=min(0.0, float(m.min())), vmax=1.0)
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):

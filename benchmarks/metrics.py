@@ -168,7 +168,7 @@ def locality_similarity(
             f"locality_similarity needs the same non-zero number of images for both "
             f"models, got {len(images)} and {len(images_b)}"
         )
-    masks = occlusion_masks(num_masks, grid, seed)
+    masks = occlusion_masks(num_masks, grid, seed, images.device)
     g_a = local_model_set(model_a, outputs_a, images, masks, device=device)
     g_b = local_model_set(model_b, outputs_b, images_b, masks, device=device)
     if g_a.coef.shape != g_b.coef.shape:

@@ -198,9 +198,11 @@ def locate_tensors(base: onnx.ModelProto, probe: Tensor, wanted: dict[str, Tenso
 
 
 def _probe(example_input: Tensor, batch: int) -> Tensor:
-    """A seeded random input (batch, C, H, W): distinct values make accidental matches unlikely."""
+    """A seeded random input (batch, C, H, W) on the example's device: distinct values make
+    accidental matches unlikely."""
     gen = torch.Generator().manual_seed(0)
-    return torch.randn((batch, *example_input.shape[1:]), generator=gen, dtype=example_input.dtype)
+    probe = torch.randn((batch, *example_input.shape[1:]), generator=gen, dtype=example_input.dtype, device=gen.device)
+    return probe.to(example_input.device)
 
 
 @torch.no_grad()

@@ -53,11 +53,13 @@ def _check_buildable(arch: str, kwargs: dict, input_size: tuple[int, int, int]) 
     """Build ``arch(**kwargs)`` once and run it on zeros, so bad --arch-kwargs fail before training."""
     import torch
 
+    from pnc.surgery.devices import device_of
     from pnc.zoo import archs
 
     try:
         with torch.no_grad():
-            archs.create(arch, **kwargs).eval()(torch.zeros(2, *input_size))
+            model = archs.create(arch, **kwargs).eval()
+            model(torch.zeros(2, *input_size, device=device_of(model)))
     except ModelNotFoundError:
         raise
     except (TypeError, ValueError, RuntimeError, AssertionError, IndexError, KeyError) as err:
