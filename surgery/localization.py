@@ -131,11 +131,11 @@ def localize(
     opt = torch.optim.Adam(masked.logits.parameters(), lr=config.lr)
     for _ in range(config.steps):
         rows = torch.randint(len(index), (config.batch_size,), generator=gen, device=gen.device)
-        mask_ids = torch.randint(masks.shape[0], (config.batch_size,), generator=gen, device=gen.device)
-        rows, mask_ids = rows.to(device), mask_ids.to(device)
+        mask_ids = torch.randint(masks.shape[0], (config.batch_size,), generator=gen, device=gen.device).to(device)
         with torch.no_grad():
-            cut = prefix(occlude(images[index[rows.to(index.device)]].to(device), masks[mask_ids]))
-            g_pred = g.predict(masks[mask_ids], which=rows)
+            x = images[index[rows.to(index.device)]].to(device)
+            cut = prefix(occlude(x, masks[mask_ids]))
+            g_pred = g.predict(masks[mask_ids], which=rows.to(device))
         loss = localization_loss(masked, cut, outputs, g_pred, config.keep, config.keep_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
