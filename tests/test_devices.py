@@ -121,7 +121,7 @@ def test_every_tensor_factory_follows_a_device():
     assert TODO <= {p.relative_to(ROOT).as_posix() for p in _sources()}
 
 
-def test_the_ast_check_sees_what_it_must():
+def test_the_ast_check_sees_what_it_must(tmp_path):
     source = (
         "import torch\n"
         "def f(x):\n"
@@ -130,12 +130,9 @@ def test_the_ast_check_sees_what_it_must():
         "    c = torch.tensor([1], device='cpu')\n"
         "    return x.to('cpu'), torch.device('cpu'), torch.full((2,), 1.0)\n"
     )
-    path = ROOT / "tests" / "_ast_probe.py"
-    try:
-        path.write_text(source)
-        found = sorted(_offences(path))
-    finally:
-        path.unlink()
+    path = tmp_path / "probe.py"
+    path.write_text(source)
+    found = sorted(_offences(path))
     assert found == [("f", "cpu", 5), ("f", "cpu", 6), ("f", "cpu", 6), ("f", "full", 6), ("f", "zeros", 3)]
 
 
