@@ -28,6 +28,7 @@ import torch
 
 from pnc.bench.baselines import METHODS, Budget, budget_fields, run_method
 from pnc.bench.metrics import clone_accuracy, logits_of, per_class_accuracy
+from pnc.surgery.devices import DeviceLike, device_of
 from pnc.surgery.errors import TaskError
 from pnc.surgery.insertion import SearchConfig
 from pnc.surgery.io import atomic_write_text
@@ -164,14 +165,16 @@ def run_table(
     workdir: Path,
     log: Callable[[str], None] = print,
     shared: RowCache | None = None,
+    device: DeviceLike | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or reuse from ``cache``) every row of ``spec``; returns the per-seed rows.
+    """Run (or reuse from ``cache``) every row of ``spec`` on ``device`` (default: torch's
+    default device; each row records it); returns the per-seed rows.
 
     Rows run seed by seed, then scale by scale, so that a full first seed of the table
     exists early. Rows of methods that never see the available images (:data:`SETTING_FREE`)
     are also looked up in ``shared`` (the same table in the other data setting)."""
-    target, t_card = store.load(spec.target)
-    source, s_card = store.load(spec.source)
+    target, t_card = store.load(spec.target, device)
+    source, s_card = store.load(spec.source, device)
     rows = []
     for seed in spec.seeds:
         for scale in spec.scales:
@@ -225,6 +228,7 @@ def run_table(
                         "commit": _git_commit(),
                         "load_avg": os.getloadavg()[0],
                         "row_seconds": time.perf_counter() - began,
+                        "device": str(device_of(target)),
                     }
                     cache.put(key, row)
                     status = "done"
@@ -359,9 +363,11 @@ def render_markdown(result: dict[str, Any]) -> str:
         *_goals_section(result.get("goals", [])),
     ]
     commits = sorted({r["commit"] for r in result["per_seed"]})
+    devices = sorted({r.get("device", "cpu") for r in result["per_seed"]})  # rows before --device ran on the CPU
     lines += [
         f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores shared with other jobs, "
-        f"torch {result['machine']['torch']} ({result['machine']['torch_threads']} thread(s)). "
+        f"torch {result['machine']['torch']} ({result['machine']['torch_threads']} thread(s)), "
+        f"device {', '.join(devices)}. "
         f"Code: commit(s) {', '.join(commits)}. Command: `{result['command']}`.",
         "",
     ]
@@ -568,11 +574,12 @@ def run_paper(
     command: str = "",
     log: Callable[[str], None] = print,
     pair: tuple[str, str] | None = None,
+    device: DeviceLike | None = None,
 ) -> dict[str, Any]:
     """Table 1 on ``dataset`` with the default (target, source) zoo pair of ``arch``, or on
     the zoo models ``pair`` = (target, source) (any dataset the zoo can load; ``dataset`` and
     ``arch`` then come from their cards). An ``old_fraction`` other than the default 0.3 is
-    named in the stem (``-old0`` for 0)."""
+    named in the stem (``-old0`` for 0). Every method trains and is evaluated on ``device``."""
     from pnc.zoo.datasets import load_dataset
     from pnc.zoo.defaults import default_pair, ensure_default
     from pnc.zoo.store import default_zoo_dir
@@ -591,8 +598,8 @@ def run_paper(
     else:
         splits = load_dataset(dataset, data_dir)
         target_name, source_name = default_pair(splits.name, arch)
-        t_card = ensure_default(store, target_name, dataset=splits, progress=False)
-        s_card = ensure_default(store, source_name, dataset=splits, progress=False)
+        t_card = ensure_default(store, target_name, dataset=splits, progress=False, device=device)
+        s_card = ensure_default(store, source_name, dataset=splits, progress=False, device=device)
     stem = (
         f"table1-{splits.name}-{arch}"
         + ("" if old_fraction == 0.3 else f"-old{round(100 * old_fraction)}")
@@ -616,5 +623,5 @@ def run_paper(
     shared = None
     if old_fraction != 0.3:  # the paper's setting's table holds the setting-free rows
         shared = RowCache(Path(out_dir) / f"{stem.replace(f'-old{round(100 * old_fraction)}', '')}.rows.json")
-    per_seed = run_table(spec, store, splits, cache, workdir, log=log, shared=shared)
+    per_seed = run_table(spec, store, splits, cache, workdir, log=log, shared=shared, device=device)
     return write_table(spec, per_seed, t_card, s_card, splits, out_dir, command)

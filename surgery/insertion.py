@@ -50,6 +50,7 @@ from pnc.adapters import least_squares_init, make_adapter
 from pnc.surgery.branch import Branch, ExtendedHead, assemble_branch, branch_tensors
 from pnc.surgery.channel_groups import MaskedBody
 from pnc.surgery.cuts import CutPoint, classifier_of, cut_points
+from pnc.surgery.devices import device_of
 from pnc.surgery.errors import CutError, TrainingError
 from pnc.surgery.frozen_pool import InsertionPool, LocalizationPool, batched, cut_activations
 from pnc.surgery.local_models import LocalModelSet
@@ -165,10 +166,11 @@ def split_holdout(labels: Tensor, share: float, seed: int) -> tuple[Tensor, Tens
     """Seeded per-class split of labels (N,) into (train, held-out) index tensors; a
     ``share`` of each class is held out, but every class keeps at least one training row."""
     gen = torch.Generator().manual_seed(seed)
-    train, held = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int64)]
+    none = torch.zeros(0, dtype=torch.int64, device=labels.device)
+    train, held = [none], [none]
     for label in labels.unique(sorted=True).tolist():
         members = torch.nonzero(labels == label).flatten()
-        members = members[torch.randperm(len(members), generator=gen)]
+        members = members[torch.randperm(len(members), generator=gen, device=gen.device).to(labels.device)]
         k = min(round(share * len(members)), len(members) - 1)
         held.append(members[:k])
         train.append(members[k:])
@@ -219,6 +221,11 @@ class SearchContext:
     ):
         config = config or SearchConfig()
         self.target, self.source = target, source
+        #: where the search computes: the models' device (the images are moved there once)
+        self.device = device_of(target.gm)
+        train_x, train_y = train_x.to(self.device), train_y.to(self.device)
+        if holdout is not None:
+            holdout = (holdout[0].to(self.device), holdout[1].to(self.device))
         self.train_x, self.train_y = train_x, train_y
         self.clone_x = train_x[train_y >= num_old]
         self.source_outputs, self.g = source_outputs, g
@@ -286,9 +293,10 @@ class CandidateTrainer:
         self.t_prefix = extract(t, None, [r.node])
         self.s_prefix = extract(s, None, [r_src.node])
         self.s_body = extract(s, r_src.node, [ctx.s_cls.input_node, ctx.s_cls.node])
-        self.gen = torch.Generator().manual_seed(config.seed)
-        sample = ctx.train_x[torch.randperm(len(ctx.train_x), generator=torch.Generator().manual_seed(config.seed))]
-        sample = sample[:256]
+        self.gen = torch.Generator().manual_seed(config.seed)  # CPU: the same draws on every device
+        sampler = torch.Generator().manual_seed(config.seed)
+        first = torch.randperm(len(ctx.train_x), generator=sampler, device=sampler.device)[:256]
+        sample = ctx.train_x[first.to(ctx.device)]
         with torch.no_grad():
             t_cut, (t_pre, _), s_cut = self.t_prefix(sample), ctx.target_head(sample), self.s_prefix(sample)
         layout = "NCHW" if r_src.layout == "NCHW" else "NLC"
@@ -302,9 +310,12 @@ class CandidateTrainer:
             src_prefix_tokens=r.prefix_tokens,
             dst_prefix_tokens=r_src.prefix_tokens,
             relu=bool((s_cut >= 0).all()),
+            device=ctx.device,
         )
         least_squares_init(self.adapter, t_cut, s_cut)
-        self.head = ExtendedHead(t_pre.shape[1], ctx.s_cls.in_features, ctx.num_old, len(ctx.source_outputs))
+        self.head = ExtendedHead(
+            t_pre.shape[1], ctx.s_cls.in_features, ctx.num_old, len(ctx.source_outputs), device=ctx.device
+        )
         w = head_module.weight[ctx.source_outputs]
         b = head_module.bias[ctx.source_outputs] if head_module.bias is not None else None
         self.head.init_from_source(w.detach(), None if b is None else b.detach())
@@ -315,7 +326,7 @@ class CandidateTrainer:
         self._cached = False
 
     @staticmethod
-    def check_adapter(r: CutPoint, r_src: CutPoint) -> None:
+    def check_adapter(r: CutPoint, r_src: CutPoint, device: torch.device) -> None:
         """AdapterError if no adapter maps the target's activation at R to the source's at R'."""
         make_adapter(
             r.shape,
@@ -324,6 +335,7 @@ class CandidateTrainer:
             r_src.layout,
             src_prefix_tokens=r.prefix_tokens,
             dst_prefix_tokens=r_src.prefix_tokens,
+            device=device,
         )
 
     @property
@@ -337,10 +349,16 @@ class CandidateTrainer:
         if self._cached:
             return
         ctx, budget = self.ctx, self.config.cache_mb
-        self._cuts = cut_activations(self.t_prefix, lambda e: ctx.pool.images(ctx.train_x, e), len(ctx.pool), budget)
+        self._cuts = cut_activations(
+            self.t_prefix, lambda e: ctx.pool.images(ctx.train_x, e), len(ctx.pool), budget, ctx.device
+        )
         if self.masks_on:
             self._loc_cuts = cut_activations(
-                self.s_prefix, lambda e: ctx.loc_pool.images(ctx.clone_x, ctx.g, e), len(ctx.loc_pool), budget
+                self.s_prefix,
+                lambda e: ctx.loc_pool.images(ctx.clone_x, ctx.g, e),
+                len(ctx.loc_pool),
+                budget,
+                ctx.device,
             )
         self._cached = True
 
@@ -433,16 +451,19 @@ class CandidateTrainer:
         steps = self.steps_per_epoch()
         with_loc = cfg.use_masks and phase != "binary"  # binary masks: L_loc has no gradient left
         for epoch in range(epochs):
-            order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(steps * cfg.batch_size / n))])
+            draws = math.ceil(steps * cfg.batch_size / n)  # seeded on the CPU generator, then moved
+            order = torch.cat([torch.randperm(n, generator=gen, device=gen.device) for _ in range(draws)])
+            order = order.to(ctx.device)
             total, seen = 0.0, 0
             for step in range(steps):
                 entries = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 # L_loc and L_ins pass different images through the branch: each term is
                 # backpropagated as soon as it is computed, so only one graph is alive at a time
                 opt.zero_grad(set_to_none=True)
-                measured = torch.zeros(())
+                measured = torch.zeros((), device=ctx.device)
                 if with_loc:
-                    loc = self.loss_loc(torch.randint(len(ctx.loc_pool), (len(entries),), generator=gen))
+                    drawn = torch.randint(len(ctx.loc_pool), (len(entries),), generator=gen, device=gen.device)
+                    loc = self.loss_loc(drawn.to(ctx.device))
                     term = (1.0 if phase == "localize" else cfg.loc_weight) * loc
                     if phase != "binary":
                         term = term + cfg.keep_weight * self.masked.keep_penalty(cfg.mask_ratio)
@@ -548,7 +569,8 @@ class CandidateTrainer:
                     self.masked.logits[k[12:]].copy_(v)
         keep = {k[5:]: v for k, v in tensors.items() if k.startswith("keep.")}
         if keep or not self.masks_on:
-            self.masked.set_keep(keep if self.masks_on else {g.name: torch.arange(g.size) for g in self.masked.groups})
+            every = {g.name: torch.arange(g.size, device=self.ctx.device) for g in self.masked.groups}
+            self.masked.set_keep(keep if self.masks_on else every)
         else:
             self.masked.mode = "soft"
         self.gen.set_state(tensors["rng"])
@@ -599,7 +621,7 @@ def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dic
     start = time.perf_counter()
     prefix = extract(ctx.target, None, [branch.target_cut])
     n = len(ctx.train_x)
-    cuts = cut_activations(prefix, lambda rows: ctx.train_x[rows], n, config.cache_mb)
+    cuts = cut_activations(prefix, lambda rows: ctx.train_x[rows], n, config.cache_mb, ctx.device)
 
     def logits_of(rows: Tensor) -> Tensor:
         """Cloned logits (B, K) of training images ``rows`` (B,) (pool entries 0..N-1: clean)."""
@@ -630,7 +652,8 @@ def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dic
     gen = torch.Generator().manual_seed(config.seed)
     steps = config.tune_epochs * max(math.ceil(n / config.batch_size), config.min_steps_per_epoch)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-    order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(steps * config.batch_size / n))])
+    draws = math.ceil(steps * config.batch_size / n)  # seeded on the CPU generator, then moved
+    order = torch.cat([torch.randperm(n, generator=gen, device=gen.device) for _ in range(draws)]).to(ctx.device)
     branch.train()
     for step in range(steps):
         rows = order[step * config.batch_size : (step + 1) * config.batch_size]

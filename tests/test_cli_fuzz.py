@@ -71,6 +71,10 @@ CASES: dict[str, list[str]] = {
         "{base} --arch-kwargs '{{\"width\": -1}}'",
         "{base} --arch-kwargs '{{\"nope\": 1}}'",
         "{base} --epochs 1 --epochs 2",
+        "{base} --device gpu",
+        "{base} --device cuda:99",
+        "{base} --device ''",
+        "{base} --device cpu --device cpu",
         "{base} --zoo-dir {file}",
         "{base} --zoo-dir {file}/sub",
         "{base} --zoo-dir {proc}",
@@ -135,6 +139,8 @@ CASES: dict[str, list[str]] = {
         "t --from first --out {dir}/o",
         "t --from first --classes 1,1 --out {dir}/o",
         "t --from first --classes 1 --out {dir}/o --keep 0.5 --keep 0.6",
+        "t --from first --classes 1 --out {dir}/o --device tpu",
+        "t --from first --classes 1 --out {dir}/o --device cuda:99",
     ],
     "attach": [
         "{t_onnx} {dir}/missing.onnx --out {dir}/x.onnx",
@@ -156,7 +162,13 @@ CASES: dict[str, list[str]] = {
     ],
     "zoo show": ["nope", "'a b'", "t --zoo-dir {file}", "t --json --json", ""],
     "zoo verify": ["nope", "--zoo-dir {dir}", "--zoo-dir {file}", "t extra"],
-    "zoo pretrain-defaults": ["--only nope", "--zoo-dir {file}", "--zoo-dir {proc}", "--zoo-dir {file}/sub"],
+    "zoo pretrain-defaults": [
+        "--only nope",
+        "--zoo-dir {file}",
+        "--zoo-dir {proc}",
+        "--zoo-dir {file}/sub",
+        "--device cuda:99",
+    ],
     "clone": [
         "{clone} --out {file}",
         "{clone} --out {file}/sub",
@@ -191,6 +203,10 @@ CASES: dict[str, list[str]] = {
         "{clone} --out {dir}/o --zoo-dir {file}",
         "--source s --classes 7 --out {dir}/o",
         "{clone} --out {dir}/o --target 'a b'",
+        "{clone} --out {dir}/o --device gpu",
+        "{clone} --out {dir}/o --device cuda:99",
+        "{clone} --out {dir}/o --device mps:0",
+        "{clone} --out {dir}/o --device cpu --device auto",
     ],
     "eval": [
         "{dir}/missing.pnc",
@@ -203,6 +219,7 @@ CASES: dict[str, list[str]] = {
         "{run} --zoo-dir {dir}",
         "{run} --json --json",
         "",
+        "{run} --device nope",
     ],
     "demo": [
         "--out {run}",
@@ -212,6 +229,7 @@ CASES: dict[str, list[str]] = {
         "--seed -1",
         "--zoo-dir {file}",
         "--seed 1 --seed 2",
+        "--device cuda:x",
     ],
     "export": [
         "nope --out {dir}/x.onnx",
@@ -266,8 +284,16 @@ CASES: dict[str, list[str]] = {
         "--quick --target t --source s --arch cnn4 --out {dir}/o",
         "--quick --quick",
         "--quick --seeds ''",
+        "--quick --device gpu",
+        "--quick --device cuda:99",
     ],
-    "bench figures": ["--quick --figures 5", "--quick --figures x", "--quick --out {file}", "--quick --arch nope"],
+    "bench figures": [
+        "--quick --figures 5",
+        "--quick --figures x",
+        "--quick --out {file}",
+        "--quick --arch nope",
+        "--quick --device x",
+    ],
     "bench hetero": [
         "--pairs x",
         "--pairs resnetc20-cnn4,resnetc20-cnn4",
@@ -275,6 +301,7 @@ CASES: dict[str, list[str]] = {
         "--out {file}",
         "--workdir {proc}",
         "--seeds -5",
+        "--device cuda:99",
     ],
     "bench incremental": [
         "--quick --step-sizes 0",
@@ -282,6 +309,7 @@ CASES: dict[str, list[str]] = {
         "--quick --methods PNC-F",
         "--quick --out {file}/sub",
         "--quick --dataset nope",
+        "--quick --device mps:0",
     ],
 }
 BASE_TRAIN = "--arch cnn4 --dataset digits --classes 0-4 --name fresh"
