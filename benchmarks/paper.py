@@ -11,6 +11,7 @@ seed; the zoo models are the same for every seed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -130,7 +131,9 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+@functools.lru_cache(maxsize=1)
 def _git_commit() -> str:
+    """The commit of the code this process runs (read once: later commits do not relabel its rows)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
