@@ -22,6 +22,7 @@ from torch import nn
 from pnc.bench.metrics import clone_accuracy, logits_of
 from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.cloning import clone
+from pnc.surgery.cut_search import Backend
 from pnc.surgery.errors import OutputError, PatchError, PncError, TaskError
 from pnc.surgery.insertion import SearchConfig
 from pnc.surgery.io import atomic_write_text, file_sha256
@@ -33,9 +34,11 @@ from pnc.zoo.store import WEIGHTS_FILE, ModelCard, ZooStore
 from pnc.zoo.tasks import CloneTask
 
 from .common import (
+    add_backend,
     add_data_dir,
     add_force,
     add_zoo_dir,
+    check_backend,
     check_input_file,
     check_output_dir,
     in_range,
@@ -259,12 +262,15 @@ def run_clone(
     progress: bool = True,
     force: bool = False,
     plan: ClonePlan | None = None,
+    backend: Backend | None = None,
 ) -> tuple[ClonedNetwork, dict]:
     """Clone each (source name, class spec) into the target; write DIR/clone.pnc and DIR/report.json.
 
     ``fraction`` / ``old_fraction``: shares of the clone classes' / the target classes'
     training images available while cloning. report.json's ``images`` counts the images
-    of each kind the (first) branch trained and selected R on.
+    of each kind the (first) branch trained and selected R on. ``backend`` runs the
+    candidates' stages (default: in this process); it is not part of the run's identity:
+    both backends give the same clone, so a run may resume on either.
 
     Returns (the cloned network, the report). Everything is checked before anything is
     written (:func:`plan_clone`, :func:`check_clone_out`); an interrupted run resumes from the
@@ -287,7 +293,7 @@ def run_clone(
     resume = _recorded_run(out) == plan.run
     atomic_write_text(out / ".ckpt" / RUN_FILE, json.dumps(plan.run, indent=2))
     with _Stopwatch(out / ".ckpt", resume) as watch:
-        net, report = _execute(plan, store, out, config, progress)
+        net, report = _execute(plan, store, out, config, progress, backend)
         report["seconds"] = round(watch.seconds(), 2)
         atomic_write_text(out / "report.json", json.dumps(report, indent=2))
         watch.save(finished=True)
@@ -295,7 +301,7 @@ def run_clone(
 
 
 def _execute(
-    plan: ClonePlan, store: ZooStore, out: Path, config: SearchConfig, progress: bool
+    plan: ClonePlan, store: ZooStore, out: Path, config: SearchConfig, progress: bool, backend: Backend | None
 ) -> tuple[ClonedNetwork, dict]:
     """The clone itself (after every check): branches, clone.pnc, and the report (without seconds)."""
     net, tasks, models, branches = None, [], [], []
@@ -312,6 +318,7 @@ def _execute(
             checkpoint_dir=out / ".ckpt" / name,
             cache_dir=out / ".cache",
             progress=progress,
+            backend=backend,
         )
         rep = net.branches[name].report
         branches.append({"name": name, "source": source_name, "classes": net.branches[name].classes, **asdict(rep)})
@@ -438,6 +445,7 @@ def _cmd_clone(args) -> int:
     config = SearchConfig(seed=args.seed, mask_ratio=args.mask_ratio)
     store, sources, out = _store(args), list(zip(args.source, args.classes)), Path(args.out)
     check_output_dir(out, "--out")  # before loading anything: the cheapest check first
+    check_backend(args.backend, args.address)
     plan = plan_clone(
         store,
         args.target,
@@ -448,6 +456,12 @@ def _cmd_clone(args) -> int:
         old_fraction=args.old_fraction,
         config=config,
     )
+    backend = None
+    if args.backend == "ray":
+        from pnc.bench.ray_backend import RayBackend, connect
+
+        connect(args.address)  # before anything is written: an unreachable cluster leaves no trace
+        backend = RayBackend(args.address)
     _, report = run_clone(
         store,
         args.target,
@@ -461,6 +475,7 @@ def _cmd_clone(args) -> int:
         progress=not args.json,
         force=args.force,
         plan=plan,
+        backend=backend,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -563,6 +578,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--mask-ratio", type=share, default=0.5, help="kept share of each channel group, in (0, 1]")
     p.add_argument("--json", action="store_true", help="print report.json instead of a table")
+    add_backend(p, "the candidates' stages")
     add_force(p, "a clone of another run in --out (rerunning the same command resumes without it)")
     common(p)
     p.set_defaults(func=_cmd_clone)
