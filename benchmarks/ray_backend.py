@@ -57,6 +57,10 @@ except ImportError as err:
     ) from None
 
 
+#: CPUs (and torch threads) of one trial or benchmark cell
+CPUS_PER_TRIAL = 1
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Start a local Ray (``num_cpus``; default: every core) or join the cluster at
     ``address``, unless this process is connected already; BackendError if unreachable."""
@@ -94,11 +98,17 @@ def _trial(params: dict, ctx: list, search_config: SearchConfig, jobs: list[Stag
 class _Collector(tune.Callback):
     """In the driver, as trials report: decode outcomes and hand them to ``done``; count retries."""
 
-    def __init__(self, backend: RayBackend, jobs: list[StageJob], names: list[str], progress: SearchProgress):
-        self.backend, self.jobs, self.names, self.progress = backend, jobs, names, progress
+    def __init__(
+        self,
+        backend: RayBackend,
+        jobs: list[StageJob],
+        names: list[str],
+        progress: SearchProgress,
+        done: Callable[[StageOutcome], None],
+    ):
+        self.backend, self.jobs, self.names, self.progress, self.done = backend, jobs, names, progress, done
         self.outcomes: dict[int, StageOutcome] = {}
         self.errors: dict[int, PncError] = {}
-        self.done: Callable[[StageOutcome], None] = lambda outcome: None
 
     def __getstate__(self) -> dict:
         """Tune pickles its callbacks into the experiment folder for ``Tuner.restore``, which
@@ -108,7 +118,10 @@ class _Collector(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         i = trial.config["job"]
         if "error" in result:
-            self.errors[i] = getattr(errors, result["error"], PncError)(result["message"])
+            kind = getattr(errors, result["error"], PncError)
+            self.errors[i] = (kind if isinstance(kind, type) and issubclass(kind, PncError) else PncError)(
+                result["message"]
+            )
             return
         outcome = outcome_from_bytes(result["outcome"], self.jobs[i].index)[0]
         self.outcomes[i] = outcome
@@ -152,15 +165,14 @@ class RayBackend:
         connect(self.address, self.num_cpus)
         pairs = ctx.candidates(config.candidates)
         names = [f"R={pairs[j.index][0].node} <- R'={pairs[j.index][1].node} (stage {j.stage!r})" for j in jobs]
-        collector = _Collector(self, jobs, names, progress)
-        collector.done = done
+        collector = _Collector(self, jobs, names, progress, done)
         trainable = tune.with_parameters(
-            _trial, ctx=[self._context_ref(ctx)], search_config=config, jobs=jobs, threads=1
+            _trial, ctx=[self._context_ref(ctx)], search_config=config, jobs=jobs, threads=CPUS_PER_TRIAL
         )
         # Tune prints its experiment banner on stdout: keep stdout for pnc's own output (--json)
         with tempfile.TemporaryDirectory(prefix="pnc-tune-") as storage, contextlib.redirect_stdout(sys.stderr):
             tuner = tune.Tuner(
-                tune.with_resources(trainable, {"cpu": 1}),
+                tune.with_resources(trainable, {"cpu": CPUS_PER_TRIAL}),
                 param_space={"job": tune.grid_search(list(range(len(jobs))))},
                 tune_config=tune.TuneConfig(reuse_actors=True),
                 run_config=tune.RunConfig(
@@ -172,8 +184,8 @@ class RayBackend:
                 ),
             )
             grid = tuner.fit()
-        for i in sorted(collector.errors):
-            raise collector.errors[i]
+        if collector.errors:  # a pnc error in a trial, as the in-process search would raise it
+            raise collector.errors[min(collector.errors)]
         failed = [names[i] for i in range(len(jobs)) if i not in collector.outcomes]
         if failed:
             causes = "; ".join(str(e).strip().splitlines()[-1] for e in grid.errors) or "no result"
@@ -201,7 +213,7 @@ def run_cells(
     A pnc error in a cell is raised as itself; a cell whose worker kept dying, BackendError."""
     connect(address)
     shared_refs = {k: ray.put(v) for k, v in shared.items()}
-    remote = ray.remote(num_cpus=1, max_retries=max_retries)(_cell_task)
+    remote = ray.remote(num_cpus=CPUS_PER_TRIAL, max_retries=max_retries)(_cell_task)
     refs: dict[str, Any] = {}
     for key, args, after in calls:
         refs[key] = remote.remote(cell, args, shared_refs, *[refs[k] for k in after if k in refs])
@@ -225,5 +237,5 @@ def run_cells(
 
 def _cell_task(cell: Callable[..., dict], args: tuple, shared: dict[str, Any], *after: dict) -> dict:
     """A Ray task: ``cell(*args, **shared)`` on one torch thread (``after``: rows it waited for)."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(CPUS_PER_TRIAL)
     return cell(*args, **{k: ray.get(v) for k, v in shared.items()})
