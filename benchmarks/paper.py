@@ -30,7 +30,7 @@ import torch
 from pnc.bench.baselines import METHODS, Budget, budget_fields, run_method
 from pnc.bench.metrics import clone_accuracy, logits_of, per_class_accuracy
 from pnc.surgery.devices import DeviceLike, device_of
-from pnc.surgery.errors import TaskError
+from pnc.surgery.errors import ConfigError, TaskError
 from pnc.surgery.insertion import SearchConfig
 from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import DatasetSplits
@@ -169,80 +169,130 @@ def run_table(
     log: Callable[[str], None] = print,
     shared: RowCache | None = None,
     device: DeviceLike | None = None,
+    *,
+    backend: str = "inprocess",
+    address: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or reuse from ``cache``) every row of ``spec`` on ``device`` (default: torch's
     default device; each row records it); returns the per-seed rows.
 
-    Rows run seed by seed, then scale by scale, so that a full first seed of the table
-    exists early. Rows of methods that never see the available images (:data:`SETTING_FREE`)
-    are also looked up in ``shared`` (the same table in the other data setting)."""
+    In process, rows run seed by seed, then scale by scale, so that a full first seed of the
+    table exists early. With ``backend="ray"`` the rows not cached run as Ray tasks, in
+    parallel on the cluster at ``address`` (default: a local Ray), each cached as it returns;
+    PNC-F starts after PNC of its scale and seed (it resumes PNC's search). Rows of methods
+    that never see the available images (:data:`SETTING_FREE`) are also looked up in
+    ``shared`` (the same table in the other data setting)."""
+    if backend not in ("inprocess", "ray"):
+        raise ConfigError(f"unknown backend {backend!r}; use 'inprocess' or 'ray'")
     target, t_card = store.load(spec.target, device)
     source, s_card = store.load(spec.source, device)
-    rows = []
+    cells = []  # (key, (method, scale, seed, fingerprint))
     for seed in spec.seeds:
         for scale in spec.scales:
-            task = CloneTask(
-                splits,
-                t_card.classes,
-                s_card.classes,
-                scale,
-                fraction=spec.fraction,
-                seed=seed,
-                old_fraction=spec.old_fraction,
-            )
+            task = _task(spec, splits, t_card, s_card, scale, seed)
             for method in sorted(spec.methods, key=RUN_ORDER.index):
                 key = f"{method}|{scale}|{seed}"
-                fingerprint = _fingerprint(spec, method, task, t_card, s_card)
-                row = cache.get(key, fingerprint)
-                if row is None and shared is not None and method in SETTING_FREE:
-                    row = shared.get(key, fingerprint)
-                    if row is not None:
-                        cache.put(key, row)
-                if row is None:
-                    began = time.perf_counter()
-                    run = run_method(
-                        method,
-                        task,
-                        target,
-                        source,
-                        seed,
-                        spec.budget,
-                        workdir=Path(workdir) / spec.stem / f"{scale}-{seed}",
-                    )
-                    pooled = task.eval_sets()["avg"]
-                    logits = logits_of(run.model, pooled.x)
-                    acc = clone_accuracy(logits, pooled.y, len(task.target_classes))
-                    row = {
-                        "method": method,
-                        "scale": scale,
-                        "seed": seed,
-                        "clone_classes": task.clone_classes,
-                        "ori": acc["ori"],
-                        "tar": acc["tar"],
-                        "avg": acc["avg"],
-                        "seconds": run.seconds,
-                        "peak_mb": run.peak_mb,
-                        "macs": run.macs,
-                        "params": run.params,
-                        "per_class": per_class_accuracy(logits, pooled.y, task.num_outputs).tolist(),
-                        "hparams": run.hparams,
-                        "details": run.details,
-                        "fingerprint": fingerprint,
-                        "commit": _git_commit(),
-                        "load_avg": os.getloadavg()[0],
-                        "row_seconds": time.perf_counter() - began,
-                        "device": str(device_of(target)),
-                    }
-                    cache.put(key, row)
-                    status = "done"
-                else:
-                    status = "cached"
-                log(
-                    f"{spec.stem}: {method:>20} {scale} seed {seed}: ori {row['ori']:.4f} tar {row['tar']:.4f} "
-                    f"avg {row['avg']:.4f}  {row['seconds']:.1f} s  {row['peak_mb']:.0f} MiB  ({status})"
-                )
-                rows.append(row)
-    return rows
+                cells.append((key, (method, scale, seed, _fingerprint(spec, method, task, t_card, s_card))))
+
+    def report(key: str, row: dict[str, Any], status: str) -> None:
+        log(
+            f"{spec.stem}: {row['method']:>20} {row['scale']} seed {row['seed']}: ori {row['ori']:.4f} "
+            f"tar {row['tar']:.4f} avg {row['avg']:.4f}  {row['seconds']:.1f} s  {row['peak_mb']:.0f} MiB  ({status})"
+        )
+
+    def finished(key: str, row: dict[str, Any]) -> None:
+        cache.put(key, row)
+        report(key, row, "done")
+
+    context = {"spec": spec, "workdir": Path(workdir), "target": target, "source": source, "splits": splits}
+    context |= {"t_card": t_card, "s_card": s_card}
+
+    def cached(key: str, method: str, fingerprint: str) -> dict[str, Any] | None:
+        row = cache.get(key, fingerprint)
+        if row is None and shared is not None and method in SETTING_FREE:
+            row = shared.get(key, fingerprint)
+            if row is not None:
+                cache.put(key, row)
+        return row
+
+    if backend == "ray":
+        from pnc.bench.ray_backend import run_cells
+
+        todo = []
+        for key, (method, scale, seed, fingerprint) in cells:
+            if (row := cached(key, method, fingerprint)) is not None:
+                report(key, row, "cached")
+            else:
+                after = [f"PNC|{scale}|{seed}"] if method == "PNC-F" else []
+                todo.append((key, (method, scale, seed, fingerprint), after))
+        run_cells(run_cell, todo, context, finished, address=address)
+    else:
+        for key, (method, scale, seed, fingerprint) in cells:
+            if (row := cached(key, method, fingerprint)) is not None:
+                report(key, row, "cached")
+            else:
+                finished(key, run_cell(method, scale, seed, fingerprint, **context))
+    return [cache.rows[key] for key, _ in cells]
+
+
+def _task(
+    spec: TableSpec, splits: DatasetSplits, t_card: ModelCard, s_card: ModelCard, scale: str, seed: int
+) -> CloneTask:
+    return CloneTask(
+        splits,
+        t_card.classes,
+        s_card.classes,
+        scale,
+        fraction=spec.fraction,
+        seed=seed,
+        old_fraction=spec.old_fraction,
+    )
+
+
+def run_cell(
+    method: str,
+    scale: str,
+    seed: int,
+    fingerprint: str,
+    *,
+    spec: TableSpec,
+    workdir: Path,
+    target: torch.nn.Module,
+    source: torch.nn.Module,
+    splits: DatasetSplits,
+    t_card: ModelCard,
+    s_card: ModelCard,
+) -> dict[str, Any]:
+    """One row of the table: ``method`` on the clone task of (``scale``, ``seed``), measured."""
+    began = time.perf_counter()
+    task = _task(spec, splits, t_card, s_card, scale, seed)
+    run = run_method(
+        method, task, target, source, seed, spec.budget, workdir=Path(workdir) / spec.stem / f"{scale}-{seed}"
+    )
+    pooled = task.eval_sets()["avg"]
+    logits = logits_of(run.model, pooled.x)
+    acc = clone_accuracy(logits, pooled.y, len(task.target_classes))
+    return {
+        "method": method,
+        "scale": scale,
+        "seed": seed,
+        "clone_classes": task.clone_classes,
+        "ori": acc["ori"],
+        "tar": acc["tar"],
+        "avg": acc["avg"],
+        "seconds": run.seconds,
+        "peak_mb": run.peak_mb,
+        "macs": run.macs,
+        "params": run.params,
+        "per_class": per_class_accuracy(logits, pooled.y, task.num_outputs).tolist(),
+        "hparams": run.hparams,
+        "details": run.details,
+        "fingerprint": fingerprint,
+        "commit": _git_commit(),
+        "load_avg": os.getloadavg()[0],
+        "row_seconds": time.perf_counter() - began,
+        "device": str(device_of(target)),
+    }
 
 
 #: methods whose rows do not depend on the old fraction (they never see the available images)
@@ -578,11 +628,15 @@ def run_paper(
     log: Callable[[str], None] = print,
     pair: tuple[str, str] | None = None,
     device: DeviceLike | None = None,
+    backend: str = "inprocess",
+    address: str | None = None,
 ) -> dict[str, Any]:
     """Table 1 on ``dataset`` with the default (target, source) zoo pair of ``arch``, or on
     the zoo models ``pair`` = (target, source) (any dataset the zoo can load; ``dataset`` and
     ``arch`` then come from their cards). An ``old_fraction`` other than the default 0.3 is
-    named in the stem (``-old0`` for 0). Every method trains and is evaluated on ``device``."""
+    named in the stem (``-old0`` for 0). Every method trains and is evaluated on ``device``.
+    ``backend="ray"``: the rows run as Ray tasks (:func:`run_table`), on the cluster at
+    ``address`` or a local Ray."""
     from pnc.zoo.datasets import load_dataset
     from pnc.zoo.defaults import default_pair, ensure_default
     from pnc.zoo.store import default_zoo_dir
@@ -626,5 +680,7 @@ def run_paper(
     shared = None
     if old_fraction != 0.3:  # the paper's setting's table holds the setting-free rows
         shared = RowCache(Path(out_dir) / f"{stem.replace(f'-old{round(100 * old_fraction)}', '')}.rows.json")
-    per_seed = run_table(spec, store, splits, cache, workdir, log=log, shared=shared, device=device)
+    per_seed = run_table(
+        spec, store, splits, cache, workdir, log=log, shared=shared, device=device, backend=backend, address=address
+    )
     return write_table(spec, per_seed, t_card, s_card, splits, out_dir, command)

@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load
 from torch import Tensor
 
 from pnc.adapters import AdapterError
 from pnc.surgery.errors import CutError
 from pnc.surgery.insertion import STAGES, CandidateResult, CandidateTrainer, SearchConfig, SearchContext
-from pnc.surgery.io import save_tensors
+from pnc.surgery.io import atomic_write_bytes, tensor_bytes
 
 
 @dataclass
@@ -164,27 +164,34 @@ def _checkpoint(checkpoint_dir: Path | None, index: int, stage: str, node: str) 
     return Path(checkpoint_dir) / f"candidate-{index}-{node}-{stage}.safetensors"
 
 
-def _save(path: Path, outcome: StageOutcome, key: str) -> None:
+def outcome_bytes(outcome: StageOutcome, key: str = "") -> bytes:
+    """An outcome as safetensors bytes: its state and result tensors, with the result's
+    summary and ``key`` (the run it belongs to) as metadata. Checkpoints hold these bytes,
+    and a backend running stages in other processes ships outcomes back as them."""
     tensors = {f"state.{k}": v for k, v in outcome.state.items()}
     tensors |= {f"result.{k}": v for k, v in outcome.result.tensors.items()}
-    save_tensors(path, tensors, metadata={"key": key, "result": json.dumps(outcome.result.summary())})
+    return tensor_bytes(tensors, metadata={"key": key, "result": json.dumps(outcome.result.summary())})
+
+
+def outcome_from_bytes(data: bytes, index: int) -> tuple[StageOutcome, str]:
+    """(the outcome of candidate ``index``, its key) from :func:`outcome_bytes`'s ``data``;
+    SafetensorError, ValueError, KeyError or TypeError when ``data`` is not such bytes."""
+    tensors = load(data)
+    meta = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    result = CandidateResult(
+        **json.loads(meta["result"]), tensors={k[7:]: v for k, v in tensors.items() if k.startswith("result.")}
+    )
+    return StageOutcome(index, result, {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}), meta["key"]
 
 
 def _load(path: Path | None, key: str, index: int) -> StageOutcome | None:
     if path is None or not path.exists():
         return None
     try:
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata()
-        if meta.get("key") != key:
-            return None
-        tensors = load(path.read_bytes())
-        result = CandidateResult(
-            **json.loads(meta["result"]), tensors={k[7:]: v for k, v in tensors.items() if k.startswith("result.")}
-        )
-        return StageOutcome(index, result, {k[6:]: v for k, v in tensors.items() if k.startswith("state.")})
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        outcome, stored = outcome_from_bytes(path.read_bytes(), index)
+    except (OSError, SafetensorError, ValueError, KeyError, TypeError):
         return None  # a corrupt or foreign checkpoint: recompute that stage
+    return outcome if stored == key else None
 
 
 @dataclass
@@ -259,7 +266,7 @@ def search(
             def checkpoint(outcome: StageOutcome, stage: str = stage) -> None:
                 path = _checkpoint(checkpoint_dir, outcome.index, stage, pairs[outcome.index][0].node)
                 if path is not None:
-                    _save(path, outcome, key)
+                    atomic_write_bytes(path, outcome_bytes(outcome, key))
 
             fresh = backend.run(ctx, config, jobs, bar, checkpoint)
             for outcome in done + fresh:

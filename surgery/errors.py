@@ -72,6 +72,11 @@ class TrainingError(PncError):
     checkpoint is kept, so a rerun after the fix resumes from it."""
 
 
+class BackendError(PncError):
+    """A backend that cannot run: an optional backend not installed (says how to install it), a
+    cluster it cannot reach, or a job that failed on every retry (names the job)."""
+
+
 def require_finite_images(images: object, what: str) -> None:
     """TrainingError unless every value of the tensor ``images`` (N, ...) is finite; names how
     many images hold NaN/Inf and the first one's index."""

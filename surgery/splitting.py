@@ -18,7 +18,7 @@ from torch import nn
 
 from pnc.surgery.batch import BATCH_META, BatchDim
 from pnc.surgery.errors import CutError
-from pnc.surgery.tracing import TracedModel, default_input, trace
+from pnc.surgery.tracing import Retracer, TracedModel, default_input, trace
 
 if TYPE_CHECKING:
     from pnc.surgery.cuts import CutPoint
@@ -95,7 +95,7 @@ def extract(traced: TracedModel, start: str | None, outputs: Sequence[str]) -> f
     source = traced.input_node if start is None else start
     needed = _needed(traced, source, outputs, from_input=start is None)
 
-    graph = fx.Graph()
+    graph = fx.Graph(tracer_cls=Retracer)  # picklable: fx re-traces the piece's code with it
     env: dict[fx.Node, fx.Node] = {}
 
     def arg(node: fx.Node) -> fx.Node:

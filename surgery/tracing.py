@@ -246,6 +246,16 @@ class _ConcreteTracer(fx.Tracer):
         raise TraceError(f"unexpected fx node kind {kind!r} while tracing")
 
 
+class Retracer(fx.Tracer):
+    """The tracer a traced GraphModule names for unpickling (fx re-traces the generated code
+    with it, every submodule a leaf): plain fx with timm's no-trace functions kept as calls.
+    The concrete tracer cannot do it: it needs the example input. This is what lets a
+    traced model or piece cross processes (e.g. to Ray workers)."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(_timm_leaves()[1]))
+
+
 def _is_builtin_op(fn: Any) -> bool:
     module = getattr(fn, "__module__", None) or ""
     return module.split(".")[0] in ("torch", "_operator", "operator", "builtins", "math")
@@ -421,6 +431,7 @@ def _trace_once(model: nn.Module, x: torch.Tensor, leaf_modules: Sequence[type])
         with _preserved_state(model):
             graph = tracer.trace(model, concrete_args=concrete or None)
         gm = fx.GraphModule(model, graph, type(model).__name__)
+        gm._tracer_cls = gm.graph._tracer_cls = Retracer
     except TraceError:
         raise
     except Exception as err:  # torch.fx raises many types; name where it happened

@@ -84,3 +84,15 @@ def test_the_checker_sees_every_kind_of_import(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: text if self == probe else "")
     modules = [m for _, m in _imports(probe)]
     assert {"pnc.zoo", "pnc.bench.cli", "pnc.zoo.store", "pnc.zoo.archs"} <= set(modules)
+
+
+def test_ray_stays_in_the_bench_layer():
+    """Ray is an optional extra (pnc[ray]): only pnc.bench may import it."""
+    against = [
+        f"{path.relative_to(ROOT)} line {line}"
+        for path in SOURCES
+        if path.relative_to(ROOT).parts[0] != "benchmarks"
+        for line, module in _imports(path)
+        if module == "ray" or module.startswith("ray.")
+    ]
+    assert not against, f"only pnc.bench may import ray: {against}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 
 import networkx as nx
 import pytest
@@ -208,3 +209,19 @@ def test_model_that_cannot_take_the_input_is_told_so():
 
     with pytest.raises(TraceError, match=r"does not run on an input of shape \(1, 3, 5, 5\).*input size"):
         trace(NeedsEven(), torch.randn(1, 3, 5, 5))
+
+
+def test_traced_models_and_pieces_survive_pickling():
+    """A traced model and a piece of it cross processes (the Ray backend ships them): fx
+    re-traces their code on unpickling, with the tracer they name."""
+    from pnc.surgery.examples import tiny_pair
+    from pnc.surgery.splitting import extract
+
+    target, _, images, _ = tiny_pair()
+    traced = trace(target, images[:2])
+    piece = extract(traced, None, [traced.gm.graph.find_nodes(op="call_module")[1].name])
+    again, piece_again = pickle.loads(pickle.dumps((traced, piece)))
+    with torch.no_grad():
+        assert torch.equal(again.gm(images), target(images))
+        assert torch.equal(piece_again(images), piece(images))
+    assert [n.name for n in again.gm.graph.nodes] == [n.name for n in traced.gm.graph.nodes]

@@ -12,7 +12,16 @@ from pathlib import Path
 
 from pnc.surgery.errors import TaskError
 
-from .common import add_data_dir, add_device, add_zoo_dir, check_output_dir, in_range, seed_number
+from .common import (
+    add_backend,
+    add_data_dir,
+    add_device,
+    add_zoo_dir,
+    check_backend,
+    check_output_dir,
+    in_range,
+    seed_number,
+)
 from .zoo import writable_zoo
 
 
@@ -63,6 +72,7 @@ def _cmd_paper(args: argparse.Namespace) -> int:
     from pnc.bench.baselines import METHODS
     from pnc.bench.paper import run_paper
 
+    check_backend(args.backend, args.address)
     methods = args.methods or list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -101,6 +111,8 @@ def _cmd_paper(args: argparse.Namespace) -> int:
         command=_command(),
         pair=pair,
         device=args.device,
+        backend=args.backend,
+        address=args.address,
     )
     stem = Path(args.out) / result["stem"]
     print(f"wrote {stem}.md and {stem}.json")
@@ -213,6 +225,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "(default 0.3, the paper's; 0: none, the strict setting)",
     )
     paper.add_argument("--fresh", action="store_true", help="ignore cached rows and recompute")
+    add_backend(paper, "the table's cells (seed x scale x method)")
     paper.set_defaults(func=_cmd_paper)
 
     figures = cmds.add_parser(

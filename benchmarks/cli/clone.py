@@ -22,6 +22,7 @@ from torch import nn
 from pnc.bench.metrics import clone_accuracy, logits_of
 from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.cloning import clone
+from pnc.surgery.cut_search import Backend
 from pnc.surgery.devices import DeviceLike, device_of
 from pnc.surgery.errors import OutputError, PatchError, PncError, TaskError
 from pnc.surgery.insertion import SearchConfig
@@ -34,10 +35,12 @@ from pnc.zoo.store import WEIGHTS_FILE, ModelCard, ZooStore
 from pnc.zoo.tasks import CloneTask
 
 from .common import (
+    add_backend,
     add_data_dir,
     add_device,
     add_force,
     add_zoo_dir,
+    check_backend,
     check_input_file,
     check_output_dir,
     in_range,
@@ -271,12 +274,15 @@ def run_clone(
     plan: ClonePlan | None = None,
     time_budget: float | None = None,
     device: DeviceLike | None = None,
+    backend: Backend | None = None,
 ) -> tuple[ClonedNetwork, dict]:
     """Clone each (source name, class spec) into the target; write DIR/clone.pnc and DIR/report.json.
 
     ``fraction`` / ``old_fraction``: shares of the clone classes' / the target classes'
     training images available while cloning. report.json's ``images`` counts the images
-    of each kind the (first) branch trained and selected R on.
+    of each kind the (first) branch trained and selected R on. ``backend`` runs the
+    candidates' stages (default: in this process); it is not part of the run's identity:
+    both backends give the same clone, so a run may resume on either.
 
     The clone runs on ``device`` (``plan``'s models' device when a plan is given); report.json
     records it. Returns (the cloned network, the report). Everything is checked before anything is
@@ -303,7 +309,7 @@ def run_clone(
     resume = _recorded_run(out) == plan.run
     atomic_write_text(out / ".ckpt" / RUN_FILE, json.dumps(plan.run, indent=2))
     with _Stopwatch(out / ".ckpt", resume) as watch:
-        net, report = _execute(plan, store, out, config, progress, time_budget)
+        net, report = _execute(plan, store, out, config, progress, time_budget, backend)
         report["seconds"] = round(watch.seconds(), 2)
         atomic_write_text(out / "report.json", json.dumps(report, indent=2))
         watch.save(finished=True)
@@ -311,7 +317,13 @@ def run_clone(
 
 
 def _execute(
-    plan: ClonePlan, store: ZooStore, out: Path, config: SearchConfig, progress: bool, time_budget: float | None
+    plan: ClonePlan,
+    store: ZooStore,
+    out: Path,
+    config: SearchConfig,
+    progress: bool,
+    time_budget: float | None,
+    backend: Backend | None,
 ) -> tuple[ClonedNetwork, dict]:
     """The clone itself (after every check): branches, clone.pnc, and the report (without seconds)."""
     net, tasks, models, branches = None, [], [], []
@@ -331,6 +343,7 @@ def _execute(
             cache_dir=out / ".cache",
             progress=progress,
             time_budget=left,
+            backend=backend,
         )
         rep = net.branches[name].report
         branches.append({"name": name, "source": source_name, "classes": net.branches[name].classes, **asdict(rep)})
@@ -458,6 +471,7 @@ def _cmd_clone(args) -> int:
     config = SearchConfig(seed=args.seed, mask_ratio=args.mask_ratio)
     store, sources, out = _store(args), list(zip(args.source, args.classes)), Path(args.out)
     check_output_dir(out, "--out")  # before loading anything: the cheapest check first
+    check_backend(args.backend, args.address)
     plan = plan_clone(
         store,
         args.target,
@@ -469,6 +483,12 @@ def _cmd_clone(args) -> int:
         config=config,
         device=args.device,
     )
+    backend = None
+    if args.backend == "ray":
+        from pnc.bench.ray_backend import RayBackend, connect
+
+        connect(args.address)  # before anything is written: an unreachable cluster leaves no trace
+        backend = RayBackend(args.address)
     _, report = run_clone(
         store,
         args.target,
@@ -483,6 +503,7 @@ def _cmd_clone(args) -> int:
         force=args.force,
         plan=plan,
         time_budget=args.time_budget,
+        backend=backend,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -603,6 +624,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         help="stop the search early once SECONDS are spent, keeping the best candidate so far (reported)",
     )
     p.add_argument("--json", action="store_true", help="print report.json instead of a table")
+    add_backend(p, "the candidates' stages")
     add_force(p, "a clone of another run in --out (rerunning the same command resumes without it)")
     add_device(p, "clone")
     common(p)

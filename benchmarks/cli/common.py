@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pnc.surgery.devices import DEVICE_CHOICES, resolve_device
-from pnc.surgery.errors import DeviceError, OutputError, PncError
+from pnc.surgery.errors import BackendError, DeviceError, OutputError, PncError
 
 #: seeds are fed to torch.Generator.manual_seed and mixed per epoch: keep them in 32 bits
 SEED_MAX = 2**32 - 1
@@ -50,6 +50,40 @@ def add_device(parser: argparse.ArgumentParser, what: str) -> None:
 
 def add_force(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--force", action="store_true", help=f"replace {what}")
+
+
+def add_backend(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--backend",
+        choices=("inprocess", "ray"),
+        default="inprocess",
+        help=f"where {what} run: in this process (default) or on Ray (pip install 'pnc[ray]')",
+    )
+    parser.add_argument(
+        "--address",
+        type=ray_address,
+        help="with --backend ray: the Ray cluster to join (HOST:PORT as `ray start --head` prints it, or auto); "
+        "default: a local Ray on this machine's cores",
+    )
+
+
+def ray_address(text: str) -> str:
+    """An argparse type: a Ray cluster address, ``HOST:PORT`` or ``auto``."""
+    host, _, port = text.rpartition(":")
+    if text != "auto" and (
+        not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() or c == "/" for c in host)
+    ):
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (as `ray start --head` prints it) or auto, got {text!r}")
+    return text
+
+
+def check_backend(backend: str, address: str | None) -> None:
+    """BackendError for ``--address`` without ``--backend ray``, or ``--backend ray`` without Ray
+    installed (saying how to install it)."""
+    if address is not None and backend != "ray":
+        raise BackendError(f"--address {address} names a Ray cluster; add --backend ray (or drop --address)")
+    if backend == "ray":
+        import pnc.bench.ray_backend  # noqa: F401  # BackendError with the install line when Ray is missing
 
 
 def _number(kind: type, text: str) -> float:
