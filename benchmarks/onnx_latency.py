@@ -50,7 +50,7 @@ from rich.progress import Progress
 from torch import Tensor, nn
 
 from pnc.bench import cli
-from pnc.bench.cli.clone import run_clone
+from pnc.bench.cli.clone import plan_clone, run_clone
 from pnc.bench.metrics import clone_accuracy
 from pnc.surgery.insertion import SearchConfig
 from pnc.surgery.io import atomic_write_bytes, atomic_write_text, file_sha256
@@ -68,7 +68,6 @@ PAIRS = (("digits", "cnn4"), ("fashion-mnist", "lenet5"), ("fashion-mnist", "res
 #: the issue's goal: the clone at most this many times the target's latency at S
 GOAL = 1.35
 SMALL_KEEP = 0.25
-MODELS = ("target", "ensemble", "clone", "clone --optimize", f"clone keep {SMALL_KEEP}")
 OUTPUTS = {"target": LOGITS, "ensemble": LOGITS}
 
 
@@ -178,15 +177,36 @@ def _onnx_logits(path: Path, output: str, x: Tensor, chunk: int = 500) -> np.nda
     return np.concatenate([sess.run([output], {"input": x[i : i + chunk].numpy()})[0] for i in range(0, len(x), chunk)])
 
 
-def _clone_run(store: ZooStore, target: str, source: str, work: Path, data_dir: str | None, keep: float):
-    """(network, report) of cloning S at kept share ``keep``; a finished run in ``work`` is reused."""
-    if (work / "report.json").exists() and (work / "clone.pnc").exists():
+def _clone_run(store: ZooStore, target: str, source: str, work: Path, data_dir: str | None, config: SearchConfig):
+    """(network, report) of cloning S with ``config``; a finished run of the same plan in ``work`` is reused."""
+    plan = plan_clone(store, target, [(source, "S")], data_dir=data_dir, config=config)
+    if (work / "clone.pnc").exists() and (work / "report.json").exists():
         report = json.loads((work / "report.json").read_text())
-        if report["branches"][0]["kept_fraction"] == keep:
+        if report.get("run") == plan.run:
             print(f"reusing {work} (delete it to clone again)")
             return store.load_patch(work / "clone.pnc")[0], report
-    config = SearchConfig(seed=0, mask_ratio=keep)
-    return run_clone(store, target, [(source, "S")], work, data_dir=data_dir, config=config)
+    return run_clone(store, target, [(source, "S")], work, data_dir=data_dir, config=config, plan=plan)
+
+
+def _variants(store: ZooStore, target: str, source: str, work: Path, data_dir: str | None) -> dict[str, tuple]:
+    """{row: (network, report, patch path)}: the default search ("clone"), kept share
+    :data:`SMALL_KEEP`, and, when the default search chose another cut, R fixed at the latest
+    candidate cut (the first it tries, the cheapest branch)."""
+    runs = {"clone": (work, SearchConfig(seed=0))}
+    runs[f"clone keep {SMALL_KEEP}"] = (
+        work.with_name(f"{work.name}-keep{SMALL_KEEP}"),
+        SearchConfig(seed=0, mask_ratio=SMALL_KEEP),
+    )
+    done = {}
+    for row, (folder, config) in runs.items():
+        done[row] = (*_clone_run(store, target, source, folder, data_dir, config), folder / "clone.pnc")
+    branch = done["clone"][1]["branches"][0]
+    latest = branch["candidates"][0]["target_cut"]
+    if latest != branch["target_cut"]:
+        folder = work.with_name(f"{work.name}-R{latest}")
+        config = SearchConfig(seed=0, candidates=[latest])
+        done[f"clone R={latest}"] = (*_clone_run(store, target, source, folder, data_dir, config), folder / "clone.pnc")
+    return done
 
 
 def bench_pair(store: ZooStore, dataset: str, arch: str, work: Path, data_dir: str | None, args) -> dict:
@@ -194,26 +214,19 @@ def bench_pair(store: ZooStore, dataset: str, arch: str, work: Path, data_dir: s
     splits = load_dataset(dataset, data_dir)
     for name in (target_name, source_name):
         ensure_default(store, name, dataset=splits)
-    runs = {
-        "clone": _clone_run(store, target_name, source_name, work, data_dir, 0.5),
-        f"clone keep {SMALL_KEEP}": _clone_run(
-            store, target_name, source_name, work.with_name(f"{work.name}-keep{SMALL_KEEP}"), data_dir, SMALL_KEEP
-        ),
-    }
-    net, report = runs["clone"]
+    variants = _variants(store, target_name, source_name, work, data_dir)
+    net, report, patch = variants["clone"]
     target, t_card = store.load(target_name)
     source, _ = store.load(source_name)
-    task = CloneTask.from_json(read_patch(work / "clone.pnc")[0]["branches"][0]["task"], dataset=splits)
+    task = CloneTask.from_json(read_patch(patch)[0]["branches"][0]["task"], dataset=splits)
 
-    paths = {k: work / f"{k.replace(' ', '_').replace('--', '')}.onnx" for k in MODELS}
+    models = ["target", "ensemble", "clone", "clone --optimize", *(k for k in variants if k != "clone")]
+    paths = {k: work / f"{k.replace(' ', '_').replace('--', '').replace('=', '')}.onnx" for k in models}
     zoo = ["--zoo-dir", str(store.root)]
-    keep_patch = work.with_name(f"{work.name}-keep{SMALL_KEEP}") / "clone.pnc"
-    for argv in (
-        ["export", target_name, "--out", str(paths["target"])],
-        ["export", str(work / "clone.pnc"), "--out", str(paths["clone"])],
-        ["export", str(work / "clone.pnc"), "--optimize", "extended", "--out", str(paths["clone --optimize"])],
-        ["export", str(keep_patch), "--out", str(paths[f"clone keep {SMALL_KEEP}"])],
-    ):
+    exports = [["export", target_name, "--out", str(paths["target"])]]
+    exports += [["export", str(v[2]), "--out", str(paths[k])] for k, v in variants.items()]
+    exports += [["export", str(patch), "--optimize", "extended", "--out", str(paths["clone --optimize"])]]
+    for argv in exports:
         if cli.main([*argv, *zoo]) != 0:
             raise RuntimeError(f"pnc {' '.join(argv)} failed; see the message above")
     ensemble = DirectEnsemble(target, source, task.source_label_index()).eval()
@@ -248,14 +261,18 @@ def bench_pair(store: ZooStore, dataset: str, arch: str, work: Path, data_dir: s
     logits["target"] = np.concatenate([logits["target"], np.full((len(x), num_all - num_old), -np.inf, np.float32)], 1)
     accuracy = {k: clone_accuracy(torch.from_numpy(v), y, num_old) for k, v in logits.items()}
 
-    modules = {"target": target, "ensemble": ensemble, "clone": net, "clone --optimize": net}
-    modules[f"clone keep {SMALL_KEEP}"] = runs[f"clone keep {SMALL_KEEP}"][0]
+    modules = {
+        "target": target,
+        "ensemble": ensemble,
+        "clone --optimize": net,
+        **{k: v[0] for k, v in variants.items()},
+    }
     cost = {}
-    for k, module in modules.items():
-        macs, _ = tp.utils.count_ops_and_params(module, example)
+    for k in models:
+        macs, _ = tp.utils.count_ops_and_params(modules[k], example)
         cost[k] = {
             "macs": int(macs),
-            "params": sum(p.numel() for p in module.parameters()),
+            "params": sum(p.numel() for p in modules[k].parameters()),
             "onnx_bytes": paths[k].stat().st_size,
             "onnx_nodes": len(onnx.load(paths[k]).graph.node),
             "ort_kernels": _kernels(paths[k]),
@@ -266,16 +283,22 @@ def bench_pair(store: ZooStore, dataset: str, arch: str, work: Path, data_dir: s
             f"batch{b}": _latency(paths, x, b, rounds, args.block, args.warmup, progress)
             for b, rounds in ((1, args.rounds_1), (64, args.rounds_64))
         }
+    runs = {}
+    for k, (_, rep, _) in variants.items():
+        b = rep["branches"][0]
+        runs[k] = {key: b[key] for key in ("target_cut", "source_cut", "kept_fraction", "macs_before", "macs_after")}
+        runs[k]["candidates"] = [
+            {"target_cut": c["target_cut"], "holdout_acc": c["holdout"]["acc"], "test": c["accuracy"]}
+            for c in b["candidates"]
+        ]
     return {
         "dataset": dataset,
         "arch": arch,
         "target": target_name,
         "source": source_name,
         "cloned_classes": report["branches"][0]["classes"],
-        "runs": {
-            k: {key: r[1]["branches"][0][key] for key in ("target_cut", "source_cut", "kept_fraction")}
-            for k, r in runs.items()
-        },
+        "models": models,
+        "runs": runs,
         "eval_images": len(x),
         "onnx_vs_torch_max_abs": parity,
         "redundant_nodes_left": left,
@@ -292,8 +315,8 @@ def _verdict(r: dict, model: str = "clone") -> str:
         lat = r["latency"][b][model]
         ok = lat["vs_target"] <= GOAL
         cells.append(
-            f"{b.replace('batch', 'batch ')}: {lat['vs_target']:.2f}x (minima {lat['vs_target_min']:.2f}x), "
-            + ("met" if ok else f"missed by {lat['vs_target'] - GOAL:.2f}")
+            f"{b.replace('batch', 'batch ')}: {lat['vs_target']:.3f}x (minima {lat['vs_target_min']:.3f}x), "
+            + ("met" if ok else f"missed by {lat['vs_target'] - GOAL:.3f}")
         )
     return "; ".join(cells)
 
@@ -318,13 +341,28 @@ def markdown(result: dict) -> str:
         "file and kernels onnxruntime runs (its optimized graph); load: median ms to create the session. "
         "Accuracy (%) from the ONNX outputs on the test "
         "images of T_t (Ori) and of the cloned classes (Tar), Avg pooled; the target alone cannot predict a "
-        f"cloned class. `clone` is the default search (kept share 0.5); `clone keep {SMALL_KEEP}` the same search "
-        f"with `--mask-ratio {SMALL_KEEP}`; `clone --optimize` the default clone written by "
-        "`pnc export --optimize extended`.",
+        f"cloned class. `clone` is the default search (kept share 0.5); `clone --optimize` the same clone written "
+        f"by `pnc export --optimize extended`; `clone keep {SMALL_KEEP}` the default search with `--mask-ratio "
+        f"{SMALL_KEEP}`; `clone R=CUT` the default search with R fixed at the latest candidate cut "
+        "(`SearchConfig(candidates=[CUT])`), shown when the default search chose an earlier one.",
         "",
-        f"Goal (issue 11 item 5): the clone at S at most {GOAL}x the target's latency.",
+        f"Goal (issue 11 item 5): the clone at S at most {GOAL}x the target's latency (x target below).",
         "",
+        "| pair | chosen R | MACs x target | ORT kernels, clone / target | batch 1 | batch 64 |",
+        "|---|---|---:|---:|---:|---:|",
     ]
+    for r in result["pairs"]:
+        c, t = r["cost"]["clone"], r["cost"]["target"]
+        cells = [
+            f"{r['latency'][b]['clone']['vs_target']:.2f}x "
+            + ("met" if r["latency"][b]["clone"]["vs_target"] <= GOAL else "missed")
+            for b in ("batch1", "batch64")
+        ]
+        lines.append(
+            f"| {r['dataset']} / {r['arch']} | {r['runs']['clone']['target_cut']} | {c['macs'] / t['macs']:.2f}x | "
+            f"{c['ort_kernels']} / {t['ort_kernels']} | {' | '.join(cells)} |"
+        )
+    lines.append("")
     for r in result["pairs"]:
         lat, run = r["latency"], r["runs"]["clone"]
         lines += [
@@ -335,7 +373,7 @@ def markdown(result: dict) -> str:
             "| x target | Ori | Tar | Avg |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for k in MODELS:
+        for k in r["models"]:
             c, a = r["cost"][k], r["accuracy"][k]
             cells = []
             for b in ("batch1", "batch64"):
@@ -350,13 +388,25 @@ def markdown(result: dict) -> str:
                 f"{' | '.join(cells)} | {100 * a['ori']:.2f} | {100 * a['tar']:.2f} | {100 * a['avg']:.2f} |"
             )
         d, ct = r["detach"], r["cost"]["target"]
-        small = r["runs"][f"clone keep {SMALL_KEEP}"]
         lines += [
             "",
-            f"**Clone at S vs the target alone**: {_verdict(r)}; MACs {r['cost']['clone']['macs'] / ct['macs']:.2f}x. "
-            f"Kept share {SMALL_KEEP} (R = {small['target_cut']}): {_verdict(r, f'clone keep {SMALL_KEEP}')}; "
-            f"MACs {r['cost'][f'clone keep {SMALL_KEEP}']['macs'] / ct['macs']:.2f}x, Avg "
-            f"{100 * (r['accuracy'][f'clone keep {SMALL_KEEP}']['avg'] - r['accuracy']['clone']['avg']):+.2f} points.",
+            f"**Clone at S vs the target alone**: {_verdict(r)}; MACs {r['cost']['clone']['macs'] / ct['macs']:.2f}x.",
+        ]
+        for k in r["models"][4:]:
+            run = r["runs"][k]
+            lines.append(
+                f"- {k} (R = {run['target_cut']}, kept share {run['kept_fraction']}): {_verdict(r, k)}; MACs "
+                f"{r['cost'][k]['macs'] / ct['macs']:.2f}x, Avg "
+                f"{100 * (r['accuracy'][k]['avg'] - r['accuracy']['clone']['avg']):+.2f} points vs the clone at S."
+            )
+        candidates = ", ".join(
+            f"{c['target_cut']} {100 * c['holdout_acc']:.2f}% (test Avg {100 * c['test']['avg']:.2f})"
+            for c in r["runs"]["clone"]["candidates"]
+        )
+        lines += [
+            "",
+            f"Candidates of the default search, held-out accuracy: {candidates}; chosen R = "
+            f"{r['runs']['clone']['target_cut']}.",
             "",
             f"Redundant nodes left in the clone's branch: {sum(r['redundant_nodes_left'].values())} "
             f"(kinds checked: {', '.join(r['redundant_nodes_left'])}). ONNX vs PyTorch clone logits: max |diff| "
@@ -380,8 +430,8 @@ def main() -> None:
     parser.add_argument("--pairs", default=",".join(f"{d}/{a}" for d, a in PAIRS), help="DATASET/ARCH,...")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--block", type=int, default=10, help="runs of one model in a row, per round")
-    parser.add_argument("--rounds-1", type=int, default=100, help="rounds at batch 1")
-    parser.add_argument("--rounds-64", type=int, default=20, help="rounds at batch 64")
+    parser.add_argument("--rounds-1", type=int, default=200, help="rounds at batch 1")
+    parser.add_argument("--rounds-64", type=int, default=30, help="rounds at batch 64")
     args = parser.parse_args()
     store = ZooStore(args.zoo_dir)
     load = os.getloadavg()[0]
