@@ -7,6 +7,9 @@ a one-candidate, one-step search on the digits clone set.
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -237,6 +240,22 @@ def test_edited_head_is_refused(multi_onnx):
     init.CopyFrom(onnx.numpy_helper.from_array(weight, name))
     with pytest.raises(ExportError, match="branch 'res': its head weights are not of the form"):
         detach_model(tampered, ["cnn"])
+
+
+def test_export_bytes_do_not_depend_on_the_hash_seed(tmp_path):
+    """The tidy pass (onnxscript) must not carry set or hash order into the file: two
+    processes with different PYTHONHASHSEED write the same bytes (attach == export relies on it)."""
+    script = (
+        "import sys, torch; torch.set_num_threads(1)\n"
+        "from pnc.surgery.examples import tiny_clone\n"
+        "from pnc.surgery.onnx_export import export_onnx\n"
+        "net, _, _, images = tiny_clone()\n"
+        "export_onnx(net, sys.argv[1], images[:1])\n"
+    )
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{seed}.onnx")], env=env, check=True)
+    assert (tmp_path / "1.onnx").read_bytes() == (tmp_path / "2.onnx").read_bytes()
 
 
 # ------------------------------------------------------------------ detach
