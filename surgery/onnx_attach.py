@@ -23,17 +23,17 @@ import json
 from pathlib import Path
 
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from pnc.surgery.errors import BranchError, ExportError
 from pnc.surgery.io import atomic_write_bytes
 from pnc.surgery.onnx_detach import load_onnx
-from pnc.surgery.onnx_merge import MANIFEST_KEY, BranchGraph, merge, sha256, split
+from pnc.surgery.onnx_merge import MANIFEST_KEY, BranchGraph, Head, merge, refuse_optimized, sha256, split
 
 __all__ = ["BRANCH_KEY", "branch_model", "read_branch", "attach_model", "attach_onnx"]
 
 BRANCH_KEY = "pnc.branch"
-_FORMAT = "pnc-onnx-branch/1"
+_FORMAT = "pnc-onnx-branch/2"
 
 
 def _choose(branches: list[BranchGraph], name: str | None) -> BranchGraph:
@@ -64,6 +64,39 @@ def _input_infos(base: onnx.ModelProto, names: list[str]) -> list[onnx.ValueInfo
     return infos
 
 
+def _head_names(branch: str) -> dict[str, str]:
+    """Names of the head nodes, tensors and initializers of a branch file."""
+    p = f"{branch}/head"
+    return {
+        "concat": f"{p}/Concat",
+        "input": f"{p}/input",
+        "old": f"{p}/correction",
+        "new": f"{p}/logits",
+        "old_weight": f"{p}.old.weight",
+        "old_bias": f"{p}.old.bias",
+        "new_weight": f"{p}.new.weight",
+        "new_bias": f"{p}.new.bias",
+    }
+
+
+def _standalone_head(branch: BranchGraph) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Concat(prelogits, features) -> Gemm -> ``<branch>/correction``, Gemm -> ``<branch>/logits``."""
+    n, h = _head_names(branch.name), branch.head
+    nodes = [
+        helper.make_node(
+            "Concat", [branch.info["prelogits_tensor"], branch.features], [n["input"]], name=n["concat"], axis=1
+        ),
+        helper.make_node(
+            "Gemm", [n["input"], n["old_weight"], n["old_bias"]], [f"{branch.name}/correction"], name=n["old"], transB=1
+        ),
+        helper.make_node(
+            "Gemm", [n["input"], n["new_weight"], n["new_bias"]], [f"{branch.name}/logits"], name=n["new"], transB=1
+        ),
+    ]
+    arrays = {"old_weight": h.old_weight, "old_bias": h.old_bias, "new_weight": h.new_weight, "new_bias": h.new_bias}
+    return nodes, [numpy_helper.from_array(a, n[k]) for k, a in arrays.items()]
+
+
 def branch_model(merged: onnx.ModelProto, name: str | None = None) -> onnx.ModelProto:
     """One branch of a clone export (``merged``, with a detach manifest) as a standalone model.
 
@@ -73,28 +106,31 @@ def branch_model(merged: onnx.ModelProto, name: str | None = None) -> onnx.Model
     ``onnx.checker`` (full check)."""
     base, branches, manifest = split(merged)
     branch = _choose(branches, name)
-    entry = branch.manifest()
-    outputs = branch.value_info[-2:]
-    if [o.name for o in outputs] != [branch.correction, branch.logits]:
-        raise ExportError(
-            f"branch {branch.name!r}: its value_info does not end with its outputs "
-            f"{branch.correction!r}, {branch.logits!r}; re-export the clone with `pnc export`"
-        )
     defined = {x for n in branch.nodes for x in n.output} | {t.name for t in branch.initializers}
     reads = list(dict.fromkeys(x for n in branch.nodes for x in n.input if x and x not in defined))
-    wired = list(dict.fromkeys([branch.info["cut_tensor"], branch.info["prelogits_tensor"]]))
-    if sorted(reads) != sorted(wired):
+    if reads != [branch.info["cut_tensor"]] or branch.features not in defined:
         raise ExportError(
-            f"branch {branch.name!r} reads base tensors {reads}, not its cut and pre-logits "
-            f"{wired}; re-export the clone with `pnc export`"
+            f"branch {branch.name!r}: its body reads base tensors {reads}, not its cut "
+            f"{branch.info['cut_tensor']!r}, or does not compute {branch.features!r}; re-export the clone"
         )
+    wired = list(dict.fromkeys([branch.info["cut_tensor"], branch.info["prelogits_tensor"]]))
+    batch = base.graph.output[0].type.tensor_type.shape.dim[0]
+    outputs = []
+    for out, width in (
+        (f"{branch.name}/correction", branch.head.num_old),
+        (f"{branch.name}/logits", branch.head.num_new),
+    ):
+        info = helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [None, width])
+        info.type.tensor_type.shape.dim[0].CopyFrom(batch)
+        outputs.append(info)
+    head_nodes, head_inits = _standalone_head(branch)
     graph = helper.make_graph(
-        list(branch.nodes),
+        [*branch.nodes, *head_nodes],
         f"pnc_branch_{branch.name}",
         _input_infos(base, wired),
-        list(outputs),
-        list(branch.initializers),
-        value_info=list(branch.value_info[:-2]),
+        outputs,
+        [*branch.initializers, *head_inits],
+        value_info=list(branch.value_info),
     )
     model = helper.make_model(
         graph,
@@ -112,7 +148,7 @@ def branch_model(merged: onnx.ModelProto, name: str | None = None) -> onnx.Model
         "base_sha256": manifest["base_sha256"],
         "target_classes": manifest["target_classes"],
         "inputs": wired,
-        "branch": entry,
+        "branch": branch.manifest(),
     }
     model.metadata_props.add(key=BRANCH_KEY, value=json.dumps(meta, sort_keys=True))
     try:
@@ -145,12 +181,13 @@ def read_branch(model: onnx.ModelProto) -> tuple[BranchGraph, dict]:
             f"the branch metadata is corrupt or from another pnc version (expected format "
             f"{_FORMAT!r}); re-export the branch with `pnc export PATCH --branch-only`"
         )
-    holder = onnx.GraphProto()  # from_manifest looks outputs up among value_info
-    holder.node.extend(model.graph.node)
-    holder.initializer.extend(model.graph.initializer)
-    holder.value_info.extend([*model.graph.value_info, *model.graph.output])
+    inits = {t.name: t for t in model.graph.initializer}
     try:
-        branch = BranchGraph.from_manifest(meta["branch"], holder)
+        names = _head_names(meta["branch"]["name"])
+        head = Head(
+            *(numpy_helper.to_array(inits[names[k]]) for k in ("old_weight", "old_bias", "new_weight", "new_bias"))
+        )
+        branch = BranchGraph.from_manifest(meta["branch"], model.graph, head)
     except (KeyError, TypeError, ValueError) as err:
         raise ExportError(f"the branch metadata is corrupt ({err!r}); re-export the branch") from err
     return branch, meta
@@ -162,6 +199,8 @@ def attach_model(target: onnx.ModelProto, branch_files: list[onnx.ModelProto]) -
     export (the two sha256 are named) or a name is taken; the inputs are not modified."""
     if not branch_files:
         raise ExportError("name at least one branch file to attach")
+    for model in (target, *branch_files):
+        refuse_optimized(model, "attach")
     if any(p.key == MANIFEST_KEY for p in target.metadata_props):
         base, existing, manifest = split(target)
         classes: list[str] | None = list(manifest["target_classes"])

@@ -7,14 +7,17 @@ axis, input ``input`` (batch, C, H, W) and output ``logits`` (batch, |T_t|).
 A :class:`~pnc.surgery.cloned.ClonedNetwork` exports as:
 
 * the **base graph**: its target, byte for byte as exporting the target alone;
-* each **branch** exported on its own, (cut, target pre-logits) -> (correction, new
-  logits), with its transferable module structurally pruned, names prefixed
-  ``<branch>/``, its inputs wired to the base's tensors at the branch's target cut and
-  at the target's pre-logits. fx node names do not survive export, so those tensors are
-  found numerically: every intermediate value of the base is run in onnxruntime on a
-  probe input and matched (same shape, allclose) to the fx tensor computed in PyTorch;
-* a combiner, output ``cloned_logits`` (batch, |T_t| + sum |T_s|) equal to the
-  network's forward; ``logits`` stays the target's own output.
+* each **branch body** (adapter, transferable module structurally pruned) exported on
+  its own, cut -> features (B, d_f), cleaned of redundant nodes by
+  :func:`pnc.surgery.onnx_tidy.tidy`, names prefixed ``<branch>/``, its input wired to
+  the base's tensor at the branch's target cut. fx node names do not survive export, so
+  that tensor and the target's pre-logits are found numerically: every intermediate
+  value of the base is run in onnxruntime on a probe input and matched (same shape,
+  allclose) to the fx tensor computed in PyTorch;
+* each **branch head** F_c as one Concat and one Gemm on [running logits, pre-logits,
+  features] (:mod:`pnc.surgery.onnx_merge`); the last gives ``cloned_logits`` (batch,
+  |T_t| + sum |T_s|), equal to the network's forward; ``logits`` stays the target's
+  own output.
 
 A detach manifest (``pnc.surgery.onnx_merge``) in ``metadata_props`` lets
 :func:`pnc.surgery.onnx_detach.detach_onnx` remove branches and restore the base exactly.
@@ -34,11 +37,13 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from pnc.surgery.branch import Branch
 from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.devices import cpu_copy
 from pnc.surgery.errors import ExportError
 from pnc.surgery.io import atomic_write_bytes
-from pnc.surgery.onnx_merge import CLONED_OUTPUT, BranchGraph, merge
+from pnc.surgery.onnx_merge import CLONED_OUTPUT, BranchGraph, Head, merge
+from pnc.surgery.onnx_tidy import tidy
 from pnc.surgery.tracing import evaluating
 
 __all__ = [
@@ -52,6 +57,7 @@ __all__ = [
     "export_onnx",
     "to_onnx",
     "torch_to_onnx",
+    "branch_body",
     "locate_tensors",
     "session",
     "run",
@@ -205,6 +211,30 @@ def _probe(example_input: Tensor, batch: int) -> Tensor:
     return probe.to(example_input.device)
 
 
+class _BranchFeatures(nn.Module):
+    """cut (B, *cut shape) -> branch features (B, d_f): a branch without its head."""
+
+    forward = Branch.features
+
+    def __init__(self, branch: Branch):
+        super().__init__()
+        self.adapter, self.body = branch.adapter, branch.body
+
+
+def branch_body(branch: Branch, cut: Tensor, opset: int = OPSET, clean: bool = True) -> onnx.ModelProto:
+    """A branch without its head as ONNX: input ``cut`` (batch, *cut shape), output
+    ``features`` (batch, d_f); ``clean``: tidied of redundant nodes (:func:`pnc.surgery.onnx_tidy.tidy`)."""
+    model = torch_to_onnx(_BranchFeatures(branch), (cut,), ["cut"], ["features"], opset)
+    return tidy(model) if clean else model
+
+
+def _head(branch: Branch) -> Head:
+    """F_c's three linear layers as the two affine maps of [pre-logits, features] of :class:`Head`."""
+    h = branch.head
+    old = torch.cat([h.old_target.weight, h.old.weight], 1)
+    return Head(*(t.detach().float().numpy().copy() for t in (old, h.old_target.bias, h.new.weight, h.new.bias)))
+
+
 @torch.no_grad()
 def _clone_to_onnx(net: ClonedNetwork, example_input: Tensor, opset: int) -> onnx.ModelProto:
     base = torch_to_onnx(net.target, (example_input,), [INPUT], [LOGITS], opset)
@@ -216,9 +246,7 @@ def _clone_to_onnx(net: ClonedNetwork, example_input: Tensor, opset: int) -> onn
     located = locate_tensors(base, probe, {**at, pre_node: prelogits})
     graphs = []
     for name, branch in net.branches.items():
-        model = torch_to_onnx(
-            branch, (at[branch.target_cut], prelogits), ["cut", "prelogits"], ["correction", "logits"], opset
-        )
+        body = branch_body(branch, at[branch.target_cut], opset)
         info = {
             "target_cut": branch.target_cut,
             "source_cut": branch.source_cut,
@@ -228,11 +256,7 @@ def _clone_to_onnx(net: ClonedNetwork, example_input: Tensor, opset: int) -> onn
             "cut_tensor": located[branch.target_cut],
             "prelogits_tensor": located[pre_node],
         }
-        graphs.append(
-            BranchGraph.from_model(
-                name, model, {"cut": info["cut_tensor"], "prelogits": info["prelogits_tensor"]}, info
-            )
-        )
+        graphs.append(BranchGraph.from_model(name, body, info["cut_tensor"], _head(branch), info))
     merged = merge(base, graphs, net.target_classes)
     try:
         onnx.checker.check_model(merged, full_check=True)

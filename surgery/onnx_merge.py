@@ -1,17 +1,30 @@
 """Merge branch graphs into a base ONNX graph, and split them out again.
 
-A merged model is the base graph (the target, exactly as exported alone) with, appended
-after it, each branch's nodes, initializers and value_info (names prefixed ``<branch>/``,
-inputs wired to base tensors), then a combiner::
+A merged model is the base graph (the target, exactly as exported alone) followed, for
+each branch p, by its *body* and its *head*:
 
-    cloned_logits = Concat(logits + correction_1 + ... + correction_P, new_1, ..., new_P)
-                    (batch, |T_t| + sum_p |T_s^p|)
+* body: the adapter and the pruned source layers, names prefixed ``<branch>/``, reading
+  the base's tensor at the branch's cut and giving the branch features (batch, d_f);
+* head: one Concat and one Gemm that extend the running logits::
+
+      running_0 = logits                                                (batch, |T_t|)
+      running_p = Gemm(Concat(running_{p-1}, prelogits, features_p), W_p, b_p)
+      cloned_logits = running_P                        (batch, |T_t| + sum_p |T_s^p|)
+
+  W_p carries running_{p-1} through an identity block and holds F_c's two affine maps of
+  [prelogits, features_p]: the correction of the old logits and the new logits (see
+  :class:`Head`). F_c's three linear layers and the old combiner's Add and Concat are
+  thereby one kernel call per branch, and the target's pre-logits are read once per branch.
 
 Every name the merge adds and every model field it changes are listed in a JSON *detach
 manifest* in ``metadata_props[MANIFEST_KEY]``, with the sha256 of the base's serialized
-bytes, so that :func:`split` restores the base byte for byte. ``merge`` is a pure
-function of (base, branches): merging the branches left after a split gives the same
-bytes as exporting a clone with only those branches.
+bytes, so that :func:`split` restores the base byte for byte and each branch exactly (the
+head weights are sliced back out of W_p). ``merge`` is a pure function of (base, branches):
+merging the branches left after a split gives the same bytes as exporting a clone with
+only those branches. No torch import: this runs on the device.
+
+Caveat of the identity block: a non-finite target logit (inf) turns every Gemm output of
+that row into NaN (0 * inf), where PyTorch would keep the new logits finite.
 """
 
 from __future__ import annotations
@@ -21,17 +34,31 @@ import json
 from dataclasses import dataclass, field
 from importlib import metadata
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from pnc.surgery.errors import ExportError
 
-__all__ = ["MANIFEST_KEY", "CLONED_OUTPUT", "BranchGraph", "merge", "split", "read_manifest", "sha256"]
+__all__ = [
+    "MANIFEST_KEY",
+    "OPTIMIZED_KEY",
+    "CLONED_OUTPUT",
+    "Head",
+    "BranchGraph",
+    "head_names",
+    "merge",
+    "split",
+    "read_manifest",
+    "refuse_optimized",
+    "sha256",
+]
 
 MANIFEST_KEY = "pnc.detach_manifest"
+#: metadata_props key of a graph optimized by onnxruntime (:mod:`pnc.surgery.onnx_optimize`)
+OPTIMIZED_KEY = "pnc.optimized_from"
 CLONED_OUTPUT = "cloned_logits"
-_FORMAT = "pnc-onnx-clone/1"
-_COMBINER = "pnc.combiner/"
+_FORMAT = "pnc-onnx-clone/2"
 #: scalar ModelProto fields the merge sets; their base values (or absence) are in the manifest
 _FIELDS = ("producer_name", "producer_version", "doc_string")
 
@@ -41,73 +68,143 @@ def sha256(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString()).hexdigest()
 
 
+def head_names(branch: str) -> dict[str, str]:
+    """Names of the head nodes, tensors and initializers the merge adds for ``branch``."""
+    p = f"{branch}/head"
+    return {
+        "concat": f"{p}/Concat",
+        "gemm": f"{p}/Gemm",
+        "input": f"{p}/input",
+        "output": f"{p}/output",
+        "weight": f"{p}.weight",
+        "bias": f"{p}.bias",
+    }
+
+
+@dataclass
+class Head:
+    """F_c as two affine maps of z = [target pre-logits, branch features] (batch, d_pre + d_f):
+    correction = z @ old_weight.T + old_bias (batch, |T_t|), new logits = z @ new_weight.T +
+    new_bias (batch, |T_s|). float32 arrays."""
+
+    old_weight: np.ndarray  # (|T_t|, d_pre + d_f)
+    old_bias: np.ndarray  # (|T_t|,)
+    new_weight: np.ndarray  # (|T_s|, d_pre + d_f)
+    new_bias: np.ndarray  # (|T_s|,)
+
+    def __post_init__(self) -> None:
+        (num_old, width), (num_new, width_new) = self.old_weight.shape, self.new_weight.shape
+        if (
+            width != width_new
+            or self.old_bias.shape != (num_old,)
+            or self.new_bias.shape != (num_new,)
+            or any(a.dtype != np.float32 for a in (self.old_weight, self.old_bias, self.new_weight, self.new_bias))
+        ):
+            raise ExportError(
+                f"inconsistent head: old {self.old_weight.shape}/{self.old_bias.shape}, new "
+                f"{self.new_weight.shape}/{self.new_bias.shape} (float32 expected); re-export the clone"
+            )
+
+    @property
+    def num_old(self) -> int:
+        return self.old_weight.shape[0]
+
+    @property
+    def num_new(self) -> int:
+        return self.new_weight.shape[0]
+
+    def fused(self, carried: int) -> tuple[np.ndarray, np.ndarray]:
+        """(W (carried + |T_s|, carried + d_pre + d_f), b) of the merged Gemm, whose input is
+        [running logits (batch, carried), z]: the first |T_t| of the carried logits gain the
+        correction, all pass through, the new logits follow."""
+        width = self.old_weight.shape[1]
+        weight = np.zeros((carried + self.num_new, carried + width), np.float32)
+        weight[:carried, :carried] = np.eye(carried, dtype=np.float32)
+        weight[: self.num_old, carried:] = self.old_weight
+        weight[carried:, carried:] = self.new_weight
+        bias = np.zeros(carried + self.num_new, np.float32)
+        bias[: self.num_old] = self.old_bias
+        bias[carried:] = self.new_bias
+        return weight, bias
+
+    @classmethod
+    def unfused(cls, weight: np.ndarray, bias: np.ndarray, num_old: int, num_new: int, branch: str) -> Head:
+        """The head whose :meth:`fused` gives ``weight``, ``bias``, bit for bit (ExportError if none does)."""
+        carried = weight.shape[0] - num_new if weight.ndim == 2 else -1
+        if num_old <= carried <= weight.shape[1] and bias.shape == (weight.shape[0],):
+            head = cls(weight[:num_old, carried:], bias[:num_old], weight[carried:, carried:], bias[carried:])
+            again = head.fused(carried)
+            if again[0].tobytes() == weight.tobytes() and again[1].tobytes() == bias.tobytes():
+                return head
+        raise ExportError(
+            f"branch {branch!r}: its head weights are not of the form `pnc export` writes; the file "
+            "was edited after export, re-export it"
+        )
+
+
 @dataclass
 class BranchGraph:
-    """One branch's part of a merged graph, names prefixed ``<name>/``, inputs wired.
+    """One branch of a merged graph: its body (names prefixed ``<name>/``, reading a base
+    tensor, giving ``features`` (batch, d_f)) and its :class:`Head`.
 
-    ``correction`` (batch, |T_t|) and ``logits`` (batch, |T_s|) name its two results;
-    ``info`` is JSON metadata (target cut, cut tensors, classes, source)."""
+    ``info`` is JSON metadata: target cut, the base tensors read (``cut_tensor``,
+    ``prelogits_tensor``), classes, source."""
 
     name: str
     nodes: list[onnx.NodeProto]
     initializers: list[onnx.TensorProto]
     value_info: list[onnx.ValueInfoProto]
     opset_import: list[tuple[str, int]]
-    correction: str
-    logits: str
+    features: str
+    head: Head
     info: dict = field(default_factory=dict)
 
     @classmethod
-    def from_model(cls, name: str, model: onnx.ModelProto, inputs: dict[str, str], info: dict) -> BranchGraph:
-        """Prefix ``model`` (inputs (cut, prelogits) -> outputs (correction, logits)) with
-        ``<name>/`` and rename its graph inputs to base tensors: ``inputs`` maps each input
-        name of ``model`` to the base tensor it reads."""
-        if model.functions or model.graph.sparse_initializer:
+    def from_model(cls, name: str, body: onnx.ModelProto, cut_tensor: str, head: Head, info: dict) -> BranchGraph:
+        """Prefix ``body`` (one input, the cut tensor -> one output, the features) with
+        ``<name>/`` and wire its input to the base tensor ``cut_tensor``."""
+        if body.functions or body.graph.sparse_initializer:
             raise ExportError(
                 f"branch {name!r} exported with local functions or sparse initializers, "
                 "which pnc cannot merge; export it without export_modules_as_functions"
             )
         prefix = f"{name}/"
-        graph = onnx.compose.add_prefix_graph(model.graph, prefix)
-        wiring = {prefix + k: v for k, v in inputs.items()}
-        if set(wiring) != {i.name for i in graph.input}:
+        graph = onnx.compose.add_prefix_graph(body.graph, prefix)
+        if len(graph.input) != 1 or len(graph.output) != 1 or graph.output[0].name == graph.input[0].name:
             raise ExportError(
-                f"branch {name!r} has inputs {[i.name[len(prefix) :] for i in graph.input]}, "
-                f"expected {sorted(inputs)} (an input the branch does not read is dropped "
-                "by the exporter)"
+                f"branch {name!r}: its body must read one tensor and compute one (the features); it reads "
+                f"{[i.name for i in graph.input]} and gives {[o.name for o in graph.output]}"
             )
+        wiring = {graph.input[0].name: cut_tensor}
         for i, node in enumerate(graph.node):
             node.name = node.name or f"{prefix}{node.op_type}_{i}"
             node.input[:] = [wiring.get(x, x) for x in node.input]
-        if len(graph.output) != 2 or any(o.name in wiring for o in graph.output):
-            raise ExportError(f"branch {name!r} must give two computed outputs (correction, logits)")
-        correction, logits = (o.name for o in graph.output)
         return cls(
             name,
             list(graph.node),
             list(graph.initializer),
             [*graph.value_info, *graph.output],
-            [(o.domain, o.version) for o in model.opset_import],
-            correction,
-            logits,
+            [(o.domain, o.version) for o in body.opset_import],
+            graph.output[0].name,
+            head,
             info,
         )
 
     def manifest(self) -> dict:
         return {
             "name": self.name,
-            "correction": self.correction,
-            "logits": self.logits,
+            "features": self.features,
             "nodes": [n.name for n in self.nodes],
             "initializers": [t.name for t in self.initializers],
             "value_info": [v.name for v in self.value_info],
             "opset_import": [list(o) for o in self.opset_import],
+            "head": {"num_old": self.head.num_old, "num_new": self.head.num_new, **head_names(self.name)},
             "info": self.info,
         }
 
     @classmethod
-    def from_manifest(cls, entry: dict, graph: onnx.GraphProto) -> BranchGraph:
-        """Collect the branch listed by ``entry`` from a merged ``graph``."""
+    def from_manifest(cls, entry: dict, graph: onnx.GraphProto, head: Head) -> BranchGraph:
+        """Collect the body listed by ``entry`` from ``graph``; ``head`` is read by the caller."""
         nodes = {n.name: n for n in graph.node}
         inits = {t.name: t for t in graph.initializer}
         infos = {v.name: v for v in graph.value_info}
@@ -125,10 +222,29 @@ class BranchGraph:
             [inits[x] for x in entry["initializers"]],
             [infos[x] for x in entry["value_info"]],
             [(d, v) for d, v in entry["opset_import"]],
-            entry["correction"],
-            entry["logits"],
+            entry["features"],
+            head,
             entry["info"],
         )
+
+    def merged_head(
+        self, running: str, carried: int, output: str
+    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+        """Concat + Gemm: [running (batch, carried), prelogits, features] -> ``output``
+        (batch, carried + |T_s|), and the Gemm's initializers."""
+        n = head_names(self.name)
+        weight, bias = self.head.fused(carried)
+        nodes = [
+            helper.make_node(
+                "Concat",
+                [running, self.info["prelogits_tensor"], self.features],
+                [n["input"]],
+                name=n["concat"],
+                axis=1,
+            ),
+            helper.make_node("Gemm", [n["input"], n["weight"], n["bias"]], [output], name=n["gemm"], transB=1),
+        ]
+        return nodes, [numpy_helper.from_array(weight, n["weight"]), numpy_helper.from_array(bias, n["bias"])]
 
 
 def _names(graph: onnx.GraphProto) -> set[str]:
@@ -166,7 +282,7 @@ def _added_opsets(base: onnx.ModelProto, branches: list[BranchGraph]) -> list[tu
 
 
 def merge(base: onnx.ModelProto, branches: list[BranchGraph], target_classes: list[str]) -> onnx.ModelProto:
-    """The base plus ``branches`` and the combiner output ``cloned_logits``, with a manifest.
+    """The base plus ``branches`` and the output ``cloned_logits``, with a manifest.
 
     ``base`` is not modified; its nodes, initializers, inputs, outputs and value_info come
     first, unchanged. ``target_classes``: the base's output classes, in order."""
@@ -180,68 +296,56 @@ def merge(base: onnx.ModelProto, branches: list[BranchGraph], target_classes: li
             f"the base gives {logits.type.tensor_type.shape.dim[1].dim_value} logits but "
             f"{len(target_classes)} target classes were named"
         )
+    for b in branches:
+        if b.head.num_old != len(target_classes):
+            raise ExportError(
+                f"branch {b.name!r} corrects {b.head.num_old} logits but the base gives {len(target_classes)}"
+            )
     model = onnx.ModelProto()
     model.CopyFrom(base)
-    taken = _graft(model.graph, branches)
-    combiner = _add_combiner(model.graph, logits, branches, len(target_classes), taken)
-    _add_manifest(model, base, logits.name, branches, target_classes, combiner)
+    graph = model.graph
+    taken = _names(graph)
+    running, carried = logits.name, len(target_classes)
+    for i, b in enumerate(branches):
+        output = CLONED_OUTPUT if i == len(branches) - 1 else head_names(b.name)["output"]
+        head_nodes, head_inits = b.merged_head(running, carried, output)
+        _graft(graph, b, head_nodes, head_inits, taken)
+        running, carried = output, carried + b.head.num_new
+    out = helper.make_tensor_value_info(CLONED_OUTPUT, logits.type.tensor_type.elem_type, [None, carried])
+    out.type.tensor_type.shape.dim[0].CopyFrom(logits.type.tensor_type.shape.dim[0])
+    graph.output.append(out)
+    _add_manifest(model, base, logits.name, branches, target_classes)
     return model
 
 
-def _graft(graph: onnx.GraphProto, branches: list[BranchGraph]) -> set[str]:
-    """Append each branch's nodes, initializers and value_info to ``graph`` after checking
-    that its names are new and its inputs exist; returns every name now in the graph."""
-    taken = _names(graph)
-    for b in branches:
-        defined = {n.name for n in b.nodes} | {x for n in b.nodes for x in n.output}
-        defined |= {t.name for t in b.initializers} | {v.name for v in b.value_info}
-        clash = defined & taken
-        if clash:
-            raise ExportError(
-                f"branch {b.name!r} clashes with names already in the graph: {sorted(clash)[:3]}; give it another name"
-            )
-        unwired = {x for n in b.nodes for x in n.input} - defined - taken - {""}
-        if unwired:
-            raise ExportError(f"branch {b.name!r} reads {sorted(unwired)[:3]}, which the base graph does not have")
-        taken |= defined
-        graph.node.extend(b.nodes)
-        graph.initializer.extend(b.initializers)
-        graph.value_info.extend(b.value_info)
-    return taken
-
-
-def _add_combiner(
-    graph: onnx.GraphProto, logits: onnx.ValueInfoProto, branches: list[BranchGraph], num_old: int, taken: set[str]
-) -> list[onnx.NodeProto]:
-    """``cloned_logits`` (batch, |T_t| + sum |T_s|) = Concat(logits + sum corrections, new logits...)."""
-    running, nodes = logits.name, []
-    for i, b in enumerate(branches):
-        out = f"{_COMBINER}logits_{i}"
-        nodes.append(helper.make_node("Add", [running, b.correction], [out], name=f"{_COMBINER}Add_{i}"))
-        running = out
-    nodes.append(
-        helper.make_node(
-            "Concat", [running, *(b.logits for b in branches)], [CLONED_OUTPUT], name=f"{_COMBINER}Concat", axis=1
-        )
-    )
-    clash = taken & {CLONED_OUTPUT, *(x for n in nodes for x in (n.name, *n.output))}
+def _graft(
+    graph: onnx.GraphProto,
+    b: BranchGraph,
+    head_nodes: list[onnx.NodeProto],
+    head_inits: list[onnx.TensorProto],
+    taken: set[str],
+) -> None:
+    """Append a branch's body, then its head, to ``graph`` after checking that its names are
+    new and that it reads only tensors the graph has; adds its names to ``taken``."""
+    nodes, inits = [*b.nodes, *head_nodes], [*b.initializers, *head_inits]
+    defined = {n.name for n in nodes} | {x for n in nodes for x in n.output}
+    defined |= {t.name for t in inits} | {v.name for v in b.value_info}
+    clash = defined & taken
     if clash:
-        raise ExportError(f"the graph already uses the combiner's name(s) {sorted(clash)}")
+        raise ExportError(
+            f"branch {b.name!r} clashes with names already in the graph: {sorted(clash)[:3]}; give it another name"
+        )
+    unwired = {x for n in nodes for x in n.input} - defined - taken - {""}
+    if unwired:
+        raise ExportError(f"branch {b.name!r} reads {sorted(unwired)[:3]}, which the base graph does not have")
+    taken |= defined
     graph.node.extend(nodes)
-    width = num_old + sum(len(b.info["classes"]) for b in branches)
-    out = helper.make_tensor_value_info(CLONED_OUTPUT, logits.type.tensor_type.elem_type, [None, width])
-    out.type.tensor_type.shape.dim[0].CopyFrom(logits.type.tensor_type.shape.dim[0])
-    graph.output.append(out)
-    return nodes
+    graph.initializer.extend(inits)
+    graph.value_info.extend(b.value_info)
 
 
 def _add_manifest(
-    model: onnx.ModelProto,
-    base: onnx.ModelProto,
-    logits: str,
-    branches: list[BranchGraph],
-    target_classes: list[str],
-    combiner: list[onnx.NodeProto],
+    model: onnx.ModelProto, base: onnx.ModelProto, logits: str, branches: list[BranchGraph], target_classes: list[str]
 ) -> None:
     """The detach manifest in ``metadata_props``, the opsets the branches add, and producer fields."""
     added_opsets = _added_opsets(base, branches)
@@ -254,7 +358,6 @@ def _add_manifest(
         "output": CLONED_OUTPUT,
         "target_classes": list(target_classes),
         "classes": list(target_classes) + [c for b in branches for c in b.info["classes"]],
-        "combiner_nodes": [n.name for n in combiner],
         "branches": [b.manifest() for b in branches],
     }
     model.opset_import.extend(helper.make_opsetid(d, v) for d, v in added_opsets)
@@ -274,10 +377,26 @@ def _pnc_version() -> str:
         return "unknown"
 
 
+def refuse_optimized(model: onnx.ModelProto, verb: str) -> None:
+    """ExportError if ``model`` was optimized by onnxruntime (`pnc export --optimize`)."""
+    text = next((p.value for p in model.metadata_props if p.key == OPTIMIZED_KEY), None)
+    if text is not None:
+        try:
+            origin = f" (sha256 {json.loads(text)['sha256']})"
+        except (json.JSONDecodeError, KeyError, TypeError):
+            origin = ""
+        raise ExportError(
+            f"this ONNX file was optimized by onnxruntime (`pnc export --optimize`), which fuses and "
+            f"renames nodes, so pnc cannot {verb} it; use the plain export it was made from{origin}, "
+            "written by `pnc export` without --optimize"
+        )
+
+
 def read_manifest(model: onnx.ModelProto) -> dict:
     """The detach manifest of a merged model (ExportError if it has none or a bad one)."""
     text = next((p.value for p in model.metadata_props if p.key == MANIFEST_KEY), None)
     if text is None:
+        refuse_optimized(model, "detach")
         raise ExportError(
             "this ONNX file is not a pnc clone export (it has no detach manifest in its "
             f"metadata_props[{MANIFEST_KEY!r}]); only files written by `pnc export` from a "
@@ -294,7 +413,6 @@ def read_manifest(model: onnx.ModelProto) -> dict:
                 "logits",
                 "output",
                 "target_classes",
-                "combiner_nodes",
                 "branches",
             )
         )
@@ -308,24 +426,39 @@ def read_manifest(model: onnx.ModelProto) -> dict:
     return manifest
 
 
+def _merged_head(entry: dict, inits: dict[str, onnx.TensorProto], num_old: int) -> Head:
+    """A branch's head, sliced out of its merged Gemm's weight and bias."""
+    names = head_names(entry["name"])
+    missing = [names[k] for k in ("weight", "bias") if names[k] not in inits]
+    if missing:
+        raise ExportError(f"branch {entry['name']!r}: its head {missing} is missing; the file was edited after export")
+    weight, bias = (numpy_helper.to_array(inits[names[k]]) for k in ("weight", "bias"))
+    return Head.unfused(weight, bias, num_old, entry["head"]["num_new"], entry["name"])
+
+
 def split(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[BranchGraph], dict]:
     """(base, branches, manifest) of a merged model; the base is checked against the
     manifest's sha256 (ExportError if it differs: the base graph was edited)."""
     manifest = read_manifest(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    num_old = len(manifest["target_classes"])
     try:
-        branches = [BranchGraph.from_manifest(e, model.graph) for e in manifest["branches"]]
+        branches = [
+            BranchGraph.from_manifest(e, model.graph, _merged_head(e, inits, num_old)) for e in manifest["branches"]
+        ]
     except (KeyError, TypeError, ValueError) as err:
         raise ExportError(f"the detach manifest is corrupt ({err!r}); re-export the clone with `pnc export`") from err
-    added_nodes = set(manifest["combiner_nodes"]) | {n.name for b in branches for n in b.nodes}
-    missing = set(manifest["combiner_nodes"]) - {n.name for n in model.graph.node}
+    heads = [head_names(b.name) for b in branches]
+    added_nodes = {n.name for b in branches for n in b.nodes} | {h[k] for h in heads for k in ("concat", "gemm")}
+    missing = {h[k] for h in heads for k in ("concat", "gemm")} - {n.name for n in model.graph.node}
     if missing:
-        raise ExportError(f"the combiner nodes {sorted(missing)} are missing; the file was edited after export")
+        raise ExportError(f"the head nodes {sorted(missing)} are missing; the file was edited after export")
     base = onnx.ModelProto()
     base.CopyFrom(model)
     graph = base.graph
     _keep(graph.node, lambda n: n.name not in added_nodes)
-    inits = {t.name for b in branches for t in b.initializers}
-    _keep(graph.initializer, lambda t: t.name not in inits)
+    added_inits = {t.name for b in branches for t in b.initializers} | {h[k] for h in heads for k in ("weight", "bias")}
+    _keep(graph.initializer, lambda t: t.name not in added_inits)
     infos = {v.name for b in branches for v in b.value_info}
     _keep(graph.value_info, lambda v: v.name not in infos)
     _keep(graph.output, lambda o: o.name != manifest["output"])

@@ -29,7 +29,8 @@ PATHS = {"file": "FILE", "dir": "DIR", "proc": "/proc/pnc-fuzz"}
 
 #: sub-command -> bad argument lists; {file}: a regular file, {dir}: an empty folder,
 #: {run}: a finished clone folder (t <- s, class 7), {junk}: random bytes, {t_onnx} /
-#: {clone_onnx}: exports of t and of that clone, {proc}: a path no one can write.
+#: {clone_onnx}: exports of t and of that clone, {opt_onnx}: the clone's with --optimize,
+#: {proc}: a path no one can write.
 CASES: dict[str, list[str]] = {
     "top": ["", "nosuch", "--version-x", "zoo", "bench", "clone --help-x"],
     "cuts": [
@@ -151,6 +152,7 @@ CASES: dict[str, list[str]] = {
         "{t_onnx} {clone_onnx} --out {t_onnx}",
         "{t_onnx} {clone_onnx} --out {proc}/x.onnx",
         "{t_onnx} --out {dir}/x.onnx",
+        "{opt_onnx} {clone_onnx} --out {dir}/x.onnx",
         "{t_onnx} {clone_onnx}",
     ],
     "extract": [
@@ -256,6 +258,10 @@ CASES: dict[str, list[str]] = {
         "t --out {dir}/x.onnx --opset 99",
         "t --out {dir}/x.onnx --opset x",
         "t --out {dir}/x.onnx --opset 9 --opset 10",
+        "t --out {dir}/x.onnx --optimize fast",
+        "t --out {dir}/x.onnx --optimize",
+        "t --out {dir}/x.onnx --optimize basic --optimize all",
+        "{run} --out {dir}/x.onnx --branch-only --optimize basic",
         "t --out {dir}/x.onnx --zoo-dir {file}",
         "{run} --out {run}/clone.pnc",
         "t",
@@ -275,6 +281,8 @@ CASES: dict[str, list[str]] = {
         "{clone_onnx}",
         "{t_onnx} --all --out {dir}/x.onnx",
         "{t_onnx} --list",
+        "{opt_onnx} --all --out {dir}/x.onnx",
+        "{opt_onnx} --list",
         "{clone_onnx} --all --out {dir}/x.onnx --out {dir}/y.onnx",
     ],
     "bench paper": [
@@ -351,6 +359,8 @@ def sandbox(tiny_zoo, tiny_run, tmp_path_factory):
     (root / "junk.pnc").write_bytes(os.urandom(300))
     for src, out in (("t", "t.onnx"), (str(root / "run" / "clone.pnc"), "clone.onnx")):
         assert main(["export", src, "--out", str(root / out), "--zoo-dir", str(root / "zoo")]) == 0
+    optimized = ["--out", str(root / "opt.onnx"), "--optimize", "extended", "--zoo-dir", str(root / "zoo")]
+    assert main(["export", str(root / "run" / "clone.pnc"), *optimized]) == 0
     paths = {
         "zoo": str(root / "zoo"),
         "file": str(root / "file"),
@@ -360,6 +370,7 @@ def sandbox(tiny_zoo, tiny_run, tmp_path_factory):
         "junk": str(root / "junk.pnc"),
         "t_onnx": str(root / "t.onnx"),
         "clone_onnx": str(root / "clone.onnx"),
+        "opt_onnx": str(root / "opt.onnx"),
     }
     return root, paths
 

@@ -7,6 +7,9 @@ a one-candidate, one-step search on the digits clone set.
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -20,8 +23,9 @@ from pnc.surgery.errors import BranchError, ExportError
 from pnc.surgery.insertion import SearchConfig
 from pnc.surgery.io import file_sha256
 from pnc.surgery.onnx_detach import branch_names, detach_model, detach_onnx
-from pnc.surgery.onnx_export import LOGITS, export_onnx, locate_tensors, run, to_onnx
+from pnc.surgery.onnx_export import LOGITS, branch_body, export_onnx, locate_tensors, run, session, to_onnx
 from pnc.surgery.onnx_merge import CLONED_OUTPUT, read_manifest
+from pnc.surgery.onnx_tidy import KINDS, redundancies, tidy
 from pnc.surgery.patch import save_patch
 from pnc.zoo.archs import create
 from pnc.zoo.datasets import load_dataset
@@ -183,6 +187,75 @@ def test_transferable_module_is_exported_pruned(multi, multi_onnx):
 
 def test_clone_export_is_deterministic(multi, multi_onnx, images):
     assert to_onnx(multi, images["random"][:2]).SerializeToString() == multi_onnx.SerializeToString()
+
+
+def _scope(branch: str):
+    return lambda name: name.startswith(branch + "/")
+
+
+def test_merged_graph_has_no_redundant_nodes(multi, multi_onnx, images):
+    """Each branch adds its tidied body and a head of one Concat and one Gemm, nothing else:
+    no Identity, Constant, duplicated, dead or chained-reshape node, no unused or duplicated
+    initializer, and the target's pre-logits are read once by its head and once per branch."""
+    graph, manifest = multi_onnx.graph, read_manifest(multi_onnx)
+    base = to_onnx(multi.target, images["real"][:1])
+    bodies = sum(len(b["nodes"]) for b in manifest["branches"])
+    assert len(graph.node) == len(base.graph.node) + bodies + 2 * len(manifest["branches"])
+    for b in manifest["branches"]:
+        assert redundancies(graph, _scope(b["name"])) == {k: [] for k in KINDS}
+        head = [n for n in graph.node if n.name in (b["head"]["concat"], b["head"]["gemm"])]
+        assert [n.op_type for n in head] == ["Concat", "Gemm"]
+    pre = manifest["branches"][0]["info"]["prelogits_tensor"]
+    readers = [n.op_type for n in graph.node if pre in n.input]
+    assert readers == ["Gemm"] + ["Concat"] * len(manifest["branches"])
+    assert [n.name for n in graph.node if CLONED_OUTPUT in n.output] == [manifest["branches"][-1]["head"]["gemm"]]
+
+
+def test_tidy_removes_what_the_exporter_leaves(multi, images):
+    """The ViT branch body as TorchScript exports it has Identity aliases of weights, Constant
+    nodes and repeated shape computations; tidied, none, with the same values."""
+    branch = multi.branches["vit"]
+    names, taps = multi.taps()
+    with torch.no_grad():
+        cut = dict(zip(names, taps(images["random"])))[branch.target_cut]
+    raw = branch_body(branch, cut, clean=False)
+    found = redundancies(raw.graph)
+    assert found["identity"] and found["constant"] and found["duplicate"]
+    tidied = branch_body(branch, cut)
+    assert redundancies(tidied.graph) == {k: [] for k in KINDS}
+    assert len(tidied.graph.node) < len(raw.graph.node) - len(found["identity"])
+    feeds = {"cut": cut.numpy()}
+    np.testing.assert_allclose(session(tidied).run(None, feeds)[0], session(raw).run(None, feeds)[0], rtol=0, atol=1e-6)
+    assert tidy(raw).SerializeToString() == tidied.SerializeToString()  # deterministic
+
+
+def test_edited_head_is_refused(multi_onnx):
+    """The head weights hold an identity block that detaching checks, bit for bit."""
+    tampered = onnx.ModelProto()
+    tampered.CopyFrom(multi_onnx)
+    name = read_manifest(multi_onnx)["branches"][1]["head"]["weight"]
+    init = next(t for t in tampered.graph.initializer if t.name == name)
+    weight = onnx.numpy_helper.to_array(init).copy()
+    weight[0, 1] = 1e-3  # outside the branch's own weights
+    init.CopyFrom(onnx.numpy_helper.from_array(weight, name))
+    with pytest.raises(ExportError, match="branch 'res': its head weights are not of the form"):
+        detach_model(tampered, ["cnn"])
+
+
+def test_export_bytes_do_not_depend_on_the_hash_seed(tmp_path):
+    """The tidy pass (onnxscript) must not carry set or hash order into the file: two
+    processes with different PYTHONHASHSEED write the same bytes (attach == export relies on it)."""
+    script = (
+        "import sys, torch; torch.set_num_threads(1)\n"
+        "from pnc.surgery.examples import tiny_clone\n"
+        "from pnc.surgery.onnx_export import export_onnx\n"
+        "net, _, _, images = tiny_clone()\n"
+        "export_onnx(net, sys.argv[1], images[:1])\n"
+    )
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{seed}.onnx")], env=env, check=True)
+    assert (tmp_path / "1.onnx").read_bytes() == (tmp_path / "2.onnx").read_bytes()
 
 
 # ------------------------------------------------------------------ detach

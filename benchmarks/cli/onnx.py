@@ -6,6 +6,7 @@ pnc detach clone.onnx --branch NAME --out smaller.onnx
 pnc detach clone.onnx --all --out target.onnx           # == target.onnx, byte for byte
 pnc export runs/x/clone.pnc --branch-only --out branch.onnx   # one branch, standalone
 pnc attach target.onnx branch.onnx --out clone.onnx     # == the clone's export, no PyTorch
+pnc export runs/x/clone.pnc --optimize extended --out clone.ort.onnx   # for onnxruntime, not detachable
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pnc.surgery.devices import device_of
 from pnc.surgery.errors import ExportError
 from pnc.surgery.io import atomic_write_bytes
 from pnc.surgery.onnx_export import OPSET, OPSETS, to_onnx
-from pnc.surgery.onnx_merge import MANIFEST_KEY, read_manifest
+from pnc.surgery.onnx_merge import MANIFEST_KEY, read_manifest, sha256
 from pnc.zoo.store import ZooStore
 
 from .clone import patch_path
@@ -47,10 +48,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     check_output_file(args.out, not_same_as=patch_path(args.source) if _is_patch(args.source) else None)
     if args.branch and not args.branch_only:
         raise ExportError("--branch NAME picks the branch of --branch-only; add --branch-only")
+    if args.optimize and args.branch_only:
+        raise ExportError(
+            "--optimize makes a file `pnc attach` cannot read; write the branch without it, "
+            "attach it, then optimize the result"
+        )
     model, example = _load_source(args.source, args.zoo_dir)
     proto = to_onnx(model, example, args.opset)
     if args.branch_only:
         return _write_branch(proto, args)
+    if args.optimize:
+        return _write_optimized(proto, args)
     data = proto.SerializeToString()
     atomic_write_bytes(Path(args.out), data)
     print(f"{args.out}: opset {args.opset}, {len(data):,} bytes, sha256 {hashlib.sha256(data).hexdigest()}")
@@ -65,6 +73,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 f"  branch {b['name']!r}: reads {b['info']['cut_tensor']!r} (fx {b['info']['target_cut']!r}), "
                 f"{len(b['nodes'])} nodes, classes {', '.join(b['info']['classes'])}"
             )
+    return 0
+
+
+def _write_optimized(proto, args: argparse.Namespace) -> int:
+    from pnc.surgery.onnx_optimize import optimize_onnx
+
+    optimized = optimize_onnx(proto, args.optimize)
+    data = optimized.SerializeToString()
+    atomic_write_bytes(Path(args.out), data)
+    print(
+        f"{args.out}: optimized by onnxruntime {args.optimize!r} ({len(proto.graph.node)} -> "
+        f"{len(optimized.graph.node)} nodes), {len(data):,} bytes, sha256 {hashlib.sha256(data).hexdigest()}"
+    )
+    print(
+        f"  runs in onnxruntime only{' and on CPUs like this one' if args.optimize == 'all' else ''}; not "
+        f"detachable: `pnc detach`/`pnc attach` take the plain export (sha256 {sha256(proto)}, "
+        "written without --optimize)"
+    )
     return 0
 
 
@@ -154,6 +180,13 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     )
     export.add_argument(
         "--branch", metavar="NAME", help="the branch --branch-only writes (needed when the clone has several)"
+    )
+    export.add_argument(
+        "--optimize",
+        choices=["basic", "extended", "all"],
+        metavar="LEVEL",
+        help="write the graph as onnxruntime optimizes it at LEVEL (basic, extended, or all: also "
+        "this CPU's memory layout), for deployment with onnxruntime; not detachable",
     )
     export.set_defaults(func=_cmd_export)
 
