@@ -70,6 +70,7 @@ def run(zoo_dir: str, names: list[str], data_dir: str | None) -> dict:
                 "load_avg_before": round(load, 2),
                 "sha256": card.sha256,
                 "zoo_dir": zoo_dir,
+                "cpu": _cpu_name(),
             }
         )
         print(f"{name}: acc {card.test_accuracy:.4f}, {seconds:.1f} s", flush=True)
@@ -88,7 +89,8 @@ def merged_rows(path: Path, rows: list[dict]) -> list[dict]:
     """``rows`` replacing the rows of the same models in the results file ``path`` (if any),
     in the order of :data:`DEFAULTS`."""
     old_result = json.loads(path.read_text()) if path.is_file() else {"models": []}
-    old = [{"zoo_dir": old_result.get("zoo_dir"), **r} for r in old_result["models"]]
+    machine = old_result.get("machine", {})
+    old = [{"zoo_dir": old_result.get("zoo_dir"), "cpu": machine.get("cpu"), **r} for r in old_result["models"]]
     by_name = {r["name"]: r for r in old} | {r["name"]: r for r in rows}
     order = list(DEFAULTS)
     return sorted(by_name.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
@@ -96,10 +98,11 @@ def merged_rows(path: Path, rows: list[dict]) -> list[dict]:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
+    cpus = sorted({r.get("cpu") or m["cpu"] for r in result["models"]})
     lines = [
         "# Default zoo models: accuracy and training time",
         "",
-        f"Written by `benchmarks/zoo_defaults.py` on {m['cpu']} ({m['cores']} cores, "
+        f"Written by `benchmarks/zoo_defaults.py` on {' and '.join(cpus)} (rows: `cpu`; {m['cores']} cores, "
         f"torch {m['torch']} with {m['torch_threads']} intra-op thread(s), timm {m['timm']}). "
         "The CPU was shared with other jobs; `load` is the 1-minute load average before each run.",
         "",
@@ -111,19 +114,20 @@ def markdown(result: dict) -> str:
         "3 heads on 28 px (49 patch tokens + a class token).",
         "",
         "| model | arch | params | dataset | classes | optimizer | epochs | lr | wd | train images | test acc "
-        "| train s | total s | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| train s | total s | load | cpu |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["models"]:
         if "skipped" in r:
-            lines.append(f"| {r['name']} | skipped: {r['skipped']} |||||||||||||")
+            lines.append(f"| {r['name']} | skipped: {r['skipped']} ||||||||||||||")
             continue
         classes = f"{r['classes'][0]}-{r['classes'][-1]}"
         lines.append(
             f"| {r['name']} | {r['arch']} | {r['params']:,} | {r['dataset']} | {classes} | "
             f"{r.get('optimizer', 'sgd')} | {r['epochs']} | {r['lr']} | {r.get('weight_decay', 5e-4):g} | "
             f"{r['train_images']:,} | {100 * r['test_accuracy']:.2f}% | "
-            f"{r['train_seconds']:.1f} | {r['total_seconds']:.1f} | {r['load_avg_before']} |"
+            f"{r['train_seconds']:.1f} | {r['total_seconds']:.1f} | {r['load_avg_before']} | "
+            f"{r.get('cpu') or m['cpu']} |"
         )
     lines += ["", "`train s` is `fit` alone; `total s` adds loading the dataset, evaluation and saving.", ""]
     return "\n".join(lines)
