@@ -6,7 +6,11 @@ seeds, cloning the "S" set (20% of the source's classes):
 * ``resnetc20-cnn4``: the default ResNetC-20 source into a plain 4-conv CNN target;
 * ``resnet18-mobilenetv2``: timm ``resnet18`` into timm ``mobilenetv2_050`` (both
   ``pretrained=False``, ``in_chans=1``), on Fashion-MNIST padded to 32x32 with black
-  borders (the paper's 32 px input), each trained briefly here.
+  borders (the paper's 32 px input), each trained briefly here;
+* ``vit-lenet5`` and ``lenet5-vit``: CNN <-> ViT both ways between the default LeNet-5
+  pair and the default small timm ViT pair (patch 4 on 28 px, ``fmnist-vit-*``). LeNet-5's
+  last block cut is flat (NC), which no adapter maps to tokens: the search skips that
+  candidate and says so in the PNC rows' reports.
 
 The zoo models these pairs need beyond the defaults are trained by the recipes in
 :data:`EXTRA_MODELS` on first use and reused after (same store checks as the defaults).
@@ -29,7 +33,6 @@ from pnc.zoo.datasets import DatasetSplits, ImageData
 from pnc.zoo.defaults import DEFAULTS, DefaultModel, ensure_default
 from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import parse_classes
-from pnc.zoo.train import train_zoo_model
 
 __all__ = ["EXTRA_MODELS", "PAIRS", "HeteroPair", "padded", "ensure_model", "run_hetero"]
 
@@ -73,6 +76,20 @@ PAIRS: dict[str, HeteroPair] = {
             "fmnist32-resnet18-source",
             padded=True,
         ),
+        HeteroPair(
+            "vit-lenet5",
+            "timm ViT source -> LeNet-5 target",
+            "fmnist-lenet5-target",
+            "fmnist-vit-source",
+            padded=False,
+        ),
+        HeteroPair(
+            "lenet5-vit",
+            "LeNet-5 source -> timm ViT target",
+            "fmnist-vit-target",
+            "fmnist-lenet5-source",
+            padded=False,
+        ),
     ]
 }
 
@@ -110,19 +127,7 @@ def ensure_model(store: ZooStore, name: str, splits: DatasetSplits, device: Devi
     class_ids = parse_classes(spec.classes, splits.classes)
     if store.exists(name) and store.verify(name) and spec.matches(store.card(name), class_ids):
         return store.card(name)
-    return train_zoo_model(
-        store,
-        name,
-        spec.arch,
-        splits,
-        class_ids,
-        spec.epochs,
-        spec.lr,
-        spec.seed,
-        batch_size=spec.batch_size,
-        progress=False,
-        device=device,
-    )
+    return spec.train(store, splits, class_ids, progress=False, device=device)
 
 
 def run_hetero(
@@ -130,6 +135,7 @@ def run_hetero(
     *,
     seeds: list[int],
     methods: list[str] | None = None,
+    quick: bool = False,
     zoo_dir: str | None = None,
     data_dir: str | None = None,
     out_dir: Path = Path("benchmarks/results"),
@@ -139,7 +145,7 @@ def run_hetero(
     device: DeviceLike | None = None,
 ) -> list[dict[str, Any]]:
     """Table 2 rows for each pair in ``pair_keys`` (scale S), run on ``device``; one
-    markdown/JSON per pair."""
+    markdown/JSON per pair, ``table2-<key>`` (``-quick`` with the tiny budget of ``quick``, a smoke run)."""
     from pnc.zoo.datasets import load_dataset
     from pnc.zoo.store import default_zoo_dir
 
@@ -155,16 +161,16 @@ def run_hetero(
         splits = padded(base) if pair.padded else base
         t_card = ensure_model(store, pair.target, splits if pair.target not in DEFAULTS else base, device)
         s_card = ensure_model(store, pair.source, splits if pair.source not in DEFAULTS else base, device)
-        stem = f"table2-{key}"
+        stem = f"table2-{key}" + ("-quick" if quick else "")
         spec = TableSpec(
             stem=stem,
-            title=f"Table 2 analogue: {pair.title}, Fashion-MNIST",
+            title=f"Table 2 analogue: {pair.title}, Fashion-MNIST" + (" (quick budget)" if quick else ""),
             target=pair.target,
             source=pair.source,
             scales=["S"],
             seeds=seeds,
             methods=methods or HETERO_METHODS,
-            budget=budget_for(t_card, quick=False),
+            budget=budget_for(t_card, quick),
         )
         cache = RowCache(Path(out_dir) / f"{stem}.rows.json")
         per_seed = run_table(spec, store, splits, cache, workdir, log=log, device=device)

@@ -4,7 +4,8 @@
 
 Each model is trained from scratch (an existing model of that name in ``--zoo-dir``
 is deleted first) through ``pretrain_defaults(store, only=[name])``, and timed
-around that call. Writes ``benchmarks/results/zoo.json`` and ``zoo.md``.
+around that call. Writes ``benchmarks/results/zoo.json`` and ``zoo.md``; with ``--only``
+the rows of the other models already there are kept.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def run(zoo_dir: str, names: list[str], data_dir: str | None) -> dict:
                 "params": sum(p.numel() for p in model.parameters()),
                 "epochs": card.recipe["epochs"],
                 "lr": card.recipe["lr"],
+                "optimizer": card.recipe["optimizer"],
+                "weight_decay": card.recipe["weight_decay"],
                 "seed": card.recipe["seed"],
                 "train_images": card.recipe["train_images"],
                 "test_accuracy": card.test_accuracy,
@@ -66,6 +69,8 @@ def run(zoo_dir: str, names: list[str], data_dir: str | None) -> dict:
                 "total_seconds": round(seconds, 1),
                 "load_avg_before": round(load, 2),
                 "sha256": card.sha256,
+                "zoo_dir": zoo_dir,
+                "cpu": _cpu_name(),
             }
         )
         print(f"{name}: acc {card.test_accuracy:.4f}, {seconds:.1f} s", flush=True)
@@ -76,37 +81,53 @@ def run(zoo_dir: str, names: list[str], data_dir: str | None) -> dict:
             "torch_threads": torch.get_num_threads(),
             **package_versions(),
         },
-        "zoo_dir": zoo_dir,
         "models": rows,
     }
 
 
+def merged_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """``rows`` replacing the rows of the same models in the results file ``path`` (if any),
+    in the order of :data:`DEFAULTS`."""
+    old_result = json.loads(path.read_text()) if path.is_file() else {"models": []}
+    machine = old_result.get("machine", {})
+    old = [{"zoo_dir": old_result.get("zoo_dir"), "cpu": machine.get("cpu"), **r} for r in old_result["models"]]
+    by_name = {r["name"]: r for r in old} | {r["name"]: r for r in rows}
+    order = list(DEFAULTS)
+    return sorted(by_name.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
+    cpus = sorted({r.get("cpu") or m["cpu"] for r in result["models"]})
     lines = [
         "# Default zoo models: accuracy and training time",
         "",
-        f"Written by `benchmarks/zoo_defaults.py` on {m['cpu']} ({m['cores']} cores, "
+        f"Written by `benchmarks/zoo_defaults.py` on {' and '.join(cpus)} (rows: `cpu`; {m['cores']} cores, "
         f"torch {m['torch']} with {m['torch_threads']} intra-op thread(s), timm {m['timm']}). "
         "The CPU was shared with other jobs; `load` is the 1-minute load average before each run.",
         "",
-        "Recipe: SGD, Nesterov momentum 0.9, weight decay 5e-4, cosine learning rate per step, "
-        "batch 128, no augmentation, cross-entropy. Target = classes 0-4 (seed 0), "
-        "source = classes 5-9 (seed 1). Accuracy is on the test images of the model's own classes.",
+        "Recipe: SGD with Nesterov momentum 0.9 or AdamW (betas 0.9, 0.999), the weight decay in "
+        "the table, cosine learning rate per step from the start (no warm-up), batch 128, no "
+        "augmentation, cross-entropy. Target = classes 0-4 (seed 0), source = classes 5-9 (seed 1). "
+        "Accuracy is on the test images of the model's own classes. The ViT is timm's "
+        "VisionTransformer (the `vit_tiny_patch16_224` entry) with patch 4, width 96, depth 4, "
+        "3 heads on 28 px (49 patch tokens + a class token).",
         "",
-        "| model | arch | params | dataset | classes | epochs | lr | train images | test acc "
-        "| train s | total s | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | arch | params | dataset | classes | optimizer | epochs | lr | wd | train images | test acc "
+        "| train s | total s | load | cpu |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["models"]:
         if "skipped" in r:
-            lines.append(f"| {r['name']} | skipped: {r['skipped']} |||||||||||")
+            lines.append(f"| {r['name']} | skipped: {r['skipped']} ||||||||||||||")
             continue
         classes = f"{r['classes'][0]}-{r['classes'][-1]}"
         lines.append(
             f"| {r['name']} | {r['arch']} | {r['params']:,} | {r['dataset']} | {classes} | "
-            f"{r['epochs']} | {r['lr']} | {r['train_images']:,} | {100 * r['test_accuracy']:.2f}% | "
-            f"{r['train_seconds']:.1f} | {r['total_seconds']:.1f} | {r['load_avg_before']} |"
+            f"{r.get('optimizer', 'sgd')} | {r['epochs']} | {r['lr']} | {r.get('weight_decay', 5e-4):g} | "
+            f"{r['train_images']:,} | {100 * r['test_accuracy']:.2f}% | "
+            f"{r['train_seconds']:.1f} | {r['total_seconds']:.1f} | {r['load_avg_before']} | "
+            f"{r.get('cpu') or m['cpu']} |"
         )
     lines += ["", "`train s` is `fit` alone; `total s` adds loading the dataset, evaluation and saving.", ""]
     return "\n".join(lines)
@@ -119,6 +140,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(DEFAULTS), default=list(DEFAULTS))
     args = parser.parse_args()
     result = run(args.zoo_dir, args.only, args.data_dir)
+    result["models"] = merged_rows(RESULTS / "zoo.json", result["models"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS / "zoo.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(RESULTS / "zoo.md", markdown(result))

@@ -27,7 +27,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -232,9 +234,11 @@ class MaskedBody(nn.Module):
         """Does removing the first half of each group's channels equal zero-masking them?"""
         keep = {g.name: torch.arange(g.size // 2, g.size, device=self.example.device) for g in groups}
         self.groups, saved = groups, self.groups
+        # torch.fx prints the generated code of a failing traced forward to stderr before
+        # raising; a shape that pruning broke (a ViT's hard-coded head reshape) is expected here
         try:
             self.set_keep(keep)
-            with torch.no_grad():
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                 masked = self(self.example)
                 pruned, _ = prune_structurally(
                     copy.deepcopy(self.pristine), self.example, self.layout, keep, self.frozen_names

@@ -321,6 +321,8 @@ CASES: dict[str, list[str]] = {
     "bench hetero": [
         "--pairs x",
         "--pairs resnetc20-cnn4,resnetc20-cnn4",
+        "--pairs vit-lenet5,vit",
+        "--quick --quick",
         "--methods nope",
         "--out {file}",
         "--workdir {proc}",

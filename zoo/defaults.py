@@ -1,9 +1,9 @@
 """The default target/source pairs: trained here, on the CPU, in a few minutes.
 
 Target and source of a pair see disjoint class halves and start from different
-seeds (with the same seed their features line up by accident, see DESIGN.md).
-Recipes are SGD + Nesterov momentum with a cosine schedule (see ``train.fit``); their
-accuracies and times on a 2-core CPU are in ``benchmarks/results/zoo.md``.
+seeds (with the same seed their features line up by accident, see docs/design.md).
+Recipes are SGD + Nesterov momentum with a cosine schedule (see ``train.fit``), AdamW for
+the ViT pair; their accuracies and times on a 2-core CPU are in ``benchmarks/results/zoo.md``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = ["DefaultModel", "DEFAULTS", "default_pair", "ensure_default", "pretra
 
 @dataclass(frozen=True)
 class DefaultModel:
-    """How one default zoo model is trained."""
+    """How one default zoo model is trained (``optimizer``: a key of ``train.OPTIMIZERS``)."""
 
     name: str
     arch: str
@@ -36,16 +36,52 @@ class DefaultModel:
     seed: int
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 128
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
 
     def matches(self, card: ModelCard, class_ids: list[int]) -> bool:
-        """Was ``card`` trained by this recipe?"""
+        """Was ``card`` trained by this recipe (architecture settings included)?"""
         recipe = card.recipe
-        return (card.arch, card.dataset, card.classes) == (self.arch, self.dataset, class_ids) and (
+        kwargs = {k: card.kwargs.get(k) for k in self.arch_kwargs}
+        return (card.arch, card.dataset, card.classes, kwargs) == (
+            self.arch,
+            self.dataset,
+            class_ids,
+            self.arch_kwargs,
+        ) and (
             recipe.get("epochs"),
             recipe.get("lr"),
             recipe.get("seed"),
             recipe.get("batch_size"),
-        ) == (self.epochs, self.lr, self.seed, self.batch_size)
+            recipe.get("optimizer", "sgd"),
+            recipe.get("weight_decay", 5e-4),
+        ) == (self.epochs, self.lr, self.seed, self.batch_size, self.optimizer, self.weight_decay)
+
+    def train(
+        self,
+        store: ZooStore,
+        splits: DatasetSplits,
+        class_ids: list[int],
+        progress: bool = True,
+        device: DeviceLike | None = None,
+    ) -> ModelCard:
+        """Train this recipe on ``splits`` into ``store`` (replacing a model of that name), on ``device``."""
+        return train_zoo_model(
+            store,
+            self.name,
+            self.arch,
+            splits,
+            class_ids,
+            self.epochs,
+            self.lr,
+            self.seed,
+            arch_kwargs=self.arch_kwargs,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
+            weight_decay=self.weight_decay,
+            progress=progress,
+            device=device,
+        )
 
 
 def _pair(prefix: str, arch: str, dataset: str, epochs: int, lr: float) -> list[DefaultModel]:
@@ -55,12 +91,19 @@ def _pair(prefix: str, arch: str, dataset: str, epochs: int, lr: float) -> list[
     ]
 
 
+#: the small ViT: timm's VisionTransformer (the ``vit_tiny_patch16_224`` entry, every size
+#: overridden) with 4x4 patches of a 28 px image, 49 patch tokens + a class token of width 96
+VIT_KWARGS: dict[str, Any] = {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}
+_VIT = dict(arch="vit_tiny_patch16_224", dataset="fashion-mnist", epochs=6, lr=3e-3, arch_kwargs=VIT_KWARGS)
+
 DEFAULTS: dict[str, DefaultModel] = {
     m.name: m
     for m in [
         *_pair("digits", "cnn4", "digits", epochs=10, lr=0.05),
         *_pair("fmnist", "lenet5", "fashion-mnist", epochs=15, lr=0.05),
         *_pair("fmnist", "resnetc20", "fashion-mnist", epochs=3, lr=0.1),
+        DefaultModel("fmnist-vit-target", classes="0-4", seed=0, optimizer="adamw", weight_decay=0.05, **_VIT),
+        DefaultModel("fmnist-vit-source", classes="5-9", seed=1, optimizer="adamw", weight_decay=0.05, **_VIT),
     ]
 }
 
@@ -106,20 +149,7 @@ def ensure_default(
         except StoreError as err:  # an unreadable card: a default model is rebuilt, like corrupt weights
             Console(stderr=True).print(f"{name}: {err}")
         Console(stderr=True).print(f"{name}: stored model is corrupt or from another recipe; retraining")
-    return train_zoo_model(
-        store,
-        name,
-        spec.arch,
-        splits,
-        class_ids,
-        spec.epochs,
-        spec.lr,
-        spec.seed,
-        arch_kwargs=spec.arch_kwargs,
-        batch_size=spec.batch_size,
-        progress=progress,
-        device=device,
-    )
+    return spec.train(store, splits, class_ids, progress, device)
 
 
 def pretrain_defaults(

@@ -151,6 +151,7 @@ def _cmd_hetero(args: argparse.Namespace) -> int:
         args.pairs,
         seeds=args.seeds or [0],
         methods=args.methods or HETERO_METHODS,
+        quick=args.quick,
         zoo_dir=args.zoo_dir,
         data_dir=args.data_dir,
         out_dir=Path(args.out),
@@ -158,8 +159,8 @@ def _cmd_hetero(args: argparse.Namespace) -> int:
         command=_command(),
         device=args.device,
     )
-    for key in args.pairs:
-        print(f"wrote {Path(args.out) / f'table2-{key}.md'}")
+    for result in results:
+        print(f"wrote {Path(args.out) / result['stem']}.md")
     return 0 if results else 1
 
 
@@ -242,8 +243,13 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     hetero.add_argument(
         "--pairs",
         type=_csv(str, list(PAIRS)),
-        default=["resnetc20-cnn4", "resnet18-mobilenetv2"],
-        help="resnetc20-cnn4 and/or resnet18-mobilenetv2 (default both)",
+        default=list(PAIRS),
+        help=f"comma-separated, of {', '.join(PAIRS)} (source-target; default all)",
+    )
+    hetero.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny search budget, one seed, tables named table2-<pair>-quick (a smoke run; still Fashion-MNIST)",
     )
     hetero.add_argument(
         "--methods",
