@@ -157,7 +157,9 @@ def test_worker_processes_decode_the_same_pixels(folder, monkeypatch):
     alone = splits.train.load().x
     monkeypatch.setattr(images, "PARALLEL_ROWS", 1)
     monkeypatch.setenv("PNC_DATA_WORKERS", "2")
+    state = torch.random.get_rng_state()
     assert torch.equal(splits.train.load().x, alone)
+    assert torch.equal(torch.random.get_rng_state(), state)  # dropout in fit draws the same numbers
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])

@@ -102,6 +102,7 @@ class ImageFiles:
             num_workers=workers,
             collate_fn=_collate,
             prefetch_factor=1 if workers else None,
+            generator=torch.Generator().manual_seed(0),  # its seed draw must not move the global RNG
         )
         for index, x in zip(order, loader):
             if isinstance(x, str):
