@@ -66,7 +66,7 @@ class Adapter(nn.Module, abc.ABC):
                 f"identity_init needs equal widths, this adapter maps {in_f} -> {out_f} "
                 "channels; use least_squares_init(adapter, src_feats, dst_feats) instead"
             )
-        weight.copy_(torch.eye(in_f, dtype=weight.dtype).view_as(weight))
+        weight.copy_(torch.eye(in_f, dtype=weight.dtype, device=weight.device).view_as(weight))
         bias.zero_()
 
     def num_params(self) -> int:

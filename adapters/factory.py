@@ -13,6 +13,7 @@ import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from .base import Adapter, AdapterError
@@ -190,6 +191,7 @@ def make_adapter(
     dst_prefix_tokens: int = 0,
     relu: bool = False,
     prefix_init: Tensor | None = None,
+    device: torch.device | str | None = None,
 ) -> Adapter:
     """Adapter mapping (B, *src_shape) in ``src_layout`` to (B, *dst_shape) in ``dst_layout``.
 
@@ -198,7 +200,8 @@ def make_adapter(
     data, e.g. a ReLU output; callers pass ``relu=True`` then. ``prefix_init``
     ((P, C) or (1, P, C)) seeds learned output prefix tokens, e.g. the source's class
     token plus its position embedding. The returned module carries ``.spec``
-    (an ``AdapterSpec``) so it can be rebuilt from JSON.
+    (an ``AdapterSpec``) so it can be rebuilt from JSON; it is built on ``device``
+    (default: torch's default device).
     """
     if not isinstance(relu, bool):
         raise AdapterError(f"relu must be True or False, got {relu!r}")
@@ -217,6 +220,8 @@ def make_adapter(
             f"no adapter maps {spec}; supported layout pairs: {', '.join(supported_pairs())}. "
             "Choose cuts whose layouts form one of these pairs (e.g. a cut before the final pooling/flatten)"
         )
-    adapter = build(spec, prefix_init)
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    with device:  # every parameter is made there
+        adapter = build(spec, prefix_init).to(device)
     adapter.spec = spec
     return adapter

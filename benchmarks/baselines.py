@@ -13,6 +13,12 @@ workdir) -> (model, hparams, details)``; :func:`run_method` runs one under a wal
 and a resident-memory sampler and adds its inference MACs. The zoo models are never
 modified: methods that train work on ``copy.deepcopy`` of the target, and their hashes
 are checked after every run.
+
+Every method runs on the device of the target and source (move both there first): the
+images stay on the CPU and are moved there batch by batch, and every model a method
+returns is an nn.Module on that device. New weights (an extended classifier, Joint+Full's
+re-initialisation) are drawn on the CPU from the seed, then moved: the same per seed on
+every device.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pnc.bench.metrics import LogitsFn, inference_macs
+from pnc.bench.metrics import inference_macs
 from pnc.surgery.cloning import clone
 from pnc.surgery.cuts import classifier_of
+from pnc.surgery.devices import device_of
 from pnc.surgery.errors import TaskError
 from pnc.surgery.insertion import SearchConfig, joint_teacher, kd_loss
 from pnc.surgery.io import state_dict_sha256
@@ -48,6 +55,8 @@ __all__ = [
     "MethodRun",
     "METHODS",
     "CalibratedEnsemble",
+    "TargetAlone",
+    "DirectEnsemble",
     "METHOD_ONLY_FIELDS",
     "budget_fields",
     "run_method",
@@ -55,8 +64,7 @@ __all__ = [
     "PeakMemory",
 ]
 
-Model = nn.Module | LogitsFn
-MethodFn = Callable[..., tuple[Model, dict[str, Any], dict[str, Any]]]
+MethodFn = Callable[..., tuple[nn.Module, dict[str, Any], dict[str, Any]]]
 
 
 #: the search's own settings: the budget's epochs, batch and temperature default to them
@@ -118,7 +126,7 @@ class MethodRun:
     """
 
     method: str
-    model: Model = field(repr=False)
+    model: nn.Module = field(repr=False)
     seconds: float
     peak_mb: float
     macs: int
@@ -177,7 +185,8 @@ class PeakMemory:
 
 def extend_classifier(model: nn.Module, num_new: int, example: Tensor, seed: int) -> nn.Module:
     """Replace ``model``'s nn.Linear classifier (found by tracing) in place with one having
-    ``num_new`` more outputs: old rows copied, new rows default-initialized from ``seed``."""
+    ``num_new`` more outputs: old rows copied, new rows default-initialized from ``seed`` (drawn
+    on the CPU, then moved to the classifier's device)."""
     cls = classifier_of(trace(model, example[:2]))
     old = model.get_submodule(cls.module)
     if not isinstance(old, nn.Linear):
@@ -187,7 +196,8 @@ def extend_classifier(model: nn.Module, num_new: int, example: Tensor, seed: int
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        new = nn.Linear(old.in_features, old.out_features + num_new, bias=old.bias is not None)
+        new = nn.Linear(old.in_features, old.out_features + num_new, bias=old.bias is not None, device="cpu")
+    new.to(old.weight.device)
     with torch.no_grad():
         new.weight[: old.out_features] = old.weight
         if old.bias is not None:
@@ -197,14 +207,16 @@ def extend_classifier(model: nn.Module, num_new: int, example: Tensor, seed: int
 
 
 def _reinitialized(model: nn.Module, seed: int) -> nn.Module:
-    """A copy of ``model`` with every parameter re-drawn by its module's ``reset_parameters``."""
-    fresh = copy.deepcopy(model)
+    """A copy of ``model`` with every parameter re-drawn by its module's ``reset_parameters`` (on
+    the CPU, from ``seed``), on ``model``'s device."""
+    device = device_of(model)
+    fresh = copy.deepcopy(model).to("cpu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for module in fresh.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-    return fresh.requires_grad_(True)
+    return fresh.to(device).requires_grad_(True)
 
 
 def _count_params(*modules: nn.Module) -> int:
@@ -230,42 +242,57 @@ def _finetune_hparams(budget: Budget, **extra: Any) -> dict[str, Any]:
 # --- the methods -----------------------------------------------------------------------------
 
 
+class TargetAlone(nn.Module):
+    """The target with -inf for each of ``num_new`` cloned classes: (B, |T_t| + num_new)."""
+
+    def __init__(self, target: nn.Module, num_new: int):
+        super().__init__()
+        self.target, self.num_new = target, num_new
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.target(x)
+        return torch.cat([out, out.new_full((len(x), self.num_new), float("-inf"))], 1)
+
+
+class DirectEnsemble(nn.Module):
+    """The target's logits, then the source's logits ``index`` (its T_s): (B, |T_t| + |T_s|)."""
+
+    def __init__(self, target: nn.Module, source: nn.Module, index: list[int]):
+        super().__init__()
+        self.target, self.source, self.index = target, source, list(index)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self.target(x), self.source(x)[:, self.index]], 1)
+
+
 def pretrained(
     task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, workdir: Path | None = None
 ):
     """The target alone: its own logits, and -inf for every cloned class (Tar = 0)."""
-    num_new = len(task.clone_classes)
-
-    def logits(x: Tensor) -> Tensor:
-        out = target(x)
-        return torch.cat([out, out.new_full((len(x), num_new), float("-inf"))], 1)
-
-    return logits, {}, {"params": _count_params(target)}
+    return TargetAlone(target, len(task.clone_classes)), {}, {"params": _count_params(target)}
 
 
 def direct_ensemble(
     task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, workdir: Path | None = None
 ):
     """Concatenate the target's logits and the source's logits of T_s."""
-    index = task.source_label_index()
-
-    def logits(x: Tensor) -> Tensor:
-        return torch.cat([target(x), source(x)[:, index]], 1)
-
-    return logits, {}, {"params": _count_params(target, source)}
+    model = DirectEnsemble(target, source, task.source_label_index())
+    return model, {}, {"params": _count_params(target, source)}
 
 
 class CalibratedEnsemble(nn.Module):
     """The direct ensemble with a per-model temperature and a per-class bias:
     ``[target(x) / tau_t + b_old, source(x)[:, index] / tau_s + b_new]`` (B, |T_t| + |T_s|).
-    The two models are held by reference and never trained."""
+    The two models are held by reference and never trained; its parameters are made on the
+    target's device."""
 
     def __init__(self, target: nn.Module, source: nn.Module, index: list[int], num_old: int):
         super().__init__()
         self.models = (target, source)  # a tuple: not registered, so not counted twice or saved
         self.index = list(index)
-        self.log_temperature = nn.Parameter(torch.zeros(2))
-        self.bias = nn.Parameter(torch.zeros(num_old + len(index)))
+        device = device_of(target)
+        self.log_temperature = nn.Parameter(torch.zeros(2, device=device))
+        self.bias = nn.Parameter(torch.zeros(num_old + len(index), device=device))
 
     def combine(self, old: Tensor, new: Tensor) -> Tensor:
         """Raw target logits (B, |T_t|) and source logits of T_s (B, |T_s|) -> calibrated (B, K)."""
@@ -280,10 +307,13 @@ class CalibratedEnsemble(nn.Module):
     def fit(self, x: Tensor, y: Tensor, weight_decay: float = 1e-3, steps: int = 200) -> CalibratedEnsemble:
         """Minimize cross-entropy on images x (N, C, H, W) with joint labels y (N,) by L-BFGS,
         plus ``weight_decay`` x the squared parameters (keeps the fit finite when a side
-        has no image, e.g. no old-class image in the strict setting)."""
+        has no image, e.g. no old-class image in the strict setting). Runs on the
+        parameters' device, the images moved there batch by batch."""
+        device = self.bias.device
+        y = y.to(device)
         with torch.no_grad():
-            old = torch.cat([self.models[0](xb) for xb in x.split(512)])
-            new = torch.cat([self.models[1](xb)[:, self.index] for xb in x.split(512)])
+            old = torch.cat([self.models[0](xb.to(device)) for xb in x.split(512)])
+            new = torch.cat([self.models[1](xb.to(device))[:, self.index] for xb in x.split(512)])
         params = [self.log_temperature, self.bias]
         opt = torch.optim.LBFGS(params, lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
 
@@ -322,7 +352,9 @@ def joint_full(
     images of T_t and T_s (``task.joint_train()``) with cross-entropy."""
     data = task.joint_train()  # image folders: files, streamed by fit
     model = _reinitialized(target, seed)
-    extend_classifier(model, len(task.clone_classes), decoded(data.subset(torch.arange(2))).x, seed)
+    extend_classifier(
+        model, len(task.clone_classes), decoded(data.subset(torch.arange(2, device=data.y.device))).x, seed
+    )
     fit(
         model,
         data,
@@ -545,7 +577,7 @@ def run_method(
     params = details.pop("params", None)
     if params is None:
         params = _count_params(model)
-    example = task.clone_set().x[:1]
+    example = task.clone_set().x[:1]  # inference_macs moves it to the model's device
     return MethodRun(
         method=name,
         model=model,

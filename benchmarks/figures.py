@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -35,6 +36,7 @@ from pnc.bench.paper import RowCache, jsonable, machine_info
 from pnc.surgery.branch import Branch
 from pnc.surgery.cloning import clone
 from pnc.surgery.cuts import classifier_of, cut_points
+from pnc.surgery.devices import DeviceLike, device_of
 from pnc.surgery.io import atomic_write_text
 from pnc.surgery.local_models import occlusion_masks
 from pnc.surgery.splitting import extract
@@ -68,10 +70,12 @@ class LocalizedModule(nn.Module):
         self.prefix = extract(traced, None, [branch.source_cut])
         self.body = branch.body
         head = source.get_submodule(cls.module)
-        rows, kept = torch.tensor(branch.source_outputs), branch.body.features
+        device = head.weight.device
+        rows, kept = torch.tensor(branch.source_outputs, device=device), branch.body.features.to(device)
         self.register_buffer("weight", head.weight.detach()[rows][:, kept].clone())
         self.register_buffer(
-            "bias", head.bias.detach()[rows].clone() if head.bias is not None else torch.zeros(len(rows))
+            "bias",
+            head.bias.detach()[rows].clone() if head.bias is not None else torch.zeros(len(rows), device=device),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -126,10 +130,12 @@ def figure3(
     cache: RowCache,
     workdir: Path,
     log: Callable[[str], None] = print,
+    device: DeviceLike | None = None,
 ) -> dict[str, Any]:
-    """Ori/Tar/Avg against the mask ratio (full search) and against a fixed R (default ratio)."""
-    target, t_card = store.load(target_name)
-    source, s_card = store.load(source_name)
+    """Ori/Tar/Avg against the mask ratio (full search) and against a fixed R (default ratio),
+    cloned on ``device``."""
+    target, t_card = store.load(target_name, device)
+    source, s_card = store.load(source_name, device)
     task = CloneTask(splits, t_card.classes, s_card.classes, scale, seed=seed)
     cuts = cut_points(trace(target, task.clone_set().x[:2]), blocks=True, verify=False)
     points: dict[str, list[dict[str, Any]]] = {"ratio": [], "cut": []}
@@ -176,13 +182,14 @@ def figure4(
     cache: RowCache,
     workdir: Path,
     log: Callable[[str], None] = print,
+    device: DeviceLike | None = None,
 ) -> dict[str, Any]:
-    """One one-class clone per source class, then the four similarity matrices."""
-    target, t_card = store.load(target_name)
-    source, s_card = store.load(source_name)
+    """One one-class clone per source class, then the four similarity matrices, on ``device``."""
+    target, t_card = store.load(target_name, device)
+    source, s_card = store.load(source_name, device)
     classes = s_card.classes
     data = [select_classes(splits.test, [c]).x[:images_per_class] for c in classes]
-    masks = occlusion_masks(num_masks, grid, seed)
+    masks = occlusion_masks(num_masks, grid, seed, device_of(source))
 
     def g(model, outputs, images):
         return local_model_set(model, outputs, images, masks)
@@ -280,7 +287,7 @@ def plot_figure4(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(10, 9))
     names = result["class_names"]
     for ax, (key, title) in zip(axes.flat, titles.items()):
-        m = torch.tensor(result["matrices"][key])
+        m = np.asarray(result["matrices"][key])
         im = ax.imshow(m, cmap="Blues", vmin=min(0.0, float(m.min())), vmax=1.0)
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
@@ -389,8 +396,10 @@ def run_figures(
     workdir: Path | None = None,
     command: str = "",
     log: Callable[[str], None] = print,
+    device: DeviceLike | None = None,
 ) -> Path:
-    """Figures 3 and/or 4 for the default zoo pair of ``arch`` on ``dataset``; returns the markdown path."""
+    """Figures 3 and/or 4 for the default zoo pair of ``arch`` on ``dataset``, run on ``device``;
+    returns the markdown path."""
     from pnc.bench.paper import QUICK_BUDGET, budget_for
     from pnc.zoo.datasets import load_dataset
     from pnc.zoo.defaults import default_pair, ensure_default
@@ -399,13 +408,13 @@ def run_figures(
     store = ZooStore(zoo_dir)
     splits = load_dataset(dataset, data_dir)
     target_name, source_name = default_pair(splits.name, arch)
-    t_card = ensure_default(store, target_name, dataset=splits, progress=False)
-    ensure_default(store, source_name, dataset=splits, progress=False)
+    t_card = ensure_default(store, target_name, dataset=splits, progress=False, device=device)
+    ensure_default(store, source_name, dataset=splits, progress=False, device=device)
     budget = QUICK_BUDGET if quick else budget_for(t_card, quick)
     stem = f"figures-{splits.name}-{arch}" + ("-quick" if quick else "")
     cache = RowCache(Path(out_dir) / f"{stem}.rows.json")
     workdir = (Path(workdir) if workdir is not None else default_zoo_dir(zoo_dir).parent / "bench") / stem
-    kwargs = {"budget": budget, "cache": cache, "log": log, "seed": seed}
+    kwargs = {"budget": budget, "cache": cache, "log": log, "seed": seed, "device": device}
     fig3 = (
         figure3(
             store,

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pnc.bench.paper import RowCache, TableSpec, budget_for, run_table, write_table
+from pnc.surgery.devices import DeviceLike
 from pnc.surgery.errors import TaskError
 from pnc.zoo.datasets import DatasetSplits, ImageData
 from pnc.zoo.defaults import DEFAULTS, DefaultModel, ensure_default
@@ -100,10 +101,11 @@ def padded(splits: DatasetSplits, size: int = 32) -> DatasetSplits:
     )
 
 
-def ensure_model(store: ZooStore, name: str, splits: DatasetSplits) -> ModelCard:
-    """A default or :data:`EXTRA_MODELS` model: reused when intact and of its recipe, else trained."""
+def ensure_model(store: ZooStore, name: str, splits: DatasetSplits, device: DeviceLike | None = None) -> ModelCard:
+    """A default or :data:`EXTRA_MODELS` model: reused when intact and of its recipe, else trained
+    on ``device``."""
     if name in DEFAULTS:
-        return ensure_default(store, name, dataset=splits, progress=False)
+        return ensure_default(store, name, dataset=splits, progress=False, device=device)
     spec = EXTRA_MODELS[name]
     class_ids = parse_classes(spec.classes, splits.classes)
     if store.exists(name) and store.verify(name) and spec.matches(store.card(name), class_ids):
@@ -119,6 +121,7 @@ def ensure_model(store: ZooStore, name: str, splits: DatasetSplits) -> ModelCard
         spec.seed,
         batch_size=spec.batch_size,
         progress=False,
+        device=device,
     )
 
 
@@ -133,8 +136,10 @@ def run_hetero(
     workdir: Path | None = None,
     command: str = "",
     log: Callable[[str], None] = print,
+    device: DeviceLike | None = None,
 ) -> list[dict[str, Any]]:
-    """Table 2 rows for each pair in ``pair_keys`` (scale S); one markdown/JSON per pair."""
+    """Table 2 rows for each pair in ``pair_keys`` (scale S), run on ``device``; one
+    markdown/JSON per pair."""
     from pnc.zoo.datasets import load_dataset
     from pnc.zoo.store import default_zoo_dir
 
@@ -148,8 +153,8 @@ def run_hetero(
     for key in pair_keys:
         pair = PAIRS[key]
         splits = padded(base) if pair.padded else base
-        t_card = ensure_model(store, pair.target, splits if pair.target not in DEFAULTS else base)
-        s_card = ensure_model(store, pair.source, splits if pair.source not in DEFAULTS else base)
+        t_card = ensure_model(store, pair.target, splits if pair.target not in DEFAULTS else base, device)
+        s_card = ensure_model(store, pair.source, splits if pair.source not in DEFAULTS else base, device)
         stem = f"table2-{key}"
         spec = TableSpec(
             stem=stem,
@@ -162,6 +167,6 @@ def run_hetero(
             budget=budget_for(t_card, quick=False),
         )
         cache = RowCache(Path(out_dir) / f"{stem}.rows.json")
-        per_seed = run_table(spec, store, splits, cache, workdir, log=log)
+        per_seed = run_table(spec, store, splits, cache, workdir, log=log, device=device)
         results.append(write_table(spec, per_seed, t_card, s_card, splits, out_dir, command))
     return results

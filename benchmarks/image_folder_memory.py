@@ -43,8 +43,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("PNC_CACHE_DIR", Path.home() / ".cache" / "pnc")) / "bench" / "image-folders"
-#: main before this benchmark's change (image folders read whole into memory)
-BEFORE_REF = "f6f90e0"
+#: main before image folders were streamed (they were read whole into memory)
+BEFORE_REF = "8bbf9ef"
 SIZE, TRAIN_PER_CLASS, VAL_PER_CLASS, SEED = 224, 200, 50, 0
 TASK = {"target": [0, 1, 2, 3, 4], "source": [5, 6, 7, 8, 9], "clone": [5], "fraction": 0.3, "old_fraction": 0.3}
 

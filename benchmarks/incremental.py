@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pnc.bench.baselines import Budget, budget_fields, extend_classifier
+from pnc.bench.baselines import Budget, DirectEnsemble, budget_fields, extend_classifier
 from pnc.bench.metrics import inference_macs, logits_of
 from pnc.bench.paper import RowCache, jsonable, machine_info
 from pnc.surgery.cloning import clone
+from pnc.surgery.devices import DeviceLike, device_of
 from pnc.surgery.insertion import kd_loss
 from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import DatasetSplits, ImageData
@@ -41,8 +42,9 @@ __all__ = ["incremental_run", "run_incremental", "INCREMENTAL_METHODS"]
 INCREMENTAL_METHODS = ["Direct Ensemble", "Continual", "Continual+KD", "PNC"]
 
 
-def _accuracy(model: nn.Module | Callable[[Tensor], Tensor], data: ImageData) -> float:
-    return float((logits_of(model, data.x).argmax(1) == data.y).float().mean())
+def _accuracy(model: nn.Module, data: ImageData) -> float:
+    predicted = logits_of(model, data.x).argmax(1)
+    return float((predicted == data.y.to(predicted.device)).float().mean())
 
 
 def incremental_run(
@@ -99,13 +101,7 @@ def _step(
 ) -> Any:
     index = task.source_label_index()
     if method == "Direct Ensemble":  # one source pass, its logits of every class added so far
-        added = [*getattr(model, "source_index", []), *index]
-
-        def logits(x: Tensor) -> Tensor:
-            return torch.cat([target(x), source(x)[:, added]], 1)
-
-        logits.source_index = added
-        return logits
+        return DirectEnsemble(target, source, [*(model.index if isinstance(model, DirectEnsemble) else []), *index])
     if method == "PNC":
         return clone(
             target,
@@ -160,8 +156,10 @@ def run_incremental(
     workdir: Path | None = None,
     command: str = "",
     log: Callable[[str], None] = print,
+    device: DeviceLike | None = None,
 ) -> Path:
-    """The Table 3 analogue for the default zoo pair of ``arch``; returns the markdown path."""
+    """The Table 3 analogue for the default zoo pair of ``arch``, run on ``device``; returns the
+    markdown path."""
     from pnc.bench.paper import QUICK_BUDGET, budget_for
     from pnc.zoo.datasets import load_dataset
     from pnc.zoo.defaults import default_pair, ensure_default
@@ -170,10 +168,10 @@ def run_incremental(
     store = ZooStore(zoo_dir)
     splits = load_dataset(dataset, data_dir)
     target_name, source_name = default_pair(splits.name, arch)
-    ensure_default(store, target_name, dataset=splits, progress=False)
-    ensure_default(store, source_name, dataset=splits, progress=False)
-    target, t_card = store.load(target_name)
-    source, s_card = store.load(source_name)
+    ensure_default(store, target_name, dataset=splits, progress=False, device=device)
+    ensure_default(store, source_name, dataset=splits, progress=False, device=device)
+    target, t_card = store.load(target_name, device)
+    source, s_card = store.load(source_name, device)
     budget = QUICK_BUDGET if quick else budget_for(t_card, quick)
     stem = f"table3-{splits.name}-{arch}" + ("-quick" if quick else "")
     cache = RowCache(Path(out_dir) / f"{stem}.rows.json")
@@ -217,6 +215,7 @@ def run_incremental(
         "runs": runs,
         "summary": _summary(runs, methods, step_sizes),
         "machine": machine_info(),
+        "device": str(device_of(target)),
         "command": command,
     }
     out_dir = Path(out_dir)

@@ -4,6 +4,10 @@ locality similarity (Eq. 9) and inference cost.
 Label convention (see :mod:`pnc.zoo.tasks`): a cloned network outputs logits for
 ``target_classes + clone_classes``; labels ``< num_old`` are original (T_t) classes,
 the others cloned (T_s) ones. Every accuracy takes the argmax over *all* outputs.
+
+Devices: a model (nn.Module) runs on its own device, the images (on the CPU, as datasets
+are) moved there batch by batch; a plain callable runs on ``device`` if given, else on the
+images' device. Logits come back on that device; labels are moved to the logits'.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from pnc.surgery.devices import DeviceLike, device_of
 from pnc.surgery.errors import DataError, TaskError
 from pnc.surgery.local_models import LocalModelSet, occlusion_masks, perturbed_logits, solve_local_models
 from pnc.surgery.tracing import evaluating
@@ -25,6 +30,7 @@ __all__ = [
     "evaluate_clone",
     "logits_of",
     "set_logits",
+    "device_for",
     "per_class_accuracy",
     "confusion_matrix",
     "locality_similarity",
@@ -45,6 +51,7 @@ def clone_accuracy(logits: Tensor, labels: Tensor, num_old: int) -> dict[str, fl
         raise DataError(
             f"clone_accuracy needs logits (N, K) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}"
         )
+    labels = labels.to(logits.device)
     correct = (logits.argmax(1) == labels).float()
     old = labels < num_old
 
@@ -59,23 +66,38 @@ def _evaluating(model: nn.Module | LogitsFn) -> contextlib.AbstractContextManage
     return evaluating(model) if isinstance(model, nn.Module) else contextlib.nullcontext(model)
 
 
+def device_for(model: nn.Module | LogitsFn, x: Tensor, device: DeviceLike | None = None) -> torch.device:
+    """Where ``model`` runs on ``x``: ``device`` if given, else a module's own device, else x's."""
+    if device is not None:
+        return torch.device(device)
+    return device_of(model) if isinstance(model, nn.Module) else x.device
+
+
 @torch.no_grad()
-def logits_of(model: nn.Module | LogitsFn, x: Tensor, batch_size: int = 512) -> Tensor:
+def logits_of(
+    model: nn.Module | LogitsFn, x: Tensor, batch_size: int = 512, device: DeviceLike | None = None
+) -> Tensor:
     """``model`` (an nn.Module, run in eval mode, or any x -> logits callable) on
-    x (N, C, H, W) -> logits (N, K)."""
+    x (N, C, H, W) -> logits (N, K), each batch moved to :func:`device_for` ``model``."""
+    where = device_for(model, x, device)
     with _evaluating(model):
-        return torch.cat([model(xb) for xb in x.split(batch_size)])
+        return torch.cat([model(xb.to(where)) for xb in x.split(batch_size)])
 
 
 @torch.no_grad()
-def set_logits(model: nn.Module | LogitsFn, data: ImageSet, batch_size: int = 512) -> Tensor:
-    """:func:`logits_of` over an image set (N, K); image files are decoded batch by batch."""
+def set_logits(
+    model: nn.Module | LogitsFn, data: ImageSet, batch_size: int = 512, device: DeviceLike | None = None
+) -> Tensor:
+    """:func:`logits_of` over an image set -> (N, K); image files are decoded batch by batch."""
     with _evaluating(model):
-        return torch.cat([model(xb) for xb, _ in iter_batches(data, batch_size)])
+        return torch.cat([model(xb.to(device_for(model, xb, device))) for xb, _ in iter_batches(data, batch_size)])
 
 
 def evaluate_clone(
-    model: nn.Module | LogitsFn, eval_sets: Mapping[str, ImageSet], batch_size: int = 512
+    model: nn.Module | LogitsFn,
+    eval_sets: Mapping[str, ImageSet],
+    batch_size: int = 512,
+    device: DeviceLike | None = None,
 ) -> dict[str, float]:
     """Ori / Tar / Avg of ``model`` on ``task.eval_sets()``: ``ori`` and ``tar`` are run once each
     (image files streamed) and ``avg`` is their pooled accuracy. -> ``{"ori", "tar", "avg"}``."""
@@ -85,7 +107,7 @@ def evaluate_clone(
             f"evaluate_clone needs eval sets 'ori' and 'tar' (from CloneTask.eval_sets()); missing {missing}"
         )
     ori, tar = eval_sets["ori"], eval_sets["tar"]
-    logits = torch.cat([set_logits(model, ori, batch_size), set_logits(model, tar, batch_size)])
+    logits = torch.cat([set_logits(model, ori, batch_size, device), set_logits(model, tar, batch_size, device)])
     labels = torch.cat([ori.y, tar.y])
     num_old = int(ori.y.max()) + 1 if len(ori) else 0
     if len(tar) and int(tar.y.min()) < num_old:
@@ -97,7 +119,7 @@ def confusion_matrix(logits: Tensor, labels: Tensor, num_classes: int | None = N
     """(K, K) int64 counts: row = true label, column = predicted (argmax of logits (N, K))."""
     k = num_classes if num_classes is not None else logits.shape[1]
     pred = logits.argmax(1)
-    return torch.bincount(labels * k + pred, minlength=k * k).view(k, k)
+    return torch.bincount(labels.to(pred.device) * k + pred, minlength=k * k).view(k, k)
 
 
 def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int | None = None) -> Tensor:
@@ -110,14 +132,22 @@ def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int | None =
 
 
 def local_model_set(
-    model: nn.Module | LogitsFn, outputs: list[int] | None, images: Tensor, masks: Tensor, ridge: float = 1e-6
+    model: nn.Module | LogitsFn,
+    outputs: list[int] | None,
+    images: Tensor,
+    masks: Tensor,
+    ridge: float = 1e-6,
+    device: DeviceLike | None = None,
 ) -> LocalModelSet:
     """Zest's local models: for each image (N, C, H, W), plain least squares (no locality
-    weight, ``ridge`` ~ 0) from the mask bits (|B|, P) to the model's logits ``outputs``."""
+    weight, ``ridge`` ~ 0) from the mask bits (|B|, P) to the model's logits ``outputs``,
+    fitted on :func:`device_for` the model (masks and coefficients there)."""
+    where = device_for(model, images, device)
+    images, masks = images.to(where), masks.to(where)
     with torch.no_grad(), _evaluating(model):
         targets = perturbed_logits(model, images, masks, outputs)
     coef = solve_local_models(masks, targets, width=float("inf"), ridge=ridge)
-    return LocalModelSet(masks, coef, torch.arange(len(images)))
+    return LocalModelSet(masks, coef, torch.arange(len(images), device=where))
 
 
 def locality_similarity(
@@ -131,6 +161,7 @@ def locality_similarity(
     seed: int = 0,
     *,
     images_b: Tensor | None = None,
+    device: DeviceLike | None = None,
 ) -> float:
     """Sim(M_a | D_a, M_b | D_b) = cos(G_a, G_b) (Eq. 9).
 
@@ -138,7 +169,8 @@ def locality_similarity(
     split, seeded); G_a is fitted on ``images``, G_b on ``images_b`` (default: the same
     images; otherwise as many, paired by position). Each model's logits ``outputs``
     (None = all; both lists of equal length) are modelled; the per-image coefficients
-    are concatenated into one signature per model and compared with one cosine.
+    are concatenated into one signature per model and compared with one cosine. Each model
+    runs on :func:`device_for` it (give ``device`` when they are on different devices).
     """
     images_b = images if images_b is None else images_b
     if len(images) == 0 or len(images) != len(images_b):
@@ -146,9 +178,9 @@ def locality_similarity(
             f"locality_similarity needs the same non-zero number of images for both "
             f"models, got {len(images)} and {len(images_b)}"
         )
-    masks = occlusion_masks(num_masks, grid, seed)
-    g_a = local_model_set(model_a, outputs_a, images, masks)
-    g_b = local_model_set(model_b, outputs_b, images_b, masks)
+    masks = occlusion_masks(num_masks, grid, seed, images.device)
+    g_a = local_model_set(model_a, outputs_a, images, masks, device=device)
+    g_b = local_model_set(model_b, outputs_b, images_b, masks, device=device)
     if g_a.coef.shape != g_b.coef.shape:
         raise TaskError(
             f"the models give {g_a.coef.shape[-1]} and {g_b.coef.shape[-1]} modelled outputs; "
@@ -161,10 +193,12 @@ def locality_similarity(
 
 
 @torch.no_grad()
-def inference_macs(model: nn.Module | LogitsFn, example: Tensor) -> int:
+def inference_macs(model: nn.Module | LogitsFn, example: Tensor, device: DeviceLike | None = None) -> int:
     """Multiply-accumulates of one forward pass on one image (example (B, C, H, W); row 0 is
-    used): torch's FlopCounterMode (convolutions and matrix products) divided by two."""
+    used, on :func:`device_for` the model): torch's FlopCounterMode (convolutions and matrix
+    products) divided by two."""
     counter = FlopCounterMode(display=False)
+    x = example[:1].to(device_for(model, example, device))
     with counter, _evaluating(model):
-        model(example[:1])
+        model(x)
     return counter.get_total_flops() // 2

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from pnc.bench import cli
 from pnc.bench.cli.clone import run_clone
 from pnc.bench.metrics import clone_accuracy
+from pnc.surgery.devices import device_of
 from pnc.surgery.io import atomic_write_bytes, atomic_write_text, file_sha256
 from pnc.surgery.onnx_export import LOGITS, OPSET, to_onnx
 from pnc.surgery.onnx_merge import CLONED_OUTPUT, read_manifest
@@ -59,7 +60,8 @@ class DirectEnsemble(nn.Module):
     def __init__(self, target: nn.Module, source: nn.Module, outputs: list[int]):
         super().__init__()
         self.target, self.source = target, source
-        self.register_buffer("outputs", torch.tensor(outputs, dtype=torch.long), persistent=False)
+        outputs_ = torch.tensor(outputs, dtype=torch.long, device=device_of(source))
+        self.register_buffer("outputs", outputs_, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([self.target(x), self.source(x)[:, self.outputs]], 1)
@@ -140,7 +142,7 @@ def bench_pair(
     ):
         raise RuntimeError("pnc export failed; see the message above")
     ensemble = DirectEnsemble(target, source, task.source_label_index()).eval()
-    example = torch.zeros(1, *t_card.input_size)
+    example = torch.zeros(1, *t_card.input_size, device=device_of(target))
     atomic_write_bytes(paths["ensemble"], to_onnx(ensemble, example).SerializeToString())
     detached = work / "detached.onnx"
     if cli.main(["detach", str(paths["clone"]), "--all", "--out", str(detached)]) != 0:

@@ -28,7 +28,9 @@ import torch
 
 from pnc.bench.baselines import METHODS, Budget, budget_fields, run_method
 from pnc.bench.metrics import clone_accuracy, per_class_accuracy, set_logits
+from pnc.surgery.devices import DeviceLike, device_of
 from pnc.surgery.errors import TaskError
+from pnc.surgery.insertion import SearchConfig
 from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import DatasetSplits
 from pnc.zoo.store import ModelCard, ZooStore, package_versions
@@ -105,6 +107,11 @@ class RowCache:
                 self.rows = {}  # a truncated file from a killed run: start over
 
     def get(self, key: str, fingerprint: str) -> dict[str, Any] | None:
+        if key not in self.rows and self.path.is_file():  # another process may have added it
+            try:
+                self.rows = json.loads(self.path.read_text()) | self.rows
+            except json.JSONDecodeError:
+                pass
         row = self.rows.get(key)
         return row if row is not None and row.get("fingerprint") == fingerprint else None
 
@@ -157,13 +164,17 @@ def run_table(
     cache: RowCache,
     workdir: Path,
     log: Callable[[str], None] = print,
+    shared: RowCache | None = None,
+    device: DeviceLike | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or reuse from ``cache``) every row of ``spec``; returns the per-seed rows.
+    """Run (or reuse from ``cache``) every row of ``spec`` on ``device`` (default: torch's
+    default device; each row records it); returns the per-seed rows.
 
     Rows run seed by seed, then scale by scale, so that a full first seed of the table
-    exists early."""
-    target, t_card = store.load(spec.target)
-    source, s_card = store.load(spec.source)
+    exists early. Rows of methods that never see the available images (:data:`SETTING_FREE`)
+    are also looked up in ``shared`` (the same table in the other data setting)."""
+    target, t_card = store.load(spec.target, device)
+    source, s_card = store.load(spec.source, device)
     rows = []
     for seed in spec.seeds:
         for scale in spec.scales:
@@ -180,6 +191,10 @@ def run_table(
                 key = f"{method}|{scale}|{seed}"
                 fingerprint = _fingerprint(spec, method, task, t_card, s_card)
                 row = cache.get(key, fingerprint)
+                if row is None and shared is not None and method in SETTING_FREE:
+                    row = shared.get(key, fingerprint)
+                    if row is not None:
+                        cache.put(key, row)
                 if row is None:
                     began = time.perf_counter()
                     run = run_method(
@@ -213,6 +228,7 @@ def run_table(
                         "commit": _git_commit(),
                         "load_avg": os.getloadavg()[0],
                         "row_seconds": time.perf_counter() - began,
+                        "device": str(device_of(target)),
                     }
                     cache.put(key, row)
                     status = "done"
@@ -226,12 +242,19 @@ def run_table(
     return rows
 
 
+#: methods whose rows do not depend on the old fraction (they never see the available images)
+SETTING_FREE = ("Pre-trained", "Direct Ensemble", "Joint+Full")
+
+
 def _fingerprint(spec: TableSpec, method: str, task: CloneTask, t_card: ModelCard, s_card: ModelCard) -> str:
+    described = task.to_dict()
+    if method in SETTING_FREE:
+        described.pop("old_fraction")
     blob = json.dumps(
         {
             "method": method,
             "budget": budget_fields(spec.budget, method),
-            "task": task.to_dict(),
+            "task": described,
             "target": t_card.sha256,
             "source": s_card.sha256,
         },
@@ -340,9 +363,11 @@ def render_markdown(result: dict[str, Any]) -> str:
         *_goals_section(result.get("goals", [])),
     ]
     commits = sorted({r["commit"] for r in result["per_seed"]})
+    devices = sorted({r.get("device", "cpu") for r in result["per_seed"]})  # rows before --device ran on the CPU
     lines += [
         f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores shared with other jobs, "
-        f"torch {result['machine']['torch']} ({result['machine']['torch_threads']} thread(s)). "
+        f"torch {result['machine']['torch']} ({result['machine']['torch_threads']} thread(s)), "
+        f"device {', '.join(devices)}. "
         f"Code: commit(s) {', '.join(commits)}. Command: `{result['command']}`.",
         "",
     ]
@@ -400,14 +425,18 @@ def _budget_section(budget: dict[str, Any]) -> list[str]:
     return [
         "",
         f"Budget: PNC trains {budget['loc_epochs']} + {budget['joint_epochs']} + {budget['binary_epochs']} "
-        f"(localize + joint + binary) epochs per candidate cut R; Continual, Continual+KD (with and without "
+        f"(localize + joint + binary) epochs per candidate cut R (an epoch: a pass over the clone classes' "
+        "images, batches drawn from all available images; after localize + joint the candidates clearly worse "
+        "than the best are dropped), then fine-tunes the chosen branch for "
+        f"{SearchConfig().tune_epochs} passes over all available images; Continual, Continual+KD (with and without "
         f"its cross-entropy term) and PNC-F's "
         f"fine-tuning run the same {per_candidate} epochs over the available images "
         f"(SGD, batch {budget['batch_size']}, "
         f"Nesterov 0.9, wd 5e-4, cosine; lr {budget['lr']}, PNC-F lr {budget['finetune_lr']} with BatchNorm "
         f"frozen); KD temperature {budget['kd_temperature']}. Joint+Full: the target architecture from scratch, "
         f"the target's zoo recipe ({budget['scratch_epochs']} epochs, lr {budget['scratch_lr']}). G: "
-        f"{budget['num_masks']} masks on {int(100 * budget['g_fraction'])}% of the clone set. PNC-F resumes "
+        f"{budget['num_masks']} masks on {int(100 * budget['g_fraction'])}% of the clone set, at most the "
+        f"{math.ceil(SearchConfig().loc_pool / budget['num_masks'])} images whose pairs L_loc draws. PNC-F resumes "
         "PNC's checkpointed search, so its time is mostly G and the fine-tuning.",
         "",
     ]
@@ -545,11 +574,12 @@ def run_paper(
     command: str = "",
     log: Callable[[str], None] = print,
     pair: tuple[str, str] | None = None,
+    device: DeviceLike | None = None,
 ) -> dict[str, Any]:
     """Table 1 on ``dataset`` with the default (target, source) zoo pair of ``arch``, or on
     the zoo models ``pair`` = (target, source) (any dataset the zoo can load; ``dataset`` and
     ``arch`` then come from their cards). An ``old_fraction`` other than the default 0.3 is
-    named in the stem (``-old0`` for 0)."""
+    named in the stem (``-old0`` for 0). Every method trains and is evaluated on ``device``."""
     from pnc.zoo.datasets import load_dataset
     from pnc.zoo.defaults import default_pair, ensure_default
     from pnc.zoo.store import default_zoo_dir
@@ -568,8 +598,8 @@ def run_paper(
     else:
         splits = load_dataset(dataset, data_dir)
         target_name, source_name = default_pair(splits.name, arch)
-        t_card = ensure_default(store, target_name, dataset=splits, progress=False)
-        s_card = ensure_default(store, source_name, dataset=splits, progress=False)
+        t_card = ensure_default(store, target_name, dataset=splits, progress=False, device=device)
+        s_card = ensure_default(store, source_name, dataset=splits, progress=False, device=device)
     stem = (
         f"table1-{splits.name}-{arch}"
         + ("" if old_fraction == 0.3 else f"-old{round(100 * old_fraction)}")
@@ -590,5 +620,8 @@ def run_paper(
     if fresh:
         cache.rows.clear()
     workdir = Path(workdir) if workdir is not None else default_zoo_dir(zoo_dir).parent / "bench"
-    per_seed = run_table(spec, store, splits, cache, workdir, log=log)
+    shared = None
+    if old_fraction != 0.3:  # the paper's setting's table holds the setting-free rows
+        shared = RowCache(Path(out_dir) / f"{stem.replace(f'-old{round(100 * old_fraction)}', '')}.rows.json")
+    per_seed = run_table(spec, store, splits, cache, workdir, log=log, shared=shared, device=device)
     return write_table(spec, per_seed, t_card, s_card, splits, out_dir, command)

@@ -40,6 +40,7 @@ import torch_pruning as tp
 
 from pnc.bench.cli.prune import model_classes, run_prune, share
 from pnc.surgery.cuts import cut_points, find_cut
+from pnc.surgery.devices import device_of
 from pnc.surgery.io import atomic_write_text
 from pnc.surgery.localization import group_scores, masked_suffix, top_share
 from pnc.surgery.tracing import trace
@@ -82,17 +83,18 @@ def baseline_keep(
     head_path = next(n for n, m in body.named_modules() if m is head)
     body = copy.deepcopy(body).eval()
     layout = "NCHW" if cut.layout == "NCHW" else "NLC"
+    device = device_of(model)
     with torch.no_grad():
-        example = prefix(train.x[:8])
+        example = prefix(train.x[:8].to(device))
     if method == "magnitude":
         importance = tp.importance.MagnitudeImportance()
     else:
         importance = tp.importance.TaylorImportance()
         body.requires_grad_(True)
-        labels = torch.tensor([card.classes.index(int(c)) for c in torch.as_tensor(classes)[train.y]])
+        labels = torch.tensor([card.classes.index(classes[int(y)]) for y in train.y], device=device)
         for xb, yb in zip(train.x.split(256), labels.split(256)):
             with torch.no_grad():
-                cut_x = prefix(xb)
+                cut_x = prefix(xb.to(device))
             loss = F.cross_entropy(body(cut_x), yb, reduction="sum") / len(train)
             loss.backward()
     scores = group_scores(body, example, layout, [body.get_submodule(head_path)], groups, importance)

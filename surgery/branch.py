@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from pnc.adapters import make_adapter
 from pnc.surgery.channel_groups import prune_structurally
 from pnc.surgery.cuts import classifier_of, cut_points
+from pnc.surgery.devices import DeviceLike, device_of
 from pnc.surgery.errors import CutError
 from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import TracedModel
@@ -35,13 +36,14 @@ class ExtendedHead(nn.Module):
         target_dim: width of the target's pre-logit features.
         branch_dim: width of the transferable module's output features.
         num_old / num_new: |T_t| and |T_s|.
+        device: where its weights are made (default: torch's default device).
     """
 
-    def __init__(self, target_dim: int, branch_dim: int, num_old: int, num_new: int):
+    def __init__(self, target_dim: int, branch_dim: int, num_old: int, num_new: int, device: DeviceLike | None = None):
         super().__init__()
-        self.old = nn.Linear(branch_dim, num_old, bias=False)
-        self.old_target = nn.Linear(target_dim, num_old)
-        self.new = nn.Linear(target_dim + branch_dim, num_new)
+        self.old = nn.Linear(branch_dim, num_old, bias=False, device=device)
+        self.old_target = nn.Linear(target_dim, num_old, device=device)
+        self.new = nn.Linear(target_dim + branch_dim, num_new, device=device)
         nn.init.zeros_(self.old.weight)
         nn.init.zeros_(self.old_target.weight)
         nn.init.zeros_(self.old_target.bias)
@@ -52,10 +54,10 @@ class ExtendedHead(nn.Module):
     @classmethod
     def from_state(cls, state: Mapping[str, Tensor]) -> ExtendedHead:
         """A head sized and loaded from its own state_dict (``old.weight`` (|T_t|, branch_dim),
-        ``new.weight`` (|T_s|, target_dim + branch_dim))."""
+        ``new.weight`` (|T_s|, target_dim + branch_dim)), on the device of those tensors."""
         num_old, branch_dim = state["old.weight"].shape
         num_new, width = state["new.weight"].shape
-        head = cls(width - branch_dim, branch_dim, num_old, num_new)
+        head = cls(width - branch_dim, branch_dim, num_old, num_new, device=state["new.weight"].device)
         head.load_state_dict(dict(state))
         return head
 
@@ -80,7 +82,9 @@ class ExtendedHead(nn.Module):
 
     def keep_branch_features(self, kept: Tensor) -> ExtendedHead:
         """A copy that reads only the branch features ``kept`` (after structural pruning)."""
-        head = ExtendedHead(self.target_dim, len(kept), self.old.out_features, self.new.out_features)
+        device = self.old.weight.device
+        head = ExtendedHead(self.target_dim, len(kept), self.old.out_features, self.new.out_features, device)
+        kept = kept.to(device)
         with torch.no_grad():
             head.old.weight.copy_(self.old.weight[:, kept])
             head.old_target.load_state_dict(self.old_target.state_dict())
@@ -158,7 +162,7 @@ class TransferableModule(nn.Module):
         before = module_cost(body_with_head, example)
         pruned, removed = prune_structurally(copy.deepcopy(body_with_head), example, layout, keep, [head])
         width = dict(body_with_head.named_modules())[head].in_features
-        features = torch.tensor(sorted(set(range(width)) - removed[head]), dtype=torch.long)
+        features = torch.tensor(sorted(set(range(width)) - removed[head]), dtype=torch.long, device=example.device)
         graph = pruned.graph
         out = next(n for n in graph.nodes if n.op == "output")
         out.args = (out.args[0][0],)  # keep the pre-logits only
@@ -231,15 +235,16 @@ class Branch(nn.Module):
 def transferable_module(
     source: TracedModel, source_cut: str, images: Tensor, keep: Mapping[str, Tensor]
 ) -> TransferableModule:
-    """M_f: the source's layers from ``source_cut`` to its pre-logits, pruned to ``keep``.
+    """M_f: the source's layers from ``source_cut`` to its pre-logits, pruned to ``keep``, on the
+    source's device.
 
-    images: (B, C, H, W) inputs of the source, used to trace the layers."""
+    images: (B, C, H, W) inputs of the source (moved to its device), used to trace the layers."""
     cls = classifier_of(source)
     cut = next((c for c in cut_points(source, verify=False) if c.node == source_cut), None)
     if cut is None:
         raise CutError(f"{source_cut!r} is not a cut point of the source")
     with torch.no_grad():
-        example = extract(source, None, [cut.node])(images)
+        example = extract(source, None, [cut.node])(images.to(device_of(source.model)))
     body = extract(source, cut.node, [cls.input_node, cls.node])
     layout = "NCHW" if cut.layout == "NCHW" else "NLC"
     return TransferableModule.from_keep(body, cls.module, example, layout, dict(keep))
@@ -277,15 +282,18 @@ def assemble_branch(
 ) -> Branch:
     """The one way a branch is built from its learned parts {M, A, F_c} (``parts`` as
     :func:`branch_tensors` writes them): by the search (head over every source feature)
-    and by ``load_patch`` (head already pruned).
+    and by ``load_patch`` (head already pruned). The branch is built on the source's device,
+    whatever device ``parts`` are on (a patch's are on the CPU).
 
     images: (B, C, H, W) inputs of the source, used to trace M_f."""
+    device = device_of(source.model)
+    parts = {k: v.to(device) for k, v in parts.items()}
     module = transferable_module(source, source_cut, images, _prefixed(parts, "keep."))
     tuned = _prefixed(parts, "module.")
     if tuned:  # a fine-tuned copy: its weights travel with the patch
         module.body.load_state_dict(tuned)
         module.tuned = True
-    adapter = make_adapter(**adapter_spec)
+    adapter = make_adapter(**adapter_spec, device=device)
     adapter.load_state_dict(_prefixed(parts, "adapter."))
     head = ExtendedHead.from_state(_prefixed(parts, "head."))
     if head.old.in_features != len(module.features):

@@ -68,15 +68,16 @@ class ChannelGroup:
 class _Stubbed(nn.Module):
     """``body(stub(x))`` with an identity stub, so that groups tied to the input show up."""
 
-    def __init__(self, body: nn.Module, channels: int, layout: str):
+    def __init__(self, body: nn.Module, channels: int, layout: str, device: torch.device):
         super().__init__()
         self.stub: nn.Conv2d | nn.Linear
+        eye = torch.eye(channels, device=device)
         if layout == "NCHW":
-            self.stub = nn.Conv2d(channels, channels, 1, bias=False)
-            self.stub.weight.data = torch.eye(channels).view(channels, channels, 1, 1)
+            self.stub = nn.Conv2d(channels, channels, 1, bias=False, device=device)
+            self.stub.weight.data = eye.view(channels, channels, 1, 1)
         else:  # channels last: NLC, NHWC, NC
-            self.stub = nn.Linear(channels, channels, bias=False)
-            self.stub.weight.data = torch.eye(channels)
+            self.stub = nn.Linear(channels, channels, bias=False, device=device)
+            self.stub.weight.data = eye
         self.body = body
 
     def forward(self, x: Tensor):
@@ -102,8 +103,9 @@ def _exclusion_reason(group, stub: nn.Module) -> str:
 
 
 def _build_groups(body: nn.Module, example: Tensor, layout: str, frozen: list[nn.Module]):
-    """Trace ``body`` with torch-pruning; return (dep graph, stubbed, groups, excluded)."""
-    stubbed = _Stubbed(body, example.shape[1 if layout == "NCHW" else -1], layout)
+    """Trace ``body`` with torch-pruning; return (dep graph, stubbed, groups, excluded). Anchor
+    indices live on the example's device."""
+    stubbed = _Stubbed(body, example.shape[1 if layout == "NCHW" else -1], layout, example.device)
     with torch.enable_grad():
         dg = tp.DependencyGraph().build_dependency(stubbed, example, verbose=False)
     names = {m: n for n, m in body.named_modules()}
@@ -133,8 +135,8 @@ def _build_groups(body: nn.Module, example: Tensor, layout: str, frozen: list[nn
                 module=names[m],
                 dim=_channel_dim(m),
                 width=dg.get_out_channels(m),
-                channels=torch.as_tensor(item.idxs, dtype=torch.long),
-                roots=torch.as_tensor(item.root_idxs, dtype=torch.long),
+                channels=torch.as_tensor(item.idxs, dtype=torch.long, device=example.device),
+                roots=torch.as_tensor(item.root_idxs, dtype=torch.long, device=example.device),
             )
         groups.append(ChannelGroup(name, dg.get_out_channels(root), list(anchors.values())))
     return dg, stubbed, groups, excluded
@@ -197,6 +199,8 @@ class MaskedBody(nn.Module):
 
     Modes: ``"soft"`` (mask = sigmoid(logit), trainable), ``"binary"`` (0/1 from
     :meth:`binarize` or :meth:`set_keep`), ``"off"`` (plain body).
+
+    Masks and kept indices live on the example's device, which must be the body's.
     """
 
     def __init__(self, body: nn.Module, example: Tensor, layout: str, frozen: Sequence[nn.Module] = ()):
@@ -217,13 +221,16 @@ class MaskedBody(nn.Module):
                 modules[a.module].register_forward_hook(self._hook(g.name, a))
         self._drop_unfaithful_groups()
         self.logits = nn.ParameterDict(
-            {self._key(g.name): nn.Parameter(torch.full((g.size,), _INIT_LOGIT)) for g in self.groups}
+            {
+                self._key(g.name): nn.Parameter(torch.full((g.size,), _INIT_LOGIT, device=self.example.device))
+                for g in self.groups
+            }
         )
         self.mode = "soft"
 
     def _faithful(self, groups: list[ChannelGroup]) -> bool:
         """Does removing the first half of each group's channels equal zero-masking them?"""
-        keep = {g.name: torch.arange(g.size // 2, g.size) for g in groups}
+        keep = {g.name: torch.arange(g.size // 2, g.size, device=self.example.device) for g in groups}
         self.groups, saved = groups, self.groups
         try:
             self.set_keep(keep)
@@ -262,7 +269,7 @@ class MaskedBody(nn.Module):
             mask = self._values.get(group) if self.mode != "off" else None
             if mask is None:  # masks off, or a group dropped as unfaithful
                 return output
-            mult = torch.ones(anchor.width, dtype=output.dtype)
+            mult = torch.ones(anchor.width, dtype=output.dtype, device=output.device)
             mult = mult.index_put((anchor.channels,), mask[anchor.roots].to(output.dtype))
             shape = [1] * output.dim()
             shape[anchor.dim] = anchor.width
@@ -287,7 +294,7 @@ class MaskedBody(nn.Module):
     def keep_penalty(self, ratio: float) -> Tensor:
         """L1 budget: sum over groups of the mean soft mask in excess of ``ratio``."""
         terms = [torch.relu(torch.sigmoid(p).mean() - ratio) for p in self.logits.values()]
-        return torch.stack(terms).sum() if terms else torch.zeros(())
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=self.example.device)
 
     def binarize(self, ratio: float, scope: str = "group", round_to: int = 1) -> dict[str, Tensor]:
         """Keep the top-c channels by soft mask value; switch to binary mode.
@@ -315,7 +322,7 @@ class MaskedBody(nn.Module):
             kept = set(v.topk(c).indices.tolist())
             for anchor in _empty_anchors(groups[name], kept):  # a concatenated part would vanish:
                 kept.add(int(anchor.roots[v[anchor.roots].argmax()]))  # keep its best channel
-            keep[name] = torch.tensor(sorted(kept), dtype=torch.long)
+            keep[name] = torch.tensor(sorted(kept), dtype=torch.long, device=v.device)
         self.set_keep(keep)
         return keep
 
@@ -330,8 +337,8 @@ class MaskedBody(nn.Module):
                     f"channel of {empty[0].module!r} (a concatenated part): keep at least one of "
                     f"{empty[0].roots.tolist()}; structural pruning cannot make a 0-channel layer"
                 )
-            m = torch.zeros(g.size)
-            m[keep[g.name].long()] = 1.0
+            m = torch.zeros(g.size, device=self.example.device)
+            m[keep[g.name].long().to(m.device)] = 1.0
             self.binary[g.name] = m
         self.mode = "binary"
 

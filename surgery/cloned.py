@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from pnc.surgery.branch import Branch
 from pnc.surgery.cuts import classifier_of
+from pnc.surgery.devices import device_of
 from pnc.surgery.errors import BranchError
 from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import TracedModel, trace
@@ -43,8 +44,11 @@ class ClonedNetwork(nn.Module):
 
     Args:
         target: the frozen target network (logits over its ``target_classes``).
-        example_input: (B, C, H, W) used to trace it.
+        example_input: (B, C, H, W) used to trace it (moved to the target's device).
         target_classes: names of the target's classes, in output order.
+
+    It runs where its target is: branches are moved to the target's device when added, and
+    ``net.to(device)`` moves the target and every branch.
     """
 
     def __init__(
@@ -60,9 +64,10 @@ class ClonedNetwork(nn.Module):
 
     # -- branches ------------------------------------------------------------------
     def add_branch(self, name: str, branch: Branch) -> None:
+        """Add ``branch`` under ``name``, moved to the target's device."""
         if name in self.branches:
             raise BranchError(f"a branch named {name!r} exists; pick another name or detach it first")
-        self.branches[name] = branch
+        self.branches[name] = branch.to(device_of(self.target))
         self._taps = None
 
     def detach(self, name: str) -> Branch:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from pnc.surgery.branch import CloneReport
 from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.cut_search import Backend, finalist_accuracy, search
+from pnc.surgery.devices import device_of
 from pnc.surgery.errors import DataError, TaskError, require_finite_images, require_finite_weights
 from pnc.surgery.insertion import SearchConfig, SearchContext, build_branch, split_holdout, tune_branch
 from pnc.surgery.io import state_dict_sha256
@@ -36,7 +37,7 @@ from pnc.surgery.tracing import trace
 
 def _num_outputs(model: nn.Module, x: Tensor) -> int:
     with torch.no_grad():
-        return int(model(x[:1]).shape[1])
+        return int(model(x[:1].to(device_of(model))).shape[1])
 
 
 def clone(
@@ -167,7 +168,9 @@ def clone(
         config=config,
     )
     profile["frozen_outputs"] = time.perf_counter() - mark
-    data_sha = hashlib.sha256(images.contiguous().numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
+    data_hash = hashlib.sha256(images.cpu().contiguous().numpy().data.cast("B"))  # no copy on the CPU
+    data_hash.update(labels.cpu().contiguous().numpy().data.cast("B"))
+    data_sha = data_hash.hexdigest()
     run_key = f"{hashes}{data_sha}{source_outputs}{g_fraction}{num_masks}{grid}"
     mark = time.perf_counter()
     outcome = search(

@@ -138,16 +138,22 @@ class SearchProgress:
 
 def survivors(results: dict[int, CandidateResult], keep_fraction: float) -> tuple[list[int], dict[int, str]]:
     """Successive halving: the best ``ceil(keep_fraction * n)`` candidates by (selection
-    loss, held-out cross-entropy, index) go on; the others get the reason they were dropped."""
+    loss, held-out cross-entropy, index) go on, and so does every candidate within one
+    standard error (``holdout["se"]``) of the best: only a *clearly* worse one is dropped.
+    The others get the reason they were dropped."""
     ranked = sorted(results, key=lambda i: (results[i].loss, results[i].holdout.get("ce", 0.0), i))
+    best = results[ranked[0]]
     keep = max(1, math.ceil(keep_fraction * len(ranked)))
-    kept, best = ranked[:keep], results[ranked[0]]
+    margin = best.holdout.get("se", 0.0)
+    kept = [i for n, i in enumerate(ranked) if n < keep or results[i].loss <= best.loss + margin]
     reasons = {
         i: (
             f"after stage {results[i].stage!r}: selection loss {results[i].loss:.4f} vs "
-            f"{best.loss:.4f} of R={best.target_cut}; the best {keep} of {len(ranked)} go on"
+            f"{best.loss:.4f} (+- {margin:.4f}) of R={best.target_cut}; the best {keep} of {len(ranked)} "
+            "and those within one standard error of the best go on"
         )
-        for i in ranked[keep:]
+        for i in ranked
+        if i not in kept
     }
     return sorted(kept), reasons
 
@@ -222,7 +228,7 @@ def search(
     alive = []
     for i, (r, r_src) in enumerate(pairs):  # an adapter that cannot exist: skip before any training
         try:
-            CandidateTrainer.check_adapter(r, r_src)
+            CandidateTrainer.check_adapter(r, r_src, ctx.device)
         except AdapterError as err:
             skipped.append(f"R={r.node} <- R'={r_src.node}: {err}")
             continue

@@ -62,6 +62,11 @@ class ExportError(PncError):
     """An ONNX file that is not a pnc export, or a branch/base that does not match its manifest."""
 
 
+class DeviceError(PncError, ValueError):
+    """A device that is unknown or that this torch build cannot use here (names the ones it can),
+    or a model split across devices."""
+
+
 class TrainingError(PncError):
     """Training that went non-finite (NaN/Inf in an input image or a loss); the last good
     checkpoint is kept, so a rerun after the fix resumes from it."""

@@ -31,8 +31,9 @@ def tiny_cnn(num_classes: int, seed: int) -> nn.Sequential:
 def tiny_pair() -> tuple[nn.Sequential, nn.Sequential, Tensor, Tensor]:
     """(target with 3 classes, source with 2 classes, images (16, 1, 8, 8), labels (16,)):
     the images stand for the source's class 1, cloned as the network's output 3."""
-    images = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    return tiny_cnn(3, seed=0), tiny_cnn(2, seed=1), images, torch.full((16,), 3)
+    generator = torch.Generator().manual_seed(2)
+    images = torch.randn(16, 1, 8, 8, generator=generator, device=generator.device)
+    return tiny_cnn(3, seed=0), tiny_cnn(2, seed=1), images, torch.full((16,), 3, device=images.device)
 
 
 def tiny_clone():  # -> (ClonedNetwork, target, source, images)

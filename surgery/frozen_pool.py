@@ -16,6 +16,7 @@ Shapes: P pool entries, C x H x W images, D target pre-logit features.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,13 +26,14 @@ from pnc.surgery.local_models import LocalModelSet, occlude
 
 
 def random_occlusion_masks(n: int, cells: int, gen: torch.Generator) -> Tensor:
-    """(n, cells) occlusion masks keeping each cell with a per-image probability from U(0.1, 1)."""
-    keep = 0.1 + 0.9 * torch.rand(n, 1, generator=gen)
-    return (torch.rand(n, cells, generator=gen) < keep).float()
+    """(n, cells) occlusion masks keeping each cell with a per-image probability from U(0.1, 1),
+    drawn with ``gen`` (on the generator's device: seeded masks are the same on every device)."""
+    keep = 0.1 + 0.9 * torch.rand(n, 1, generator=gen, device=gen.device)
+    return (torch.rand(n, cells, generator=gen, device=gen.device) < keep).float()
 
 
 @torch.no_grad()
-def batched(fn: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor | tuple[Tensor, ...]:
+def batched(fn: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor | tuple[Tensor, ...]:
     """``fn`` over x (N, ...) in chunks; its outputs concatenated along dim 0."""
     outs = [fn(chunk) for chunk in x.split(batch_size)]
     if isinstance(outs[0], tuple | list):
@@ -82,14 +84,16 @@ class InsertionPool:
         """Every image clean, then ``copies`` occluded versions of each (seeded).
 
         target_taps: x -> (pre-logits, logits) of the target; source_logits: x -> logits."""
-        n = len(train_x)
-        rows = torch.arange(n).repeat(copies + 1)
+        n, device = len(train_x), train_x.device
+        rows = torch.arange(n, device=device).repeat(copies + 1)
         masks = None
         if copies:
             gen = torch.Generator().manual_seed(seed + 104729)
-            masks = torch.cat([torch.ones(n, grid * grid), random_occlusion_masks(n * copies, grid * grid, gen)])
-        pool = cls(rows, masks, train_y[rows], torch.empty(0), torch.empty(0), torch.empty(0))
-        chunks = [torch.arange(len(rows))[i : i + 512] for i in range(0, len(rows), 512)]
+            drawn = random_occlusion_masks(n * copies, grid * grid, gen).to(device)
+            masks = torch.cat([torch.ones(n, grid * grid, device=device), drawn])
+        none = torch.empty(0, device=device)
+        pool = cls(rows, masks, train_y[rows], none, none, none)
+        chunks = torch.arange(len(rows), device=device).split(256)
         pre, logits, source = [], [], []
         with torch.no_grad():
             for entries in chunks:
@@ -126,7 +130,8 @@ class LocalizationPool:
     def build(cls, g: LocalModelSet, size: int, seed: int) -> LocalizationPool:
         """``size`` distinct pairs drawn without replacement (every pair when G has fewer)."""
         total = len(g.index) * g.masks.shape[0]
-        pick = torch.randperm(total, generator=torch.Generator().manual_seed(seed + 7))[: min(size, total)]
+        gen = torch.Generator().manual_seed(seed + 7)
+        pick = torch.randperm(total, generator=gen, device=gen.device)[: min(size, total)].to(g.coef.device)
         g_rows, mask_ids = pick // g.masks.shape[0], pick % g.masks.shape[0]
         targets = torch.cat(
             [g.predict(g.masks[m], which=r) for r, m in zip(g_rows.split(4096), mask_ids.split(4096), strict=True)]
@@ -134,15 +139,18 @@ class LocalizationPool:
         return cls(g_rows, mask_ids, targets)
 
 
-def cut_activations(prefix: nn.Module, images, count: int, budget_mb: float) -> Tensor | None:
+def cut_activations(
+    prefix: nn.Module, images: Callable[[Tensor], Tensor], count: int, budget_mb: float, device: torch.device
+) -> Tensor | None:
     """``prefix`` (x -> activation at a cut) on every entry 0..count-1 of a pool, or None
     when (count x activation size) float32 exceeds ``budget_mb`` MiB.
 
-    images: entries (B,) -> (B, C, H, W)."""
+    images: entries (B,) on ``device`` -> (B, C, H, W)."""
     with torch.no_grad():
-        first = prefix(images(torch.arange(min(count, 2))))
-    if count * first[0].numel() * 4 > budget_mb * 2**20:
-        return None
-    entries = torch.arange(count)
-    with torch.no_grad():
-        return torch.cat([prefix(images(chunk)) for chunk in entries.split(512)])
+        first = prefix(images(torch.arange(min(count, 2), device=device)))
+        if count * first[0].numel() * first.element_size() > budget_mb * 2**20:
+            return None
+        out = first.new_empty((count, *first.shape[1:]))  # filled in place: no second copy
+        for chunk in torch.arange(count, device=device).split(256):
+            out[chunk[0] : chunk[-1] + 1] = prefix(images(chunk))
+    return out

@@ -50,6 +50,7 @@ from pnc.adapters import least_squares_init, make_adapter
 from pnc.surgery.branch import Branch, ExtendedHead, assemble_branch, branch_tensors
 from pnc.surgery.channel_groups import MaskedBody
 from pnc.surgery.cuts import CutPoint, classifier_of, cut_points
+from pnc.surgery.devices import device_of
 from pnc.surgery.errors import CutError, TrainingError
 from pnc.surgery.frozen_pool import InsertionPool, LocalizationPool, batched, cut_activations
 from pnc.surgery.local_models import LocalModelSet
@@ -64,9 +65,12 @@ STAGES = ("search", "binary")
 class SearchConfig:
     """Settings of the localization + insertion search (defaults: the paper's, scaled to CPU).
 
-    An epoch is ``max(ceil(N / batch_size), min_steps_per_epoch)`` steps, N the clone
-    classes' training images (tiny clone sets are cycled); its batches are drawn from every
-    available image (old-class images too), so old-class images do not lengthen the search.
+    An epoch of the search is ``max(ceil(N / batch_size), min_steps_per_epoch)`` steps (tiny
+    sets are cycled), N the clone classes' training images (``epoch_images="clone"``: the
+    old-class images do not lengthen the search) or all of them (``"available"``); batches
+    are drawn from every available image either way. A tuning epoch is a pass over every
+    training image: the long tuning of the one chosen branch is what the accuracy needs,
+    the long search of every candidate is not (``benchmarks/results/clone_cost.md``).
     ``mask_ratio`` is the kept fraction c/|W| per group (``mask_scope="global"``: of all
     maskable channels); ``use_masks=False`` is the "w/o Local" ablation (every channel
     kept) and ``candidates`` fixes the target cuts to try (["first"] is "w/o Insert").
@@ -97,13 +101,14 @@ class SearchConfig:
     keep_weight: float = 1.0
     perturbed_copies: int | None = None
     min_steps_per_epoch: int = 25
+    epoch_images: str = "clone"
     candidates: list[str] | None = None
     holdout: float = 0.2
     ce_weight: float = 1.0
     tune_epochs: int = 6
     tune_lr: float = 3e-3
     loc_pool: int = 4096
-    cache_mb: float = 64.0
+    cache_mb: float = 32.0
     keep_fraction: float = 0.5
     seed: int = 0
 
@@ -161,14 +166,34 @@ def split_holdout(labels: Tensor, share: float, seed: int) -> tuple[Tensor, Tens
     """Seeded per-class split of labels (N,) into (train, held-out) index tensors; a
     ``share`` of each class is held out, but every class keeps at least one training row."""
     gen = torch.Generator().manual_seed(seed)
-    train, held = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int64)]
+    none = torch.zeros(0, dtype=torch.int64, device=labels.device)
+    train, held = [none], [none]
     for label in labels.unique(sorted=True).tolist():
         members = torch.nonzero(labels == label).flatten()
-        members = members[torch.randperm(len(members), generator=gen)]
+        members = members[torch.randperm(len(members), generator=gen, device=gen.device).to(labels.device)]
         k = min(round(share * len(members)), len(members) - 1)
         held.append(members[:k])
         train.append(members[k:])
     return torch.cat(train).sort().values, torch.cat(held).sort().values
+
+
+def holdout_metrics(ctx: SearchContext, logits: Tensor, temperature: float) -> dict[str, float]:
+    """Held-out metrics of a cloned network's logits (M, K) on ``ctx.holdout``: accuracy,
+    cross-entropy, KD to the direct ensemble, and ``se``, the standard error of the
+    selection criterion (the error with old-class images, else the KD loss)."""
+    assert ctx.holdout is not None and ctx.holdout_frozen is not None
+    y, ensemble = ctx.holdout[1], ctx.holdout_frozen[2]
+    n, acc = len(y), float((logits.argmax(1) == y).float().mean())
+    t = temperature
+    per_image = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(ensemble / t, 1), reduction="none").sum(1) * t * t
+    se = math.sqrt(acc * (1 - acc) / n) if ctx.arbitrate else float(per_image.std() / math.sqrt(n)) if n > 1 else 0.0
+    return {
+        "acc": acc,
+        "ce": float(F.cross_entropy(logits, y)),
+        "kd": float(per_image.mean()),
+        "se": se,
+        "images": n,
+    }
 
 
 class SearchContext:
@@ -196,6 +221,11 @@ class SearchContext:
     ):
         config = config or SearchConfig()
         self.target, self.source = target, source
+        #: where the search computes: the models' device (the images are moved there once)
+        self.device = device_of(target.gm)
+        train_x, train_y = train_x.to(self.device), train_y.to(self.device)
+        if holdout is not None:
+            holdout = (holdout[0].to(self.device), holdout[1].to(self.device))
         self.train_x, self.train_y = train_x, train_y
         self.clone_x = train_x[train_y >= num_old]
         self.source_outputs, self.g = source_outputs, g
@@ -263,9 +293,10 @@ class CandidateTrainer:
         self.t_prefix = extract(t, None, [r.node])
         self.s_prefix = extract(s, None, [r_src.node])
         self.s_body = extract(s, r_src.node, [ctx.s_cls.input_node, ctx.s_cls.node])
-        self.gen = torch.Generator().manual_seed(config.seed)
-        sample = ctx.train_x[torch.randperm(len(ctx.train_x), generator=torch.Generator().manual_seed(config.seed))]
-        sample = sample[:256]
+        self.gen = torch.Generator().manual_seed(config.seed)  # CPU: the same draws on every device
+        sampler = torch.Generator().manual_seed(config.seed)
+        first = torch.randperm(len(ctx.train_x), generator=sampler, device=sampler.device)[:256]
+        sample = ctx.train_x[first.to(ctx.device)]
         with torch.no_grad():
             t_cut, (t_pre, _), s_cut = self.t_prefix(sample), ctx.target_head(sample), self.s_prefix(sample)
         layout = "NCHW" if r_src.layout == "NCHW" else "NLC"
@@ -279,9 +310,12 @@ class CandidateTrainer:
             src_prefix_tokens=r.prefix_tokens,
             dst_prefix_tokens=r_src.prefix_tokens,
             relu=bool((s_cut >= 0).all()),
+            device=ctx.device,
         )
         least_squares_init(self.adapter, t_cut, s_cut)
-        self.head = ExtendedHead(t_pre.shape[1], ctx.s_cls.in_features, ctx.num_old, len(ctx.source_outputs))
+        self.head = ExtendedHead(
+            t_pre.shape[1], ctx.s_cls.in_features, ctx.num_old, len(ctx.source_outputs), device=ctx.device
+        )
         w = head_module.weight[ctx.source_outputs]
         b = head_module.bias[ctx.source_outputs] if head_module.bias is not None else None
         self.head.init_from_source(w.detach(), None if b is None else b.detach())
@@ -292,7 +326,7 @@ class CandidateTrainer:
         self._cached = False
 
     @staticmethod
-    def check_adapter(r: CutPoint, r_src: CutPoint) -> None:
+    def check_adapter(r: CutPoint, r_src: CutPoint, device: torch.device) -> None:
         """AdapterError if no adapter maps the target's activation at R to the source's at R'."""
         make_adapter(
             r.shape,
@@ -301,6 +335,7 @@ class CandidateTrainer:
             r_src.layout,
             src_prefix_tokens=r.prefix_tokens,
             dst_prefix_tokens=r_src.prefix_tokens,
+            device=device,
         )
 
     @property
@@ -314,10 +349,16 @@ class CandidateTrainer:
         if self._cached:
             return
         ctx, budget = self.ctx, self.config.cache_mb
-        self._cuts = cut_activations(self.t_prefix, lambda e: ctx.pool.images(ctx.train_x, e), len(ctx.pool), budget)
+        self._cuts = cut_activations(
+            self.t_prefix, lambda e: ctx.pool.images(ctx.train_x, e), len(ctx.pool), budget, ctx.device
+        )
         if self.masks_on:
             self._loc_cuts = cut_activations(
-                self.s_prefix, lambda e: ctx.loc_pool.images(ctx.clone_x, ctx.g, e), len(ctx.loc_pool), budget
+                self.s_prefix,
+                lambda e: ctx.loc_pool.images(ctx.clone_x, ctx.g, e),
+                len(ctx.loc_pool),
+                budget,
+                ctx.device,
             )
         self._cached = True
 
@@ -373,22 +414,18 @@ class CandidateTrainer:
 
     @torch.no_grad()
     def holdout_metrics(self) -> dict[str, float]:
-        """On the held-out clean images: joint accuracy, cross-entropy and the KD loss to the
-        direct-ensemble teacher (the same images and teacher for every R: one scale)."""
+        """On the held-out clean images: joint accuracy, cross-entropy, the KD loss to the
+        direct-ensemble teacher (the same images and teacher for every R: one scale) and the
+        standard error ``se`` of the selection criterion (error or KD) over the images."""
         assert self.ctx.holdout is not None and self.ctx.holdout_frozen is not None
-        (x, y), (pre, old, ensemble) = self.ctx.holdout, self.ctx.holdout_frozen
+        x, (pre, old, _) = self.ctx.holdout[0], self.ctx.holdout_frozen
         logits = torch.cat(
             [
                 self.joint_logits(self.t_prefix(xb), p, lg)
-                for xb, p, lg in zip(x.split(512), pre.split(512), old.split(512), strict=True)
+                for xb, p, lg in zip(x.split(256), pre.split(256), old.split(256), strict=True)
             ]
         )
-        return {
-            "acc": float((logits.argmax(1) == y).float().mean()),
-            "ce": float(F.cross_entropy(logits, y)),
-            "kd": float(kd_loss(logits, ensemble, self.config.temperature)),
-            "images": len(y),
-        }
+        return holdout_metrics(self.ctx, logits, self.config.temperature)
 
     def selection_loss(self, holdout: dict[str, float]) -> float:
         """Held-out error with old-class images, held-out KD without; the training loss
@@ -414,33 +451,40 @@ class CandidateTrainer:
         steps = self.steps_per_epoch()
         with_loc = cfg.use_masks and phase != "binary"  # binary masks: L_loc has no gradient left
         for epoch in range(epochs):
-            order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(steps * cfg.batch_size / n))])
+            draws = math.ceil(steps * cfg.batch_size / n)  # seeded on the CPU generator, then moved
+            order = torch.cat([torch.randperm(n, generator=gen, device=gen.device) for _ in range(draws)])
+            order = order.to(ctx.device)
             total, seen = 0.0, 0
             for step in range(steps):
                 entries = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                loc = torch.zeros(())
-                if with_loc:
-                    loc = self.loss_loc(torch.randint(len(ctx.loc_pool), (len(entries),), generator=gen))
-                if phase == "localize":
-                    loss = loc + cfg.keep_weight * self.masked.keep_penalty(cfg.mask_ratio)
-                    measured = loss
-                else:
-                    ins = self.loss_ins(entries)
-                    measured = ins + cfg.loc_weight * loc.detach()
-                    loss = ins + cfg.loc_weight * loc
-                    if phase == "joint" and cfg.use_masks:
-                        loss = loss + cfg.keep_weight * self.masked.keep_penalty(cfg.mask_ratio)
-                self.check_finite(loss, phase, epoch, step)
+                # L_loc and L_ins pass different images through the branch: each term is
+                # backpropagated as soon as it is computed, so only one graph is alive at a time
                 opt.zero_grad(set_to_none=True)
-                if loss.requires_grad:
-                    loss.backward()
-                    opt.step()
+                measured = torch.zeros((), device=ctx.device)
+                if with_loc:
+                    drawn = torch.randint(len(ctx.loc_pool), (len(entries),), generator=gen, device=gen.device)
+                    loc = self.loss_loc(drawn.to(ctx.device))
+                    term = (1.0 if phase == "localize" else cfg.loc_weight) * loc
+                    if phase != "binary":
+                        term = term + cfg.keep_weight * self.masked.keep_penalty(cfg.mask_ratio)
+                    self._backward(term, phase, epoch, step)
+                    measured = term.detach() if phase == "localize" else cfg.loc_weight * loc.detach()
+                if phase != "localize":
+                    ins = self.loss_ins(entries)
+                    self._backward(ins, phase, epoch, step)
+                    measured = measured + ins.detach()
+                opt.step()
                 total += float(measured.detach()) * len(entries)
                 seen += len(entries)
                 tick()
             last = total / seen
         self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
         return last
+
+    def _backward(self, loss: Tensor, phase: str, epoch: int, step: int) -> None:
+        self.check_finite(loss, phase, epoch, step)
+        if loss.requires_grad:
+            loss.backward()
 
     def check_finite(self, loss: Tensor, phase: str, epoch: int, step: int) -> None:
         """TrainingError if ``loss`` is NaN/Inf (the candidates finished before stay checkpointed)."""
@@ -525,7 +569,8 @@ class CandidateTrainer:
                     self.masked.logits[k[12:]].copy_(v)
         keep = {k[5:]: v for k, v in tensors.items() if k.startswith("keep.")}
         if keep or not self.masks_on:
-            self.masked.set_keep(keep if self.masks_on else {g.name: torch.arange(g.size) for g in self.masked.groups})
+            every = {g.name: torch.arange(g.size, device=self.ctx.device) for g in self.masked.groups}
+            self.masked.set_keep(keep if self.masks_on else every)
         else:
             self.masked.mode = "soft"
         self.gen.set_state(tensors["rng"])
@@ -539,7 +584,7 @@ class CandidateTrainer:
         """Ori / Tar / Avg of this candidate on the eval sets (reported, never used to select)."""
         out = {}
         for name, (x, y) in self.ctx.eval_sets.items():
-            pred = torch.cat([self.cloned_logits(xb).argmax(1) for xb in x.split(512)])
+            pred = torch.cat([self.cloned_logits(xb).argmax(1) for xb in x.split(256)])
             out[name] = float((pred == y).float().mean())
         return out
 
@@ -557,20 +602,26 @@ class CandidateTrainer:
 
 
 def steps_per_epoch(ctx: SearchContext, config: SearchConfig) -> int:
-    """Optimizer steps of one epoch: one pass over the clone classes' training images."""
-    return max(math.ceil(len(ctx.clone_x) / config.batch_size), config.min_steps_per_epoch)
+    """Optimizer steps of one epoch of the search: one pass over the clone classes' training
+    images (or every training image, ``config.epoch_images="available"``), at least
+    ``min_steps_per_epoch``."""
+    if config.epoch_images not in ("available", "clone"):
+        raise ValueError(f"epoch_images must be 'available' or 'clone', got {config.epoch_images!r}")
+    images = ctx.train_x if config.epoch_images == "available" else ctx.clone_x
+    return max(math.ceil(len(images) / config.batch_size), config.min_steps_per_epoch)
 
 
 def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dict:
     """Fine-tune a built branch (A, the pruned copy M_f, F_c) with L_ins on the training
-    images (clean), the target frozen; keep the result only if the held-out error falls.
+    images (clean; ``tune_epochs`` passes over all of them), the target frozen; keep the
+    result only if the held-out error falls.
 
     Returns {"before": held-out metrics, "after": held-out metrics, "kept": bool, "epochs",
     "seconds"}."""
     start = time.perf_counter()
     prefix = extract(ctx.target, None, [branch.target_cut])
     n = len(ctx.train_x)
-    cuts = cut_activations(prefix, lambda rows: ctx.train_x[rows], n, config.cache_mb)
+    cuts = cut_activations(prefix, lambda rows: ctx.train_x[rows], n, config.cache_mb, ctx.device)
 
     def logits_of(rows: Tensor) -> Tensor:
         """Cloned logits (B, K) of training images ``rows`` (B,) (pool entries 0..N-1: clean)."""
@@ -585,18 +636,12 @@ def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dic
     @torch.no_grad()
     def held_out() -> dict[str, float]:
         assert ctx.holdout is not None and ctx.holdout_frozen is not None
-        (x, y), (pre, old, ensemble) = ctx.holdout, ctx.holdout_frozen
+        (x, _), (pre, old, _) = ctx.holdout, ctx.holdout_frozen
         parts = []
-        for xb, p, lg in zip(x.split(512), pre.split(512), old.split(512), strict=True):
+        for xb, p, lg in zip(x.split(256), pre.split(256), old.split(256), strict=True):
             correction, new = branch(prefix(xb), p)
             parts.append(torch.cat([lg + correction, new], 1))
-        logits = torch.cat(parts)
-        return {
-            "acc": float((logits.argmax(1) == y).float().mean()),
-            "ce": float(F.cross_entropy(logits, y)),
-            "kd": float(kd_loss(logits, ensemble, config.temperature)),
-            "images": len(y),
-        }
+        return holdout_metrics(ctx, torch.cat(parts), config.temperature)
 
     branch.eval()
     before = held_out()
@@ -605,9 +650,10 @@ def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dic
     params = [p for p in branch.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=config.tune_lr)
     gen = torch.Generator().manual_seed(config.seed)
-    steps = config.tune_epochs * steps_per_epoch(ctx, config)
+    steps = config.tune_epochs * max(math.ceil(n / config.batch_size), config.min_steps_per_epoch)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-    order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(steps * config.batch_size / n))])
+    draws = math.ceil(steps * config.batch_size / n)  # seeded on the CPU generator, then moved
+    order = torch.cat([torch.randperm(n, generator=gen, device=gen.device) for _ in range(draws)]).to(ctx.device)
     branch.train()
     for step in range(steps):
         rows = order[step * config.batch_size : (step + 1) * config.batch_size]

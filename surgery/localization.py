@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from pnc.surgery.channel_groups import MaskedBody, _build_groups, prune_structurally
 from pnc.surgery.cuts import CutPoint, classifier_of
+from pnc.surgery.devices import device_of
 from pnc.surgery.errors import CutError, PncError
 from pnc.surgery.local_models import LocalModelSet, occlude
 from pnc.surgery.splitting import extract
@@ -106,17 +107,20 @@ def localize(
     tick: Callable[[], None] | None = None,
 ) -> tuple[dict[str, Tensor], MaskedBody]:
     """Train soft masks on ``body`` (cut tensor -> logits, or (pre-logits, logits)) against G and
-    binarize them to the top ``config.keep`` share per group.
+    binarize them to the top ``config.keep`` share per group, on the body's device (batches of
+    ``images`` are moved there as they are drawn; the draws come from a seeded CPU generator).
 
     Args:
-        prefix: input (B, C, H, W) -> cut tensor; frozen.
+        prefix: input (B, C, H, W) -> cut tensor; frozen; on the body's device.
         images: (N, C, H, W) the images G was fitted on (``g.index`` indexes them).
         outputs: the logit indices G models (K of them).
         frozen: modules of ``body`` whose out-channels stay (its classifier).
     Returns ({group name: sorted kept channel indices}, the MaskedBody in binary mode)."""
     gen = torch.Generator().manual_seed(config.seed)
+    device = device_of(body)
+    masks, index = g.masks.to(device), g.index.to(images.device)
     with torch.no_grad():
-        example = prefix(images[:8])
+        example = prefix(images[:8].to(device))
     masked = MaskedBody(body, example, layout, frozen=frozen)
     if not masked.groups:
         raise PncError(
@@ -126,11 +130,12 @@ def localize(
     masked.mode = "soft"
     opt = torch.optim.Adam(masked.logits.parameters(), lr=config.lr)
     for _ in range(config.steps):
-        rows = torch.randint(len(g.index), (config.batch_size,), generator=gen)
-        mask_ids = torch.randint(g.masks.shape[0], (config.batch_size,), generator=gen)
+        rows = torch.randint(len(index), (config.batch_size,), generator=gen, device=gen.device)
+        mask_ids = torch.randint(masks.shape[0], (config.batch_size,), generator=gen, device=gen.device).to(device)
         with torch.no_grad():
-            cut = prefix(occlude(images[g.index[rows]], g.masks[mask_ids]))
-            g_pred = g.predict(g.masks[mask_ids], which=rows)
+            x = images[index[rows.to(index.device)]].to(device)
+            cut = prefix(occlude(x, masks[mask_ids]))
+            g_pred = g.predict(masks[mask_ids], which=rows.to(device))
         loss = localization_loss(masked, cut, outputs, g_pred, config.keep, config.keep_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()

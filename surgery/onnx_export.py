@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from pnc.surgery.cloned import ClonedNetwork
+from pnc.surgery.devices import cpu_copy
 from pnc.surgery.errors import ExportError
 from pnc.surgery.io import atomic_write_bytes
 from pnc.surgery.onnx_merge import CLONED_OUTPUT, BranchGraph, merge
@@ -75,6 +76,8 @@ def export_onnx(model: nn.Module | ClonedNetwork, path: str | Path, example_inpu
         example_input: (B, C, H, W); only its shape (C, H, W) matters, the batch axis is dynamic.
         opset: ONNX opset of the default domain.
 
+    A model on another device is exported from a CPU copy: the same bytes on every device.
+
     >>> import tempfile, onnx
     >>> from pnc.surgery import detach_onnx
     >>> from pnc.surgery.examples import tiny_clone
@@ -101,8 +104,9 @@ def check_opset(opset: int) -> int:
 
 
 def to_onnx(model: nn.Module | ClonedNetwork, example_input: Tensor, opset: int = OPSET) -> onnx.ModelProto:
-    """The ModelProto :func:`export_onnx` writes."""
+    """The ModelProto :func:`export_onnx` writes (from a CPU copy of a model on another device)."""
     check_opset(opset)
+    model, example_input = cpu_copy(model), example_input.cpu()
     if isinstance(model, ClonedNetwork) and model.branches:
         with evaluating(model):
             return _clone_to_onnx(model, example_input, opset)
@@ -194,9 +198,11 @@ def locate_tensors(base: onnx.ModelProto, probe: Tensor, wanted: dict[str, Tenso
 
 
 def _probe(example_input: Tensor, batch: int) -> Tensor:
-    """A seeded random input (batch, C, H, W): distinct values make accidental matches unlikely."""
+    """A seeded random input (batch, C, H, W) on the example's device: distinct values make
+    accidental matches unlikely."""
     gen = torch.Generator().manual_seed(0)
-    return torch.randn((batch, *example_input.shape[1:]), generator=gen, dtype=example_input.dtype)
+    probe = torch.randn((batch, *example_input.shape[1:]), generator=gen, dtype=example_input.dtype, device=gen.device)
+    return probe.to(example_input.device)
 
 
 @torch.no_grad()

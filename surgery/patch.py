@@ -24,6 +24,7 @@ from torch import nn
 
 from pnc.surgery.branch import CloneReport, assemble_branch, branch_tensors
 from pnc.surgery.cloned import ClonedNetwork
+from pnc.surgery.devices import device_of
 from pnc.surgery.errors import PatchError, PncError
 from pnc.surgery.io import save_tensors, state_dict_sha256
 from pnc.surgery.tracing import trace
@@ -60,7 +61,8 @@ def save_patch(
     input_size: tuple[int, ...],
     tasks: dict[str, dict] | None = None,
 ) -> int:
-    """Write ``net``'s branches to ``path`` (atomically); return the file size in bytes.
+    """Write ``net``'s branches to ``path`` (atomically); return the file size in bytes. The file
+    holds CPU tensors: the same bytes whatever device ``net`` is on.
 
     Args:
         target_name: the target's zoo name.
@@ -175,7 +177,8 @@ SourceResolver = Callable[[str], nn.Module] | Mapping[str, nn.Module]
 
 
 def load_patch(path: str | Path, target: nn.Module, sources: SourceResolver) -> tuple[ClonedNetwork, dict]:
-    """Rebuild the cloned network of a patch on ``target``; returns (network, metadata).
+    """Rebuild the cloned network of a patch on ``target``, on the target's device (the patch
+    holds CPU tensors, whatever device it was saved from); returns (network, metadata).
 
     Args:
         target: the network the patch was made for (its state_dict hash is checked).
@@ -201,7 +204,7 @@ def load_patch(path: str | Path, target: nn.Module, sources: SourceResolver) -> 
     meta, tensors = read_patch(path)
     resolve = sources.__getitem__ if isinstance(sources, Mapping) else sources
     _check_weights(target, meta["target"]["sha256"], "target", meta["target"]["name"])
-    example = torch.zeros(2, *meta["input_size"])
+    example = torch.zeros(2, *meta["input_size"], device=device_of(target))
     try:
         net = ClonedNetwork(target, example, meta["target"]["classes"])
     except (PncError, TypeError, ValueError, RuntimeError) as err:

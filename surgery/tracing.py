@@ -29,6 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.fx.proxy import Attribute
 
 from pnc.surgery.batch import BATCH_META, BatchDim, batch_dims, generalise_batch
+from pnc.surgery.devices import device_of
 from pnc.surgery.errors import TraceError
 
 __all__ = ["TracedModel", "BatchDim", "trace", "owning_module", "default_input", "evaluating", "is_batch_node"]
@@ -304,7 +305,8 @@ def _eager() -> Iterator[None]:
 
 
 def default_input(model: nn.Module, input_size: tuple[int, int, int] | None = None, batch: int = 2) -> torch.Tensor:
-    """A seeded random batch (batch, C, H, W); size from ``input_size`` or the model's timm config."""
+    """A seeded random batch (batch, C, H, W) on the model's device (drawn on the CPU: the same
+    values on every device); size from ``input_size`` or the model's timm config."""
     if input_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         input_size = cfg.get("input_size")
@@ -314,7 +316,7 @@ def default_input(model: nn.Module, input_size: tuple[int, int, int] | None = No
             "or example_input=torch.randn(2, C, H, W)."
         )
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch, *input_size, generator=generator)
+    return torch.randn(batch, *input_size, generator=generator, device=generator.device).to(device_of(model))
 
 
 def _timm_leaves() -> tuple[list[type], list[Callable]]:
@@ -453,7 +455,8 @@ def _check_runs_eagerly(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def trace(model: nn.Module, example_input: torch.Tensor, leaf_modules: Sequence[type] = ()) -> TracedModel:
-    """Trace ``model`` in eval mode for inputs shaped like ``example_input`` (B, C, H, W).
+    """Trace ``model`` in eval mode for inputs shaped like ``example_input`` (B, C, H, W), which
+    is moved to the model's device (``TracedModel.example_input`` is that copy).
 
     Modules of the types in ``leaf_modules`` (and timm's registered no-trace modules)
     become single ``call_module`` nodes. The model's training flag is restored and its
@@ -465,7 +468,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, leaf_modules: Sequence[
     >>> traced.shapes["conv2"], traced.shapes["flat"]   # node name -> shape at this batch
     ((2, 4, 4, 4), (2, 4))
     """
-    x1 = example_input
+    x1 = example_input = example_input.to(device_of(model))
     x2 = torch.cat([x1, x1[:1]])  # one more sample: shape reads that move with the batch
     batches = (x1.shape[0], x2.shape[0])
     with evaluating(model), torch.no_grad(), _preserved_state(model):

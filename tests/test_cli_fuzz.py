@@ -71,6 +71,10 @@ CASES: dict[str, list[str]] = {
         "{base} --arch-kwargs '{{\"width\": -1}}'",
         "{base} --arch-kwargs '{{\"nope\": 1}}'",
         "{base} --epochs 1 --epochs 2",
+        "{base} --device gpu",
+        "{base} --device cuda:99",
+        "{base} --device ''",
+        "{base} --device cpu --device cpu",
         "{base} --zoo-dir {file}",
         "{base} --zoo-dir {file}/sub",
         "{base} --zoo-dir {proc}",
@@ -142,6 +146,8 @@ CASES: dict[str, list[str]] = {
         "t --from first --out {dir}/o",
         "t --from first --classes 1,1 --out {dir}/o",
         "t --from first --classes 1 --out {dir}/o --keep 0.5 --keep 0.6",
+        "t --from first --classes 1 --out {dir}/o --device tpu",
+        "t --from first --classes 1 --out {dir}/o --device cuda:99",
     ],
     "attach": [
         "{t_onnx} {dir}/missing.onnx --out {dir}/x.onnx",
@@ -163,7 +169,13 @@ CASES: dict[str, list[str]] = {
     ],
     "zoo show": ["nope", "'a b'", "t --zoo-dir {file}", "t --json --json", ""],
     "zoo verify": ["nope", "--zoo-dir {dir}", "--zoo-dir {file}", "t extra"],
-    "zoo pretrain-defaults": ["--only nope", "--zoo-dir {file}", "--zoo-dir {proc}", "--zoo-dir {file}/sub"],
+    "zoo pretrain-defaults": [
+        "--only nope",
+        "--zoo-dir {file}",
+        "--zoo-dir {proc}",
+        "--zoo-dir {file}/sub",
+        "--device cuda:99",
+    ],
     "clone": [
         "{clone} --out {file}",
         "{clone} --out {file}/sub",
@@ -188,6 +200,9 @@ CASES: dict[str, list[str]] = {
         "{clone} --out {dir}/o --mask-ratio 0",
         "{clone} --out {dir}/o --mask-ratio 2",
         "{clone} --out {dir}/o --mask-ratio x",
+        "{clone} --out {dir}/o --time-budget 0",
+        "{clone} --out {dir}/o --time-budget -5",
+        "{clone} --out {dir}/o --time-budget soon",
         "{clone} --out {dir}/o --seed -1",
         "{clone} --out {dir}/o --target s",
         "{clone} --out {dir}/o --out {dir}/p",
@@ -195,6 +210,10 @@ CASES: dict[str, list[str]] = {
         "{clone} --out {dir}/o --zoo-dir {file}",
         "--source s --classes 7 --out {dir}/o",
         "{clone} --out {dir}/o --target 'a b'",
+        "{clone} --out {dir}/o --device gpu",
+        "{clone} --out {dir}/o --device cuda:99",
+        "{clone} --out {dir}/o --device mps:0",
+        "{clone} --out {dir}/o --device cpu --device auto",
     ],
     "eval": [
         "{dir}/missing.pnc",
@@ -207,6 +226,7 @@ CASES: dict[str, list[str]] = {
         "{run} --zoo-dir {dir}",
         "{run} --json --json",
         "",
+        "{run} --device nope",
     ],
     "demo": [
         "--out {run}",
@@ -216,6 +236,7 @@ CASES: dict[str, list[str]] = {
         "--seed -1",
         "--zoo-dir {file}",
         "--seed 1 --seed 2",
+        "--device cuda:x",
     ],
     "export": [
         "nope --out {dir}/x.onnx",
@@ -270,8 +291,16 @@ CASES: dict[str, list[str]] = {
         "--quick --target t --source s --arch cnn4 --out {dir}/o",
         "--quick --quick",
         "--quick --seeds ''",
+        "--quick --device gpu",
+        "--quick --device cuda:99",
     ],
-    "bench figures": ["--quick --figures 5", "--quick --figures x", "--quick --out {file}", "--quick --arch nope"],
+    "bench figures": [
+        "--quick --figures 5",
+        "--quick --figures x",
+        "--quick --out {file}",
+        "--quick --arch nope",
+        "--quick --device x",
+    ],
     "bench hetero": [
         "--pairs x",
         "--pairs resnetc20-cnn4,resnetc20-cnn4",
@@ -279,6 +308,7 @@ CASES: dict[str, list[str]] = {
         "--out {file}",
         "--workdir {proc}",
         "--seeds -5",
+        "--device cuda:99",
     ],
     "bench incremental": [
         "--quick --step-sizes 0",
@@ -286,6 +316,7 @@ CASES: dict[str, list[str]] = {
         "--quick --methods PNC-F",
         "--quick --out {file}/sub",
         "--quick --dataset nope",
+        "--quick --device mps:0",
     ],
 }
 BASE_TRAIN = "--arch cnn4 --dataset digits --classes 0-4 --name fresh"

@@ -51,6 +51,8 @@ def test_prune_through_the_cli(tmp_path, store, capsys, classes, names):
         "--zoo-dir",
         str(store.root),
         "--json",
+        "--device",
+        "cpu",
         *FAST,
     ]
     assert cli.main(argv) == 0
@@ -58,6 +60,7 @@ def test_prune_through_the_cli(tmp_path, store, capsys, classes, names):
     assert sorted(p.name for p in out.iterdir()) == ["prune.json", "suffix.onnx", "suffix.safetensors"]
     assert json.loads((out / "prune.json").read_text()) == report
     assert report["cut"] == "block2_3" and report["class_names"] == names  # the module name resolved
+    assert report["settings"]["device"] == "cpu"
     assert report["classes"] == [int(c) for c in classes.split(",")]
     for group in report["groups"].values():
         kept = group["kept"]

@@ -46,7 +46,9 @@ def _same_patch(a: Path, b: Path) -> bool:
     (meta_a, ta), (meta_b, tb) = read_patch(a), read_patch(b)
     for meta in (meta_a, meta_b):
         for branch in meta["branches"]:
-            branch["report"] = {k: v for k, v in branch["report"].items() if k not in ("seconds", "candidates")}
+            report = {k: v for k, v in branch["report"].items() if k not in ("seconds", "candidates", "profile")}
+            report["tuning"].pop("seconds", None)
+            branch["report"] = report
     return meta_a == meta_b and ta.keys() == tb.keys() and all(ta[k].equal(tb[k]) for k in ta)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.console import Console
 
+from pnc.surgery.devices import DeviceLike
 from pnc.surgery.errors import DataError, ModelNotFoundError, StoreError
 from pnc.zoo.datasets import DatasetSplits, canonical_dataset, load_dataset
 from pnc.zoo.store import ModelCard, ZooStore
@@ -86,10 +87,15 @@ def _spec(name: str) -> DefaultModel:
 
 
 def ensure_default(
-    store: ZooStore, name: str, data_dir: str | None = None, dataset: DatasetSplits | None = None, progress: bool = True
+    store: ZooStore,
+    name: str,
+    data_dir: str | None = None,
+    dataset: DatasetSplits | None = None,
+    progress: bool = True,
+    device: DeviceLike | None = None,
 ) -> ModelCard:
     """The card of default model ``name``: reused when the store holds it, intact and trained
-    by the current recipe; trained (and saved) otherwise."""
+    by the current recipe; trained (and saved) on ``device`` otherwise."""
     spec = _spec(name)
     splits = dataset if dataset is not None else load_dataset(spec.dataset, data_dir)
     class_ids = parse_classes(spec.classes, splits.classes)
@@ -112,14 +118,19 @@ def ensure_default(
         arch_kwargs=spec.arch_kwargs,
         batch_size=spec.batch_size,
         progress=progress,
+        device=device,
     )
 
 
 def pretrain_defaults(
-    store: ZooStore, data_dir: str | None = None, only: list[str] | None = None, progress: bool = True
+    store: ZooStore,
+    data_dir: str | None = None,
+    only: list[str] | None = None,
+    progress: bool = True,
+    device: DeviceLike | None = None,
 ) -> list[ModelCard]:
-    """Train (or reuse) every default model, or those in ``only``, whose data is present;
-    the others are skipped with a message saying how to get their data."""
+    """Train (or reuse) every default model, or those in ``only``, whose data is present, on
+    ``device``; the others are skipped with a message saying how to get their data."""
     console = Console(stderr=True)
     specs = [_spec(n) for n in only] if only else list(DEFAULTS.values())
     loaded: dict[str, DatasetSplits | DataError] = {}
@@ -134,5 +145,5 @@ def pretrain_defaults(
         if isinstance(splits, DataError):
             console.print(f"skipping {spec.name}: {splits}")
             continue
-        cards.append(ensure_default(store, spec.name, dataset=splits, progress=progress))
+        cards.append(ensure_default(store, spec.name, dataset=splits, progress=progress, device=device))
     return cards

@@ -79,9 +79,11 @@ def _sample_stats(raw: ImageFiles, count: int) -> tuple[Tensor, Tensor]:
     """Per-channel mean and (unbiased) std (3,) of a seeded sample of ``count`` rows of
     ``raw`` (unnormalized files: mean 0, std 1; all rows when fewer), in float64."""
     n = len(raw)
-    rows = torch.arange(n) if n <= count else torch.randperm(n, generator=torch.Generator().manual_seed(0))[:count]
+    gen, where = torch.Generator().manual_seed(0), raw.y.device
+    rows = torch.arange(n, device=where) if n <= count else torch.randperm(n, generator=gen, device=where)[:count]
     raw = raw.subset(rows.sort().values)
-    total, squares, pixels = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    total = torch.zeros(3, dtype=torch.float64, device=where)
+    squares, pixels = torch.zeros_like(total), 0
     for x, _ in raw.batches(32):
         x = x.double()
         total += x.sum(dim=(0, 2, 3))

@@ -93,7 +93,7 @@ class ImageFiles:
         """Decoded (x (B, 3, size, size), y (B,)) batches: rows ``order`` (a list of index
         tensors), or all rows in order. DataError names the first file that cannot be read."""
         if order is None:
-            order = list(torch.arange(len(self)).split(batch_size))
+            order = list(torch.arange(len(self), device=self.y.device).split(batch_size))
         rows = sum(len(index) for index in order)
         workers = data_workers() if rows >= PARALLEL_ROWS else 0
         loader = DataLoader(
@@ -113,8 +113,8 @@ class ImageFiles:
         """Decode every row into one :class:`ImageData` (a progress bar from 500 images)."""
         from rich.progress import track
 
-        out = torch.empty(len(self), 3, self.size, self.size)
-        chunks = list(torch.arange(len(self)).split(STREAM_ROWS))
+        out = torch.empty(len(self), 3, self.size, self.size, device=self.y.device)
+        chunks = list(torch.arange(len(self), device=self.y.device).split(STREAM_ROWS))
         done = 0
         for x, _ in track(
             self.batches(order=chunks), description=desc, total=len(chunks), disable=len(self) < 500, transient=True

@@ -24,6 +24,7 @@ from safetensors.torch import load_model
 from torch import nn
 
 from pnc.surgery.cloned import ClonedNetwork
+from pnc.surgery.devices import DeviceLike
 from pnc.surgery.errors import PatchError, StoreError, require_finite_weights
 from pnc.surgery.io import atomic_write_bytes, atomic_write_text, file_sha256, state_dict_sha256, tensor_bytes
 from pnc.surgery.patch import load_patch, read_patch
@@ -210,8 +211,9 @@ class ZooStore:
         weights = self.path(name) / WEIGHTS_FILE
         return weights.is_file() and file_sha256(weights) == card.sha256
 
-    def load(self, name: str) -> tuple[nn.Module, ModelCard]:
-        """Rebuild ``card.arch`` and load the verified weights; the model is in eval mode."""
+    def load(self, name: str, device: DeviceLike | None = None) -> tuple[nn.Module, ModelCard]:
+        """Rebuild ``card.arch`` on ``device`` (default: torch's default device) and load the
+        verified weights; the model is in eval mode."""
         from pnc.zoo import archs
 
         card = self.card(name)
@@ -225,7 +227,8 @@ class ZooStore:
                 f"the weights were modified or corrupted; retrain with `pnc zoo train "
                 f"--name {name} ...` (or `pnc zoo pretrain-defaults` for a default model)"
             )
-        model = archs.create(card.arch, **card.kwargs)
+        with torch.device(device if device is not None else torch.get_default_device()):
+            model = archs.create(card.arch, **card.kwargs)
         try:
             load_model(model, weights, strict=True)
         except (SafetensorError, RuntimeError) as err:
@@ -233,11 +236,11 @@ class ZooStore:
         require_finite_weights(model, f"zoo model {name!r} ({weights})")
         return model.eval(), card
 
-    def load_patch(self, path: str | Path) -> tuple[ClonedNetwork, dict]:
-        """A ``.pnc`` patch rebuilt on the zoo models it names: (network, metadata).
-        Weights whose hash differs from the patch's are refused (:class:`PatchError`)."""
+    def load_patch(self, path: str | Path, device: DeviceLike | None = None) -> tuple[ClonedNetwork, dict]:
+        """A ``.pnc`` patch rebuilt on the zoo models it names, loaded on ``device``: (network,
+        metadata). Weights whose hash differs from the patch's are refused (:class:`PatchError`)."""
         meta, _ = read_patch(path)
-        target = self._patch_model(path, meta["target"], "target")
+        target = self._patch_model(path, meta["target"], "target", device)
         return load_patch(
             path,
             target,
@@ -248,14 +251,15 @@ class ZooStore:
                     "sha256": next(b["source"]["sha256"] for b in meta["branches"] if b["source"]["name"] == name),
                 },
                 "source",
+                device,
             ),
         )
 
-    def _patch_model(self, patch: str | Path, wanted: dict, role: str) -> nn.Module:
+    def _patch_model(self, patch: str | Path, wanted: dict, role: str, device: DeviceLike | None) -> nn.Module:
         """The zoo model a patch names; PatchError in the zoo's terms if its weights are not the
         ones the patch was made for (the hash printed is what `pnc zoo show` prints)."""
         name = wanted["name"]
-        model, _ = self.load(name)
+        model, _ = self.load(name, device)
         actual = state_dict_sha256(model)  # == card.state_dict_sha256 (cards older than it lack it)
         if actual != wanted["sha256"]:
             raise PatchError(

@@ -79,7 +79,7 @@ SetT = TypeVar("SetT", ImageData, ImageFiles)
 def select_classes(data: SetT, classes: Sequence[int], offset: int = 0) -> SetT:
     """Images of ``classes`` (dataset ids) relabelled ``offset + position in classes``
     (files stay undecoded)."""
-    wanted = torch.as_tensor(list(classes), dtype=torch.int64)
+    wanted = torch.as_tensor(list(classes), dtype=torch.int64, device=data.y.device)
     index = torch.nonzero(torch.isin(data.y, wanted)).flatten()
     position = (data.y[index].unsqueeze(1) == wanted).to(torch.int64).argmax(dim=1)
     return data.subset(index, position + offset)
@@ -282,11 +282,12 @@ class CloneTask:
 
 
 def _per_class_share(labels: torch.Tensor, share: float, gen: torch.Generator, at_least_one: bool) -> torch.Tensor:
-    """Sorted indices of a seeded ``share`` of each label's rows; labels (N,) int64."""
-    picks = [torch.zeros(0, dtype=torch.int64)]
+    """Sorted indices (on the labels' device) of a seeded ``share`` of each label's rows; labels (N,) int64."""
+    picks = [torch.zeros(0, dtype=torch.int64, device=labels.device)]
     for label in labels.unique(sorted=True).tolist():
         members = torch.nonzero(labels == label).flatten()
         keep = round(share * len(members))
         keep = max(1, keep) if at_least_one else keep
-        picks.append(members[torch.randperm(len(members), generator=gen)[:keep]])
+        order = torch.randperm(len(members), generator=gen, device=gen.device)
+        picks.append(members[order[:keep].to(members.device)])
     return torch.cat(picks).sort().values

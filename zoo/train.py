@@ -6,6 +6,10 @@ rate per step) or AdamW. Every epoch draws its shuffling and its global RNG stat
 the step, so the only state to checkpoint is the weights and the optimizer buffers:
 an interrupted run resumed from its checkpoint ends with the same weights as an
 uninterrupted one.
+
+Training and evaluation run on the model's device: the data stay on the CPU and each
+batch is moved there as it is used; shuffling and augmentation are drawn on the CPU, so a
+seed picks the same batches on every device.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from pnc.surgery.devices import DeviceLike, device_of
 from pnc.surgery.errors import DataError, PncError, StoreError, TrainingError, require_finite_images
 from pnc.surgery.io import atomic_write_bytes, atomic_write_text
 from pnc.zoo import archs
@@ -59,13 +64,13 @@ def _translate(x: Tensor, gen: torch.Generator) -> Tensor:
     n, _, h, w = x.shape
     pad = max(1, h // 8)
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=gen).tolist()
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=gen, device=gen.device).tolist()
     return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[Tensor]:
     """Shuffled index batches; the last partial batch is dropped unless it is the only one."""
-    order = torch.randperm(n, generator=gen)
+    order = torch.randperm(n, generator=gen, device=gen.device)
     full = n // batch_size
     if full == 0:
         return [order]
@@ -155,7 +160,8 @@ def fit(
     Image files (:class:`ImageFiles`) are decoded once and kept when they fit in
     ``$PNC_DECODE_CACHE_MB``, else decoded batch by batch every epoch (DataLoader workers);
     the batches, and so the weights, are the same either way.
-    ``loss_fn(model, x, y) -> scalar`` replaces cross-entropy on ``model(x)``; ``params``
+    It trains on the model's device (``model.to(device)`` first), each batch moved there;
+    ``loss_fn(model, x, y) -> scalar`` (x, y on that device) replaces cross-entropy on ``model(x)``; ``params``
     restricts what is optimized (default: every parameter that requires grad). With
     ``checkpoint`` (a folder) the run saves after each epoch and resumes from there.
     ``on_epoch_end(epoch, mean_loss)`` runs after each epoch's checkpoint.
@@ -264,6 +270,7 @@ def _train_epoch(
     """One seeded pass over ``data`` with a cosine learning rate per step; the mean loss.
     A non-finite loss stops it with a TrainingError (``where`` prefixes it, ``kept`` ends it)."""
     model.train()
+    device = device_of(model)
     gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
     running, count = 0.0, 0
     with torch.random.fork_rng(devices=[]):
@@ -274,7 +281,7 @@ def _train_epoch(
                 group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / total))
             if augment:
                 x = _translate(x, gen)
-            loss = loss_fn(model, x, y)
+            loss = loss_fn(model, x.to(device), y.to(device))
             if not bool(torch.isfinite(loss).all()):
                 raise TrainingError(
                     f"{where}the loss became {float(loss.detach().reshape(-1)[0])} at epoch {epoch + 1}, step "
@@ -291,12 +298,13 @@ def _train_epoch(
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, data: ImageSet, batch_size: int = 512) -> Tensor:
-    """Logits (N, num_outputs) of ``model`` in eval mode (image files streamed in batches);
-    its train/eval mode is restored."""
+    """Logits (N, num_outputs) of ``model`` in eval mode, on its device (the batches, image
+    files streamed, are moved there); its train/eval mode is restored."""
     was_training = model.training
+    device = device_of(model)
     model.eval()
     try:
-        return torch.cat([model(x) for x, _ in iter_batches(data, batch_size)])
+        return torch.cat([model(x.to(device)) for x, _ in iter_batches(data, batch_size)])
     finally:
         model.train(was_training)
 
@@ -305,7 +313,8 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 512) -> float:
     """Top-1 accuracy (a fraction) of ``model`` on ``data`` (image files streamed)."""
     if len(data) == 0:
         raise DataError("cannot evaluate on an empty dataset; check the class list")
-    return float((predict_logits(model, data, batch_size).argmax(dim=1) == data.y).float().mean())
+    predicted = predict_logits(model, data, batch_size).argmax(dim=1)
+    return float((predicted == data.y.to(predicted.device)).float().mean())
 
 
 def measured_card(
@@ -352,16 +361,19 @@ def train_zoo_model(
     weight_decay: float = 5e-4,
     augment: bool = False,
     progress: bool = True,
+    device: DeviceLike | None = None,
 ) -> ModelCard:
-    """Build ``arch`` (initialized from ``seed``) with one output per class of ``classes``,
-    train it on those classes' training images (checkpoints under ``<zoo>/<name>/.ckpt``,
+    """Build ``arch`` (initialized from ``seed`` on the CPU: the same weights for every device)
+    with one output per class of ``classes``, train it on ``device`` (default: torch's default
+    device) on those classes' training images (checkpoints under ``<zoo>/<name>/.ckpt``,
     removed when done), test it on their test images, and save it with its card."""
     splits = dataset if isinstance(dataset, DatasetSplits) else load_dataset(dataset, data_dir)
     class_ids = parse_classes(classes, splits.classes)
     kwargs = {**archs.input_kwargs(arch, splits.input_size), **(arch_kwargs or {}), "num_classes": len(class_ids)}
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(seed)
         model = archs.create(arch, **kwargs)
+    model.to(device if device is not None else torch.get_default_device())
     ckpt = store.path(name) / ".ckpt"
     began = time.perf_counter()
     fit(

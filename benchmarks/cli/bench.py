@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pnc.surgery.errors import TaskError
 
-from .common import add_data_dir, add_zoo_dir, check_output_dir, in_range, seed_number
+from .common import add_data_dir, add_device, add_zoo_dir, check_output_dir, in_range, seed_number
 from .zoo import writable_zoo
 
 
@@ -100,6 +100,7 @@ def _cmd_paper(args: argparse.Namespace) -> int:
         fresh=args.fresh,
         command=_command(),
         pair=pair,
+        device=args.device,
     )
     stem = Path(args.out) / result["stem"]
     print(f"wrote {stem}.md and {stem}.json")
@@ -124,6 +125,7 @@ def _cmd_figures(args: argparse.Namespace) -> int:
         out_dir=Path(args.out),
         workdir=args.workdir,
         command=_command(),
+        device=args.device,
     )
     print(f"wrote {path} and its plots")
     return 0
@@ -142,6 +144,7 @@ def _cmd_hetero(args: argparse.Namespace) -> int:
         out_dir=Path(args.out),
         workdir=args.workdir,
         command=_command(),
+        device=args.device,
     )
     for key in args.pairs:
         print(f"wrote {Path(args.out) / f'table2-{key}.md'}")
@@ -166,6 +169,7 @@ def _cmd_incremental(args: argparse.Namespace) -> int:
         out_dir=Path(args.out),
         workdir=args.workdir,
         command=_command(),
+        device=args.device,
     )
     print(f"wrote {path} and its plot")
     return 0
@@ -185,6 +189,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     common.add_argument("--out", default="benchmarks/results", help="where tables, JSON and plots go")
     common.add_argument("--workdir", type=Path, help="checkpoints and caches (default: beside the zoo, bench/)")
     common.add_argument("--seeds", type=_csv(seed_number), help="comma-separated seeds (task subset + training seeds)")
+    add_device(common, "train and evaluate every method")
     quick = argparse.ArgumentParser(add_help=False)
     quick.add_argument("--quick", action="store_true", help="tiny budget on digits (for tests and smoke runs)")
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from pnc.bench.metrics import clone_accuracy, logits_of
 from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.cloning import clone
+from pnc.surgery.devices import DeviceLike, device_of
 from pnc.surgery.errors import OutputError, PatchError, PncError, TaskError
 from pnc.surgery.insertion import SearchConfig
 from pnc.surgery.io import atomic_write_text, file_sha256
@@ -36,11 +37,13 @@ from pnc.zoo.tasks import CloneTask
 
 from .common import (
     add_data_dir,
+    add_device,
     add_force,
     add_zoo_dir,
     check_input_file,
     check_output_dir,
     in_range,
+    positive,
     seed_number,
     share,
 )
@@ -63,23 +66,29 @@ def eval_set(tasks: list[CloneTask]) -> ImageSet:
 def compare(
     net: ClonedNetwork, target: nn.Module, sources: list[tuple[nn.Module, list[int]]], tasks: list[CloneTask]
 ) -> dict[str, dict[str, float]]:
-    """Ori/Tar/Avg of the target alone, the clone and the direct ensemble on the same images,
-    each image decoded once (one pass over the test set, batch by batch)."""
+    """Ori/Tar/Avg of the target alone, the clone and the direct ensemble on the same images
+    (each model run on its device), each image decoded once (one pass over the test set,
+    batch by batch)."""
     data = eval_set(tasks)
     n_old, n_all = len(tasks[0].target_classes), len(net.classes)
     parts: dict[str, list[Tensor]] = {"target": [], "clone": [], "ensemble": []}
     for x, _ in iter_batches(data):
         target_logits = logits_of(target, x)
-        parts["target"].append(torch.cat([target_logits, torch.full((len(x), n_all - n_old), -torch.inf)], 1))
-        parts["ensemble"].append(torch.cat([target_logits] + [logits_of(s, x)[:, idx] for s, idx in sources], 1))
+        parts["target"].append(
+            torch.cat([target_logits, target_logits.new_full((len(x), n_all - n_old), -torch.inf)], 1)
+        )
+        parts["ensemble"].append(
+            torch.cat([target_logits] + [logits_of(s, x)[:, idx].to(target_logits.device) for s, idx in sources], 1)
+        )
         parts["clone"].append(logits_of(net, x))
     return {k: clone_accuracy(torch.cat(v), data.y, n_old) for k, v in parts.items()}
 
 
 @dataclass
 class ClonePlan:
-    """A validated ``pnc clone`` request: every model, card, dataset and task loaded and checked,
-    nothing written yet. ``run`` identifies it (a rerun with the same ``run`` resumes)."""
+    """A validated ``pnc clone`` request: every model (on the device to clone on), card, dataset
+    and task loaded and checked, nothing written yet. ``run`` identifies it (a rerun with the
+    same ``run`` resumes, on any device)."""
 
     target_name: str
     target: nn.Module
@@ -99,19 +108,22 @@ def plan_clone(
     fraction: float = 0.3,
     old_fraction: float = 0.3,
     config: SearchConfig | None = None,
+    device: DeviceLike | None = None,
 ) -> ClonePlan:
-    """Load and check everything a clone needs (TaskError/StoreError/DataError), writing nothing.
+    """Load and check everything a clone needs (TaskError/StoreError/DataError), writing nothing;
+    the models are loaded onto ``device`` (default: torch's default device), where
+    :func:`pnc.surgery.clone` then runs.
 
     Every dataset class is cloned at most once over all (source, class spec) pairs: the same
     class from two branches would make two outputs for one class."""
     if not sources:
         raise TaskError("give at least one --source NAME --classes SPEC pair")
-    target, t_card = store.load(target_name)
+    target, t_card = store.load(target_name, device)
     dataset = load_dataset(t_card.dataset, data_dir, image_size=t_card.input_size[-1])
     planned: list[tuple[str, nn.Module, CloneTask]] = []
     cloned_by: dict[int, str] = {}
     for source_name, spec in sources:
-        source, s_card = store.load(source_name)
+        source, s_card = store.load(source_name, device)
         if s_card.dataset != t_card.dataset:
             raise TaskError(
                 f"target {target_name!r} is on {t_card.dataset} but source {source_name!r} on "
@@ -263,6 +275,8 @@ def run_clone(
     progress: bool = True,
     force: bool = False,
     plan: ClonePlan | None = None,
+    time_budget: float | None = None,
+    device: DeviceLike | None = None,
 ) -> tuple[ClonedNetwork, dict]:
     """Clone each (source name, class spec) into the target; write DIR/clone.pnc and DIR/report.json.
 
@@ -270,9 +284,12 @@ def run_clone(
     training images available while cloning. report.json's ``images`` counts the images
     of each kind the (first) branch trained and selected R on.
 
-    Returns (the cloned network, the report). Everything is checked before anything is
+    The clone runs on ``device`` (``plan``'s models' device when a plan is given); report.json
+    records it. Returns (the cloned network, the report). Everything is checked before anything is
     written (:func:`plan_clone`, :func:`check_clone_out`); an interrupted run resumes from the
-    checkpoints in DIR/.ckpt, and report.json's ``seconds`` counts every attempt."""
+    checkpoints in DIR/.ckpt, and report.json's ``seconds`` counts every attempt.
+    ``time_budget``: seconds for the searches of all sources together; once spent, no new
+    search stage starts and each branch keeps its best candidate so far (``budget_stopped``)."""
     config = config or SearchConfig(seed=seed)
     plan = plan or plan_clone(
         store,
@@ -283,6 +300,7 @@ def run_clone(
         fraction=fraction,
         old_fraction=old_fraction,
         config=config,
+        device=device,
     )
     out = Path(out)
     replace = check_clone_out(out, plan.run, force)
@@ -291,7 +309,7 @@ def run_clone(
     resume = _recorded_run(out) == plan.run
     atomic_write_text(out / ".ckpt" / RUN_FILE, json.dumps(plan.run, indent=2))
     with _Stopwatch(out / ".ckpt", resume) as watch:
-        net, report = _execute(plan, store, out, config, progress)
+        net, report = _execute(plan, store, out, config, progress, time_budget)
         report["seconds"] = round(watch.seconds(), 2)
         atomic_write_text(out / "report.json", json.dumps(report, indent=2))
         watch.save(finished=True)
@@ -299,11 +317,13 @@ def run_clone(
 
 
 def _execute(
-    plan: ClonePlan, store: ZooStore, out: Path, config: SearchConfig, progress: bool
+    plan: ClonePlan, store: ZooStore, out: Path, config: SearchConfig, progress: bool, time_budget: float | None
 ) -> tuple[ClonedNetwork, dict]:
     """The clone itself (after every check): branches, clone.pnc, and the report (without seconds)."""
     net, tasks, models, branches = None, [], [], []
+    began = time.perf_counter()
     for k, (source_name, source, task) in enumerate(plan.sources):
+        left = None if time_budget is None else max(0.0, time_budget - (time.perf_counter() - began))
         name = source_name if source_name not in (b["name"] for b in branches) else f"{source_name}-{k}"
         net = clone(
             plan.target,
@@ -316,6 +336,7 @@ def _execute(
             checkpoint_dir=out / ".ckpt" / name,
             cache_dir=out / ".cache",
             progress=progress,
+            time_budget=left,
         )
         rep = net.branches[name].report
         branches.append({"name": name, "source": source_name, "classes": net.branches[name].classes, **asdict(rep)})
@@ -345,6 +366,7 @@ def _execute(
         "patch_bytes": patch_bytes,
         "source_bytes": sum(os.path.getsize(store.path(s) / WEIGHTS_FILE) for s, _, _ in plan.sources),
         "seconds": None,
+        "device": str(device_of(plan.target)),
         "branches": branches,
         "run": plan.run,
     }
@@ -387,15 +409,15 @@ def _branch_task(branch: dict, t_card: ModelCard, s_card: ModelCard, dataset: Da
     return CloneTask(dataset, t_card.classes, s_card.classes, clone_classes)
 
 
-def evaluate_patch(path: Path, store: ZooStore, data_dir: str | None = None) -> dict:
-    """Rebuild a patch's clone from the zoo and measure it like ``pnc clone`` did."""
+def evaluate_patch(path: Path, store: ZooStore, data_dir: str | None = None, device: DeviceLike | None = None) -> dict:
+    """Rebuild a patch's clone from the zoo on ``device`` and measure it like ``pnc clone`` did."""
     path = patch_path(path)
-    net, meta = store.load_patch(path)
-    target, t_card = store.load(meta["target"]["name"])
+    net, meta = store.load_patch(path, device)
+    target, t_card = store.load(meta["target"]["name"], device)
     dataset = load_dataset(t_card.dataset, data_dir, image_size=t_card.input_size[-1])
     tasks, models = [], []
     for b in meta["branches"]:
-        source, s_card = store.load(b["source"]["name"])
+        source, s_card = store.load(b["source"]["name"], device)
         if s_card.dataset != t_card.dataset:
             raise PatchError(
                 f"{path}: branch {b['name']!r} clones from {s_card.dataset} into a "
@@ -451,6 +473,7 @@ def _cmd_clone(args) -> int:
         fraction=args.fraction,
         old_fraction=args.old_fraction,
         config=config,
+        device=args.device,
     )
     _, report = run_clone(
         store,
@@ -465,6 +488,7 @@ def _cmd_clone(args) -> int:
         progress=not args.json,
         force=args.force,
         plan=plan,
+        time_budget=args.time_budget,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -478,6 +502,11 @@ def _cmd_clone(args) -> int:
             )
             for reason in b.get("skipped", []):
                 print(f"  skipped {reason}")
+            for c in b.get("candidates", []):
+                if c.get("eliminated"):
+                    print(f"  dropped R={c['target_cut']} {c['eliminated']}")
+            if b.get("budget_stopped"):
+                print("  --time-budget spent: the search stopped early; this is the best candidate so far")
         im = report["images"]
         print(
             f"images: {im['old_train']} of the target's classes + {im['clone_train']} of the cloned classes "
@@ -491,7 +520,7 @@ def _cmd_clone(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    report = evaluate_patch(patch_path(args.patch), _store(args), args.data_dir)
+    report = evaluate_patch(patch_path(args.patch), _store(args), args.data_dir, args.device)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -514,21 +543,28 @@ def _cmd_demo(args) -> int:
     target, source = default_pair(dataset, arch)
     precheck_clone_out(Path(args.out), target, [(source, "S")], args.seed, args.force)
     for name in (target, source):
-        card = ensure_default(store, name, args.data_dir)
+        card = ensure_default(store, name, args.data_dir, device=args.device)
         print(
             f"zoo: {name} ({card.arch} on {card.dataset}, classes {card.classes}, "
             f"test accuracy {100 * card.test_accuracy:.2f}%)"
         )
     out = Path(args.out)
     net, report = run_clone(
-        store, target, [(source, "S")], out, seed=args.seed, data_dir=args.data_dir, force=args.force
+        store,
+        target,
+        [(source, "S")],
+        out,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        force=args.force,
+        device=args.device,
     )
     print_table(report)
     print(
         f"cloned {report['branches'][0]['classes']} from {source} into {target} at R = {report['target_cut']}; "
         f"patch {report['patch_bytes']:,} bytes (source checkpoint {report['source_bytes']:,})"
     )
-    example = torch.zeros(1, *store.card(target).input_size)
+    example = torch.zeros(1, *store.card(target).input_size, device=args.device)
     export_onnx(net, out / "clone.onnx", example)
     export_onnx(net.target, out / "target.onnx", example)
     detach_onnx(out / "clone.onnx", None, out / "detached.onnx")
@@ -566,14 +602,22 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "(default 0.3, the paper's setting; 0: none)",
     )
     p.add_argument("--mask-ratio", type=share, default=0.5, help="kept share of each channel group, in (0, 1]")
+    p.add_argument(
+        "--time-budget",
+        type=positive(float),
+        metavar="SECONDS",
+        help="stop the search early once SECONDS are spent, keeping the best candidate so far (reported)",
+    )
     p.add_argument("--json", action="store_true", help="print report.json instead of a table")
     add_force(p, "a clone of another run in --out (rerunning the same command resumes without it)")
+    add_device(p, "clone")
     common(p)
     p.set_defaults(func=_cmd_clone)
 
     p = sub.add_parser("eval", help="rebuild a .pnc patch from the zoo and measure Ori / Tar / Avg")
     p.add_argument("patch", help="a .pnc patch, or the folder `pnc clone --out` wrote it in")
     p.add_argument("--json", action="store_true")
+    add_device(p, "evaluate")
     common(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -581,5 +625,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=seed_number, default=0)
     add_force(p, "a clone of another run in --out")
+    add_device(p, "train and clone")
     common(p)
     p.set_defaults(func=_cmd_demo)

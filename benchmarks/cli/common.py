@@ -14,7 +14,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from pnc.surgery.errors import OutputError, PncError
+import torch
+
+from pnc.surgery.devices import DEVICE_CHOICES, resolve_device
+from pnc.surgery.errors import DeviceError, OutputError, PncError
 
 #: seeds are fed to torch.Generator.manual_seed and mixed per epoch: keep them in 32 bits
 SEED_MAX = 2**32 - 1
@@ -26,6 +29,23 @@ def add_zoo_dir(parser: argparse.ArgumentParser) -> None:
 
 def add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="dataset folder (default: $PNC_DATA_DIR/<dataset> or the system one)")
+
+
+def device(text: str) -> torch.device:
+    """An argparse type: ``--device`` cpu, cuda, cuda:N, mps or auto, one this machine has."""
+    try:
+        return resolve_device(text, "--device")
+    except DeviceError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_device(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--device",
+        type=device,
+        default=device("cpu"),
+        help=f"where to {what}: {DEVICE_CHOICES} (default cpu; auto: a GPU when there is one)",
+    )
 
 
 def add_force(parser: argparse.ArgumentParser, what: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from pnc.surgery.devices import device_of
 from pnc.surgery.errors import ExportError
 from pnc.surgery.io import atomic_write_bytes
 from pnc.surgery.onnx_export import OPSET, OPSETS, to_onnx
@@ -37,9 +38,9 @@ def _load_source(source: str, zoo_dir: str | None):
     store = ZooStore(zoo_dir)
     if _is_patch(source):
         net, meta = store.load_patch(patch_path(source))
-        return net, torch.zeros(1, *meta["input_size"])
+        return net, torch.zeros(1, *meta["input_size"], device=device_of(net))
     model, card = store.load(source)
-    return model, torch.zeros(1, *card.input_size)
+    return model, torch.zeros(1, *card.input_size, device=device_of(model))
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from pnc.surgery.branch import module_cost
 from pnc.surgery.cuts import cut_points, find_cut
+from pnc.surgery.devices import DeviceLike, cpu_copy, device_of
 from pnc.surgery.errors import ExportError, PncError, TaskError
 from pnc.surgery.io import atomic_write_bytes, atomic_write_text, save_tensors
 from pnc.surgery.local_models import fit_local_models
@@ -45,7 +46,7 @@ from pnc.zoo.images import decoded
 from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import CLONE_PRESETS, SetT, parse_classes, select_classes
 
-from .common import add_data_dir, add_zoo_dir, check_output_dir, in_range, seed_number
+from .common import add_data_dir, add_device, add_zoo_dir, check_output_dir, in_range, seed_number
 from .common import share as share_arg
 
 FORMAT = "pnc-prune/1"
@@ -73,20 +74,22 @@ def share(data: SetT, fraction: float, seed: int) -> SetT:
     picks = []
     for label in data.y.unique(sorted=True):
         members = torch.nonzero(data.y == label).flatten()
-        picks.append(members[torch.randperm(len(members), generator=gen)[: max(1, round(fraction * len(members)))]])
+        order = torch.randperm(len(members), generator=gen, device=gen.device).to(members.device)
+        picks.append(members[order[: max(1, round(fraction * len(members)))]])
     return data.subset(torch.cat(picks).sort().values)
 
 
 @torch.no_grad()
-def logits_on(fn: Callable[[Tensor], Tensor], x: Tensor, batch: int = 1024) -> Tensor:
-    return torch.cat([fn(xb) for xb in x.split(batch)])
+def logits_on(fn: Callable[[Tensor], Tensor], x: Tensor, device: torch.device, batch: int = 1024) -> Tensor:
+    """``fn`` on x (N, ...) in batches moved to ``device`` -> (N, K) on the CPU (the metrics use numpy)."""
+    return torch.cat([fn(xb.to(device)).cpu() for xb in x.split(batch)])
 
 
 def auroc(scores: Tensor, positive_: Tensor) -> float:
     """Area under the ROC curve of ``scores`` (N,) for the boolean labels ``positive_`` (N,), ties halved."""
     _, inverse, counts = np.unique(scores.numpy(), return_inverse=True, return_counts=True)
     first = np.cumsum(counts) - counts  # 0-based rank of each distinct value; ties get their mean rank
-    ranks = torch.as_tensor(first[inverse] + (counts[inverse] - 1) / 2.0, dtype=torch.float64)
+    ranks = torch.as_tensor(first[inverse] + (counts[inverse] - 1) / 2.0, dtype=torch.float64, device=positive_.device)
     n_pos, n_neg = int(positive_.sum()), int((~positive_).sum())
     return float((ranks[positive_].sum() - n_pos * (n_pos - 1) / 2) / max(n_pos * n_neg, 1))
 
@@ -99,13 +102,15 @@ def measure(
     reference: Tensor | None = None,
 ) -> dict[str, float]:
     """Metrics of ``suffix(prefix(x))`` on ``test`` (images of every model class, labels =
-    model output index): accuracy among ``outputs`` (argmax over their logits only) on their
-    images, mean one-vs-rest AUROC of each class's logit over all test images, and the
-    relative squared error of the ``outputs`` logits vs ``reference`` (the unpruned logits)."""
-    logits = logits_on(lambda xb: suffix(prefix(xb)), test.x)
-    mine = torch.isin(test.y, torch.tensor(outputs))
+    model output index), run on the prefix's device: accuracy among ``outputs`` (argmax over
+    their logits only) on their images, mean one-vs-rest AUROC of each class's logit over all
+    test images, and the relative squared error of the ``outputs`` logits vs ``reference``
+    (the unpruned logits)."""
+    logits = logits_on(lambda xb: suffix(prefix(xb)), test.x, device_of(prefix))
+    wanted = torch.tensor(outputs, device=test.y.device)
+    mine = torch.isin(test.y, wanted)
     among = logits[mine][:, outputs]
-    position = (test.y[mine].unsqueeze(1) == torch.tensor(outputs)).long().argmax(1)
+    position = (test.y[mine].unsqueeze(1) == wanted).long().argmax(1)
     result = {
         "accuracy": float((among.argmax(1) == position).float().mean()),
         "auroc": float(np.mean([auroc(logits[:, o], test.y == o) for o in outputs])),
@@ -133,9 +138,11 @@ def run_prune(
     progress: bool = True,
     keep_override: dict[str, Tensor] | None = None,
     cache_dir: Path | None = None,
+    device: DeviceLike | None = None,
 ) -> dict:
-    """Prune ``model_name``'s layers after ``cut_name`` for ``classes_spec``; write DIR/suffix.onnx,
-    suffix.safetensors and prune.json; return the report (prune.json's content).
+    """Prune ``model_name``'s layers after ``cut_name`` for ``classes_spec`` on ``device`` (default:
+    torch's default device); write DIR/suffix.onnx, suffix.safetensors and prune.json (the same
+    files on every device); return the report (prune.json's content).
 
     ``keep_override`` ({group: kept indices}) replaces the G-guided masks (baselines);
     ``cache_dir`` caches G (it depends on the model, images and settings, not on the cut)."""
@@ -143,7 +150,8 @@ def run_prune(
     if not 0 < fraction <= 1:
         raise TaskError(f"--fraction {fraction} must be a share in (0, 1]")
     config = config or LocalizeConfig(keep=keep, seed=seed)
-    model, card = store.load(model_name)
+    model, card = store.load(model_name, device)
+    device = device_of(model)
     dataset = load_dataset(card.dataset, data_dir, image_size=card.input_size[-1])
     classes = model_classes(classes_spec, card, dataset.classes)
     outputs = [card.classes.index(c) for c in classes]
@@ -160,7 +168,7 @@ def run_prune(
         excluded = masked.excluded
         sizes = {gr.name: gr.size for gr in masked.groups}
     with torch.no_grad():
-        example = prefix(train.x[:8])
+        example = prefix(train.x[:8].to(device))
     if keep_override is not None:
         keep_idx, excluded = keep_override, {}
         sizes = group_sizes(body, example, layout, [head])
@@ -169,7 +177,7 @@ def run_prune(
             raise PncError(f"no coupling groups {sorted(unknown)} after {cut.node!r}; they are {sorted(sizes)}")
     pruned = pruned_suffix(traced, cut, keep_idx, example)
     before, after = module_cost(body, example), module_cost(pruned, example)
-    reference = logits_on(model, test.x)
+    reference = logits_on(model, test.x, device)
     report = {
         "format": FORMAT,
         "model": model_name,
@@ -201,6 +209,7 @@ def run_prune(
             "train_images": len(train),
             "localize": vars(config) | {},
             "masks": "G-guided" if keep_override is None else "given",
+            "device": str(device),
         },
         "files": {"onnx": "suffix.onnx", "weights": "suffix.safetensors"},
     }
@@ -224,7 +233,8 @@ def _localize(body, prefix, images, outputs, g, config, layout, head, progress):
 
 
 def _write(out: Path, pruned: nn.Module, example: Tensor, report: dict) -> None:
-    """suffix.onnx (checked against PyTorch in onnxruntime) and suffix.safetensors."""
+    """suffix.onnx (checked against PyTorch in onnxruntime) and suffix.safetensors, from CPU copies."""
+    pruned, example = cpu_copy(pruned), example.cpu()
     proto = to_onnx(pruned, example[:1])
     _rename_input(proto, CUT_INPUT)
     onnx.checker.check_model(proto, full_check=True)
@@ -245,8 +255,11 @@ def _rename_input(proto: onnx.ModelProto, name: str) -> None:
         node.input[:] = [name if x == old else x for x in node.input]
 
 
-def load_pruned(folder: str | Path, store: ZooStore) -> tuple[nn.Module, TracedModel, dict]:
-    """(pruned suffix with its saved weights, the traced zoo model, prune.json) of a ``pnc prune`` folder.
+def load_pruned(
+    folder: str | Path, store: ZooStore, device: DeviceLike | None = None
+) -> tuple[nn.Module, TracedModel, dict]:
+    """(pruned suffix with its saved weights, the traced zoo model, prune.json) of a ``pnc prune``
+    folder, on ``device``.
 
     The suffix is rebuilt from the zoo model, the cut and the kept indices, then loaded
     strictly from suffix.safetensors."""
@@ -257,17 +270,18 @@ def load_pruned(folder: str | Path, store: ZooStore) -> tuple[nn.Module, TracedM
         raise PncError(f"{folder}/prune.json is missing or not JSON ({err}); rerun `pnc prune`") from err
     if spec.get("format") != FORMAT:
         raise PncError(f"{folder}/prune.json is not a `pnc prune` result (format {spec.get('format')!r})")
-    model, card = store.load(spec["model"])
+    model, card = store.load(spec["model"], device)
     if card.sha256 != spec["model_sha256"]:
         raise PncError(
             f"zoo model {spec['model']!r} changed since it was pruned (sha256 {card.sha256[:12]}... vs "
             f"{spec['model_sha256'][:12]}...); prune it again"
         )
-    traced = trace(model, torch.zeros(2, *card.input_size))
+    zeros = torch.zeros(2, *card.input_size, device=device_of(model))
+    traced = trace(model, zeros)
     cut = find_cut(cut_points(traced, verify=False), spec["cut"])
     with torch.no_grad():
-        example = extract(traced, None, [cut.node])(torch.zeros(2, *card.input_size))
-    keep = {n: torch.tensor(g["kept"], dtype=torch.long) for n, g in spec["groups"].items()}
+        example = extract(traced, None, [cut.node])(zeros)
+    keep = {n: torch.tensor(g["kept"], dtype=torch.long, device=zeros.device) for n, g in spec["groups"].items()}
     pruned = pruned_suffix(traced, cut, keep, example)
     pruned.load_state_dict(load_file(str(folder / "suffix.safetensors")), strict=True)
     return pruned, traced, spec
@@ -315,6 +329,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         config=config,
         progress=not args.json,
+        device=args.device,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -357,6 +372,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=in_range(int, 1, 100_000), default=200, help="mask training steps")
     p.add_argument("--seed", type=seed_number, default=0)
     p.add_argument("--json", action="store_true", help="print prune.json instead of a table")
+    add_device(p, "fit G, train the masks and measure")
     add_zoo_dir(p)
     add_data_dir(p)
     p.set_defaults(func=_cmd_prune)

@@ -17,6 +17,7 @@ from pnc.zoo.store import ModelCard, ZooStore
 
 from .common import (
     add_data_dir,
+    add_device,
     add_force,
     add_zoo_dir,
     check_input_file,
@@ -52,11 +53,13 @@ def _check_buildable(arch: str, kwargs: dict, input_size: tuple[int, int, int]) 
     """Build ``arch(**kwargs)`` once and run it on zeros, so bad --arch-kwargs fail before training."""
     import torch
 
+    from pnc.surgery.devices import device_of
     from pnc.zoo import archs
 
     try:
         with torch.no_grad():
-            archs.create(arch, **kwargs).eval()(torch.zeros(2, *input_size))
+            model = archs.create(arch, **kwargs).eval()
+            model(torch.zeros(2, *input_size, device=device_of(model)))
     except ModelNotFoundError:
         raise
     except (TypeError, ValueError, RuntimeError, AssertionError, IndexError, KeyError) as err:
@@ -97,6 +100,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         optimizer=args.optimizer,
         augment=args.augment,
+        device=args.device,
     )
     print(
         f"{card.name}: {card.arch} on {card.dataset} classes {card.classes}, test accuracy "
@@ -190,7 +194,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from pnc.zoo.defaults import pretrain_defaults
 
     store = writable_zoo(args.zoo_dir)
-    cards = pretrain_defaults(store, args.data_dir, only=args.only)
+    cards = pretrain_defaults(store, args.data_dir, only=args.only, device=args.device)
     for card in cards:
         print(
             f"{card.name:>24}: test accuracy {card.test_accuracy:.4f} ({card.recipe['train_seconds']:.1f} s training)"
@@ -290,6 +294,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     add_data_dir(train)
     train.add_argument("--download", action="store_true", help="download the dataset if missing")
     add_force(train, "an existing zoo model of that name (its .pnc patches will no longer load)")
+    add_device(train, "train")
     train.set_defaults(func=_cmd_train)
 
     lst = cmds.add_parser("list", parents=[common], help="list the zoo's models")
@@ -314,5 +319,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "--only", nargs="+", choices=list(DEFAULTS), metavar="NAME", help=f"only these: {', '.join(DEFAULTS)}"
     )
     add_data_dir(pre)
+    add_device(pre, "train")
     pre.set_defaults(func=_cmd_pretrain)
     _add_import_export(cmds, common)

@@ -1,0 +1,118 @@
+"""The search over cuts: frozen outputs cached once, successive halving, time budget, checkpoints."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from pnc.bench.cli import main
+from pnc.surgery import clone
+from pnc.surgery.cut_search import survivors
+from pnc.surgery.insertion import CandidateResult, SearchConfig
+from pnc.zoo import CloneTask, ZooStore, load_dataset
+
+QUICK = dict(loc_epochs=1, joint_epochs=1, binary_epochs=1, min_steps_per_epoch=6, tune_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_zoo):
+    store = ZooStore(tiny_zoo)
+    (target, t_card), (source, s_card) = store.load("t"), store.load("s")
+    task = CloneTask(load_dataset("digits"), t_card.classes, s_card.classes, clone_classes=[7], seed=0)
+    return target, source, task
+
+
+def _result(cut: str, loss: float, ce: float, se: float = 0.0) -> CandidateResult:
+    return CandidateResult(cut, cut, loss, {}, 0.5, 0.0, {}, holdout={"ce": ce, "se": se}, stage="search")
+
+
+def test_survivors_keep_the_best_share_and_say_why_the_others_went():
+    results = {0: _result("a", 0.30, 1.0), 1: _result("b", 0.10, 1.0), 2: _result("c", 0.10, 0.5)}
+    kept, reasons = survivors(results, 0.5)
+    assert kept == [1, 2]  # ceil(0.5 * 3) = 2: c (tie on loss, lower ce) and b
+    assert set(reasons) == {0} and "0.3000 vs 0.1000 (+- 0.0000) of R=c" in reasons[0]
+    assert survivors(results, 0.01)[0] == [1, 2]  # b is within 0 of c: a tie is never dropped
+    assert survivors(results, 1.0) == ([0, 1, 2], {})
+
+
+def test_survivors_never_drop_a_candidate_within_one_standard_error_of_the_best():
+    results = {0: _result("a", 0.12, 1.0), 1: _result("b", 0.10, 1.0, se=0.03), 2: _result("c", 0.20, 1.0)}
+    kept, reasons = survivors(results, 0.34)
+    assert kept == [0, 1] and set(reasons) == {2}  # a: 0.12 <= 0.10 + 0.03
+
+
+def _branch(net):
+    return next(iter(net.branches.values()))
+
+
+def test_cached_and_recomputed_activations_give_the_same_clone(pair):
+    target, source, task = pair
+    x = task.eval_sets()["avg"].x[:64]
+    nets = [
+        clone(target, source, **task.clone_inputs(), config=SearchConfig(**QUICK, cache_mb=mb), progress=False)
+        for mb in (0.0, 512.0)
+    ]
+    assert _branch(nets[0]).target_cut == _branch(nets[1]).target_cut
+    with torch.no_grad():
+        torch.testing.assert_close(nets[0](x), nets[1](x), rtol=1e-4, atol=1e-4)
+
+
+def test_halving_drops_candidates_with_a_reason_and_keep_fraction_one_trains_all(pair):
+    target, source, task = pair
+    reports = {
+        keep: _branch(
+            clone(
+                target, source, **task.clone_inputs(), config=SearchConfig(**QUICK, keep_fraction=keep), progress=False
+            )
+        ).report
+        for keep in (0.5, 1.0)
+    }
+    halved, full = reports[0.5].candidates, reports[1.0].candidates
+    assert len(halved) == len(full) >= 2
+    dropped = [c for c in halved if c["eliminated"]]
+    assert len(dropped) == len(halved) - math.ceil(len(halved) / 2)
+    assert all(c["stage"] == "search" and not c["accuracy"] and "selection loss" in c["eliminated"] for c in dropped)
+    assert all(c["stage"] == "binary" and c["accuracy"] for c in halved if not c["eliminated"])
+    assert all(c["stage"] == "binary" and not c["eliminated"] for c in full)
+    profile = reports[0.5].profile
+    assert {"local_models", "frozen_outputs", "search", "tune_branch"} <= set(profile)
+    assert all(v >= 0 for v in profile.values())
+
+
+def test_a_spent_time_budget_keeps_the_best_candidate_of_the_first_stage(pair):
+    target, source, task = pair
+    net = clone(target, source, **task.clone_inputs(), config=SearchConfig(**QUICK), time_budget=0.0, progress=False)
+    report = _branch(net).report
+    assert report.budget_stopped
+    assert all(c["stage"] == "search" for c in report.candidates)
+    best = min(report.candidates, key=lambda c: (c["loss"], c["holdout"]["ce"]))
+    assert report.target_cut == best["target_cut"]
+    x = task.eval_sets()["avg"].x[:32]
+    with torch.no_grad(), net.disabled():
+        assert torch.equal(net(x), target(x))
+
+
+def test_cli_time_budget_reports_an_early_stop(tiny_zoo, tmp_path, capsys):
+    code = main(
+        [
+            "clone",
+            "--target",
+            "t",
+            "--source",
+            "s",
+            "--classes",
+            "7",
+            "--out",
+            str(tmp_path / "run"),
+            "--zoo-dir",
+            str(tiny_zoo),
+            "--time-budget",
+            "0.001",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "--time-budget spent" in out
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["branches"][0]["budget_stopped"] is True
