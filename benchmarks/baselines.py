@@ -46,6 +46,7 @@ from pnc.surgery.errors import TaskError
 from pnc.surgery.insertion import SearchConfig, joint_teacher, kd_loss
 from pnc.surgery.io import state_dict_sha256
 from pnc.surgery.tracing import trace
+from pnc.zoo.images import decoded
 from pnc.zoo.tasks import CloneTask
 from pnc.zoo.train import fit
 
@@ -349,9 +350,11 @@ def joint_full(
 ):
     """The target's architecture, re-initialized, trained from scratch on all training
     images of T_t and T_s (``task.joint_train()``) with cross-entropy."""
-    data = task.joint_train()
+    data = task.joint_train()  # image folders: files, streamed by fit
     model = _reinitialized(target, seed)
-    extend_classifier(model, len(task.clone_classes), data.x, seed)
+    extend_classifier(
+        model, len(task.clone_classes), decoded(data.subset(torch.arange(2, device=data.y.device))).x, seed
+    )
     fit(
         model,
         data,

@@ -23,12 +23,13 @@ from pnc.surgery.devices import DeviceLike, device_of
 from pnc.surgery.errors import DataError, TaskError
 from pnc.surgery.local_models import LocalModelSet, occlusion_masks, perturbed_logits, solve_local_models
 from pnc.surgery.tracing import evaluating
-from pnc.zoo.datasets import ImageData
+from pnc.zoo.images import ImageSet, iter_batches
 
 __all__ = [
     "clone_accuracy",
     "evaluate_clone",
     "logits_of",
+    "set_logits",
     "device_for",
     "per_class_accuracy",
     "confusion_matrix",
@@ -83,21 +84,30 @@ def logits_of(
         return torch.cat([model(xb.to(where)) for xb in x.split(batch_size)])
 
 
+@torch.no_grad()
+def set_logits(
+    model: nn.Module | LogitsFn, data: ImageSet, batch_size: int = 512, device: DeviceLike | None = None
+) -> Tensor:
+    """:func:`logits_of` over an image set -> (N, K); image files are decoded batch by batch."""
+    with _evaluating(model):
+        return torch.cat([model(xb.to(device_for(model, xb, device))) for xb, _ in iter_batches(data, batch_size)])
+
+
 def evaluate_clone(
     model: nn.Module | LogitsFn,
-    eval_sets: Mapping[str, ImageData],
+    eval_sets: Mapping[str, ImageSet],
     batch_size: int = 512,
     device: DeviceLike | None = None,
 ) -> dict[str, float]:
     """Ori / Tar / Avg of ``model`` on ``task.eval_sets()``: ``ori`` and ``tar`` are run once each
-    and ``avg`` is their pooled accuracy. -> ``{"ori", "tar", "avg"}``."""
+    (image files streamed) and ``avg`` is their pooled accuracy. -> ``{"ori", "tar", "avg"}``."""
     missing = [k for k in ("ori", "tar") if k not in eval_sets]
     if missing:
         raise TaskError(
             f"evaluate_clone needs eval sets 'ori' and 'tar' (from CloneTask.eval_sets()); missing {missing}"
         )
     ori, tar = eval_sets["ori"], eval_sets["tar"]
-    logits = torch.cat([logits_of(model, ori.x, batch_size, device), logits_of(model, tar.x, batch_size, device)])
+    logits = torch.cat([set_logits(model, ori, batch_size, device), set_logits(model, tar, batch_size, device)])
     labels = torch.cat([ori.y, tar.y])
     num_old = int(ori.y.max()) + 1 if len(ori) else 0
     if len(tar) and int(tar.y.min()) < num_old:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from pnc.bench.baselines import METHODS, Budget, budget_fields, run_method
-from pnc.bench.metrics import clone_accuracy, logits_of, per_class_accuracy
+from pnc.bench.metrics import clone_accuracy, per_class_accuracy, set_logits
 from pnc.surgery.devices import DeviceLike, device_of
 from pnc.surgery.errors import ConfigError, TaskError
 from pnc.surgery.insertion import SearchConfig
@@ -270,7 +270,7 @@ def run_cell(
         method, task, target, source, seed, spec.budget, workdir=Path(workdir) / spec.stem / f"{scale}-{seed}"
     )
     pooled = task.eval_sets()["avg"]
-    logits = logits_of(run.model, pooled.x)
+    logits = set_logits(run.model, pooled)
     acc = clone_accuracy(logits, pooled.y, len(task.target_classes))
     return {
         "method": method,

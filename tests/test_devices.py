@@ -53,8 +53,9 @@ TODO: set[str] = set()
 #: (file, enclosing function, factory or "cpu") -> why that call may leave out device= / name the CPU
 ALLOWED = {
     ("adapters/tokens.py", "_prefix_param", "zeros"): "built inside make_adapter's `with device:` block",
-    ("zoo/datasets.py", "_load_images", "empty"): "datasets live on the CPU; batches move as they are used",
-    ("zoo/datasets.py", "_read_image_folder", "tensor"): "datasets live on the CPU; batches move as they are used",
+    ("zoo/imagefolder.py", "files", "tensor"): "datasets live on the CPU; batches move as they are used",
+    ("zoo/imagefolder.py", "index_image_folder", "zeros"): "datasets live on the CPU; batches move as they are used",
+    ("zoo/imagefolder.py", "index_image_folder", "ones"): "datasets live on the CPU; batches move as they are used",
     ("adapters/init.py", "least_squares_init", "cpu"): "LAPACK's gelsd solve exists on the CPU only (MPS: no float64)",
     ("surgery/devices.py", "float64_device", "cpu"): "Apple MPS has no float64",
     ("surgery/devices.py", "cpu_copy", "cpu"): "files and ONNX are made from CPU tensors",

@@ -1,7 +1,7 @@
 """pnc.zoo: datasets, clone tasks, small architectures, training and the checkpoint store."""
 
 from pnc.zoo.archs import create
-from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
+from pnc.zoo.datasets import DatasetSplits, ImageData, ImageFiles, load_dataset
 from pnc.zoo.defaults import default_pair, ensure_default
 from pnc.zoo.resolve import resolve_model
 from pnc.zoo.store import ModelCard, ZooStore
@@ -11,6 +11,7 @@ __all__ = [
     "create",
     "DatasetSplits",
     "ImageData",
+    "ImageFiles",
     "load_dataset",
     "default_pair",
     "ensure_default",

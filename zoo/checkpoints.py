@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from pnc.surgery.errors import StoreError
 from pnc.surgery.io import atomic_write_bytes, tensor_bytes
 from pnc.zoo import archs
-from pnc.zoo.datasets import load_dataset
+from pnc.zoo.datasets import DEFAULT_IMAGE_SIZE, load_dataset
 from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import parse_classes
 from pnc.zoo.train import measured_card
@@ -121,7 +121,9 @@ def import_model(
     run it and measure its accuracy on those classes' test images, save it with its card."""
     if store.exists(name) and not force:
         raise StoreError(f"the zoo already has a model named {name!r}; pick another name or pass --force")
-    splits = load_dataset(dataset, data_dir)
+    splits = load_dataset(
+        dataset, data_dir, image_size=input_size[-1] if input_size is not None else DEFAULT_IMAGE_SIZE
+    )
     class_ids = parse_classes(classes, splits.classes)
     size = tuple(input_size) if input_size is not None else splits.input_size
     if size != tuple(splits.input_size):

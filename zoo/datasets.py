@@ -1,9 +1,11 @@
-"""Image classification datasets as in-memory, normalized tensors.
+"""Image classification datasets: normalized tensors in memory, or image folders decoded on demand.
 
 One registry maps a dataset name to its loader. Every loader returns images in
 [0, 1] as float32 (N, C, H, W) and int64 labels; :func:`load_dataset` then
 normalizes both splits with the per-channel mean/std of the training split.
 Nothing is unpickled: CIFAR is read from its binary (not its python) version.
+``imagefolder:PATH`` is only indexed (:mod:`pnc.zoo.imagefolder`): its splits are
+:class:`~pnc.zoo.images.ImageFiles`, decoded when a task reads them.
 """
 
 from __future__ import annotations
@@ -19,8 +21,18 @@ from torch import Tensor
 
 from pnc.surgery.errors import DataError
 from pnc.zoo.idx import read_idx
+from pnc.zoo.imagefolder import index_image_folder
+from pnc.zoo.images import ImageData, ImageFiles, ImageSet
 
-__all__ = ["ImageData", "DatasetSplits", "load_dataset", "list_datasets", "FASHION_MNIST_CLASSES"]
+__all__ = [
+    "ImageData",
+    "ImageFiles",
+    "ImageSet",
+    "DatasetSplits",
+    "load_dataset",
+    "list_datasets",
+    "FASHION_MNIST_CLASSES",
+]
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
@@ -35,37 +47,18 @@ FASHION_MNIST_CLASSES = [
     "Ankle boot",
 ]
 IMAGEFOLDER_PREFIX = "imagefolder:"
-
-
-@dataclass
-class ImageData:
-    """Images ``x`` (N, C, H, W) float32, already normalized, and labels ``y`` (N,) int64."""
-
-    x: Tensor
-    y: Tensor
-
-    def __post_init__(self) -> None:
-        if self.x.ndim != 4 or self.y.ndim != 1 or len(self.x) != len(self.y):
-            raise DataError(
-                f"ImageData needs x of shape (N, C, H, W) and y of shape (N,), "
-                f"got {tuple(self.x.shape)} and {tuple(self.y.shape)}"
-            )
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def subset(self, index: Tensor, labels: Tensor | None = None) -> ImageData:
-        """Rows ``index`` (1-D long tensor), optionally with new labels."""
-        return ImageData(self.x[index], self.y[index] if labels is None else labels)
+#: side in pixels image folders are resized to unless told otherwise
+DEFAULT_IMAGE_SIZE = 64
 
 
 @dataclass
 class DatasetSplits:
-    """A dataset's train and test splits; ``y`` holds the dataset's own class ids."""
+    """A dataset's train and test splits; ``y`` holds the dataset's own class ids. Image
+    folders' splits are :class:`ImageFiles` (decoded on demand), the others' :class:`ImageData`."""
 
     name: str
-    train: ImageData
-    test: ImageData
+    train: ImageSet
+    test: ImageSet
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -232,71 +225,6 @@ def _read_digits(_: Path | None) -> _Raw:
     )
 
 
-# --- image folders (Tiny-ImageNet layout or train/<class>/*, val/<class>/*) -------------
-
-
-def _load_images(paths: list[str], size: int, desc: str) -> Tensor:
-    from PIL import Image
-    from rich.progress import track
-
-    out = torch.empty(len(paths), 3, size, size)
-    for i, path in enumerate(track(paths, description=desc, transient=True, disable=len(paths) < 500)):
-        try:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-        except OSError as err:
-            raise DataError(f"cannot read image {path}: {err}") from err
-        out[i] = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float().div_(255.0)
-    return out
-
-
-def _imagefolder_eval_split(root: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-
-    for split in ("val", "test"):
-        folder = root / split
-        annotations = folder / "val_annotations.txt"  # Tiny-ImageNet: val/images/* + table
-        if annotations.is_file():
-            rows = [line.split("\t") for line in annotations.read_text().splitlines() if line.strip()]
-            unknown = sorted({r[1] for r in rows} - set(class_to_idx))
-            if unknown:
-                raise DataError(f"{annotations} names classes absent from {root / 'train'}: {unknown[:5]}")
-            return [(str(folder / "images" / r[0]), class_to_idx[r[1]]) for r in rows]
-        if folder.is_dir():
-            return make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    raise DataError(
-        f"{root} has no val/ or test/ folder; expected val/<class>/* or Tiny-ImageNet's "
-        "val/images/* with val/val_annotations.txt"
-    )
-
-
-def _read_image_folder(root: str | Path, image_size: int) -> _Raw:
-    """Read ``root/train/<class>/**`` and ``root/val`` (or ``test``) resized to ``image_size``."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-
-    root = Path(root)
-    if not (root / "train").is_dir():
-        raise DataError(
-            f"image folder {root} has no train/ subfolder; expected train/<class>/*.JPEG "
-            "(or Tiny-ImageNet's train/<wnid>/images/*.JPEG) and val/"
-        )
-    try:
-        classes, class_to_idx = find_classes(str(root / "train"))
-        train = make_dataset(str(root / "train"), class_to_idx, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError as err:
-        raise DataError(f"image folder {root}: {err}") from err
-    test = _imagefolder_eval_split(root, class_to_idx)
-    if not test:
-        raise DataError(f"image folder {root} has no evaluation images under val/ or test/")
-    return _Raw(
-        _load_images([p for p, _ in train], image_size, "train images"),
-        torch.tensor([c for _, c in train], dtype=torch.int64),
-        _load_images([p for p, _ in test], image_size, "val images"),
-        torch.tensor([c for _, c in test], dtype=torch.int64),
-        classes,
-    )
-
-
 # --- registry --------------------------------------------------------------------------
 
 _REGISTRY: dict[str, _Loader] = {
@@ -381,15 +309,28 @@ def _normalize(name: str, raw: _Raw, data_dir: str | None) -> DatasetSplits:
     )
 
 
-def load_dataset(name: str, data_dir: str | None = None, download: bool = False, image_size: int = 64) -> DatasetSplits:
+def load_dataset(
+    name: str, data_dir: str | None = None, download: bool = False, image_size: int = DEFAULT_IMAGE_SIZE
+) -> DatasetSplits:
     """Load ``name`` (see :func:`list_datasets`, or ``imagefolder:PATH``) normalized by the
     training split's per-channel mean/std. ``data_dir`` is the dataset's folder (or a
     parent holding a ``<name>`` subfolder); without it ``$PNC_DATA_DIR/<name>`` and then
-    the system default are tried. ``image_size`` applies to image folders only."""
+    the system default are tried. ``image_size`` applies to image folders only, which are
+    indexed, not read: see :mod:`pnc.zoo.imagefolder`."""
     name = canonical_dataset(name)
     if name.startswith(IMAGEFOLDER_PREFIX):
         root = name[len(IMAGEFOLDER_PREFIX) :]
-        return _normalize(name, _read_image_folder(root, image_size), root)
+        index = index_image_folder(root, image_size)
+        return DatasetSplits(
+            name=name,
+            train=index.train,
+            test=index.test,
+            classes=index.classes,
+            mean=tuple(round(v, 6) for v in index.mean.tolist()),
+            std=tuple(round(v, 6) for v in index.std.tolist()),
+            input_size=(3, image_size, image_size),
+            data_dir=root,
+        )
     loader = _REGISTRY.get(name)
     if loader is None:
         raise DataError(

@@ -3,6 +3,11 @@
 Label convention: a target model has ``len(target_classes)`` outputs (output j is
 class ``target_classes[j]``), a source model ``len(source_classes)``, and a cloned
 network outputs logits for ``target_classes + clone_classes`` in that order.
+
+On an image folder (splits of :class:`~pnc.zoo.images.ImageFiles`) rows are chosen from
+the labels alone, exactly as in memory, and only the chosen rows are decoded: the shares
+a clone trains on (:meth:`CloneTask.clone_set`, ``old_set``, ``available_set``) come back
+as tensors, the rest (test sets, whole classes) as files to stream.
 """
 
 from __future__ import annotations
@@ -12,12 +17,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from pnc.surgery.errors import TaskError
-from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
+from pnc.zoo.datasets import DEFAULT_IMAGE_SIZE, DatasetSplits, ImageData, load_dataset
+from pnc.zoo.images import ImageFiles, ImageSet, decode_cache_bytes, decoded, join
 
 __all__ = ["parse_classes", "select_classes", "CloneTask", "CLONE_PRESETS"]
 
@@ -67,8 +73,12 @@ def parse_classes(spec: str | Sequence[int | str], class_names: list[str]) -> li
     return ids
 
 
-def select_classes(data: ImageData, classes: Sequence[int], offset: int = 0) -> ImageData:
-    """Images of ``classes`` (dataset ids) relabelled ``offset + position in classes``."""
+SetT = TypeVar("SetT", ImageData, ImageFiles)
+
+
+def select_classes(data: SetT, classes: Sequence[int], offset: int = 0) -> SetT:
+    """Images of ``classes`` (dataset ids) relabelled ``offset + position in classes``
+    (files stay undecoded)."""
     wanted = torch.as_tensor(list(classes), dtype=torch.int64, device=data.y.device)
     index = torch.nonzero(torch.isin(data.y, wanted)).flatten()
     position = (data.y[index].unsqueeze(1) == wanted).to(torch.int64).argmax(dim=1)
@@ -135,26 +145,24 @@ class CloneTask:
         if len(set(ids)) != len(ids):
             raise TaskError(f"{label} classes {list(ids)} contain duplicates")
 
-    # --- per-model data -----------------------------------------------------------------
-    def target_train(self) -> ImageData:
+    # --- per-model data (image folders: undecoded ImageFiles) ----------------------------
+    def target_train(self) -> ImageSet:
         return select_classes(self.dataset.train, self.target_classes)
 
-    def target_test(self) -> ImageData:
+    def target_test(self) -> ImageSet:
         return select_classes(self.dataset.test, self.target_classes)
 
-    def source_train(self) -> ImageData:
+    def source_train(self) -> ImageSet:
         return select_classes(self.dataset.train, self.source_classes)
 
-    def source_test(self) -> ImageData:
+    def source_test(self) -> ImageSet:
         return select_classes(self.dataset.test, self.source_classes)
 
     def source_label_index(self) -> list[int]:
         """Output index in the source model of each clone class."""
         return [self.source_classes.index(c) for c in self.clone_classes]
 
-    def clone_set(self) -> ImageData:
-        """A seeded ``fraction`` of each clone class's training images (at least one per class),
-        labelled ``len(target_classes) + position in clone_classes``."""
+    def _clone_rows(self) -> ImageSet:
         full = select_classes(self.dataset.train, self.clone_classes, offset=len(self.target_classes))
         if self._clone_index is None:
             self._clone_index = _per_class_share(
@@ -162,34 +170,45 @@ class CloneTask:
             )
         return full.subset(self._clone_index)
 
-    def old_set(self) -> ImageData:
-        """A seeded ``old_fraction`` of each target class's training images, labelled by
-        position in ``target_classes`` (empty when ``old_fraction`` is 0). Drawn with its own
-        generator, so the clone set does not depend on ``old_fraction``."""
+    def _old_rows(self) -> ImageSet:
         full = self.target_train()
         if self._old_index is None:
             gen = torch.Generator().manual_seed(self.seed + 7919)
             self._old_index = _per_class_share(full.y, self.old_fraction, gen, at_least_one=False)
         return full.subset(self._old_index)
 
+    def clone_set(self) -> ImageData:
+        """A seeded ``fraction`` of each clone class's training images (at least one per class),
+        labelled ``len(target_classes) + position in clone_classes``."""
+        return decoded(self._clone_rows(), "clone images")
+
+    def old_set(self) -> ImageData:
+        """A seeded ``old_fraction`` of each target class's training images, labelled by
+        position in ``target_classes`` (empty when ``old_fraction`` is 0). Drawn with its own
+        generator, so the clone set does not depend on ``old_fraction``."""
+        return decoded(self._old_rows(), "old-class images")
+
     def available_set(self) -> ImageData:
         """Every training image available while cloning: :meth:`old_set` then :meth:`clone_set`,
-        with the cloned network's labels."""
-        old, new = self.old_set(), self.clone_set()
-        return ImageData(torch.cat([old.x, new.x]), torch.cat([old.y, new.y]))
+        with the cloned network's labels (decoded once, into one tensor, from an image folder)."""
+        return decoded(join(self._old_rows(), self._clone_rows()), "available images")
 
-    def eval_sets(self) -> dict[str, ImageData]:
+    def eval_sets(self) -> dict[str, ImageSet]:
         """``ori``: test images of T_t (labels 0..|T_t|-1); ``tar``: of T_s (labels |T_t|+i);
-        ``avg``: both pooled. Labels index the cloned network's outputs."""
+        ``avg``: both pooled. Labels index the cloned network's outputs. From an image folder
+        they are undecoded :class:`ImageFiles`, streamed by ``evaluate``/``evaluate_clone``."""
         ori = self.target_test()
         tar = select_classes(self.dataset.test, self.clone_classes, offset=len(self.target_classes))
-        pooled = ImageData(torch.cat([ori.x, tar.x]), torch.cat([ori.y, tar.y]))
-        return {"ori": ori, "tar": tar, "avg": pooled}
+        return {"ori": ori, "tar": tar, "avg": join(ori, tar)}
 
     def clone_inputs(self) -> dict[str, Any]:
         """The data arguments of :func:`pnc.surgery.clone` for this task (the available images:
         :meth:`available_set`):
-        ``clone(target, source, **task.clone_inputs(), config=...)``."""
+        ``clone(target, source, **task.clone_inputs(), config=...)``.
+
+        From an image folder the eval sets (for the per-candidate report) are decoded only
+        when they fit in ``$PNC_DECODE_CACHE_MB`` (``ori``/``tar`` are views of ``avg``), else
+        left out: memory then depends on the task's share, never on the folder's size."""
         names, available = self.dataset.classes, self.available_set()
         return {
             "images": available.x,
@@ -197,11 +216,22 @@ class CloneTask:
             "source_outputs": self.source_label_index(),
             "class_names": [names[c] for c in self.clone_classes],
             "target_classes": [names[c] for c in self.target_classes],
-            "eval_sets": {k: (v.x, v.y) for k, v in self.eval_sets().items()},
+            "eval_sets": self._eval_tensors(),
         }
 
-    def joint_train(self) -> ImageData:
-        """All training images of T_t and T_s with the cloned network's labels (Joint baseline)."""
+    def _eval_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        sets = self.eval_sets()
+        pooled = sets["avg"]
+        if isinstance(pooled, ImageData):
+            return {k: (v.x, v.y) for k, v in sets.items() if isinstance(v, ImageData)}
+        if pooled.nbytes > decode_cache_bytes():
+            return {}
+        avg, n_ori = pooled.load("test images"), len(sets["ori"])
+        return {"ori": (avg.x[:n_ori], avg.y[:n_ori]), "tar": (avg.x[n_ori:], avg.y[n_ori:]), "avg": (avg.x, avg.y)}
+
+    def joint_train(self) -> ImageSet:
+        """All training images of T_t and T_s with the cloned network's labels (Joint baseline;
+        undecoded files from an image folder: ``fit`` streams them)."""
         return select_classes(self.dataset.train, self.target_classes + self.clone_classes)
 
     @property
@@ -234,7 +264,7 @@ class CloneTask:
         try:
             if dataset is None:
                 dataset = load_dataset(
-                    spec["dataset"], spec.get("data_dir"), image_size=spec.get("input_size", [3, 64, 64])[-1]
+                    spec["dataset"], spec.get("data_dir"), image_size=spec.get("input_size", [DEFAULT_IMAGE_SIZE])[-1]
                 )
             elif dataset.name != spec["dataset"]:
                 raise TaskError(f"task is for dataset {spec['dataset']!r}, got {dataset.name!r}")

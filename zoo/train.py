@@ -18,7 +18,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from pnc.surgery.errors import DataError, PncError, StoreError, TrainingError, r
 from pnc.surgery.io import atomic_write_bytes, atomic_write_text
 from pnc.zoo import archs
 from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
+from pnc.zoo.images import ImageFiles, ImageSet, decode_cache_bytes, iter_batches
 from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import parse_classes, select_classes
 
@@ -138,7 +139,7 @@ def _load_checkpoint(
 
 def fit(
     model: nn.Module,
-    data: ImageData,
+    data: ImageSet,
     *,
     epochs: int,
     lr: float,
@@ -156,6 +157,9 @@ def fit(
 ) -> nn.Module:
     """Train ``model`` in place on ``data`` (x: (N, C, H, W), y: (N,)) and return it in eval mode.
 
+    Image files (:class:`ImageFiles`) are decoded once and kept when they fit in
+    ``$PNC_DECODE_CACHE_MB``, else decoded batch by batch every epoch (DataLoader workers);
+    the batches, and so the weights, are the same either way.
     It trains on the model's device (``model.to(device)`` first), each batch moved there;
     ``loss_fn(model, x, y) -> scalar`` (x, y on that device) replaces cross-entropy on ``model(x)``; ``params``
     restricts what is optimized (default: every parameter that requires grad). With
@@ -169,7 +173,10 @@ def fit(
         raise PncError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
     if len(data) == 0:
         raise DataError("cannot train on an empty dataset; check the class list")
-    require_finite_images(data.x, f"{desc}: the training data")
+    if isinstance(data, ImageFiles) and data.nbytes <= decode_cache_bytes():
+        data = data.load(f"{desc}: decoding")
+    if isinstance(data, ImageData):  # decoded files are finite by construction (uint8 pixels)
+        require_finite_images(data.x, f"{desc}: the training data")
     loss_fn = loss_fn or _cross_entropy
     trainable = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt = OPTIMIZERS[optimizer][0](trainable, lr, weight_decay)
@@ -236,9 +243,16 @@ def fit(
     return model.eval()
 
 
+def _epoch_batches(data: ImageSet, order: list[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+    """(x, y) for each index batch of ``order``: by indexing tensors, or decoding files."""
+    if isinstance(data, ImageData):
+        return ((data.x[index], data.y[index]) for index in order)
+    return data.batches(order=order)
+
+
 def _train_epoch(
     model: nn.Module,
-    data: ImageData,
+    data: ImageSet,
     opt: torch.optim.Optimizer,
     loss_fn: LossFn,
     *,
@@ -261,11 +275,10 @@ def _train_epoch(
     running, count = 0.0, 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_epoch_seed(seed, epoch))
-        for i, index in enumerate(_batches(len(data), batch_size, gen)):
+        for i, (x, y) in enumerate(_epoch_batches(data, _batches(len(data), batch_size, gen))):
             step = epoch * steps_per_epoch + i
             for group in opt.param_groups:
                 group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / total))
-            x, y = data.x[index], data.y[index]
             if augment:
                 x = _translate(x, gen)
             loss = loss_fn(model, x.to(device), y.to(device))
@@ -277,27 +290,27 @@ def _train_epoch(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            running += float(loss.detach()) * len(index)
-            count += len(index)
+            running += float(loss.detach()) * len(y)
+            count += len(y)
             tick(running / count)
     return running / count
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, data: ImageData, batch_size: int = 512) -> Tensor:
-    """Logits (N, num_outputs) of ``model`` in eval mode, on its device (the batches are moved
-    there); its train/eval mode is restored."""
+def predict_logits(model: nn.Module, data: ImageSet, batch_size: int = 512) -> Tensor:
+    """Logits (N, num_outputs) of ``model`` in eval mode, on its device (the batches, image
+    files streamed, are moved there); its train/eval mode is restored."""
     was_training = model.training
     device = device_of(model)
     model.eval()
     try:
-        return torch.cat([model(x.to(device)) for x in data.x.split(batch_size)])
+        return torch.cat([model(x.to(device)) for x, _ in iter_batches(data, batch_size)])
     finally:
         model.train(was_training)
 
 
-def evaluate(model: nn.Module, data: ImageData, batch_size: int = 512) -> float:
-    """Top-1 accuracy (a fraction) of ``model`` on ``data``."""
+def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 512) -> float:
+    """Top-1 accuracy (a fraction) of ``model`` on ``data`` (image files streamed)."""
     if len(data) == 0:
         raise DataError("cannot evaluate on an empty dataset; check the class list")
     predicted = predict_logits(model, data, batch_size).argmax(dim=1)

@@ -8,6 +8,7 @@ pnc demo                      # the embedded default, end to end
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from pnc.bench.metrics import clone_accuracy, logits_of
 from pnc.surgery.cloned import ClonedNetwork
@@ -30,7 +31,8 @@ from pnc.surgery.io import atomic_write_text, file_sha256
 from pnc.surgery.onnx_detach import detach_onnx
 from pnc.surgery.onnx_export import export_onnx
 from pnc.surgery.patch import save_patch
-from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
+from pnc.zoo.datasets import DatasetSplits, load_dataset
+from pnc.zoo.images import ImageSet, iter_batches, join
 from pnc.zoo.store import WEIGHTS_FILE, ModelCard, ZooStore
 from pnc.zoo.tasks import CloneTask
 
@@ -51,34 +53,38 @@ from .common import (
 from .zoo import writable_zoo
 
 
-def eval_set(tasks: list[CloneTask]) -> ImageData:
-    """Test images of T_t and of every branch's T_s, labelled by the multi-branch clone's outputs."""
-    sets = [tasks[0].eval_sets()["ori"]]
+def eval_set(tasks: list[CloneTask]) -> ImageSet:
+    """Test images of T_t and of every branch's T_s, labelled by the multi-branch clone's outputs
+    (undecoded files for an image folder)."""
+    data = tasks[0].eval_sets()["ori"]
     offset = 0
     for task in tasks:
         tar = task.eval_sets()["tar"]
-        sets.append(ImageData(tar.x, tar.y + offset))
+        data = join(data, dataclasses.replace(tar, y=tar.y + offset))
         offset += len(task.clone_classes)
-    return ImageData(torch.cat([s.x for s in sets]), torch.cat([s.y for s in sets]))
+    return data
 
 
+@torch.no_grad()
 def compare(
     net: ClonedNetwork, target: nn.Module, sources: list[tuple[nn.Module, list[int]]], tasks: list[CloneTask]
 ) -> dict[str, dict[str, float]]:
     """Ori/Tar/Avg of the target alone, the clone and the direct ensemble on the same images
-    (each model run on its device)."""
+    (each model run on its device), each image decoded once (one pass over the test set,
+    batch by batch)."""
     data = eval_set(tasks)
     n_old, n_all = len(tasks[0].target_classes), len(net.classes)
-    target_logits = logits_of(target, data.x)
-    padded = torch.cat([target_logits, target_logits.new_full((len(data), n_all - n_old), -torch.inf)], 1)
-    ensemble = torch.cat(
-        [target_logits] + [logits_of(s, data.x)[:, idx].to(target_logits.device) for s, idx in sources], 1
-    )
-    return {
-        "target": clone_accuracy(padded, data.y, n_old),
-        "clone": clone_accuracy(logits_of(net, data.x), data.y, n_old),
-        "ensemble": clone_accuracy(ensemble, data.y, n_old),
-    }
+    parts: dict[str, list[Tensor]] = {"target": [], "clone": [], "ensemble": []}
+    for x, _ in iter_batches(data):
+        target_logits = logits_of(target, x)
+        parts["target"].append(
+            torch.cat([target_logits, target_logits.new_full((len(x), n_all - n_old), -torch.inf)], 1)
+        )
+        parts["ensemble"].append(
+            torch.cat([target_logits] + [logits_of(s, x)[:, idx].to(target_logits.device) for s, idx in sources], 1)
+        )
+        parts["clone"].append(logits_of(net, x))
+    return {k: clone_accuracy(torch.cat(v), data.y, n_old) for k, v in parts.items()}
 
 
 @dataclass
@@ -116,7 +122,7 @@ def plan_clone(
     if not sources:
         raise TaskError("give at least one --source NAME --classes SPEC pair")
     target, t_card = store.load(target_name, device)
-    dataset = load_dataset(t_card.dataset, data_dir)
+    dataset = load_dataset(t_card.dataset, data_dir, image_size=t_card.input_size[-1])
     planned: list[tuple[str, nn.Module, CloneTask]] = []
     cloned_by: dict[int, str] = {}
     for source_name, spec in sources:
@@ -421,7 +427,7 @@ def evaluate_patch(path: Path, store: ZooStore, data_dir: str | None = None, dev
     path = patch_path(path)
     net, meta = store.load_patch(path, device)
     target, t_card = store.load(meta["target"]["name"], device)
-    dataset = load_dataset(t_card.dataset, data_dir)
+    dataset = load_dataset(t_card.dataset, data_dir, image_size=t_card.input_size[-1])
     tasks, models = [], []
     for b in meta["branches"]:
         source, s_card = store.load(b["source"]["name"], device)

@@ -42,8 +42,9 @@ from pnc.surgery.onnx_export import ATOL, RTOL, run, to_onnx
 from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import TracedModel, trace
 from pnc.zoo.datasets import ImageData, load_dataset
+from pnc.zoo.images import decoded
 from pnc.zoo.store import ModelCard, ZooStore
-from pnc.zoo.tasks import CLONE_PRESETS, parse_classes, select_classes
+from pnc.zoo.tasks import CLONE_PRESETS, SetT, parse_classes, select_classes
 
 from .common import add_data_dir, add_device, add_zoo_dir, check_output_dir, in_range, seed_number
 from .common import share as share_arg
@@ -67,7 +68,7 @@ def model_classes(spec: str, card: ModelCard, dataset_classes: list[str]) -> lis
     return ids
 
 
-def share(data: ImageData, fraction: float, seed: int) -> ImageData:
+def share(data: SetT, fraction: float, seed: int) -> SetT:
     """A seeded ``fraction`` of each class's images (at least one per class)."""
     gen = torch.Generator().manual_seed(seed)
     picks = []
@@ -151,11 +152,11 @@ def run_prune(
     config = config or LocalizeConfig(keep=keep, seed=seed)
     model, card = store.load(model_name, device)
     device = device_of(model)
-    dataset = load_dataset(card.dataset, data_dir)
+    dataset = load_dataset(card.dataset, data_dir, image_size=card.input_size[-1])
     classes = model_classes(classes_spec, card, dataset.classes)
     outputs = [card.classes.index(c) for c in classes]
-    train = share(select_classes(dataset.train, classes), fraction, seed)
-    test = select_classes(dataset.test, card.classes)  # labels = model output index
+    train = decoded(share(select_classes(dataset.train, classes), fraction, seed), "training images")
+    test = decoded(select_classes(dataset.test, card.classes), "test images")  # labels = model output index
     traced = trace(model, train.x[:2])
     cut = find_cut(cut_points(traced, verify=False), cut_name)
     prefix, body, head = masked_suffix(traced, cut)

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from pnc.surgery.errors import DataError, ModelNotFoundError, OutputError, StoreError
 from pnc.zoo.checkpoints import export_model, import_model
-from pnc.zoo.datasets import list_datasets
+from pnc.zoo.datasets import DEFAULT_IMAGE_SIZE, IMAGEFOLDER_PREFIX, list_datasets
 from pnc.zoo.store import ModelCard, ZooStore
 
 from .common import (
@@ -76,7 +76,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     store = writable_zoo(args.zoo_dir)
     _check_new_model(store, args.name, args.force)
-    splits = load_dataset(args.dataset, args.data_dir, download=args.download)
+    if args.image_size is not None and not args.dataset.startswith(IMAGEFOLDER_PREFIX):
+        raise DataError(
+            f"--image-size applies to {IMAGEFOLDER_PREFIX}PATH datasets only; {args.dataset} images keep "
+            "their own size: drop --image-size"
+        )
+    splits = load_dataset(
+        args.dataset, args.data_dir, download=args.download, image_size=args.image_size or DEFAULT_IMAGE_SIZE
+    )
     ids = parse_classes(args.classes, splits.classes)
     kwargs = {**archs.input_kwargs(args.arch, splits.input_size), **(args.arch_kwargs or {}), "num_classes": len(ids)}
     _check_buildable(args.arch, kwargs, splits.input_size)
@@ -274,6 +281,13 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=in_range(int, 1, 65_536), default=128)
     train.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     train.add_argument("--augment", action="store_true", help="random translations")
+    train.add_argument(
+        "--image-size",
+        type=in_range(int, 4, 4096),
+        default=None,
+        help=f"side in pixels that {IMAGEFOLDER_PREFIX}PATH images are resized to (default {DEFAULT_IMAGE_SIZE}); "
+        "the images are decoded on demand, never all at once",
+    )
     train.add_argument(
         "--arch-kwargs", type=json_object, default=None, help="extra constructor kwargs as JSON, e.g. '{\"width\": 16}'"
     )
