@@ -216,7 +216,7 @@ def render(data: dict[str, Any]) -> str:
     lines += [
         "",
         "The `after` rows of commits 30f97f8 and 8bbf9ef ran with successive halving on "
-        "(`keep_fraction=0.5`, the default then); it is off by default since, because ranking the "
+        "(`keep_fraction=0.5`, the default then); it is off by default now because ranking the "
         "candidates on the first stage's soft masks dropped the best final R on the ResNetC-20 strict row "
         "(layer2_2 dropped; layer1_2 kept ended at Ori 77.6, Avg 81.2 against 92.7 for the search before the "
         "speed-up): with every candidate trained to the end the search costs more than these rows show.",
