@@ -407,7 +407,8 @@ def markdown(result: dict) -> str:
         )
         lines += [
             "",
-            f"Candidates of the default search, held-out accuracy: {candidates}; chosen R = "
+            f"Candidates of the default search, held-out accuracy (test Avg before the branch fine-tuning): "
+            f"{candidates}; chosen R = "
             f"{r['runs']['clone']['target_cut']}.",
             "",
             f"Redundant nodes left in the clone's branch: {sum(r['redundant_nodes_left'].values())} "
