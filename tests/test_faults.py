@@ -128,7 +128,7 @@ def _same_patch(a: Path, b: Path) -> bool:
 def test_clone_killed_at_random_points_resumes_to_the_same_patch(tiny_zoo, tiny_run, tmp_path):
     out = tmp_path / "run"
     argv = ["clone", "--target", "t", "--source", "s", "--classes", "7", "--out", str(out), "--zoo-dir", str(tiny_zoo)]
-    counts = _kill_and_resume(argv, out, seed=12, kills=3, window=6.0)
+    counts = _kill_and_resume(argv, out, seed=12, kills=3, window=2.0)
     assert counts["kills"] >= 2, counts
     assert _same_patch(out / "clone.pnc", tiny_run / "clone.pnc")
     report = json.loads((out / "report.json").read_text())
