@@ -47,9 +47,6 @@ FACTORIES = {
     "linspace",
 }
 PACKAGES = ("surgery", "adapters", "zoo", "benchmarks")
-#: the lead is rewriting the search in these two files and makes them follow the device with
-#: pnc.surgery.devices; until then every factory call in them is allowed
-TODO: set[str] = set()
 #: (file, enclosing function, factory or "cpu") -> why that call may leave out device= / name the CPU
 ALLOWED = {
     ("adapters/tokens.py", "_prefix_param", "zeros"): "built inside make_adapter's `with device:` block",
@@ -109,8 +106,6 @@ def test_every_tensor_factory_follows_a_device():
         rel = path.relative_to(ROOT).as_posix()
         for func, what, line in _offences(path):
             key = (rel, func, what)
-            if rel in TODO:
-                continue
             if key in ALLOWED:
                 used.add(key)
                 continue
@@ -119,7 +114,6 @@ def test_every_tensor_factory_follows_a_device():
         bad
     )
     assert set(ALLOWED) <= used, f"stale ALLOWED entries: {sorted(set(ALLOWED) - used)}"
-    assert TODO <= {p.relative_to(ROOT).as_posix() for p in _sources()}
 
 
 def test_the_ast_check_sees_what_it_must(tmp_path):
