@@ -536,6 +536,10 @@ def _search_section(search: list[dict[str, Any]]) -> list[str]:
             f"| {s['method']} | {s['scale']} | {s['seed']} | {s['target_cut']} | {s['source_cut']} | "
             f"{s['kept_fraction']:.2f} | {s['best_cut']} | {s['regret']:.2f} | {cands} |"
         )
+    skipped = [(s, reason.split(";")[0]) for s in search for reason in s.get("skipped", [])]
+    if skipped:
+        lines += ["", "Candidate pairs skipped because no adapter maps their layouts:", ""]
+        lines += [f"- {s['method']} {s['scale']} seed {s['seed']}: {reason}" for s, reason in skipped]
     lines.append("")
     return lines
 
@@ -568,6 +572,7 @@ def write_table(
             "scale": r["scale"],
             "seed": r["seed"],
             **{k: r["details"]["report"][k] for k in ("target_cut", "source_cut", "kept_fraction", "candidates")},
+            "skipped": r["details"]["report"].get("skipped", []),
         }
         for r in per_seed
         if r["method"].startswith("PNC") and "report" in r["details"]

@@ -134,3 +134,16 @@ def test_vit_target_cnn_source_maps_tokens_to_maps(tiny_models):
     assert all(
         (c["adapter_spec"]["src_layout"], c["adapter_spec"]["dst_layout"]) == ("NLC", "NCHW") for c in report.candidates
     )
+
+
+def test_table_search_section_lists_skipped_pairs():
+    from pnc.bench.paper import _search_section
+
+    cand = {"target_cut": "block1_2", "loss": 0.1, "accuracy": {"ori": 0.9, "tar": 0.9, "avg": 0.9}}
+    entry = {"method": "PNC", "scale": "S", "seed": 0, "target_cut": "block1_2", "source_cut": "norm_pre"}
+    entry |= {"kept_fraction": 0.5, "best_cut": "block1_2", "regret": 0.0, "candidates": [cand]}
+    reason = "R=block3_4 <- R'=add_8: no adapter maps NC (84,) -> NLC (50, 96); supported layout pairs: ..."
+    text = "\n".join(_search_section([{**entry, "skipped": [reason]}]))
+    assert "- PNC S seed 0: R=block3_4 <- R'=add_8: no adapter maps NC (84,) -> NLC (50, 96)\n" in text + "\n"
+    assert "supported layout pairs" not in text
+    assert "skipped" not in "\n".join(_search_section([entry]))  # rows cached before reports had it
