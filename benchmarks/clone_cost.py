@@ -43,7 +43,7 @@ TIMED = [
 METHOD_TIMED = [
     ("pnc.surgery.insertion", "CandidateTrainer", "run_phase", "phase"),
     ("pnc.surgery.insertion", "CandidateTrainer", "accuracy", "test_eval"),
-    ("pnc.surgery.insertion", "CandidateTrainer", "holdout_metrics", "holdout_eval"),
+    ("pnc.surgery.insertion", "CandidateTrainer", "holdout_logits", "holdout_eval"),
 ]
 
 

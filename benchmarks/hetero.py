@@ -94,7 +94,7 @@ PAIRS: dict[str, HeteroPair] = {
 }
 
 #: Table 2's methods (the paper shows Pre-train, Continual and PNC; the others are cheap context)
-HETERO_METHODS = ["Pre-trained", "Continual", "Continual+KD", "Direct Ensemble", "PNC"]
+HETERO_METHODS = ["Pre-trained", "Continual", "Continual+KD", "Direct Ensemble", "Calibrated Ensemble", "PNC"]
 
 
 def padded(splits: DatasetSplits, size: int = 32) -> DatasetSplits:

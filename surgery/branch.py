@@ -101,7 +101,8 @@ class CloneReport:
     the transferable module's size before/after pruning, time, the images used (``images``:
     old / clone training images and held-out images), the chosen branch's fine-tuning
     (``tuning``: held-out metrics before / after, kept or not), whether a time budget
-    stopped the search early and where the time went (``profile``: seconds per phase)."""
+    stopped the search early, why R was chosen (``chosen_because``) and where the time went
+    (``profile``: seconds per phase)."""
 
     target_cut: str
     source_cut: str
@@ -117,6 +118,7 @@ class CloneReport:
     tuning: dict[str, Any] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # candidate pairs no adapter maps, with the reason
     budget_stopped: bool = False
+    chosen_because: str = ""
     profile: dict[str, float] = field(default_factory=dict)
 
 

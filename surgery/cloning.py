@@ -221,6 +221,7 @@ def clone(
         tuning=tuning,
         skipped=outcome.skipped,
         budget_stopped=outcome.budget_stopped,
+        chosen_because=outcome.chosen_because,
         profile=profile,
     )
     return net

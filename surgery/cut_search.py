@@ -158,6 +158,37 @@ def survivors(results: dict[int, CandidateResult], keep_fraction: float) -> tupl
     return sorted(kept), reasons
 
 
+def choose(results: dict[int, CandidateResult], smaller_branch_within_se: bool) -> tuple[int, str]:
+    """The chosen finalist among ``results`` (index -> result; a lower index is a later cut,
+    a smaller branch) and why.
+
+    The best is the lowest (selection loss, held-out cross-entropy, index). With
+    ``smaller_branch_within_se`` (the one-standard-error rule), a later cut is preferred
+    when its held-out losses exceed the best's by at most one standard error of the mean
+    per-image difference (paired: the same held-out images)::
+
+        best: losses [0, 1, 0, 0] (0.25), later cut: [0, 1, 1, 0] (0.50)
+        difference [0, 0, 1, 0]: mean 0.25, paired standard error 0.25 -> the later cut
+    """
+    best = min(results, key=lambda i: (results[i].loss, results[i].holdout.get("ce", 0.0), i))
+    why = f"lowest held-out selection loss ({results[best].loss:.4f})"
+    base = results[best].holdout_losses
+    if not smaller_branch_within_se or base is None or len(base) < 2:
+        return best, why
+    for i in sorted(j for j in results if j < best):
+        losses = results[i].holdout_losses
+        if losses is None or losses.shape != base.shape:
+            continue
+        diff = (losses - base).double()
+        se = float(diff.std() / math.sqrt(len(diff)))
+        if float(diff.mean()) <= se:
+            return i, (
+                f"selection loss {results[i].loss:.4f} within one paired standard error ({se:.4f}) of "
+                f"R={results[best].target_cut}'s {results[best].loss:.4f}: the later cut, a smaller branch"
+            )
+    return best, why
+
+
 def _checkpoint(checkpoint_dir: Path | None, index: int, stage: str, node: str) -> Path | None:
     if checkpoint_dir is None:
         return None
@@ -170,6 +201,8 @@ def outcome_bytes(outcome: StageOutcome, key: str = "") -> bytes:
     and a backend running stages in other processes ships outcomes back as them."""
     tensors = {f"state.{k}": v for k, v in outcome.state.items()}
     tensors |= {f"result.{k}": v for k, v in outcome.result.tensors.items()}
+    if outcome.result.holdout_losses is not None:
+        tensors["holdout_losses"] = outcome.result.holdout_losses
     return tensor_bytes(tensors, metadata={"key": key, "result": json.dumps(outcome.result.summary())})
 
 
@@ -179,7 +212,9 @@ def outcome_from_bytes(data: bytes, index: int) -> tuple[StageOutcome, str]:
     tensors = load(data)
     meta = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
     result = CandidateResult(
-        **json.loads(meta["result"]), tensors={k[7:]: v for k, v in tensors.items() if k.startswith("result.")}
+        **json.loads(meta["result"]),
+        tensors={k[7:]: v for k, v in tensors.items() if k.startswith("result.")},
+        holdout_losses=tensors.get("holdout_losses"),
     )
     return StageOutcome(index, result, {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}), meta["key"]
 
@@ -198,12 +233,13 @@ def _load(path: Path | None, key: str, index: int) -> StageOutcome | None:
 class SearchOutcome:
     """The chosen candidate, every candidate's last result (finalists and dropped ones), the
     pairs skipped (no adapter maps them), whether the time budget stopped the search early,
-    and the finalists' states (to report on)."""
+    why the chosen one was chosen, and the finalists' states (to report on)."""
 
     best: CandidateResult
     results: list[CandidateResult]
     skipped: list[str]
     budget_stopped: bool = False
+    chosen_because: str = ""
     states: dict[int, dict[str, Tensor]] = field(default_factory=dict, repr=False)
 
 
@@ -217,8 +253,8 @@ def search(
     backend: Backend | None = None,
     time_budget: float | None = None,
 ) -> SearchOutcome:
-    """Train every candidate (R, R') stage by stage with successive halving; the best
-    finalist by (selection loss, held-out cross-entropy, later cut) is chosen.
+    """Train every candidate (R, R') stage by stage with successive halving; the finalist
+    :func:`choose` picks is chosen.
 
     A candidate pair whose layouts no adapter maps (e.g. a flat NC target cut against a
     ViT's token cut) is skipped with its reason, never aborting the search; CutError if
@@ -278,13 +314,14 @@ def search(
                     bar.say(f"dropped R={pairs[i][0].node}: {why}")
     reached = max(STAGES.index(o.result.stage) for o in latest.values())
     finalists = {i: o for i, o in latest.items() if STAGES.index(o.result.stage) == reached and i not in dropped}
-    best_i = min(finalists, key=lambda i: (finalists[i].result.loss, finalists[i].result.holdout.get("ce", 0.0), i))
+    best_i, chosen_because = choose({i: o.result for i, o in finalists.items()}, config.smaller_branch_within_se)
     results = {i: replace(latest[i].result, eliminated=dropped.get(i, "")) for i in sorted(latest)}
     return SearchOutcome(
         best=results[best_i],
         results=list(results.values()),
         skipped=skipped,
         budget_stopped=budget_stopped,
+        chosen_because=chosen_because,
         states={i: o.state for i, o in finalists.items()},
     )
 

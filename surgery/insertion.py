@@ -89,6 +89,10 @@ class SearchConfig:
     default) keeps all: ranked with the soft masks of the first stage, candidates at early
     cuts can look better than they end after binarization (measured on ResNetC-20 in the
     strict setting: the best final R was dropped), so halving is an opt-in speed-up.
+    ``smaller_branch_within_se``: the one-standard-error rule. Among the finalists, the
+    latest cut (the smallest branch, the cheapest clone to run) whose held-out selection
+    loss is within one *paired* standard error of the best one's (the per-image differences
+    on the same held-out images) is chosen; False: the lowest loss.
     """
 
     mask_ratio: float = 0.5
@@ -113,6 +117,7 @@ class SearchConfig:
     loc_pool: int = 4096
     cache_mb: float = 32.0
     keep_fraction: float = 1.0
+    smaller_branch_within_se: bool = True
     seed: int = 0
 
     def key(self) -> str:
@@ -139,9 +144,11 @@ class CandidateResult:
     eliminated: str = ""
     phase_seconds: dict[str, float] = field(default_factory=dict)
     tensors: dict[str, Tensor] = field(repr=False, default_factory=dict)
+    #: (M,) the selection loss of each held-out image (error 0/1 or KD), for paired comparisons
+    holdout_losses: Tensor | None = field(repr=False, default=None)
 
     def summary(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "tensors"}
+        return {k: v for k, v in asdict(self).items() if k not in ("tensors", "holdout_losses")}
 
 
 def nearest_cut(depth: float, cuts: list[CutPoint]) -> CutPoint:
@@ -178,6 +185,17 @@ def split_holdout(labels: Tensor, share: float, seed: int) -> tuple[Tensor, Tens
         held.append(members[:k])
         train.append(members[k:])
     return torch.cat(train).sort().values, torch.cat(held).sort().values
+
+
+def selection_losses(ctx: SearchContext, logits: Tensor, temperature: float) -> Tensor:
+    """(M,) the selection criterion of each held-out image, from the cloned network's logits
+    (M, K): its error (0 or 1) with old-class images, else its KD loss to the direct ensemble."""
+    assert ctx.holdout is not None and ctx.holdout_frozen is not None
+    y, ensemble = ctx.holdout[1], ctx.holdout_frozen[2]
+    if ctx.arbitrate:
+        return (logits.argmax(1) != y).float()
+    t = temperature
+    return F.kl_div(F.log_softmax(logits / t, 1), F.softmax(ensemble / t, 1), reduction="none").sum(1) * t * t
 
 
 def holdout_metrics(ctx: SearchContext, logits: Tensor, temperature: float) -> dict[str, float]:
@@ -416,19 +434,17 @@ class CandidateTrainer:
         return ((pred - target) ** 2).sum() / (target**2).sum().clamp_min(1e-8)
 
     @torch.no_grad()
-    def holdout_metrics(self) -> dict[str, float]:
-        """On the held-out clean images: joint accuracy, cross-entropy, the KD loss to the
-        direct-ensemble teacher (the same images and teacher for every R: one scale) and the
-        standard error ``se`` of the selection criterion (error or KD) over the images."""
+    def holdout_logits(self) -> Tensor:
+        """The cloned network's logits (M, K) on the held-out clean images: the same images
+        and teacher for every R, so their metrics are on one scale (:func:`holdout_metrics`)."""
         assert self.ctx.holdout is not None and self.ctx.holdout_frozen is not None
         x, (pre, old, _) = self.ctx.holdout[0], self.ctx.holdout_frozen
-        logits = torch.cat(
+        return torch.cat(
             [
                 self.joint_logits(self.t_prefix(xb), p, lg)
                 for xb, p, lg in zip(x.split(256), pre.split(256), old.split(256), strict=True)
             ]
         )
-        return holdout_metrics(self.ctx, logits, self.config.temperature)
 
     def selection_loss(self, holdout: dict[str, float]) -> float:
         """Held-out error with old-class images, held-out KD without; the training loss
@@ -528,7 +544,11 @@ class CandidateTrainer:
         """This candidate as it stands after its last stage (``tensors``: its branch, with the
         masks binarized as they would be if it stopped here)."""
         start = time.perf_counter()
-        holdout = self.holdout_metrics() if self.ctx.holdout is not None else {}
+        holdout, losses = {}, None
+        if self.ctx.holdout is not None:
+            logits = self.holdout_logits()
+            holdout = holdout_metrics(self.ctx, logits, self.config.temperature)
+            losses = selection_losses(self.ctx, logits, self.config.temperature)
         keep = self.binary_keep()
         self.phase_seconds["holdout"] = self.phase_seconds.get("holdout", 0.0) + time.perf_counter() - start
         return CandidateResult(
@@ -544,6 +564,7 @@ class CandidateTrainer:
             stage=self.stage,
             phase_seconds=dict(self.phase_seconds),
             tensors=branch_tensors(keep, self.adapter, self.head),
+            holdout_losses=losses,
         )
 
     def binary_keep(self) -> dict[str, Tensor]:

@@ -8,7 +8,7 @@ import torch
 
 from pnc.bench.cli import main
 from pnc.surgery import clone
-from pnc.surgery.cut_search import survivors
+from pnc.surgery.cut_search import choose, survivors
 from pnc.surgery.insertion import CandidateResult, SearchConfig
 from pnc.zoo import CloneTask, ZooStore, load_dataset
 
@@ -40,6 +40,29 @@ def test_survivors_never_drop_a_candidate_within_one_standard_error_of_the_best(
     results = {0: _result("a", 0.12, 1.0), 1: _result("b", 0.10, 1.0, se=0.03), 2: _result("c", 0.20, 1.0)}
     kept, reasons = survivors(results, 0.34)
     assert kept == [0, 1] and set(reasons) == {2}  # a: 0.12 <= 0.10 + 0.03
+
+
+def _scored(cut: str, errors: list[int]) -> CandidateResult:
+    losses = torch.tensor(errors, dtype=torch.float32)
+    result = _result(cut, float(losses.mean()), 1.0)
+    result.holdout_losses = losses
+    return result
+
+
+def test_choose_prefers_the_later_cut_within_one_paired_standard_error():
+    # index 0 is the latest cut (the smallest branch); 2 has the lowest held-out error
+    later, middle, best = [0, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0]
+    results = {0: _scored("late", later), 1: _scored("mid", middle), 2: _scored("early", best)}
+    chosen, why = choose(results, smaller_branch_within_se=True)
+    assert chosen == 0 and "within one paired standard error" in why and "R=early" in why
+    assert choose(results, smaller_branch_within_se=False)[0] == 2
+    # a later cut clearly worse on the same images is not chosen: differences 1 on 4 of 8 images
+    results[0] = _scored("late", [1, 1, 1, 1, 1, 0, 0, 0])
+    assert choose(results, smaller_branch_within_se=True)[0] == 2
+    # without per-image losses (nothing held out) the lowest loss wins
+    for r in results.values():
+        r.holdout_losses = None
+    assert choose(results, smaller_branch_within_se=True) == (2, "lowest held-out selection loss (0.1250)")
 
 
 def _branch(net):
@@ -82,7 +105,8 @@ def test_halving_drops_candidates_with_a_reason_and_keep_fraction_one_trains_all
 
 def test_a_spent_time_budget_keeps_the_best_candidate_of_the_first_stage(pair):
     target, source, task = pair
-    net = clone(target, source, **task.clone_inputs(), config=SearchConfig(**QUICK), time_budget=0.0, progress=False)
+    config = SearchConfig(**QUICK, smaller_branch_within_se=False)  # the lowest loss wins
+    net = clone(target, source, **task.clone_inputs(), config=config, time_budget=0.0, progress=False)
     report = _branch(net).report
     assert report.budget_stopped
     assert all(c["stage"] == "search" for c in report.candidates)

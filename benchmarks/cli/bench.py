@@ -254,7 +254,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     hetero.add_argument(
         "--methods",
         type=_csv(str, HETERO_METHODS),
-        help="default Pre-trained,Continual,Continual+KD,Direct Ensemble,PNC",
+        help="default Pre-trained,Continual,Continual+KD,Direct Ensemble,Calibrated Ensemble,PNC",
     )
     hetero.set_defaults(func=_cmd_hetero)
 

@@ -521,6 +521,8 @@ def _cmd_clone(args) -> int:
                 f"transferable module {b['params_before']:,} -> {b['params_after']:,} params, "
                 f"{b['macs_before']:,} -> {b['macs_after']:,} MACs"
             )
+            if b.get("chosen_because"):
+                print(f"  chosen: {b['chosen_because']}")
             for reason in b.get("skipped", []):
                 print(f"  skipped {reason}")
             for c in b.get("candidates", []):
