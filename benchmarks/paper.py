@@ -303,16 +303,16 @@ def _fingerprint(spec: TableSpec, method: str, task: CloneTask, t_card: ModelCar
     described = task.to_dict()
     if method in SETTING_FREE:
         described.pop("old_fraction")
-    blob = json.dumps(
-        {
-            "method": method,
-            "budget": budget_fields(spec.budget, method),
-            "task": described,
-            "target": t_card.sha256,
-            "source": s_card.sha256,
-        },
-        sort_keys=True,
-    )
+    fields = {
+        "method": method,
+        "budget": budget_fields(spec.budget, method),
+        "task": described,
+        "target": t_card.sha256,
+        "source": s_card.sha256,
+    }
+    if method.startswith("PNC"):  # every search setting, defaults included: a new default is a new row
+        fields["search"] = spec.budget.search(0).key()
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

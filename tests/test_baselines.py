@@ -233,3 +233,18 @@ def test_bench_paper_on_any_zoo_pair(tiny_zoo, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "together" in err and "nope" in err
+
+
+def test_a_cached_pnc_row_is_recomputed_when_a_search_default_changes(monkeypatch, digits):
+    from pnc.bench import paper
+    from pnc.surgery.insertion import SearchConfig
+
+    task = CloneTask(digits, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], clone_classes=[5], seed=0)
+    spec = paper.TableSpec("t", "t", "t", "s", ["S"], [0], ["PNC"], QUICK_BUDGET)
+    card = type("Card", (), {"sha256": "x"})()
+    before = {m: paper._fingerprint(spec, m, task, card, card) for m in ("PNC", "PNC-F", "Joint+Full", "Continual")}
+    changed = SearchConfig(smaller_branch_within_se=not SearchConfig().smaller_branch_within_se)
+    monkeypatch.setattr(type(QUICK_BUDGET), "search", lambda self, seed, **overrides: changed)
+    after = {m: paper._fingerprint(spec, m, task, card, card) for m in before}
+    assert after["PNC"] != before["PNC"] and after["PNC-F"] != before["PNC-F"]
+    assert after["Joint+Full"] == before["Joint+Full"] and after["Continual"] == before["Continual"]
