@@ -258,6 +258,7 @@ class SearchContext:
         self.source_logits = extract(source, None, [self.s_cls.node])
         self.target_head = extract(target, None, [self.t_cls.input_node, self.t_cls.node])
         self.t_blocks = cut_points(target, blocks=True, verify=False)
+        self._pairs: dict[tuple[str, ...] | None, list[tuple[CutPoint, CutPoint]]] = {}
         self.s_blocks = cut_points(source, blocks=True, verify=False)
         self.grid = int(round(g.masks.shape[1] ** 0.5))
         copies = config.perturbed_copies
@@ -273,10 +274,17 @@ class SearchContext:
             self.holdout_frozen = (pre, logits, joint_teacher(logits, source, None))
 
     def candidates(self, names: list[str] | None) -> list[tuple[CutPoint, CutPoint]]:
-        """(R, R') pairs, R from the last target block cut to the first.
+        """(R, R') pairs, R from the last target block cut to the first (computed once per
+        ``names``: every stage and report asks for them).
 
         By default, block cuts after which the source has no layer left (only pooling
         before its classifier) are skipped: there would be nothing to clone."""
+        key = None if names is None else tuple(names)
+        if key not in self._pairs:
+            self._pairs[key] = self._candidates(names)
+        return self._pairs[key]
+
+    def _candidates(self, names: list[str] | None) -> list[tuple[CutPoint, CutPoint]]:
         if names is None:
             chosen = list(reversed(self.t_blocks))
         else:
