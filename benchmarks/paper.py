@@ -101,18 +101,26 @@ class RowCache:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.rows: dict[str, dict[str, Any]] = {}
+        self.stale: dict[str, str] = {}  # rows :meth:`clear` dropped, as JSON: not read back from the file
         if self.path.is_file():
             try:
                 self.rows = json.loads(self.path.read_text())
             except json.JSONDecodeError:
                 self.rows = {}  # a truncated file from a killed run: start over
 
+    def clear(self) -> None:
+        """Forget every row cached so far (``--fresh``); rows other processes add later still count."""
+        self.stale = {k: json.dumps(v, sort_keys=True) for k, v in self.rows.items()}
+        self.rows = {}
+
     def get(self, key: str, fingerprint: str) -> dict[str, Any] | None:
         if key not in self.rows and self.path.is_file():  # another process may have added it
             try:
-                self.rows = json.loads(self.path.read_text()) | self.rows
+                on_disk = json.loads(self.path.read_text())
             except json.JSONDecodeError:
-                pass
+                on_disk = {}
+            added = {k: v for k, v in on_disk.items() if self.stale.get(k) != json.dumps(v, sort_keys=True)}
+            self.rows = added | self.rows
         row = self.rows.get(key)
         return row if row is not None and row.get("fingerprint") == fingerprint else None
 
@@ -692,7 +700,7 @@ def run_paper(
     )
     cache = RowCache(Path(out_dir) / f"{stem}.rows.json")
     if fresh:
-        cache.rows.clear()
+        cache.clear()
     workdir = Path(workdir) if workdir is not None else default_zoo_dir(zoo_dir).parent / "bench"
     shared = None
     if old_fraction != 0.3:  # the paper's setting's table holds the setting-free rows

@@ -248,3 +248,16 @@ def test_a_cached_pnc_row_is_recomputed_when_a_search_default_changes(monkeypatc
     after = {m: paper._fingerprint(spec, m, task, card, card) for m in before}
     assert after["PNC"] != before["PNC"] and after["PNC-F"] != before["PNC-F"]
     assert after["Joint+Full"] == before["Joint+Full"] and after["Continual"] == before["Continual"]
+
+
+def test_fresh_cache_recomputes_rows_already_on_disk_but_reads_rows_added_later(tmp_path):
+    from pnc.bench.paper import RowCache
+
+    path = tmp_path / "t.rows.json"
+    RowCache(path).put("PNC|S|0", {"fingerprint": "f", "avg": 0.5})
+    cache = RowCache(path)
+    cache.clear()
+    assert cache.get("PNC|S|0", "f") is None  # the row on disk is the one --fresh recomputes
+    RowCache(path).put("PNC|S|1", {"fingerprint": "f", "avg": 0.7})  # another process adds a row
+    assert cache.get("PNC|S|1", "f") == {"fingerprint": "f", "avg": 0.7}
+    assert cache.get("PNC|S|0", "f") is None
