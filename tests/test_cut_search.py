@@ -140,3 +140,20 @@ def test_cli_time_budget_reports_an_early_stop(tiny_zoo, tmp_path, capsys):
     assert "--time-budget spent" in out
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["branches"][0]["budget_stopped"] is True
+
+
+@pytest.mark.parametrize("flag", [[], ["--prefer-smaller-branch"]])
+def test_cli_says_which_rule_chose_r(tiny_zoo, tmp_path, capsys, flag):
+    argv = ["clone", "--target", "t", "--source", "s", "--classes", "7", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--zoo-dir", str(tiny_zoo), "--time-budget", "0.001", *flag]) == 0
+    branch = json.loads((tmp_path / "run" / "report.json").read_text())["branches"][0]
+    assert branch["settings"]["search"]["smaller_branch_within_se"] is bool(flag)
+    rule = branch["chosen_because"]
+    assert rule.startswith("lowest held-out") or (flag and "within one paired standard error" in rule)
+    assert f"chosen: {rule}" in capsys.readouterr().out
+    cuts = [c["target_cut"] for c in branch["candidates"]]
+    best = min(branch["candidates"], key=lambda c: (c["loss"], c["holdout"]["ce"]))
+    if not flag:
+        assert branch["target_cut"] == best["target_cut"]
+    else:  # the same cut, or a later one (listed first)
+        assert cuts.index(branch["target_cut"]) <= cuts.index(best["target_cut"])

@@ -474,7 +474,9 @@ def _store(args) -> ZooStore:
 def _cmd_clone(args) -> int:
     if len(args.source) != len(args.classes):
         raise TaskError("give one --classes per --source (e.g. --source A --classes S --source B --classes 7)")
-    config = SearchConfig(seed=args.seed, mask_ratio=args.mask_ratio)
+    config = SearchConfig(
+        seed=args.seed, mask_ratio=args.mask_ratio, smaller_branch_within_se=args.prefer_smaller_branch
+    )
     store, sources, out = _store(args), list(zip(args.source, args.classes)), Path(args.out)
     check_output_dir(out, "--out")  # before loading anything: the cheapest check first
     check_backend(args.backend, args.address)
@@ -625,6 +627,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "(default 0.3, the paper's setting; 0: none)",
     )
     p.add_argument("--mask-ratio", type=share, default=0.5, help="kept share of each channel group, in (0, 1]")
+    p.add_argument(
+        "--prefer-smaller-branch",
+        action="store_true",
+        help="choose the latest cut (the smallest branch, the fastest clone) whose held-out loss is within one "
+        "paired standard error of the best (default: the lowest held-out loss)",
+    )
     p.add_argument(
         "--time-budget",
         type=positive(float),
