@@ -192,12 +192,17 @@ def _clone_run(store: ZooStore, target: str, source: str, work: Path, data_dir: 
 
 def _variants(store: ZooStore, target: str, source: str, work: Path, data_dir: str | None) -> dict[str, tuple]:
     """{row: (network, report, patch path)}: the default search ("clone"), kept share
-    :data:`SMALL_KEEP`, and, when the default search chose another cut, R fixed at the latest
-    candidate cut (the first it tries, the cheapest branch)."""
+    :data:`SMALL_KEEP`, the one-standard-error rule (``--prefer-smaller-branch``) and, when the
+    default search chose another cut, R fixed at the latest candidate cut (the first it
+    tries, the cheapest branch)."""
     runs = {"clone": (work, SearchConfig(seed=0))}
     runs[f"clone keep {SMALL_KEEP}"] = (
         work.with_name(f"{work.name}-keep{SMALL_KEEP}"),
         SearchConfig(seed=0, mask_ratio=SMALL_KEEP),
+    )
+    runs["clone --prefer-smaller-branch"] = (
+        work.with_name(f"{work.name}-smaller"),
+        SearchConfig(seed=0, smaller_branch_within_se=True),
     )
     done = {}
     for row, (folder, config) in runs.items():
@@ -345,7 +350,9 @@ def markdown(result: dict) -> str:
         "images of T_t (Ori) and of the cloned classes (Tar), Avg pooled; the target alone cannot predict a "
         f"cloned class. `clone` is the default search (kept share 0.5); `clone --optimize` the same clone written "
         f"by `pnc export --optimize extended`; `clone keep {SMALL_KEEP}` the default search with `--mask-ratio "
-        f"{SMALL_KEEP}`; `clone R=CUT` the default search with R fixed at the latest candidate cut "
+        f"{SMALL_KEEP}`; `clone --prefer-smaller-branch` the search choosing the latest cut within one paired "
+        "standard error of the best held-out loss; `clone R=CUT` the default search with R fixed at the latest "
+        "candidate cut "
         "(`SearchConfig(candidates=[CUT])`), shown when the default search chose an earlier one.",
         "",
         f"Goal (issue 11 item 5): the clone at S at most {GOAL}x the target's latency (x target below).",
@@ -431,7 +438,8 @@ def markdown(result: dict) -> str:
         "does: the latency ratio exceeds the MACs ratio. A branch from an early cut re-runs most of the "
         "source network at such widths.",
         "- The default search chooses R by held-out accuracy alone; the candidates above show how close "
-        "the cuts are, and the `clone R=CUT` rows what the latest cut costs and gives.",
+        "the cuts are, and the `clone R=CUT` rows what the latest cut costs and gives. "
+        "`--prefer-smaller-branch` makes that trade only where the held-out images cannot tell the cuts apart.",
         "- `--optimize` cannot change the run time at the same level: onnxruntime applies the same rewrites "
         "when it loads the plain file (compare the two clone rows); what it saves is their cost at load "
         "(load column), and the file runs in onnxruntime only.",
