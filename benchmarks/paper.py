@@ -361,7 +361,8 @@ def goal_checks(rows: list[dict[str, Any]], search: list[dict[str, Any]] | None 
     """Clone-quality goals for PNC, per scale, on the seed means (points = percent): Avg at
     least both ensembles' and Continual+KD's (with replay), Ori within 1 point of the
     pre-trained target at S and of Joint+Full at M, Avg within 2 points of Joint+Full at M,
-    mean selection regret at most 0.5 point, and fewer MACs than the direct ensemble."""
+    mean selection regret at most 0.5 point, and fewer MACs than the direct ensemble; and
+    the cost goals: at most 0.25x Joint+Full's wall time and 2x its peak memory."""
     checks = []
     for scale in dict.fromkeys(r["scale"] for r in rows):
         at = {r["method"]: r for r in rows if r["scale"] == scale}
@@ -394,6 +395,11 @@ def goal_checks(rows: list[dict[str, Any]], search: list[dict[str, Any]] | None 
         if "Direct Ensemble" in at:
             ratio = p["macs"] / at["Direct Ensemble"]["macs"]
             add("MACs(PNC) / MACs(Direct Ensemble)", ratio, "< 1", ratio < 1)
+        if "Joint+Full" in at and at["Joint+Full"]["seconds"] > 0 and at["Joint+Full"]["peak_mb"] > 0:
+            ratio = p["seconds"] / at["Joint+Full"]["seconds"]
+            add("seconds(PNC) / seconds(Joint+Full), same run", ratio, "<= 0.25", ratio <= 0.25)
+            ratio = p["peak_mb"] / at["Joint+Full"]["peak_mb"]
+            add("peak MiB(PNC) / peak MiB(Joint+Full)", ratio, "<= 2", ratio <= 2)
     return checks
 
 

@@ -87,6 +87,12 @@ def test_table_json_has_every_method_with_fractions_and_costs(bench):
     md = (bench["root"] / "out" / f"{STEM}.md").read_text()
     assert "| PNC (w/o Insert) |" in md and "## Goals" in md
     assert "| Calibrated Ensemble |" in md and "regret" in md
+    goals = {g["goal"]: g for g in result["goals"]}
+    at = {r["method"]: r for r in result["rows"]}
+    cost = goals["seconds(PNC) / seconds(Joint+Full), same run"]
+    assert cost["value"] == round(at["PNC"]["seconds"] / at["Joint+Full"]["seconds"], 3)
+    assert cost["met"] == (cost["value"] <= 0.25) and cost["value"] > 0
+    assert goals["peak MiB(PNC) / peak MiB(Joint+Full)"]["need"] == "<= 2"
     for s in result["pnc_search"]:
         chosen = next(c for c in s["candidates"] if c["target_cut"] == s["target_cut"])
         best = max(c["accuracy"]["avg"] for c in s["candidates"] if not c["eliminated"])  # finalists only
