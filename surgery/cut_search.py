@@ -266,7 +266,7 @@ def search(
     pairs = ctx.candidates(config.candidates)
     key = hashlib.sha256((run_key + config.key()).encode()).hexdigest()
     latest: dict[int, StageOutcome] = {}
-    skipped: list[str] = []
+    skipped: list[str] = ctx.unclonable(config.candidates)
     dropped: dict[int, str] = {}
     alive = []
     for i, (r, r_src) in enumerate(pairs):  # an adapter that cannot exist: skip before any training

@@ -280,11 +280,21 @@ class SearchContext:
         ``names``: every stage and report asks for them).
 
         By default, block cuts after which the source has no layer left (only pooling
-        before its classifier) are skipped: there would be nothing to clone."""
+        before its classifier) are skipped: there would be nothing to clone
+        (:meth:`unclonable` says which)."""
         key = None if names is None else tuple(names)
         if key not in self._pairs:
             self._pairs[key] = self._candidates(names)
         return self._pairs[key]
+
+    def unclonable(self, names: list[str] | None) -> list[str]:
+        """The pairs :meth:`candidates` left out for ``names``, each with the reason."""
+        pairs = self.candidates(names)
+        return [
+            f"R={r.node} <- R'={r_src.node}: the source has no layer between R' and its classifier, nothing to clone"
+            for r, r_src in ((r, nearest_cut(r.depth, self.s_blocks)) for r in reversed(self.t_blocks))
+            if names is None and all(r.node != kept.node for kept, _ in pairs)
+        ]
 
     def _candidates(self, names: list[str] | None) -> list[tuple[CutPoint, CutPoint]]:
         if names is None:

@@ -157,3 +157,13 @@ def test_cli_says_which_rule_chose_r(tiny_zoo, tmp_path, capsys, flag):
         assert branch["target_cut"] == best["target_cut"]
     else:  # the same cut, or a later one (listed first)
         assert cuts.index(branch["target_cut"]) <= cuts.index(best["target_cut"])
+
+
+def test_block_cuts_with_nothing_to_clone_are_listed_as_skipped(tiny_zoo, tmp_path):
+    argv = ["clone", "--target", "t", "--source", "s", "--classes", "7", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--zoo-dir", str(tiny_zoo), "--time-budget", "0.001"]) == 0
+    branch = json.loads((tmp_path / "run" / "report.json").read_text())["branches"][0]
+    tried = {c["target_cut"] for c in branch["candidates"]}
+    empty = [line for line in branch["skipped"] if "nothing to clone" in line]
+    assert empty, "cnn4's last block cut leaves only pooling in the source"
+    assert all(line.split(" <- ")[0].removeprefix("R=") not in tried for line in empty)

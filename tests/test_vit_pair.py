@@ -125,10 +125,12 @@ def test_cnn_target_vit_source_skips_the_flat_cut(tiny_models):
 
 def test_vit_target_cnn_source_maps_tokens_to_maps(tiny_models):
     """Every ViT cut pairs with a LeNet-5 conv cut (tokens -> map adapters); the ViT's last cut,
-    whose R' would be LeNet-5's pre-logits with nothing left to clone, is not a candidate."""
+    whose R' would be LeNet-5's pre-logits with nothing left to clone, is skipped as such."""
     task, m = tiny_models
     report = _clone(task, m["vit_t"], m["lenet_s"])
-    assert report.skipped == []
+    assert report.skipped == [
+        "R=add_4 <- R'=block3_4: the source has no layer between R' and its classifier, nothing to clone"
+    ]
     pairs = [(c["target_cut"], c["source_cut"]) for c in report.candidates]
     assert pairs == [("add_2", "block2_2"), ("norm_pre", "block1_2")]
     assert all(
