@@ -552,7 +552,11 @@ def _search_section(search: list[dict[str, Any]]) -> list[str]:
         )
     skipped = [(s, reason.split(";")[0]) for s in search for reason in s.get("skipped", [])]
     if skipped:
-        lines += ["", "Candidate pairs skipped (no adapter maps their layouts, or R' leaves nothing of the source to clone):", ""]
+        lines += [
+            "",
+            "Candidate pairs skipped (no adapter maps their layouts, or R' leaves nothing of the source to clone):",
+            "",
+        ]
         lines += [f"- {s['method']} {s['scale']} seed {s['seed']}: {reason}" for s, reason in skipped]
     lines.append("")
     return lines
