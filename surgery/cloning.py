@@ -19,6 +19,7 @@ import hashlib
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -139,6 +140,8 @@ def clone(
     x = train_x[train_y >= n_target]
     if len(x) == 0:
         raise DataError("the clone set is empty: no training image of a class to clone")
+    if config.use_masks is None:  # masks only with old-class images (SearchConfig.use_masks)
+        config = replace(config, use_masks=bool((train_y < n_target).any()))
     grid = grid or (4 if x.shape[-1] <= 32 else 8)
     profile = {"checks": time.perf_counter() - start}
     mark = time.perf_counter()

@@ -367,3 +367,20 @@ def test_search_skips_pairs_no_adapter_maps_and_refuses_when_none_is_left(digits
     blocked.update(shapes)
     with pytest.raises(CutError, match="no candidate pair of cuts can be bridged"):
         clone(target, source, **task.clone_inputs(), config=first, progress=False)
+
+
+def test_masks_by_default_only_with_old_class_images(digits):
+    """SearchConfig.use_masks=None: localized masks with old-class images; in the strict
+    setting every channel is kept (masks fitted on clone images alone cost Ori), unless asked."""
+    ds, task, target, source = digits
+    strict = CloneTask(ds, task.target_classes, task.source_classes, task.clone_classes, 0.3, seed=0, old_fraction=0.0)
+    config = SearchConfig(seed=0, candidates=["first"], **QUICK)
+    kept = {}
+    for name, t in (("paper", task), ("strict", strict)):
+        report = next(iter(clone(target, source, **t.clone_inputs(), config=config, progress=False).branches.values()))
+        kept[name] = (report.report.settings["search"]["use_masks"], report.report.kept_fraction)
+    assert kept["paper"] == (True, pytest.approx(config.mask_ratio, abs=0.1))
+    assert kept["strict"] == (False, 1.0)
+    forced = SearchConfig(seed=0, candidates=["first"], use_masks=True, **QUICK)
+    report = next(iter(clone(target, source, **strict.clone_inputs(), config=forced, progress=False).branches.values()))
+    assert report.report.settings["search"]["use_masks"] is True and report.report.kept_fraction < 1.0
