@@ -271,7 +271,7 @@ def search(
     alive = []
     for i, (r, r_src) in enumerate(pairs):  # an adapter that cannot exist: skip before any training
         try:
-            CandidateTrainer.check_adapter(r, r_src, ctx.device)
+            CandidateTrainer.adapter_for(r, r_src, ctx.device)
         except AdapterError as err:
             skipped.append(f"R={r.node} <- R'={r_src.node}: {err}")
             continue

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pnc.adapters import least_squares_init, make_adapter
+from pnc.adapters import Adapter, least_squares_init, make_adapter
 from pnc.surgery.branch import Branch, ExtendedHead, assemble_branch, branch_tensors
 from pnc.surgery.channel_groups import MaskedBody
 from pnc.surgery.cuts import CutPoint, classifier_of, cut_points
@@ -199,26 +199,31 @@ def split_holdout(labels: Tensor, share: float, seed: int) -> tuple[Tensor, Tens
     return torch.cat(train).sort().values, torch.cat(held).sort().values
 
 
+def _kd_per_image(ctx: SearchContext, logits: Tensor, temperature: float) -> Tensor:
+    """(M,) KD loss of each held-out image's logits (M, K) to the direct ensemble's."""
+    assert ctx.holdout_frozen is not None
+    t = temperature
+    ensemble = ctx.holdout_frozen[2]
+    return F.kl_div(F.log_softmax(logits / t, 1), F.softmax(ensemble / t, 1), reduction="none").sum(1) * t * t
+
+
 def selection_losses(ctx: SearchContext, logits: Tensor, temperature: float) -> Tensor:
     """(M,) the selection criterion of each held-out image, from the cloned network's logits
     (M, K): its error (0 or 1) with old-class images, else its KD loss to the direct ensemble."""
-    assert ctx.holdout is not None and ctx.holdout_frozen is not None
-    y, ensemble = ctx.holdout[1], ctx.holdout_frozen[2]
+    assert ctx.holdout is not None
     if ctx.arbitrate:
-        return (logits.argmax(1) != y).float()
-    t = temperature
-    return F.kl_div(F.log_softmax(logits / t, 1), F.softmax(ensemble / t, 1), reduction="none").sum(1) * t * t
+        return (logits.argmax(1) != ctx.holdout[1]).float()
+    return _kd_per_image(ctx, logits, temperature)
 
 
 def holdout_metrics(ctx: SearchContext, logits: Tensor, temperature: float) -> dict[str, float]:
     """Held-out metrics of a cloned network's logits (M, K) on ``ctx.holdout``: accuracy,
     cross-entropy, KD to the direct ensemble, and ``se``, the standard error of the
     selection criterion (the error with old-class images, else the KD loss)."""
-    assert ctx.holdout is not None and ctx.holdout_frozen is not None
-    y, ensemble = ctx.holdout[1], ctx.holdout_frozen[2]
+    assert ctx.holdout is not None
+    y = ctx.holdout[1]
     n, acc = len(y), float((logits.argmax(1) == y).float().mean())
-    t = temperature
-    per_image = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(ensemble / t, 1), reduction="none").sum(1) * t * t
+    per_image = _kd_per_image(ctx, logits, temperature)
     se = math.sqrt(acc * (1 - acc) / n) if ctx.arbitrate else float(per_image.std() / math.sqrt(n)) if n > 1 else 0.0
     return {
         "acc": acc,
@@ -270,7 +275,9 @@ class SearchContext:
         self.source_logits = extract(source, None, [self.s_cls.node])
         self.target_head = extract(target, None, [self.t_cls.input_node, self.t_cls.node])
         self.t_blocks = cut_points(target, blocks=True, verify=False)
-        self._pairs: dict[tuple[str, ...] | None, list[tuple[CutPoint, CutPoint]]] = {}
+        self._pairs: dict[
+            tuple[str, ...] | None, tuple[list[tuple[CutPoint, CutPoint]], list[tuple[CutPoint, CutPoint]]]
+        ] = {}
         self.s_blocks = cut_points(source, blocks=True, verify=False)
         self.grid = int(round(g.masks.shape[1] ** 0.5))
         copies = config.perturbed_copies
@@ -292,21 +299,27 @@ class SearchContext:
         By default, block cuts after which the source has no layer left (only pooling
         before its classifier) are skipped: there would be nothing to clone
         (:meth:`unclonable` says which)."""
-        key = None if names is None else tuple(names)
-        if key not in self._pairs:
-            self._pairs[key] = self._candidates(names)
-        return self._pairs[key]
+        return self._candidates(names)[0]
 
     def unclonable(self, names: list[str] | None) -> list[str]:
         """The pairs :meth:`candidates` left out for ``names``, each with the reason."""
-        pairs = self.candidates(names)
         return [
             f"R={r.node} <- R'={r_src.node}: the source has no layer between R' and its classifier, nothing to clone"
-            for r, r_src in ((r, nearest_cut(r.depth, self.s_blocks)) for r in reversed(self.t_blocks))
-            if names is None and all(r.node != kept.node for kept, _ in pairs)
+            for r, r_src in self._candidates(names)[1]
         ]
 
-    def _candidates(self, names: list[str] | None) -> list[tuple[CutPoint, CutPoint]]:
+    def _candidates(
+        self, names: list[str] | None
+    ) -> tuple[list[tuple[CutPoint, CutPoint]], list[tuple[CutPoint, CutPoint]]]:
+        """(kept pairs, pairs left out because R' leaves nothing to clone), once per ``names``."""
+        key = None if names is None else tuple(names)
+        if key not in self._pairs:
+            self._pairs[key] = self._pair_cuts(names)
+        return self._pairs[key]
+
+    def _pair_cuts(
+        self, names: list[str] | None
+    ) -> tuple[list[tuple[CutPoint, CutPoint]], list[tuple[CutPoint, CutPoint]]]:
         if names is None:
             chosen = list(reversed(self.t_blocks))
         else:
@@ -319,11 +332,14 @@ class SearchContext:
                     raise CutError(f"{name!r} is not a cut point of the target; nearest: {', '.join(near) or 'none'}")
                 chosen.append(t_cuts[name])
         pairs = [(r, nearest_cut(r.depth, self.s_blocks)) for r in chosen]
+        empty = []
         if names is None:  # M_f must hold some of the source's layers, not only its pooling
-            pairs = [(r, r_src) for r, r_src in pairs if self.layers_after(r_src)]
+            has_layers = [bool(self.layers_after(r_src)) for _, r_src in pairs]
+            empty = [pair for pair, kept in zip(pairs, has_layers, strict=True) if not kept]
+            pairs = [pair for pair, kept in zip(pairs, has_layers, strict=True) if kept]
         if not pairs:
             raise CutError("no target block cut leaves source layers to clone; name cuts with candidates=[...]")
-        return pairs
+        return pairs, empty
 
     def layers_after(self, r_src: CutPoint) -> int:
         """Parameters of the source between R' and its pre-logits."""
@@ -353,16 +369,7 @@ class CandidateTrainer:
         layout = "NCHW" if r_src.layout == "NCHW" else "NLC"
         head_module = dict(self.s_body.named_modules())[ctx.s_cls.module]
         self.masked = MaskedBody(self.s_body, s_cut[:8], layout, frozen=[head_module])
-        self.adapter = make_adapter(
-            r.shape,
-            r.layout,
-            r_src.shape,
-            r_src.layout,
-            src_prefix_tokens=r.prefix_tokens,
-            dst_prefix_tokens=r_src.prefix_tokens,
-            relu=bool((s_cut >= 0).all()),
-            device=ctx.device,
-        )
+        self.adapter = self.adapter_for(r, r_src, ctx.device, relu=bool((s_cut >= 0).all()))
         least_squares_init(self.adapter, t_cut, s_cut)
         self.head = ExtendedHead(
             t_pre.shape[1], ctx.s_cls.in_features, ctx.num_old, len(ctx.source_outputs), device=ctx.device
@@ -377,15 +384,17 @@ class CandidateTrainer:
         self._cached = False
 
     @staticmethod
-    def check_adapter(r: CutPoint, r_src: CutPoint, device: torch.device) -> None:
-        """AdapterError if no adapter maps the target's activation at R to the source's at R'."""
-        make_adapter(
+    def adapter_for(r: CutPoint, r_src: CutPoint, device: torch.device, relu: bool = False) -> Adapter:
+        """A fresh adapter from the target's activation at R to the source's at R';
+        AdapterError if no adapter maps those layouts."""
+        return make_adapter(
             r.shape,
             r.layout,
             r_src.shape,
             r_src.layout,
             src_prefix_tokens=r.prefix_tokens,
             dst_prefix_tokens=r_src.prefix_tokens,
+            relu=relu,
             device=device,
         )
 

@@ -117,36 +117,22 @@ def test_a_spent_time_budget_keeps_the_best_candidate_of_the_first_stage(pair):
         assert torch.equal(net(x), target(x))
 
 
+def _cli_clone(tiny_zoo, out, *flags: str) -> dict:
+    """`pnc clone` of class 7 on the tiny zoo with a spent time budget; report.json's branch."""
+    argv = ["clone", "--target", "t", "--source", "s", "--classes", "7", "--out", str(out)]
+    assert main([*argv, "--zoo-dir", str(tiny_zoo), "--time-budget", "0.001", *flags]) == 0
+    return json.loads((out / "report.json").read_text())["branches"][0]
+
+
 def test_cli_time_budget_reports_an_early_stop(tiny_zoo, tmp_path, capsys):
-    code = main(
-        [
-            "clone",
-            "--target",
-            "t",
-            "--source",
-            "s",
-            "--classes",
-            "7",
-            "--out",
-            str(tmp_path / "run"),
-            "--zoo-dir",
-            str(tiny_zoo),
-            "--time-budget",
-            "0.001",
-        ]
-    )
-    assert code == 0
-    out = capsys.readouterr().out
-    assert "--time-budget spent" in out
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["branches"][0]["budget_stopped"] is True
+    branch = _cli_clone(tiny_zoo, tmp_path / "run")
+    assert "--time-budget spent" in capsys.readouterr().out
+    assert branch["budget_stopped"] is True
 
 
 @pytest.mark.parametrize("flag", [[], ["--prefer-smaller-branch"]])
 def test_cli_says_which_rule_chose_r(tiny_zoo, tmp_path, capsys, flag):
-    argv = ["clone", "--target", "t", "--source", "s", "--classes", "7", "--out", str(tmp_path / "run")]
-    assert main([*argv, "--zoo-dir", str(tiny_zoo), "--time-budget", "0.001", *flag]) == 0
-    branch = json.loads((tmp_path / "run" / "report.json").read_text())["branches"][0]
+    branch = _cli_clone(tiny_zoo, tmp_path / "run", *flag)
     assert branch["settings"]["search"]["smaller_branch_within_se"] is bool(flag)
     rule = branch["chosen_because"]
     assert rule.startswith("lowest held-out") or (flag and "within one paired standard error" in rule)
@@ -160,9 +146,7 @@ def test_cli_says_which_rule_chose_r(tiny_zoo, tmp_path, capsys, flag):
 
 
 def test_block_cuts_with_nothing_to_clone_are_listed_as_skipped(tiny_zoo, tmp_path):
-    argv = ["clone", "--target", "t", "--source", "s", "--classes", "7", "--out", str(tmp_path / "run")]
-    assert main([*argv, "--zoo-dir", str(tiny_zoo), "--time-budget", "0.001"]) == 0
-    branch = json.loads((tmp_path / "run" / "report.json").read_text())["branches"][0]
+    branch = _cli_clone(tiny_zoo, tmp_path / "run")
     tried = {c["target_cut"] for c in branch["candidates"]}
     empty = [line for line in branch["skipped"] if "nothing to clone" in line]
     assert empty, "cnn4's last block cut leaves only pooling in the source"
