@@ -9,7 +9,8 @@ is computed once, not at every step of every candidate:
 * :class:`LocalizationPool`: a fixed set of (image, occlusion mask) pairs of G (Eq. 4)
   for L_loc (Eq. 5), with G's predictions on them.
 * :func:`cut_activations`: the target (or the source) up to one cut on a pool's images,
-  kept only when it fits in the cache budget; otherwise the caller recomputes it per batch.
+  stored as float16 and kept only when it fits in the cache budget; otherwise the caller
+  recomputes it per batch.
 
 Shapes: P pool entries, C x H x W images, D target pre-logit features.
 """
@@ -143,14 +144,22 @@ def cut_activations(
     prefix: nn.Module, images: Callable[[Tensor], Tensor], count: int, budget_mb: float, device: torch.device
 ) -> Tensor | None:
     """``prefix`` (x -> activation at a cut) on every entry 0..count-1 of a pool, or None
-    when (count x activation size) float32 exceeds ``budget_mb`` MiB.
+    when it does not fit in ``budget_mb`` MiB (the caller then recomputes it per batch).
 
-    images: entries (B,) on ``device`` -> (B, C, H, W)."""
+    A float32 activation is stored as float16 (half the memory; read it back with
+    ``.float()``, a relative rounding of at most 2^-11) unless a value exceeds float16's
+    range, in which case it is not cached at all. images: entries (B,) on ``device`` ->
+    (B, C, H, W)."""
     with torch.no_grad():
         first = prefix(images(torch.arange(min(count, 2), device=device)))
-        if count * first[0].numel() * first.element_size() > budget_mb * 2**20:
+        dtype = torch.float16 if first.dtype == torch.float32 else first.dtype
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if count * first[0].numel() * itemsize > budget_mb * 2**20:
             return None
-        out = first.new_empty((count, *first.shape[1:]))  # filled in place: no second copy
+        out = torch.empty((count, *first.shape[1:]), dtype=dtype, device=device)  # filled in place
         for chunk in torch.arange(count, device=device).split(256):
-            out[chunk[0] : chunk[-1] + 1] = prefix(images(chunk))
+            part = prefix(images(chunk))
+            if dtype != part.dtype and not bool((part.abs() <= torch.finfo(dtype).max).all()):
+                return None
+            out[chunk[0] : chunk[-1] + 1] = part
     return out

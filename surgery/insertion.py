@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from pnc.adapters import Adapter, least_squares_init, make_adapter
 from pnc.surgery.branch import Branch, ExtendedHead, assemble_branch, branch_tensors
@@ -91,7 +91,9 @@ class SearchConfig:
     with the copies fixed once, 3 per image cost 0.9 Avg points at M on LeNet-5, 3 seeds,
     against 1; chosen on those seeds' test sets, then checked on ResNetC-20).
     ``loc_pool``: the (image, mask) pairs of G that L_loc draws from. ``cache_mb``: the most
-    memory one candidate's cached target activations may take (else recomputed per step).
+    memory the frozen networks' cached activations at the cuts may take, all together
+    (float16; the first candidates, the latest cuts, get it; the others are recomputed per
+    step): a candidate's two stages and the chosen branch's tuning read them again.
     ``keep_fraction``: successive halving, the share of candidates kept after each stage
     but the last (at least one, and every one within a standard error of the best). 1 (the
     default) keeps all: ranked with the soft masks of the first stage, candidates at early
@@ -125,7 +127,7 @@ class SearchConfig:
     tune_epochs: int = 6
     tune_lr: float = 3e-3
     loc_pool: int = 4096
-    cache_mb: float = 32.0
+    cache_mb: float = 192.0
     keep_fraction: float = 1.0
     smaller_branch_within_se: bool = False
     seed: int = 0
@@ -286,11 +288,30 @@ class SearchContext:
             train_x, train_y, copies, self.grid, config.seed, self.target_head, self.source_logits, source_outputs
         )
         self.loc_pool = LocalizationPool.build(g, config.loc_pool, config.seed)
+        #: name -> a frozen prefix's activations on a pool (float16), or None (did not fit): see :meth:`activations`
+        self._activations: dict[str, Tensor | None] = {}
+        self.cache_mb = config.cache_mb
         self.holdout_frozen: tuple[Tensor, Tensor, Tensor] | None = None
         if self.holdout is not None:  # (pre-logits, target logits, direct-ensemble teacher) on held-out images
             pre, logits = batched(self.target_head, self.holdout[0])
             source = batched(self.source_logits, self.holdout[0])[:, source_outputs]
             self.holdout_frozen = (pre, logits, joint_teacher(logits, source, None))
+
+    def activations(
+        self, name: str, prefix: nn.Module, images: Callable[[Tensor], Tensor], count: int
+    ) -> Tensor | None:
+        """``prefix`` (a frozen network up to a cut) on entries 0..count-1 of ``images``, computed
+        once per ``name`` and kept for the whole clone (every stage of a candidate and the tuning
+        of the chosen branch read it again), or None (the caller recomputes per batch) when it
+        does not fit in what is left of ``cache_mb``, shared by every cached activation: the
+        first candidates, the latest cuts with the smallest activations, get it.
+
+        name: ``"<target|source>:<cut node>:<pool|loc|holdout>"``."""
+        if name not in self._activations:
+            used = sum(t.numel() * t.element_size() for t in self._activations.values() if t is not None)
+            left = max(self.cache_mb - used / 2**20, 0.0)
+            self._activations[name] = cut_activations(prefix, images, count, left, self.device)
+        return self._activations[name]
 
     def candidates(self, names: list[str] | None) -> list[tuple[CutPoint, CutPoint]]:
         """(R, R') pairs, R from the last target block cut to the first (computed once per
@@ -404,33 +425,30 @@ class CandidateTrainer:
 
     # -- cached frozen activations ---------------------------------------------------
     def cache(self) -> None:
-        """The target up to R on L_ins's pool and the source up to R' on L_loc's pool,
-        each kept when it fits in ``config.cache_mb``."""
+        """The target up to R on L_ins's pool and the source up to R' on L_loc's pool, from
+        the context's shared cache (:meth:`SearchContext.activations`)."""
         if self._cached:
             return
-        ctx, budget = self.ctx, self.config.cache_mb
-        self._cuts = cut_activations(
-            self.t_prefix, lambda e: ctx.pool.images(ctx.train_x, e), len(ctx.pool), budget, ctx.device
+        ctx = self.ctx
+        self._cuts = ctx.activations(
+            f"target:{self.r.node}:pool",
+            self.t_prefix,
+            lambda e: ctx.pool.images(ctx.train_x, e),
+            len(ctx.pool),
         )
         if self.masks_on:
-            self._loc_cuts = cut_activations(
+            self._loc_cuts = ctx.activations(
+                f"source:{self.r_src.node}:loc",
                 self.s_prefix,
                 lambda e: ctx.loc_pool.images(ctx.clone_x, ctx.g, e),
                 len(ctx.loc_pool),
-                budget,
-                ctx.device,
             )
         self._cached = True
-
-    def release(self) -> None:
-        """Free the cached activations (recomputed by the next stage)."""
-        self._cuts = self._loc_cuts = None
-        self._cached = False
 
     def cut_at(self, entries: Tensor) -> Tensor:
         """The target's activation at R for L_ins pool ``entries`` (B,)."""
         if self._cuts is not None:
-            return self._cuts[entries]
+            return self._cuts[entries].float()
         with torch.no_grad():
             return self.t_prefix(self.ctx.pool.images(self.ctx.train_x, entries))
 
@@ -464,7 +482,7 @@ class CandidateTrainer:
         source's T_s logits and G."""
         ctx = self.ctx
         if self._loc_cuts is not None:
-            cut = self._loc_cuts[entries]
+            cut = self._loc_cuts[entries].float()
         else:
             with torch.no_grad():
                 cut = self.s_prefix(ctx.loc_pool.images(ctx.clone_x, ctx.g, entries))
@@ -477,12 +495,10 @@ class CandidateTrainer:
         """The cloned network's logits (M, K) on the held-out clean images: the same images
         and teacher for every R, so their metrics are on one scale (:func:`holdout_metrics`)."""
         assert self.ctx.holdout is not None and self.ctx.holdout_frozen is not None
-        x, (pre, old, _) = self.ctx.holdout[0], self.ctx.holdout_frozen
+        cuts = holdout_cuts(self.ctx, self.r.node, self.t_prefix)
+        pre, old, _ = self.ctx.holdout_frozen
         return torch.cat(
-            [
-                self.joint_logits(self.t_prefix(xb), p, lg)
-                for xb, p, lg in zip(x.split(256), pre.split(256), old.split(256), strict=True)
-            ]
+            [self.joint_logits(cut, p, lg) for cut, p, lg in zip(cuts, pre.split(256), old.split(256), strict=True)]
         )
 
     def selection_loss(self, holdout: dict[str, float]) -> float:
@@ -664,6 +680,18 @@ class CandidateTrainer:
         return epochs * self.steps_per_epoch()
 
 
+def holdout_cuts(ctx: SearchContext, node: str, prefix: nn.Module) -> list[Tensor]:
+    """The target's activation at cut ``node`` on the held-out images, in chunks of 256
+    (from the context's cache when it fits, else computed now)."""
+    assert ctx.holdout is not None
+    x = ctx.holdout[0]
+    cached = ctx.activations(f"target:{node}:holdout", prefix, lambda rows: x[rows], len(x))
+    if cached is not None:
+        return [part.float() for part in cached.split(256)]
+    with torch.no_grad():
+        return [prefix(xb) for xb in x.split(256)]
+
+
 def steps_per_epoch(ctx: SearchContext, config: SearchConfig) -> int:
     """Optimizer steps of one epoch of the search: one pass over the clone classes' training
     images (or every training image, ``config.epoch_images="available"``), at least
@@ -684,12 +712,15 @@ def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dic
     start = time.perf_counter()
     prefix = extract(ctx.target, None, [branch.target_cut])
     n = len(ctx.train_x)
-    cuts = cut_activations(prefix, lambda rows: ctx.train_x[rows], n, config.cache_mb, ctx.device)
+    # the L_ins pool's first N entries are the clean training images: its cache serves here too
+    cuts = ctx.activations(
+        f"target:{branch.target_cut}:pool", prefix, lambda e: ctx.pool.images(ctx.train_x, e), len(ctx.pool)
+    )
 
     def logits_of(rows: Tensor) -> Tensor:
         """Cloned logits (B, K) of training images ``rows`` (B,) (pool entries 0..N-1: clean)."""
         if cuts is not None:
-            cut = cuts[rows]
+            cut = cuts[rows].float()
         else:
             with torch.no_grad():
                 cut = prefix(ctx.train_x[rows])
@@ -698,11 +729,12 @@ def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dic
 
     @torch.no_grad()
     def held_out() -> dict[str, float]:
-        assert ctx.holdout is not None and ctx.holdout_frozen is not None
-        (x, _), (pre, old, _) = ctx.holdout, ctx.holdout_frozen
+        assert ctx.holdout_frozen is not None
+        pre, old, _ = ctx.holdout_frozen
         parts = []
-        for xb, p, lg in zip(x.split(256), pre.split(256), old.split(256), strict=True):
-            correction, new = branch(prefix(xb), p)
+        cut_parts = holdout_cuts(ctx, branch.target_cut, prefix)
+        for cut, p, lg in zip(cut_parts, pre.split(256), old.split(256), strict=True):
+            correction, new = branch(cut, p)
             parts.append(torch.cat([lg + correction, new], 1))
         return holdout_metrics(ctx, torch.cat(parts), config.temperature)
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ import torch
 from pnc.bench.cli import main
 from pnc.surgery import clone
 from pnc.surgery.cut_search import choose, survivors
-from pnc.surgery.insertion import CandidateResult, SearchConfig
+from pnc.surgery.frozen_pool import cut_activations
+from pnc.surgery.insertion import CandidateResult, SearchConfig, SearchContext
 from pnc.zoo import CloneTask, ZooStore, load_dataset
 
 QUICK = dict(loc_epochs=1, joint_epochs=1, binary_epochs=1, min_steps_per_epoch=6, tune_epochs=1)
@@ -77,8 +79,25 @@ def test_cached_and_recomputed_activations_give_the_same_clone(pair):
         for mb in (0.0, 512.0)
     ]
     assert _branch(nets[0]).target_cut == _branch(nets[1]).target_cut
+    with torch.no_grad():  # the cache holds float16: the trainings differ by its rounding only
+        recomputed, cached = nets[0](x), nets[1](x)
+    torch.testing.assert_close(recomputed, cached, rtol=0.0, atol=0.1)
+    assert float((recomputed.argmax(1) == cached.argmax(1)).float().mean()) >= 0.98
+
+
+def test_cut_activations_are_float16_within_rounding_and_skipped_when_they_do_not_fit():
+    torch.manual_seed(0)
+    prefix = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU())
+    x = torch.randn(10, 1, 8, 8)
+    images = lambda rows: x[rows]  # noqa: E731
+    cached = cut_activations(prefix, images, 10, 1.0, torch.device("cpu"))
+    assert cached is not None and cached.dtype == torch.float16
     with torch.no_grad():
-        torch.testing.assert_close(nets[0](x), nets[1](x), rtol=1e-4, atol=1e-4)
+        exact = prefix(x)
+    torch.testing.assert_close(cached.float(), exact, rtol=2**-11, atol=1e-7)
+    assert cut_activations(prefix, images, 10, 1e-4, torch.device("cpu")) is None  # over the budget
+    huge = lambda rows: x[rows] * 1e6  # noqa: E731  (beyond float16's range: not cached, recomputed)
+    assert cut_activations(prefix, huge, 10, 1.0, torch.device("cpu")) is None
 
 
 def test_halving_drops_candidates_with_a_reason_and_keep_fraction_one_trains_all(pair):
@@ -151,3 +170,22 @@ def test_block_cuts_with_nothing_to_clone_are_listed_as_skipped(tiny_zoo, tmp_pa
     empty = [line for line in branch["skipped"] if "nothing to clone" in line]
     assert empty, "cnn4's last block cut leaves only pooling in the source"
     assert all(line.split(" <- ")[0].removeprefix("R=") not in tried for line in empty)
+
+
+def test_the_context_caches_each_activation_once_within_one_shared_budget():
+    calls = []
+
+    def prefix(x):
+        calls.append(len(x))
+        return x * 2.0
+
+    x = torch.rand(64, 1, 16, 16)  # 32 KiB per cached copy in float16
+    ctx = SimpleNamespace(_activations={}, cache_mb=80 / 1024, device=torch.device("cpu"))
+    first = SearchContext.activations(ctx, "target:a:pool", prefix, lambda rows: x[rows], 64)
+    again = SearchContext.activations(ctx, "target:a:pool", prefix, lambda rows: x[rows], 64)
+    assert first is again and first is not None and sum(calls) == 2 + 64  # a probe of 2, then once
+    torch.testing.assert_close(first.float(), x * 2.0, rtol=2**-11, atol=0.0)
+    # 32 KiB of the 80 are used: a second 32 KiB fits, a third does not (the budget is shared)
+    assert SearchContext.activations(ctx, "target:b:pool", prefix, lambda rows: x[rows], 64) is not None
+    assert SearchContext.activations(ctx, "target:c:pool", prefix, lambda rows: x[rows], 64) is None
+    assert SearchContext.activations(ctx, "target:d:pool", prefix, lambda rows: x[rows], 8) is not None
