@@ -113,18 +113,25 @@ class RowCache:
         self.stale = {k: json.dumps(v, sort_keys=True) for k, v in self.rows.items()}
         self.rows = {}
 
+    def _read_others(self) -> None:
+        """Add the rows other processes wrote to the file since (not those :meth:`clear` dropped)."""
+        if not self.path.is_file():
+            return
+        try:
+            on_disk = json.loads(self.path.read_text())
+        except json.JSONDecodeError:
+            on_disk = {}
+        added = {k: v for k, v in on_disk.items() if self.stale.get(k) != json.dumps(v, sort_keys=True)}
+        self.rows = added | self.rows
+
     def get(self, key: str, fingerprint: str) -> dict[str, Any] | None:
-        if key not in self.rows and self.path.is_file():  # another process may have added it
-            try:
-                on_disk = json.loads(self.path.read_text())
-            except json.JSONDecodeError:
-                on_disk = {}
-            added = {k: v for k, v in on_disk.items() if self.stale.get(k) != json.dumps(v, sort_keys=True)}
-            self.rows = added | self.rows
+        if key not in self.rows:  # another process may have added it
+            self._read_others()
         row = self.rows.get(key)
         return row if row is not None and row.get("fingerprint") == fingerprint else None
 
     def put(self, key: str, row: dict[str, Any]) -> None:
+        self._read_others()  # two processes filling one table (e.g. one per scale) keep each other's rows
         self.rows[key] = row
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, json.dumps(self.rows, indent=1, default=jsonable))

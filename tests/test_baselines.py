@@ -267,3 +267,14 @@ def test_fresh_cache_recomputes_rows_already_on_disk_but_reads_rows_added_later(
     RowCache(path).put("PNC|S|1", {"fingerprint": "f", "avg": 0.7})  # another process adds a row
     assert cache.get("PNC|S|1", "f") == {"fingerprint": "f", "avg": 0.7}
     assert cache.get("PNC|S|0", "f") is None
+
+
+def test_two_processes_filling_one_table_keep_each_others_rows(tmp_path):
+    from pnc.bench.paper import RowCache
+
+    path = tmp_path / "t.rows.json"
+    one, other = RowCache(path), RowCache(path)  # e.g. `--scales S` and `--scales M` at once
+    one.put("PNC|S|0", {"fingerprint": "f", "avg": 0.5})
+    other.put("PNC|M|0", {"fingerprint": "f", "avg": 0.4})
+    one.put("PNC|S|1", {"fingerprint": "f", "avg": 0.6})
+    assert set(json.loads(path.read_text())) == {"PNC|S|0", "PNC|M|0", "PNC|S|1"}
