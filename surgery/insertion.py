@@ -39,7 +39,7 @@ import difflib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -130,7 +130,7 @@ class SearchConfig:
     tune_epochs: int = 10
     tune_lr: float = 3e-3
     loc_pool: int = 4096
-    cache_mb: float = 192.0
+    cache_mb: float = 128.0
     keep_fraction: float = 1.0
     smaller_branch_within_se: bool = False
     seed: int = 0
@@ -683,16 +683,19 @@ class CandidateTrainer:
         return epochs * self.steps_per_epoch()
 
 
-def holdout_cuts(ctx: SearchContext, node: str, prefix: nn.Module) -> list[Tensor]:
-    """The target's activation at cut ``node`` on the held-out images, in chunks of 256
-    (from the context's cache when it fits, else computed now)."""
+def holdout_cuts(ctx: SearchContext, node: str, prefix: nn.Module) -> Iterator[Tensor]:
+    """The target's activation at cut ``node`` on the held-out images, chunk by chunk of 256
+    images (read from the context's cache when it fits, else computed), one chunk alive at
+    a time."""
     assert ctx.holdout is not None
     x = ctx.holdout[0]
     cached = ctx.activations(f"target:{node}:holdout", prefix, lambda rows: x[rows], len(x))
-    if cached is not None:
-        return [part.float() for part in cached.split(256)]
-    with torch.no_grad():
-        return [prefix(xb) for xb in x.split(256)]
+    for rows in torch.arange(len(x), device=x.device).split(256):
+        if cached is not None:
+            yield cached[rows].float()
+        else:
+            with torch.no_grad():
+                yield prefix(x[rows])
 
 
 def steps_per_epoch(ctx: SearchContext, config: SearchConfig) -> int:
