@@ -52,7 +52,7 @@ from pnc.surgery.channel_groups import MaskedBody
 from pnc.surgery.cuts import CutPoint, classifier_of, cut_points
 from pnc.surgery.devices import device_of
 from pnc.surgery.errors import CutError, TrainingError
-from pnc.surgery.frozen_pool import InsertionPool, LocalizationPool, batched, cut_activations
+from pnc.surgery.frozen_pool import CHUNK, InsertionPool, LocalizationPool, batched, cut_activations
 from pnc.surgery.local_models import LocalModelSet
 from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import TracedModel
@@ -388,8 +388,11 @@ class CandidateTrainer:
         sampler = torch.Generator().manual_seed(config.seed)
         first = torch.randperm(len(ctx.train_x), generator=sampler, device=sampler.device)[:256]
         sample = ctx.train_x[first.to(ctx.device)]
-        with torch.no_grad():
-            t_cut, (t_pre, _), s_cut = self.t_prefix(sample), ctx.target_head(sample), self.s_prefix(sample)
+        t_cut, (t_pre, _), s_cut = (
+            batched(self.t_prefix, sample),
+            batched(ctx.target_head, sample),
+            batched(self.s_prefix, sample),
+        )
         layout = "NCHW" if r_src.layout == "NCHW" else "NLC"
         head_module = dict(self.s_body.named_modules())[ctx.s_cls.module]
         self.masked = MaskedBody(self.s_body, s_cut[:8], layout, frozen=[head_module])
@@ -501,7 +504,7 @@ class CandidateTrainer:
         cuts = holdout_cuts(self.ctx, self.r.node, self.t_prefix)
         pre, old, _ = self.ctx.holdout_frozen
         return torch.cat(
-            [self.joint_logits(cut, p, lg) for cut, p, lg in zip(cuts, pre.split(256), old.split(256), strict=True)]
+            [self.joint_logits(cut, p, lg) for cut, p, lg in zip(cuts, pre.split(CHUNK), old.split(CHUNK), strict=True)]
         )
 
     def selection_loss(self, holdout: dict[str, float]) -> float:
@@ -666,7 +669,7 @@ class CandidateTrainer:
         """Ori / Tar / Avg of this candidate on the eval sets (reported, never used to select)."""
         out = {}
         for name, (x, y) in self.ctx.eval_sets.items():
-            pred = torch.cat([self.cloned_logits(xb).argmax(1) for xb in x.split(256)])
+            pred = torch.cat([self.cloned_logits(xb).argmax(1) for xb in x.split(CHUNK)])
             out[name] = float((pred == y).float().mean())
         return out
 
@@ -684,13 +687,13 @@ class CandidateTrainer:
 
 
 def holdout_cuts(ctx: SearchContext, node: str, prefix: nn.Module) -> Iterator[Tensor]:
-    """The target's activation at cut ``node`` on the held-out images, chunk by chunk of 256
-    images (read from the context's cache when it fits, else computed), one chunk alive at
+    """The target's activation at cut ``node`` on the held-out images, chunk by chunk of
+    :data:`CHUNK` images (read from the context's cache when it fits, else computed), one chunk alive at
     a time."""
     assert ctx.holdout is not None
     x = ctx.holdout[0]
     cached = ctx.activations(f"target:{node}:holdout", prefix, lambda rows: x[rows], len(x))
-    for rows in torch.arange(len(x), device=x.device).split(256):
+    for rows in torch.arange(len(x), device=x.device).split(CHUNK):
         if cached is not None:
             yield cached[rows].float()
         else:
@@ -739,7 +742,7 @@ def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dic
         pre, old, _ = ctx.holdout_frozen
         parts = []
         cut_parts = holdout_cuts(ctx, branch.target_cut, prefix)
-        for cut, p, lg in zip(cut_parts, pre.split(256), old.split(256), strict=True):
+        for cut, p, lg in zip(cut_parts, pre.split(CHUNK), old.split(CHUNK), strict=True):
             correction, new = branch(cut, p)
             parts.append(torch.cat([lg + correction, new], 1))
         return holdout_metrics(ctx, torch.cat(parts), config.temperature)
