@@ -164,6 +164,13 @@ def test_cli_says_which_rule_chose_r(tiny_zoo, tmp_path, capsys, flag):
         assert cuts.index(branch["target_cut"]) <= cuts.index(best["target_cut"])
 
 
+def test_cli_cache_mb_sets_the_activation_cache_and_refuses_a_negative_size(tiny_zoo, tmp_path, capsys):
+    assert _cli_clone(tiny_zoo, tmp_path / "run", "--cache-mb", "0")["settings"]["search"]["cache_mb"] == 0.0
+    with pytest.raises(SystemExit) as exit_info:
+        _cli_clone(tiny_zoo, tmp_path / "bad", "--cache-mb", "-1")
+    assert exit_info.value.code == 2 and "--cache-mb" in capsys.readouterr().err
+
+
 def test_block_cuts_with_nothing_to_clone_are_listed_as_skipped(tiny_zoo, tmp_path):
     branch = _cli_clone(tiny_zoo, tmp_path / "run")
     tried = {c["target_cut"] for c in branch["candidates"]}

@@ -475,7 +475,10 @@ def _cmd_clone(args) -> int:
     if len(args.source) != len(args.classes):
         raise TaskError("give one --classes per --source (e.g. --source A --classes S --source B --classes 7)")
     config = SearchConfig(
-        seed=args.seed, mask_ratio=args.mask_ratio, smaller_branch_within_se=args.prefer_smaller_branch
+        seed=args.seed,
+        mask_ratio=args.mask_ratio,
+        smaller_branch_within_se=args.prefer_smaller_branch,
+        cache_mb=args.cache_mb,
     )
     store, sources, out = _store(args), list(zip(args.source, args.classes)), Path(args.out)
     check_output_dir(out, "--out")  # before loading anything: the cheapest check first
@@ -638,6 +641,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         type=positive(float),
         metavar="SECONDS",
         help="stop the search early once SECONDS are spent, keeping the best candidate so far (reported)",
+    )
+    p.add_argument(
+        "--cache-mb",
+        type=in_range(float, 0.0, float("inf")),
+        default=SearchConfig().cache_mb,
+        metavar="MIB",
+        help="memory for the frozen networks' activations at the cuts, kept once instead of recomputed at every "
+        f"step (default {SearchConfig().cache_mb:g}; 0: recompute, the least memory)",
     )
     p.add_argument("--json", action="store_true", help="print report.json instead of a table")
     add_backend(p, "the candidates' stages")
