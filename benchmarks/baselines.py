@@ -27,6 +27,7 @@ import copy
 import hashlib
 import os
 import resource
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -454,12 +455,19 @@ def _clone(
     seed: int,
     budget: Budget,
     workdir: Path | None,
+    *,
+    resume: bool = False,
     **overrides: Any,
 ):
+    """PNC on ``task``: checkpoints in ``workdir``. Without ``resume`` the search starts
+    over (a row's seconds are those of a whole clone, never of one resumed from an earlier
+    run's checkpoints); PNC-F resumes the search its PNC row just made."""
     config = budget.search(seed, **overrides)
     ckpt = None
     if workdir is not None:
         ckpt = Path(workdir) / f"search-{hashlib.sha256(config.key().encode()).hexdigest()[:12]}"
+        if not resume:
+            shutil.rmtree(ckpt, ignore_errors=True)
     # G is refitted by every run (no cache_dir), so each row's time includes it
     net = clone(
         target,
@@ -507,7 +515,7 @@ def pnc_f(
     transferable module, head) fine-tuned on the available images with cross-entropy at
     ``budget.finetune_lr``. BatchNorm statistics stay frozen (the cloned network keeps its
     target and modules in eval mode)."""
-    net, hp, details = _clone(task, target, source, seed, budget, workdir)
+    net, hp, details = _clone(task, target, source, seed, budget, workdir, resume=True)
     tuned = copy.deepcopy(net).requires_grad_(True)
     data = task.available_set()
     fit(

@@ -165,6 +165,24 @@ def test_pnc_f_changes_the_clone_and_leaves_the_target(bench, digits):
     assert evaluate_clone(pnc.model, task.eval_sets())["avg"] == pytest.approx(_row(bench["first"], "PNC")["avg_acc"])
 
 
+def test_a_pnc_row_trains_its_whole_search_and_pnc_f_resumes_it(bench, digits, tmp_path, monkeypatch):
+    import pnc.surgery.cut_search as cut_search
+
+    stages = []
+    real = cut_search.run_job
+    monkeypatch.setattr(cut_search, "run_job", lambda *args, **kw: stages.append(1) or real(*args, **kw))
+    target, _ = bench["store"].load("digits-cnn4-target")
+    source, _ = bench["store"].load("digits-cnn4-source")
+    task = CloneTask(digits, list(range(5)), list(range(5, 10)), "S", seed=0)
+    run_method("PNC", task, target, source, 0, QUICK_BUDGET, workdir=tmp_path)
+    first = len(stages)
+    assert first > 0
+    run_method("PNC", task, target, source, 0, QUICK_BUDGET, workdir=tmp_path)  # a recomputed row: from scratch
+    assert len(stages) == 2 * first
+    run_method("PNC-F", task, target, source, 0, QUICK_BUDGET, workdir=tmp_path)  # resumes PNC's search
+    assert len(stages) == 2 * first
+
+
 def test_extend_classifier_keeps_old_outputs(bench, digits):
     target, _ = bench["store"].load("digits-cnn4-target")
     x = digits.test.x[:16]
