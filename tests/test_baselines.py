@@ -296,3 +296,16 @@ def test_two_processes_filling_one_table_keep_each_others_rows(tmp_path):
     other.put("PNC|M|0", {"fingerprint": "f", "avg": 0.4})
     one.put("PNC|S|1", {"fingerprint": "f", "avg": 0.6})
     assert set(json.loads(path.read_text())) == {"PNC|S|0", "PNC|M|0", "PNC|S|1"}
+
+
+def test_goal_checks_count_a_float_tie_as_met_and_a_real_gap_as_missed():
+    from pnc.bench.paper import goal_checks
+
+    def row(method, avg):
+        return {"method": method, "scale": "S", "avg_acc": avg, "ori_acc": 0.93, "macs": 1, "seconds": 1, "peak_mb": 1}
+
+    # the seed means of the same image counts, as float32 accuracies give them
+    tie = goal_checks([row("PNC", 0.9428333242734274), row("Continual+KD", 0.9428333441416422)])
+    assert [c["met"] for c in tie if "Continual+KD" in c["goal"]] == [True]
+    short = goal_checks([row("PNC", 0.9425), row("Continual+KD", 0.9428333441416422)])
+    assert [c["met"] for c in short if "Continual+KD" in c["goal"]] == [False]
