@@ -145,6 +145,30 @@ class LocalizationPool:
         return cls(g_rows, mask_ids, targets)
 
 
+@dataclass
+class FrozenActivations:
+    """A frozen ``prefix`` (x -> activation at a cut) on the entries of a pool whose images
+    ``images`` gives (entries (B,) -> (B, C, H, W)): read from ``cached`` (the float16
+    activations of every entry, :func:`cut_activations`) when it fit, else recomputed.
+
+    Calling it with entries (B,) gives their float activations, without autograd."""
+
+    prefix: nn.Module
+    images: Callable[[Tensor], Tensor]
+    cached: Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the cache holds (0 when nothing is cached)."""
+        return 0 if self.cached is None else self.cached.numel() * self.cached.element_size()
+
+    def __call__(self, entries: Tensor) -> Tensor:
+        if self.cached is not None:
+            return self.cached[entries].float()
+        with torch.no_grad():
+            return self.prefix(self.images(entries))
+
+
 def cut_activations(
     prefix: nn.Module, images: Callable[[Tensor], Tensor], count: int, budget_mb: float, device: torch.device
 ) -> Tensor | None:

@@ -41,6 +41,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,14 @@ from pnc.surgery.channel_groups import MaskedBody
 from pnc.surgery.cuts import CutPoint, classifier_of, cut_points
 from pnc.surgery.devices import device_of
 from pnc.surgery.errors import CutError, TrainingError
-from pnc.surgery.frozen_pool import CHUNK, InsertionPool, LocalizationPool, batched, cut_activations
+from pnc.surgery.frozen_pool import (
+    CHUNK,
+    FrozenActivations,
+    InsertionPool,
+    LocalizationPool,
+    batched,
+    cut_activations,
+)
 from pnc.surgery.local_models import LocalModelSet
 from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import TracedModel
@@ -291,8 +299,8 @@ class SearchContext:
             train_x, train_y, copies, self.grid, config.seed, self.target_head, self.source_logits, source_outputs
         )
         self.loc_pool = LocalizationPool.build(g, config.loc_pool, config.seed)
-        #: name -> a frozen prefix's activations on a pool (float16), or None (did not fit): see :meth:`activations`
-        self._activations: dict[str, Tensor | None] = {}
+        #: name -> a frozen prefix's activations on a pool, cached or recomputed: see :meth:`activations`
+        self._activations: dict[str, FrozenActivations] = {}
         self.cache_mb = config.cache_mb
         self.holdout_frozen: tuple[Tensor, Tensor, Tensor] | None = None
         if self.holdout is not None:  # (pre-logits, target logits, direct-ensemble teacher) on held-out images
@@ -302,18 +310,19 @@ class SearchContext:
 
     def activations(
         self, name: str, prefix: nn.Module, images: Callable[[Tensor], Tensor], count: int
-    ) -> Tensor | None:
-        """``prefix`` (a frozen network up to a cut) on entries 0..count-1 of ``images``, computed
+    ) -> FrozenActivations:
+        """``prefix`` (a frozen network up to a cut) on entries 0..count-1 of ``images``: cached
         once per ``name`` and kept for the whole clone (every stage of a candidate and the tuning
-        of the chosen branch read it again), or None (the caller recomputes per batch) when it
-        does not fit in what is left of ``cache_mb``, shared by every cached activation: the
-        first candidates, the latest cuts with the smallest activations, get it.
+        of the chosen branch read it again) when it fits in what is left of ``cache_mb``, shared
+        by every cached activation (the first candidates, the latest cuts with the smallest
+        activations, get it); else recomputed per batch. ``images`` must not hold the context
+        (a reference cycle would keep the cache alive after the clone).
 
         name: ``"<target|source>:<cut node>:<pool|loc|holdout>"``."""
         if name not in self._activations:
-            used = sum(t.numel() * t.element_size() for t in self._activations.values() if t is not None)
-            left = max(self.cache_mb - used / 2**20, 0.0)
-            self._activations[name] = cut_activations(prefix, images, count, left, self.device)
+            left = max(self.cache_mb - sum(a.nbytes for a in self._activations.values()) / 2**20, 0.0)
+            cached = cut_activations(prefix, images, count, left, self.device)
+            self._activations[name] = FrozenActivations(prefix, images, cached)
         return self._activations[name]
 
     def candidates(self, names: list[str] | None) -> list[tuple[CutPoint, CutPoint]]:
@@ -406,9 +415,9 @@ class CandidateTrainer:
         self.head.init_from_source(w.detach(), None if b is None else b.detach())
         self.stage, self.train_loss = "", float("nan")
         self.phase_seconds: dict[str, float] = {}
-        self._cuts: Tensor | None = None
-        self._loc_cuts: Tensor | None = None
-        self._cached = False
+        # the frozen prefixes on the L_ins and L_loc pools, recomputed per batch until cache()
+        self._cuts = FrozenActivations(self.t_prefix, partial(ctx.pool.images, ctx.train_x))
+        self._loc_cuts = FrozenActivations(self.s_prefix, partial(ctx.loc_pool.images, ctx.clone_x, ctx.g))
 
     @staticmethod
     def adapter_for(r: CutPoint, r_src: CutPoint, device: torch.device, relu: bool = False) -> Adapter:
@@ -433,30 +442,11 @@ class CandidateTrainer:
     def cache(self) -> None:
         """The target up to R on L_ins's pool and the source up to R' on L_loc's pool, from
         the context's shared cache (:meth:`SearchContext.activations`)."""
-        if self._cached:
-            return
         ctx = self.ctx
-        self._cuts = ctx.activations(
-            f"target:{self.r.node}:pool",
-            self.t_prefix,
-            lambda e: ctx.pool.images(ctx.train_x, e),
-            len(ctx.pool),
-        )
+        self._cuts = ctx.activations(f"target:{self.r.node}:pool", self._cuts.prefix, self._cuts.images, len(ctx.pool))
         if self.masks_on:
-            self._loc_cuts = ctx.activations(
-                f"source:{self.r_src.node}:loc",
-                self.s_prefix,
-                lambda e: ctx.loc_pool.images(ctx.clone_x, ctx.g, e),
-                len(ctx.loc_pool),
-            )
-        self._cached = True
-
-    def cut_at(self, entries: Tensor) -> Tensor:
-        """The target's activation at R for L_ins pool ``entries`` (B,)."""
-        if self._cuts is not None:
-            return self._cuts[entries].float()
-        with torch.no_grad():
-            return self.t_prefix(self.ctx.pool.images(self.ctx.train_x, entries))
+            loc = self._loc_cuts
+            self._loc_cuts = ctx.activations(f"source:{self.r_src.node}:loc", loc.prefix, loc.images, len(ctx.loc_pool))
 
     # -- forward pieces --------------------------------------------------------------
     def joint_logits(self, cut: Tensor, pre: Tensor, logits: Tensor) -> Tensor:
@@ -475,7 +465,7 @@ class CandidateTrainer:
     def loss_ins(self, entries: Tensor) -> Tensor:
         """L_ins (Eq. 7) on L_ins pool ``entries`` (B,)."""
         pool = self.ctx.pool
-        logits = self.joint_logits(self.cut_at(entries), pool.pre[entries], pool.logits[entries])
+        logits = self.joint_logits(self._cuts(entries), pool.pre[entries], pool.logits[entries])
         y = pool.labels[entries]
         teacher = joint_teacher(pool.logits[entries], pool.source[entries], y if self.ctx.arbitrate else None)
         loss = kd_loss(logits, teacher, self.config.temperature)
@@ -487,13 +477,8 @@ class CandidateTrainer:
         """Eq. 5 on L_loc pool ``entries`` (B,): relative squared error between the masked
         source's T_s logits and G."""
         ctx = self.ctx
-        if self._loc_cuts is not None:
-            cut = self._loc_cuts[entries].float()
-        else:
-            with torch.no_grad():
-                cut = self.s_prefix(ctx.loc_pool.images(ctx.clone_x, ctx.g, entries))
         target = ctx.loc_pool.targets[entries]
-        pred = self.masked(cut)[1][:, ctx.source_outputs]
+        pred = self.masked(self._loc_cuts(entries))[1][:, ctx.source_outputs]
         return ((pred - target) ** 2).sum() / (target**2).sum().clamp_min(1e-8)
 
     @torch.no_grad()
@@ -692,13 +677,9 @@ def holdout_cuts(ctx: SearchContext, node: str, prefix: nn.Module) -> Iterator[T
     a time."""
     assert ctx.holdout is not None
     x = ctx.holdout[0]
-    cached = ctx.activations(f"target:{node}:holdout", prefix, lambda rows: x[rows], len(x))
+    activations = ctx.activations(f"target:{node}:holdout", prefix, x.__getitem__, len(x))
     for rows in torch.arange(len(x), device=x.device).split(CHUNK):
-        if cached is not None:
-            yield cached[rows].float()
-        else:
-            with torch.no_grad():
-                yield prefix(x[rows])
+        yield activations(rows)
 
 
 def steps_per_epoch(ctx: SearchContext, config: SearchConfig) -> int:
@@ -723,17 +704,12 @@ def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dic
     n = len(ctx.train_x)
     # the L_ins pool's first N entries are the clean training images: its cache serves here too
     cuts = ctx.activations(
-        f"target:{branch.target_cut}:pool", prefix, lambda e: ctx.pool.images(ctx.train_x, e), len(ctx.pool)
+        f"target:{branch.target_cut}:pool", prefix, partial(ctx.pool.images, ctx.train_x), len(ctx.pool)
     )
 
     def logits_of(rows: Tensor) -> Tensor:
         """Cloned logits (B, K) of training images ``rows`` (B,) (pool entries 0..N-1: clean)."""
-        if cuts is not None:
-            cut = cuts[rows].float()
-        else:
-            with torch.no_grad():
-                cut = prefix(ctx.train_x[rows])
-        correction, new = branch(cut, ctx.pool.pre[rows])
+        correction, new = branch(cuts(rows), ctx.pool.pre[rows])
         return torch.cat([ctx.pool.logits[rows] + correction, new], 1)
 
     @torch.no_grad()

@@ -188,11 +188,18 @@ def test_the_context_caches_each_activation_once_within_one_shared_budget():
 
     x = torch.rand(64, 1, 16, 16)  # 32 KiB per cached copy in float16
     ctx = SimpleNamespace(_activations={}, cache_mb=80 / 1024, device=torch.device("cpu"))
-    first = SearchContext.activations(ctx, "target:a:pool", prefix, lambda rows: x[rows], 64)
-    again = SearchContext.activations(ctx, "target:a:pool", prefix, lambda rows: x[rows], 64)
-    assert first is again and first is not None and sum(calls) == 2 + 64  # a probe of 2, then once
-    torch.testing.assert_close(first.float(), x * 2.0, rtol=2**-11, atol=0.0)
+    first = SearchContext.activations(ctx, "target:a:pool", prefix, x.__getitem__, 64)
+    again = SearchContext.activations(ctx, "target:a:pool", prefix, x.__getitem__, 64)
+    assert first is again and first.cached is not None and sum(calls) == 2 + 64  # a probe of 2, then once
+    torch.testing.assert_close(first.cached.float(), x * 2.0, rtol=2**-11, atol=0.0)
+    rows = torch.tensor([3, 0, 7])
+    torch.testing.assert_close(first(rows), x[rows] * 2.0, rtol=2**-11, atol=0.0)  # read back as float32
+    assert sum(calls) == 2 + 64  # from the cache
     # 32 KiB of the 80 are used: a second 32 KiB fits, a third does not (the budget is shared)
-    assert SearchContext.activations(ctx, "target:b:pool", prefix, lambda rows: x[rows], 64) is not None
-    assert SearchContext.activations(ctx, "target:c:pool", prefix, lambda rows: x[rows], 64) is None
-    assert SearchContext.activations(ctx, "target:d:pool", prefix, lambda rows: x[rows], 8) is not None
+    assert SearchContext.activations(ctx, "target:b:pool", prefix, x.__getitem__, 64).cached is not None
+    uncached = SearchContext.activations(ctx, "target:c:pool", prefix, x.__getitem__, 64)
+    assert uncached.cached is None
+    assert SearchContext.activations(ctx, "target:d:pool", prefix, x.__getitem__, 8).cached is not None
+    calls.clear()
+    torch.testing.assert_close(uncached(rows), x[rows] * 2.0)  # recomputed, exactly
+    assert calls == [3]
