@@ -364,6 +364,12 @@ def summarize(per_seed: list[dict[str, Any]], methods: list[str], scales: list[s
     return out
 
 
+def _at_least(gap: float, bound: float) -> bool:
+    """gap >= bound in points, a tie counted as a tie: the means of float32 accuracies of the
+    same image counts can differ by ~1e-6 points."""
+    return round(gap, 4) >= bound
+
+
 def goal_checks(rows: list[dict[str, Any]], search: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Clone-quality goals for PNC, per scale, on the seed means (points = percent): Avg at
     least both ensembles' and Continual+KD's (with replay), Ori within 1 point of the
@@ -380,26 +386,21 @@ def goal_checks(rows: list[dict[str, Any]], search: list[dict[str, Any]] | None 
         def add(goal: str, value: float, need: str, met: bool, scale: str = scale) -> None:
             checks.append({"scale": scale, "goal": goal, "value": round(value, 3), "need": need, "met": bool(met)})
 
-        def at_least(gap: float, bound: float) -> bool:
-            """gap >= bound in points, a tie counted as a tie: the means of float32 accuracies
-            of the same image counts can differ by ~1e-6 points."""
-            return round(gap, 4) >= bound
-
         ensembles = [m for m in ("Direct Ensemble", "Calibrated Ensemble") if m in at]
         if ensembles:
             gap = 100 * (p["avg_acc"] - max(at[m]["avg_acc"] for m in ensembles))
-            add(f"Avg(PNC) - max Avg({', '.join(ensembles)}), points", gap, ">= 0", at_least(gap, 0))
+            add(f"Avg(PNC) - max Avg({', '.join(ensembles)}), points", gap, ">= 0", _at_least(gap, 0))
         if REFERENCE in at:
             gap = 100 * (p["avg_acc"] - at[REFERENCE]["avg_acc"])
-            add("Avg(PNC) - Avg(Continual+KD), points", gap, ">= 0", at_least(gap, 0))
+            add("Avg(PNC) - Avg(Continual+KD), points", gap, ">= 0", _at_least(gap, 0))
         if scale == "S" and "Pre-trained" in at:
             gap = 100 * (p["ori_acc"] - at["Pre-trained"]["ori_acc"])
-            add("Ori(PNC) - Ori(Pre-trained), points", gap, ">= -1", at_least(gap, -1))
+            add("Ori(PNC) - Ori(Pre-trained), points", gap, ">= -1", _at_least(gap, -1))
         if scale == "M" and "Joint+Full" in at:
             gap = 100 * (p["ori_acc"] - at["Joint+Full"]["ori_acc"])
-            add("Ori(PNC) - Ori(Joint+Full), points", gap, ">= -1", at_least(gap, -1))
+            add("Ori(PNC) - Ori(Joint+Full), points", gap, ">= -1", _at_least(gap, -1))
             gap = 100 * (p["avg_acc"] - at["Joint+Full"]["avg_acc"])
-            add("Avg(PNC) - Avg(Joint+Full), points", gap, ">= -2", at_least(gap, -2))
+            add("Avg(PNC) - Avg(Joint+Full), points", gap, ">= -2", _at_least(gap, -2))
         regrets = [s["regret"] for s in search or [] if s["scale"] == scale and s["method"] == "PNC"]
         if regrets:
             mean = sum(regrets) / len(regrets)
