@@ -7,6 +7,7 @@ import contextlib
 import copy
 import io
 import json
+import random
 import shutil
 import time
 
@@ -201,6 +202,26 @@ def test_peak_memory_sees_a_large_allocation():
         time.sleep(0.05)
         del block
     assert big.peak_mb > 100 and small.peak_mb < 20
+
+
+def test_peak_memory_sees_a_block_that_reuses_memory_an_earlier_one_freed():
+    """Fragmented frees (a few survivors among many tensors) leave pages the allocator keeps;
+    a block allocating the same again must still read its own memory, not 0."""
+
+    def churn() -> list[torch.Tensor]:
+        rnd, live = random.Random(0), []
+        for _ in range(20000):
+            live.append(torch.ones(rnd.choice([256, 4096, 16384, 30000])))
+            if len(live) > 4000:
+                live.pop(rnd.randrange(len(live)))
+        return live
+
+    survivors = churn()[::50]
+    with PeakMemory() as again:
+        block = churn()
+        time.sleep(0.05)
+    del block
+    assert len(survivors) == 80 and again.peak_mb > 150
 
 
 def test_unknown_method_and_scale_are_rejected(bench, capsys):
