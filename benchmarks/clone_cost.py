@@ -174,6 +174,11 @@ def main() -> None:
     atomic_write_text(RESULTS / "clone_cost.md", render(data))
 
 
+def _commits(rows: list[dict[str, Any]], labels: tuple[str, ...]) -> list[str]:
+    """The commits of the rows labelled ``labels``, in the order first measured."""
+    return list(dict.fromkeys(r["commit"] for r in rows if r["label"] in labels))
+
+
 def render(data: dict[str, Any]) -> str:
     """The markdown report of every row."""
     from pnc.bench.clone_cost_model import cost_model_section
@@ -186,8 +191,12 @@ def render(data: dict[str, Any]) -> str:
         "",
         f"Written by `benchmarks/clone_cost.py` on {m.get('cpu', '?')} ({m.get('cores', '?')} cores, "
         f"torch {m.get('torch', '?')}, one intra-op thread), Fashion-MNIST default pairs, seed 0, "
-        "each cell in a fresh process. The machine was shared with other jobs (2 cores): wall times are "
-        "upper bounds. `before` is the search at the commit in its row (every candidate trained 2+3+3 "
+        "each cell in a fresh process. The `after` and Joint+Full rows (commits "
+        f"{', '.join(_commits(rows, ('after', 'Joint+Full')))}) ran one cell at a time with nothing else on "
+        "the machine (beside a second benchmark process, as in the paper tables, Joint+Full's ResNetC-20 "
+        "cells take 1.5x longer and the clone's about 1.1x, so ratios of such runs read lower); the "
+        "`before` rows ran in an earlier run on a machine shared with other jobs (upper bounds, and no "
+        "ratio to this run's Joint+Full). `before` is the search at the commit in its row (every candidate trained 2+3+3 "
         "epochs over all available images, the frozen networks re-run at every step, every candidate "
         "evaluated on the test set); `after` the search at the commit in its row (frozen outputs computed "
         "once, the frozen networks' activations at the cuts cached once per clone in float16 within "
@@ -204,7 +213,7 @@ def render(data: dict[str, Any]) -> str:
         key=lambda r: (r["arch"], r["scale"], -r["old_fraction"], r["label"] != "before"),
     )
     for r in clones:
-        j = joint.get((r["arch"], r["scale"]))
+        j = joint.get((r["arch"], r["scale"])) if r["label"] != "before" else None
         acc = r.get("accuracy", {})
         accs = " / ".join(f"{100 * acc[k]:.2f}" for k in ("ori", "tar", "avg")) if acc else "-"
         seconds = r["seconds"] - r.get("phases", {}).get("report_accuracy", 0.0)
