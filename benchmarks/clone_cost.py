@@ -198,11 +198,11 @@ def render(data: dict[str, Any]) -> str:
         "`before` rows ran in an earlier run on a machine shared with other jobs (upper bounds, and no "
         "ratio to this run's Joint+Full). `before` is the search at the commit in its row (every "
         "candidate trained 2+3+3 epochs over all available images, the frozen networks re-run at every "
-        "step, every candidate evaluated on the test set); `after` the search at the commit in its row (frozen outputs computed "
-        "once, the frozen networks' activations at the cuts cached once per clone in float16 within "
-        "`cache_mb`, epochs over the clone images, every candidate trained to the end, the chosen branch "
-        "tuned, finalists' test accuracy reported apart). Joint+Full: the target retrained on all images "
-        "of both class sets, the same run's machine.",
+        "step, every candidate evaluated on the test set); `after` the search at the commit in its row "
+        "(frozen outputs computed once, the frozen networks' activations at the cuts cached once per "
+        "clone in float16 within `cache_mb`, epochs over the clone images, every candidate trained to the"
+        " end, the chosen branch tuned, finalists' test accuracy reported apart). Joint+Full: the target "
+        "retrained on all images of both class sets, the same run's machine.",
         "",
         "| pair, scale, old fraction | label | commit | seconds | Joint+Full s | ratio | peak MiB | "
         "Joint+Full MiB | ratio | Ori / Tar / Avg % | R |",
