@@ -106,8 +106,9 @@ class SearchConfig:
     (float16; the first candidates, the latest cuts, get it; the others are recomputed per
     step): a candidate's two stages and the chosen branch's tuning read them again. 192 MiB
     (128 before) holds the L_ins pool of the latest ResNetC-20 cut at M (145 MiB): seed 0 took
-    140 s instead of 178 s (the tuning 21 s instead of 52 s), 539 MiB peak instead of 434
-    (Joint+Full: 484), Avg 88.94 vs 88.96; at S 65 s instead of 77 s, 521 MiB instead of 413.
+    146 s instead of 178 s (the tuning 24 s instead of 52 s), 538 MiB peak instead of 434
+    (Joint+Full: 484), Avg 88.94 vs 88.96; at S 73 s instead of 77 s, 475 MiB instead of 413
+    (``benchmarks/results/clone_cost.md``, a fresh process per cell).
     ``keep_fraction``: successive halving, the share of candidates kept after each stage
     but the last (at least one, and every one within a standard error of the best). 1 (the
     default) keeps all: ranked with the soft masks of the first stage, candidates at early
