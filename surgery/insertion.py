@@ -489,12 +489,8 @@ class CandidateTrainer:
     def holdout_logits(self) -> Tensor:
         """The cloned network's logits (M, K) on the held-out clean images: the same images
         and teacher for every R, so their metrics are on one scale (:func:`holdout_metrics`)."""
-        assert self.ctx.holdout is not None and self.ctx.holdout_frozen is not None
-        cuts = holdout_cuts(self.ctx, self.r.node, self.t_prefix)
-        pre, old, _ = self.ctx.holdout_frozen
-        return torch.cat(
-            [self.joint_logits(cut, p, lg) for cut, p, lg in zip(cuts, pre.split(CHUNK), old.split(CHUNK), strict=True)]
-        )
+        batches = holdout_batches(self.ctx, self.r.node, self.t_prefix)
+        return torch.cat([self.joint_logits(cut, pre, logits) for cut, pre, logits in batches])
 
     def selection_loss(self, holdout: dict[str, float]) -> float:
         """Held-out error with old-class images, held-out KD without; the training loss
@@ -675,15 +671,17 @@ class CandidateTrainer:
         return epochs * self.steps_per_epoch()
 
 
-def holdout_cuts(ctx: SearchContext, node: str, prefix: nn.Module) -> Iterator[Tensor]:
-    """The target's activation at cut ``node`` on the held-out images, chunk by chunk of
-    :data:`CHUNK` images (read from the context's cache when it fits, else computed), one chunk alive at
-    a time."""
-    assert ctx.holdout is not None
+def holdout_batches(ctx: SearchContext, node: str, prefix: nn.Module) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """The held-out images, :data:`CHUNK` at a time, one chunk alive at a time: the target's
+    activation at cut ``node`` (read from the context's cache when it fits, else computed), its
+    pre-logits (B, D) and its logits (B, |T_t|)."""
+    assert ctx.holdout is not None and ctx.holdout_frozen is not None
     x = ctx.holdout[0]
+    pre, logits, _ = ctx.holdout_frozen
     activations = ctx.activations(f"target:{node}:holdout", prefix, x.__getitem__, len(x))
-    for rows in torch.arange(len(x), device=x.device).split(CHUNK):
-        yield activations(rows)
+    rows = torch.arange(len(x), device=x.device).split(CHUNK)
+    for entries, p, lg in zip(rows, pre.split(CHUNK), logits.split(CHUNK), strict=True):
+        yield activations(entries), p, lg
 
 
 def steps_per_epoch(ctx: SearchContext, config: SearchConfig) -> int:
@@ -718,13 +716,10 @@ def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dic
 
     @torch.no_grad()
     def held_out() -> dict[str, float]:
-        assert ctx.holdout_frozen is not None
-        pre, old, _ = ctx.holdout_frozen
         parts = []
-        cut_parts = holdout_cuts(ctx, branch.target_cut, prefix)
-        for cut, p, lg in zip(cut_parts, pre.split(CHUNK), old.split(CHUNK), strict=True):
-            correction, new = branch(cut, p)
-            parts.append(torch.cat([lg + correction, new], 1))
+        for cut, pre, logits in holdout_batches(ctx, branch.target_cut, prefix):
+            correction, new = branch(cut, pre)
+            parts.append(torch.cat([logits + correction, new], 1))
         return holdout_metrics(ctx, torch.cat(parts), config.temperature)
 
     branch.eval()
