@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import ctypes.util
 import gc
 import hashlib
 import os
@@ -148,12 +147,12 @@ def release_free_memory() -> None:
 
 
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
+    """This process's C library when it is glibc (it has ``malloc_trim``), else None."""
     try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
+        libc = ctypes.CDLL(None)  # the symbols already loaded into this process
+    except (OSError, TypeError):  # TypeError: Windows has no handle for "this process"
         return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    return libc if hasattr(libc, "malloc_trim") else None
 
 
 _LIBC = _glibc()
