@@ -572,6 +572,12 @@ def budget_fields(budget: Budget, method: str) -> dict[str, Any]:
     return {k: v for k, v in asdict(budget).items() if METHOD_ONLY_FIELDS.get(k, method) == method}
 
 
+def search_key(budget: Budget, method: str, **overrides: Any) -> str | None:
+    """Every search setting a PNC row depends on (defaults included, so a new default is a
+    new row), as :meth:`SearchConfig.key`; None for a method that runs no search."""
+    return budget.search(0, **overrides).key() if method.startswith("PNC") else None
+
+
 METHODS: dict[str, MethodFn] = {
     "Pre-trained": pretrained,
     "Joint+Full": joint_full,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pnc.bench.baselines import Budget, budget_fields
+from pnc.bench.baselines import Budget, budget_fields, search_key
 from pnc.bench.metrics import evaluate_clone, local_model_set
 from pnc.bench.paper import RowCache, jsonable, machine_info
 from pnc.surgery.branch import Branch
@@ -141,12 +141,14 @@ def figure3(
     points: dict[str, list[dict[str, Any]]] = {"ratio": [], "cut": []}
     jobs = [("ratio", r, {"mask_ratio": r}) for r in ratios] + [("cut", c.node, {"candidates": [c.node]}) for c in cuts]
     for kind, value, overrides in jobs:
-        budget_key = json.dumps(budget_fields(budget, "PNC"))
-        key = f"fig3|{target_name}|{source_name}|{scale}|{seed}|{kind}|{value}|{budget_key}"
-        row = cache.get(key, key)
+        key = f"fig3|{target_name}|{source_name}|{scale}|{seed}|{kind}|{value}"
+        fingerprint = json.dumps(
+            [budget_fields(budget, "PNC"), search_key(budget, "PNC", **overrides), t_card.sha256, s_card.sha256]
+        )
+        row = cache.get(key, fingerprint)
         if row is None:
             _, row = _clone_point(task, target, source, budget, seed, Path(workdir), f"{kind}-{value}", **overrides)
-            row |= {"fingerprint": key, kind: value}
+            row |= {"fingerprint": fingerprint, kind: value}
             cache.put(key, row)
         log(
             f"figure 3 {kind}={value}: ori {row['ori']:.4f} tar {row['tar']:.4f} avg {row['avg']:.4f} "

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pnc.bench.baselines import Budget, DirectEnsemble, budget_fields, extend_classifier
+from pnc.bench.baselines import Budget, DirectEnsemble, budget_fields, extend_classifier, search_key
 from pnc.bench.metrics import inference_macs, logits_of
 from pnc.bench.paper import RowCache, jsonable, machine_info
 from pnc.surgery.cloning import clone
@@ -181,7 +181,9 @@ def run_incremental(
         for seed in seeds:
             for method in methods:
                 key = f"{method}|{step_size}|{seed}"
-                fingerprint = json.dumps([budget_fields(budget, method), t_card.sha256, s_card.sha256])
+                fingerprint = json.dumps(
+                    [budget_fields(budget, method), search_key(budget, method), t_card.sha256, s_card.sha256]
+                )
                 row = cache.get(key, fingerprint)
                 if row is None:
                     row = incremental_run(

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from pnc.bench.baselines import METHODS, Budget, budget_fields, run_method
+from pnc.bench.baselines import METHODS, Budget, budget_fields, run_method, search_key
 from pnc.bench.metrics import clone_accuracy, per_class_accuracy, set_logits
 from pnc.surgery.devices import DeviceLike, device_of
 from pnc.surgery.errors import ConfigError, TaskError
@@ -325,8 +325,8 @@ def _fingerprint(spec: TableSpec, method: str, task: CloneTask, t_card: ModelCar
         "target": t_card.sha256,
         "source": s_card.sha256,
     }
-    if method.startswith("PNC"):  # every search setting, defaults included: a new default is a new row
-        fields["search"] = spec.budget.search(0).key()
+    if (search := search_key(spec.budget, method)) is not None:
+        fields["search"] = search
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -295,6 +295,32 @@ def test_a_cached_pnc_row_is_recomputed_when_a_search_default_changes(monkeypatc
     assert after["Joint+Full"] == before["Joint+Full"] and after["Continual"] == before["Continual"]
 
 
+def test_a_cached_figure_point_is_recomputed_when_a_search_default_changes(monkeypatch, tiny_zoo, digits, tmp_path):
+    from pnc.bench import figures
+    from pnc.bench.paper import RowCache
+    from pnc.surgery.insertion import SearchConfig
+    from pnc.zoo.store import ZooStore
+
+    computed = []
+
+    def point(task, target, source, budget, seed, workdir, tag, **overrides):
+        computed.append(tag)
+        row = {"ori": 0.9, "tar": 0.8, "avg": 0.85, "target_cut": "c", "module_params": 1}
+        return None, row | {"cut": overrides.get("candidates", ["c"])[0]}
+
+    monkeypatch.setattr(figures, "_clone_point", point)
+    cache = RowCache(tmp_path / "fig.rows.json")
+    kwargs = {"ratios": (0.5,), "budget": QUICK_BUDGET, "cache": cache, "workdir": tmp_path, "log": lambda _: None}
+    figures.figure3(ZooStore(tiny_zoo), digits, "t", "s", **kwargs)
+    first = len(computed)
+    figures.figure3(ZooStore(tiny_zoo), digits, "t", "s", **kwargs)
+    assert first > 1 and len(computed) == first  # every point read back from the cache
+    changed = SearchConfig(smaller_branch_within_se=not SearchConfig().smaller_branch_within_se)
+    monkeypatch.setattr(type(QUICK_BUDGET), "search", lambda self, seed, **overrides: changed)
+    figures.figure3(ZooStore(tiny_zoo), digits, "t", "s", **kwargs)
+    assert len(computed) == 2 * first  # a new search default: every point recomputed
+
+
 def test_fresh_cache_recomputes_rows_already_on_disk_but_reads_rows_added_later(tmp_path):
     from pnc.bench.paper import RowCache
 
