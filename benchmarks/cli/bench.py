@@ -68,6 +68,27 @@ def _command() -> str:
     return "pnc " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def _default_pair_of(args: argparse.Namespace) -> tuple[str, str]:
+    """(dataset, arch) of the default zoo pair the flags name: Fashion-MNIST LeNet-5, or digits
+    CNN4 with --quick."""
+    return args.dataset or ("digits" if args.quick else "fashion-mnist"), args.arch or (
+        "cnn4" if args.quick else "lenet5"
+    )
+
+
+def _run_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments every ``run_*`` benchmark takes from the shared flags."""
+    return {
+        "quick": args.quick,
+        "zoo_dir": args.zoo_dir,
+        "data_dir": args.data_dir,
+        "out_dir": Path(args.out),
+        "workdir": args.workdir,
+        "command": _command(),
+        "device": args.device,
+    }
+
+
 def _cmd_paper(args: argparse.Namespace) -> int:
     from pnc.bench.baselines import METHODS
     from pnc.bench.paper import run_paper
@@ -87,8 +108,7 @@ def _cmd_paper(args: argparse.Namespace) -> int:
         store = writable_zoo(args.zoo_dir)
         pair = (args.target, args.source)
         store.card(args.target), store.card(args.source)  # both exist and read (StoreError otherwise)
-    dataset = args.dataset or ("digits" if args.quick else "fashion-mnist")
-    arch = args.arch or ("cnn4" if args.quick else "lenet5")
+    dataset, arch = _default_pair_of(args)
     scales = args.scales or (["S"] if args.quick else ["S", "M"])
     bad = [s for s in scales if s not in ("S", "M")]
     if bad:
@@ -101,18 +121,12 @@ def _cmd_paper(args: argparse.Namespace) -> int:
         scales=scales,
         seeds=seeds,
         methods=methods,
-        quick=args.quick,
         old_fraction=args.old_fraction,
-        zoo_dir=args.zoo_dir,
-        data_dir=args.data_dir,
-        out_dir=Path(args.out),
-        workdir=args.workdir,
         fresh=args.fresh,
-        command=_command(),
         pair=pair,
-        device=args.device,
         backend=args.backend,
         address=args.address,
+        **_run_options(args),
     )
     stem = Path(args.out) / result["stem"]
     print(f"wrote {stem}.md and {stem}.json")
@@ -122,23 +136,9 @@ def _cmd_paper(args: argparse.Namespace) -> int:
 def _cmd_figures(args: argparse.Namespace) -> int:
     from pnc.bench.figures import run_figures
 
-    dataset = args.dataset or ("digits" if args.quick else "fashion-mnist")
-    arch = args.arch or ("cnn4" if args.quick else "lenet5")
+    dataset, arch = _default_pair_of(args)
     _check(args, (dataset, arch))
-    seed = (args.seeds or [0])[0]
-    path = run_figures(
-        dataset,
-        arch,
-        figures=args.figures,
-        seed=seed,
-        quick=args.quick,
-        zoo_dir=args.zoo_dir,
-        data_dir=args.data_dir,
-        out_dir=Path(args.out),
-        workdir=args.workdir,
-        command=_command(),
-        device=args.device,
-    )
+    path = run_figures(dataset, arch, figures=args.figures, seed=(args.seeds or [0])[0], **_run_options(args))
     print(f"wrote {path} and its plots")
     return 0
 
@@ -151,13 +151,7 @@ def _cmd_hetero(args: argparse.Namespace) -> int:
         args.pairs,
         seeds=args.seeds or [0],
         methods=args.methods or HETERO_METHODS,
-        quick=args.quick,
-        zoo_dir=args.zoo_dir,
-        data_dir=args.data_dir,
-        out_dir=Path(args.out),
-        workdir=args.workdir,
-        command=_command(),
-        device=args.device,
+        **_run_options(args),
     )
     for result in results:
         print(f"wrote {Path(args.out) / result['stem']}.md")
@@ -167,8 +161,7 @@ def _cmd_hetero(args: argparse.Namespace) -> int:
 def _cmd_incremental(args: argparse.Namespace) -> int:
     from pnc.bench.incremental import INCREMENTAL_METHODS, run_incremental
 
-    dataset = args.dataset or ("digits" if args.quick else "fashion-mnist")
-    arch = args.arch or ("cnn4" if args.quick else "lenet5")
+    dataset, arch = _default_pair_of(args)
     _check(args, (dataset, arch))
     path = run_incremental(
         dataset,
@@ -176,13 +169,7 @@ def _cmd_incremental(args: argparse.Namespace) -> int:
         step_sizes=args.step_sizes,
         seeds=args.seeds or [0],
         methods=args.methods or INCREMENTAL_METHODS,
-        quick=args.quick,
-        zoo_dir=args.zoo_dir,
-        data_dir=args.data_dir,
-        out_dir=Path(args.out),
-        workdir=args.workdir,
-        command=_command(),
-        device=args.device,
+        **_run_options(args),
     )
     print(f"wrote {path} and its plot")
     return 0
