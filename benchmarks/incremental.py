@@ -6,8 +6,11 @@ After step k the model is tested on the test images of every class seen so far (
 output positions: the target's classes, then the added ones in order); the average
 incremental accuracy is the mean over steps 0..K, step 0 being the target alone. The
 direct ensemble (target + the source's logits of the classes added so far) is the
-reference that costs both networks. Each step uses the clone set of its classes only
-(``fraction`` of their training images) and the budget of :class:`Budget`.
+reference that costs both networks. Each step sees the same images for every method: a
+``fraction`` of its new classes' training images and an ``old_fraction`` of the target's
+classes' ones (0: its new classes' only, the strict setting), with the budget of
+:class:`Budget`. Continual+KD then distils, per image, the previous model's logits on
+old-class images and the source's on new-class ones (the arbitrating teacher of Table 1).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pnc.bench.metrics import inference_macs, logits_of
 from pnc.bench.paper import RowCache, jsonable, machine_info
 from pnc.surgery.cloning import clone
 from pnc.surgery.devices import DeviceLike, device_of
-from pnc.surgery.insertion import kd_loss
+from pnc.surgery.insertion import joint_teacher, kd_loss
 from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import DatasetSplits, ImageData
 from pnc.zoo.store import ZooStore
@@ -58,6 +61,7 @@ def incremental_run(
     seed: int,
     budget: Budget,
     fraction: float = 0.3,
+    old_fraction: float = 0.3,
     workdir: Path | None = None,
 ) -> dict[str, Any]:
     """Add ``s_classes`` to the target ``step_size`` classes at a time with ``method``.
@@ -69,7 +73,9 @@ def incremental_run(
     seconds: list[float] = []
     model: Any = target
     for k, new in enumerate(steps):
-        task = CloneTask(splits, t_classes, s_classes, new, fraction=fraction, seed=seed + 1000 * k)
+        task = CloneTask(
+            splits, t_classes, s_classes, new, fraction=fraction, seed=seed + 1000 * k, old_fraction=old_fraction
+        )
         began = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + k)
@@ -115,8 +121,11 @@ def _step(
             checkpoint_dir=None if workdir is None else Path(workdir) / f"step{k}",
             progress=False,
         )
-    data = task.clone_set()
-    data = ImageData(data.x, data.y - len(task.target_classes) + num_seen)  # labels after the seen classes
+    data = task.available_set()
+    n_old = len(task.target_classes)
+    new_y = torch.where(data.y >= n_old, data.y - n_old + num_seen, data.y)  # new classes after the seen ones
+    data = ImageData(data.x, new_y)
+    arbitrate = bool((new_y < n_old).any())
     frozen = model
     student = extend_classifier(copy.deepcopy(model).requires_grad_(True), len(task.clone_classes), data.x, seed)
     kd = method == "Continual+KD"
@@ -126,7 +135,7 @@ def _step(
         loss = F.cross_entropy(out, y)
         if kd:
             with torch.no_grad():
-                teacher = torch.cat([frozen(x), source(x)[:, index]], 1)
+                teacher = joint_teacher(frozen(x), source(x)[:, index], y if arbitrate else None)
             loss = loss + kd_loss(out, teacher, budget.kd_temperature)
         return loss
 
@@ -149,6 +158,7 @@ def run_incremental(
     step_sizes: list[int],
     seeds: list[int],
     methods: list[str],
+    old_fraction: float = 0.3,
     quick: bool = False,
     zoo_dir: str | None = None,
     data_dir: str | None = None,
@@ -173,7 +183,8 @@ def run_incremental(
     target, t_card = store.load(target_name, device)
     source, s_card = store.load(source_name, device)
     budget = QUICK_BUDGET if quick else budget_for(t_card, quick)
-    stem = f"table3-{splits.name}-{arch}" + ("-quick" if quick else "")
+    stem = f"table3-{splits.name}-{arch}" + ("" if old_fraction == 0.3 else f"-old{round(100 * old_fraction)}")
+    stem += "-quick" if quick else ""
     cache = RowCache(Path(out_dir) / f"{stem}.rows.json")
     workdir = (Path(workdir) if workdir is not None else default_zoo_dir(zoo_dir).parent / "bench") / stem
     runs = []
@@ -182,7 +193,13 @@ def run_incremental(
             for method in methods:
                 key = f"{method}|{step_size}|{seed}"
                 fingerprint = json.dumps(
-                    [budget_fields(budget, method), search_key(budget, method), t_card.sha256, s_card.sha256]
+                    [
+                        budget_fields(budget, method),
+                        search_key(budget, method),
+                        t_card.sha256,
+                        s_card.sha256,
+                        old_fraction,
+                    ]
                 )
                 row = cache.get(key, fingerprint)
                 if row is None:
@@ -196,6 +213,7 @@ def run_incremental(
                         step_size,
                         seed,
                         budget,
+                        old_fraction=old_fraction,
                         workdir=workdir / f"{method}-{step_size}-{seed}".replace(" ", "_"),
                     )
                     row |= {"method": method, "step_size": step_size, "seed": seed, "fingerprint": fingerprint}
@@ -213,6 +231,7 @@ def run_incremental(
         "source": source_name,
         "target_classes": t_card.classes,
         "source_classes": s_card.classes,
+        "old_fraction": old_fraction,
         "budget": asdict(budget),
         "runs": runs,
         "summary": _summary(runs, methods, step_sizes),
@@ -259,7 +278,8 @@ def _markdown(result: dict[str, Any], stem: str) -> str:
         "",
         f"Target `{result['target']}` knows classes {result['target_classes']}; classes "
         f"{result['source_classes']} are added `step` at a time from `{result['source']}`, each step from "
-        f"{int(100 * 0.3)}% of that step's training images only. Accuracy (%) on the test images of all classes "
+        f"30% of its new classes' training images and {_share(result['old_fraction'])} of the target's classes' "
+        "ones, the same images for every method. Accuracy (%) on the test images of all classes "
         "seen so far, after each step (step 0 = the target alone); average incremental accuracy = mean over "
         "steps 0..K (mean ± std over seeds). PNC adds one branch per step to the same cloned network.",
         "",
@@ -287,11 +307,16 @@ def _markdown(result: dict[str, Any], stem: str) -> str:
     lines += [
         f"Budget per step: PNC {b['loc_epochs']}+{b['joint_epochs']}+{b['binary_epochs']} epochs per candidate "
         f"cut; Continual / Continual+KD {b['loc_epochs'] + b['joint_epochs'] + b['binary_epochs']} epochs (SGD lr "
-        f"{b['lr']}), Continual+KD distils the joint logits to [previous model, source logits of the new "
-        f"classes]. Machine: {result['machine']['cpu']}. Command: `{result['command']}`.",
+        f"{b['lr']}); Continual+KD distils the previous model's logits on old-class images and the source's "
+        "logits of the new classes on new-class ones (without old-class images: their concatenation on every "
+        f"image). Machine: {result['machine']['cpu']}. Command: `{result['command']}`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _share(fraction: float) -> str:
+    return f"{round(100 * fraction)}%" if fraction else "none"
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:

@@ -356,3 +356,22 @@ def test_goal_checks_count_a_float_tie_as_met_and_a_real_gap_as_missed():
     assert [c["met"] for c in tie if "Continual+KD" in c["goal"]] == [True]
     short = goal_checks([row("PNC", 0.9425), row("Continual+KD", 0.9428333441416422)])
     assert [c["met"] for c in short if "Continual+KD" in c["goal"]] == [False]
+
+
+def test_bench_incremental_gives_every_method_the_same_images_in_both_settings(bench):
+    """`pnc bench incremental --quick` in the paper's setting and the strict one: with the
+    target's classes' images every method keeps them (replay), without them sequential
+    fine-tuning forgets; each table records its setting."""
+    root = bench["root"]
+    curves = {}
+    for old, stem in ((0.3, "table3-digits-cnn4-quick"), (0.0, "table3-digits-cnn4-old0-quick")):
+        argv = ["bench", "incremental", "--quick", "--old-fraction", str(old), "--zoo-dir", str(root / "zoo")]
+        assert main([*argv, "--out", str(root / "inc"), "--workdir", str(root / "inc-work")]) == 0
+        result = json.loads((root / "inc" / f"{stem}.json").read_text())
+        assert result["old_fraction"] == old
+        assert {s["method"] for s in result["summary"]} == {"Direct Ensemble", "Continual", "Continual+KD", "PNC"}
+        curves[old] = {s["method"]: s["accuracy"] for s in result["summary"]}
+        assert all(len(c) == 6 and c[0] == curves[old]["PNC"][0] for c in curves[old].values())
+    for method in ("Continual", "Continual+KD"):  # the replayed images keep the target's classes
+        assert curves[0.3][method][-1] > curves[0.0][method][-1] + 0.1
+    assert curves[0.3]["Direct Ensemble"] == curves[0.0]["Direct Ensemble"]  # it never sees an image

@@ -169,10 +169,21 @@ def _cmd_incremental(args: argparse.Namespace) -> int:
         step_sizes=args.step_sizes,
         seeds=args.seeds or [0],
         methods=args.methods or INCREMENTAL_METHODS,
+        old_fraction=args.old_fraction,
         **_run_options(args),
     )
     print(f"wrote {path} and its plot")
     return 0
+
+
+def _add_old_fraction(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--old-fraction",
+        type=in_range(float, 0.0, 1.0),
+        default=0.3,
+        help="share of the target classes' training images available while cloning "
+        "(default 0.3, the paper's; 0: none, the strict setting)",
+    )
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
@@ -205,13 +216,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     paper.add_argument("--source", help="a source zoo model of the same dataset as --target")
     paper.add_argument("--scales", type=_csv(str), help="S, M or S,M (default S,M; S with --quick)")
     paper.add_argument("--methods", type=_csv(str), help=f"comma-separated, of {', '.join(METHODS)} (default: all)")
-    paper.add_argument(
-        "--old-fraction",
-        type=in_range(float, 0.0, 1.0),
-        default=0.3,
-        help="share of the target classes' training images available while cloning "
-        "(default 0.3, the paper's; 0: none, the strict setting)",
-    )
+    _add_old_fraction(paper)
     paper.add_argument("--fresh", action="store_true", help="ignore cached rows and recompute")
     add_backend(paper, "the table's cells (seed x scale x method)")
     paper.set_defaults(func=_cmd_paper)
@@ -254,4 +259,5 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     inc.add_argument(
         "--methods", type=_csv(str, INCREMENTAL_METHODS), help="default Direct Ensemble,Continual,Continual+KD,PNC"
     )
+    _add_old_fraction(inc)
     inc.set_defaults(func=_cmd_incremental)
