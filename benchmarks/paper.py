@@ -514,12 +514,16 @@ def _cost_section(result: dict[str, Any], by: dict[tuple[str, str], dict[str, An
 
 def _budget_section(budget: dict[str, Any]) -> list[str]:
     per_candidate = budget["loc_epochs"] + budget["joint_epochs"] + budget["binary_epochs"]
+    halving = (
+        "every candidate trains to the end (successive halving is opt-in)"
+        if SearchConfig().keep_fraction >= 1
+        else "after localize + joint the candidates clearly worse than the best are dropped"
+    )
     return [
         "",
         f"Budget: PNC trains {budget['loc_epochs']} + {budget['joint_epochs']} + {budget['binary_epochs']} "
         f"(localize + joint + binary) epochs per candidate cut R (an epoch: a pass over the clone classes' "
-        "images, batches drawn from all available images; after localize + joint the candidates clearly worse "
-        "than the best are dropped), then fine-tunes the chosen branch for "
+        f"images, batches drawn from all available images; {halving}), then fine-tunes the chosen branch for "
         f"{SearchConfig().tune_epochs} passes over all available images; Continual, Continual+KD (with and without "
         f"its cross-entropy term) and PNC-F's "
         f"fine-tuning run the same {per_candidate} epochs over the available images "
