@@ -352,6 +352,9 @@ def summarize(per_seed: list[dict[str, Any]], methods: list[str], scales: list[s
             for cost in ("seconds", "peak_mb"):
                 entry[cost], entry[f"{cost}_std"] = _mean_std([r[cost] for r in rows])
             entry["macs"], entry["params"] = rows[0]["macs"], rows[0]["params"]
+            per_class = [r.get("per_class") for r in rows]
+            if all(per_class) and len({len(c) for c in per_class}) == 1:
+                entry["per_class"] = [statistics.fmean(c) for c in zip(*per_class)]
             if method.startswith("PNC"):
                 entry["macs"] = statistics.fmean(r["macs"] for r in rows)
                 entry["params"] = statistics.fmean(r["params"] for r in rows)
@@ -370,50 +373,172 @@ def _at_least(gap: float, bound: float) -> bool:
     return round(gap, 4) >= bound
 
 
-def goal_checks(rows: list[dict[str, Any]], search: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def goal_checks(
+    rows: list[dict[str, Any]],
+    search: list[dict[str, Any]] | None = None,
+    class_names: dict[str, list[str]] | None = None,
+    num_old: int | None = None,
+) -> list[dict[str, Any]]:
     """Clone-quality goals for PNC, per scale, on the seed means (points = percent): Avg at
     least both ensembles' and Continual+KD's (with replay), Ori within 1 point of the
     pre-trained target at S and of Joint+Full at M, Avg within 2 points of Joint+Full at M,
     mean selection regret at most 0.5 point, and fewer MACs than the direct ensemble; and
-    the cost goals: at most 0.25x Joint+Full's wall time and 2x its peak memory."""
+    the cost goals: at most 0.25x Joint+Full's wall time and 2x its peak memory.
+
+    A missed goal gets a ``diagnosis`` measured from the same rows: where the accuracy gap
+    lies (Ori / Tar, the classes that trail most, whether it is within the seeds' spread),
+    which seeds chose a worse R, where PNC's time goes. ``class_names``: scale -> the
+    output classes' names (the rows' ``per_class`` order), the first ``num_old`` the
+    target's."""
     checks = []
     for scale in dict.fromkeys(r["scale"] for r in rows):
         at = {r["method"]: r for r in rows if r["scale"] == scale}
-        if "PNC" not in at:
-            continue
-        p = at["PNC"]
-
-        def add(goal: str, value: float, need: str, met: bool, scale: str = scale) -> None:
-            checks.append({"scale": scale, "goal": goal, "value": round(value, 3), "need": need, "met": bool(met)})
-
-        ensembles = [m for m in ("Direct Ensemble", "Calibrated Ensemble") if m in at]
-        if ensembles:
-            gap = 100 * (p["avg_acc"] - max(at[m]["avg_acc"] for m in ensembles))
-            add(f"Avg(PNC) - max Avg({', '.join(ensembles)}), points", gap, ">= 0", _at_least(gap, 0))
-        if REFERENCE in at:
-            gap = 100 * (p["avg_acc"] - at[REFERENCE]["avg_acc"])
-            add("Avg(PNC) - Avg(Continual+KD), points", gap, ">= 0", _at_least(gap, 0))
-        if scale == "S" and "Pre-trained" in at:
-            gap = 100 * (p["ori_acc"] - at["Pre-trained"]["ori_acc"])
-            add("Ori(PNC) - Ori(Pre-trained), points", gap, ">= -1", _at_least(gap, -1))
-        if scale == "M" and "Joint+Full" in at:
-            gap = 100 * (p["ori_acc"] - at["Joint+Full"]["ori_acc"])
-            add("Ori(PNC) - Ori(Joint+Full), points", gap, ">= -1", _at_least(gap, -1))
-            gap = 100 * (p["avg_acc"] - at["Joint+Full"]["avg_acc"])
-            add("Avg(PNC) - Avg(Joint+Full), points", gap, ">= -2", _at_least(gap, -2))
-        regrets = [s["regret"] for s in search or [] if s["scale"] == scale and s["method"] == "PNC"]
-        if regrets:
-            mean = sum(regrets) / len(regrets)
-            add("mean selection regret (finalists), points", mean, "<= 0.5", mean <= 0.5)
-        if "Direct Ensemble" in at:
-            ratio = p["macs"] / at["Direct Ensemble"]["macs"]
-            add("MACs(PNC) / MACs(Direct Ensemble)", ratio, "< 1", ratio < 1)
-        if "Joint+Full" in at and at["Joint+Full"]["seconds"] > 0 and at["Joint+Full"]["peak_mb"] > 0:
-            ratio = p["seconds"] / at["Joint+Full"]["seconds"]
-            add("seconds(PNC) / seconds(Joint+Full), same run", ratio, "<= 0.25", ratio <= 0.25)
-            ratio = p["peak_mb"] / at["Joint+Full"]["peak_mb"]
-            add("peak MiB(PNC) / peak MiB(Joint+Full)", ratio, "<= 2", ratio <= 2)
+        if "PNC" in at:
+            records = [s for s in search or [] if s["scale"] == scale and s["method"] == "PNC"]
+            checks += _goals_at(scale, at, records, (class_names or {}).get(scale), num_old)
     return checks
+
+
+def _goals_at(
+    scale: str,
+    at: dict[str, dict[str, Any]],
+    records: list[dict[str, Any]],
+    names: list[str] | None,
+    num_old: int | None,
+) -> list[dict[str, Any]]:
+    """:func:`goal_checks` at one scale: ``at`` maps each method to its summary row."""
+    checks: list[dict[str, Any]] = []
+    p = at["PNC"]
+
+    def add(goal: str, value: float, need: str, met: bool, why: Callable[[], str]) -> None:
+        checks.append(
+            {
+                "scale": scale,
+                "goal": goal,
+                "value": round(value, 3),
+                "need": need,
+                "met": bool(met),
+                "diagnosis": "" if met else why(),
+            }
+        )
+
+    def behind(ref: dict[str, Any], part: str = "avg") -> Callable[[], str]:
+        return lambda: _accuracy_diagnosis(p, ref, part, names, num_old, at.get("Pre-trained"))
+
+    ensembles = [m for m in ("Direct Ensemble", "Calibrated Ensemble") if m in at]
+    if ensembles:
+        best = max((at[m] for m in ensembles), key=lambda e: e["avg_acc"])
+        gap = 100 * (p["avg_acc"] - best["avg_acc"])
+        add(f"Avg(PNC) - max Avg({', '.join(ensembles)}), points", gap, ">= 0", _at_least(gap, 0), behind(best))
+    if REFERENCE in at:
+        gap = 100 * (p["avg_acc"] - at[REFERENCE]["avg_acc"])
+        add("Avg(PNC) - Avg(Continual+KD), points", gap, ">= 0", _at_least(gap, 0), behind(at[REFERENCE]))
+    if scale == "S" and "Pre-trained" in at:
+        gap = 100 * (p["ori_acc"] - at["Pre-trained"]["ori_acc"])
+        add(
+            "Ori(PNC) - Ori(Pre-trained), points",
+            gap,
+            ">= -1",
+            _at_least(gap, -1),
+            behind(at["Pre-trained"], "ori"),
+        )
+    if scale == "M" and "Joint+Full" in at:
+        gap = 100 * (p["ori_acc"] - at["Joint+Full"]["ori_acc"])
+        add("Ori(PNC) - Ori(Joint+Full), points", gap, ">= -1", _at_least(gap, -1), behind(at["Joint+Full"], "ori"))
+        gap = 100 * (p["avg_acc"] - at["Joint+Full"]["avg_acc"])
+        add("Avg(PNC) - Avg(Joint+Full), points", gap, ">= -2", _at_least(gap, -2), behind(at["Joint+Full"]))
+    if records:
+        mean = sum(s["regret"] for s in records) / len(records)
+        add(
+            "mean selection regret (finalists), points",
+            mean,
+            "<= 0.5",
+            mean <= 0.5,
+            lambda: _regret_diagnosis(records),
+        )
+    if "Direct Ensemble" in at:
+        ratio = p["macs"] / at["Direct Ensemble"]["macs"]
+        add("MACs(PNC) / MACs(Direct Ensemble)", ratio, "< 1", ratio < 1, lambda: "")
+    if "Joint+Full" in at and at["Joint+Full"]["seconds"] > 0 and at["Joint+Full"]["peak_mb"] > 0:
+        jf = at["Joint+Full"]
+        ratio = p["seconds"] / jf["seconds"]
+        add(
+            "seconds(PNC) / seconds(Joint+Full), same run",
+            ratio,
+            "<= 0.25",
+            ratio <= 0.25,
+            lambda: _time_diagnosis(p, jf, records),
+        )
+        ratio = p["peak_mb"] / jf["peak_mb"]
+        add(
+            "peak MiB(PNC) / peak MiB(Joint+Full)",
+            ratio,
+            "<= 2",
+            ratio <= 2,
+            lambda: f"PNC {p['peak_mb']:.0f} MiB vs Joint+Full {jf['peak_mb']:.0f} MiB",
+        )
+    return checks
+
+
+def _accuracy_diagnosis(
+    p: dict[str, Any],
+    ref: dict[str, Any],
+    part: str,
+    names: list[str] | None,
+    num_old: int | None,
+    pretrained: dict[str, Any] | None,
+) -> str:
+    """Where PNC's ``part`` accuracy trails ``ref``'s: Ori and Tar side by side, the share
+    of an Avg gap each gives (the pooled weight of Ori is the pre-trained target's Avg/Ori,
+    its Tar being 0), the classes that trail most (the target's first ``num_old`` only, for
+    Ori), and the seeds' spread."""
+    pct = {k: 100 * p.get(f"{k}_acc", math.nan) for k in ("ori", "tar", "avg")}
+    ref_pct = {k: 100 * ref.get(f"{k}_acc", math.nan) for k in ("ori", "tar", "avg")}
+    text = [
+        f"vs {ref['method']}: Ori {pct['ori']:.2f} vs {ref_pct['ori']:.2f}, "
+        f"Tar {pct['tar']:.2f} vs {ref_pct['tar']:.2f}"
+    ]
+    if part == "avg" and pretrained is not None and pretrained.get("ori_acc"):
+        w = pretrained["avg_acc"] / pretrained["ori_acc"]
+        ori, tar = w * (pct["ori"] - ref_pct["ori"]), (1 - w) * (pct["tar"] - ref_pct["tar"])
+        text.append(f"of the Avg gap, Ori gives {ori:+.2f} and Tar {tar:+.2f} points")
+    if names and p.get("per_class") and ref.get("per_class") and len(names) == len(p["per_class"]):
+        count = num_old if part == "ori" and num_old else len(names)
+        deltas = sorted((100 * (a - b), n) for a, b, n in list(zip(p["per_class"], ref["per_class"], names))[:count])
+        trailing = [f"{n} {d:+.1f}" for d, n in deltas[:3] if d < -0.05]
+        if trailing:
+            text.append("classes trailing most: " + ", ".join(trailing))
+    spread = 100 * max(p.get(f"{part}_std", 0.0), ref.get(f"{part}_std", 0.0))
+    if abs(pct[part] - ref_pct[part]) <= spread:
+        text.append(f"within the seeds' spread ({part.capitalize()} std up to {spread:.2f})")
+    return "; ".join(text)
+
+
+def _regret_diagnosis(records: list[dict[str, Any]]) -> str:
+    """The seeds whose chosen R is not the best finalist by test Avg."""
+    worse = [f"seed {s['seed']} chose {s['target_cut']}, best {s['best_cut']} (+{s['regret']:.2f})" for s in records]
+    return "; ".join(w for w, s in zip(worse, records) if s["regret"] > 0)
+
+
+def _time_diagnosis(p: dict[str, Any], jf: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """PNC's seconds per phase of its profile and per candidate (means over seeds) against
+    Joint+Full's."""
+    text = f"PNC {p['seconds']:.0f} s vs Joint+Full {jf['seconds']:.0f} s"
+    profiles = [s["profile"] for s in records if s.get("profile")]
+    if not profiles:
+        return text
+    phases = {"search": "search", "tune_branch": "tuning", "frozen_outputs": "frozen outputs", "local_models": "G"}
+    mean = {k: statistics.fmean(pr.get(k, 0.0) for pr in profiles) for k in phases}
+    per_cut: dict[str, list[float]] = {}
+    for s in records:
+        for c in s["candidates"]:
+            per_cut.setdefault(c["target_cut"], []).append(sum(c.get("phase_seconds", {}).values()))
+    cuts = ", ".join(f"{cut} {statistics.fmean(v):.0f} s" for cut, v in per_cut.items())
+    return (
+        f"{text}; PNC per phase (mean of seeds): "
+        + ", ".join(f"{label} {mean[k]:.0f} s" for k, label in phases.items())
+        + (f"; the search per candidate R: {cuts}" if cuts else "")
+    )
 
 
 def _cell(entry: dict[str, Any] | None, part: str) -> str:
@@ -595,6 +720,11 @@ def _goals_section(goals: list[dict[str, Any]], old_fraction: float = 0.3) -> li
     for g in goals:
         lines.append(f"| {g['scale']} | {g['goal']} | {g['value']} | {g['need']} | {'yes' if g['met'] else 'NO'} |")
     lines.append("")
+    missed = [g for g in goals if not g["met"] and g.get("diagnosis")]
+    if missed:
+        lines += ["Missed goals, measured on the same rows (means over seeds, in points or seconds):", ""]
+        lines += [f"- {g['scale']}, {g['goal']} = {g['value']}: {g['diagnosis']}." for g in missed]
+        lines.append("")
     return lines
 
 
@@ -610,6 +740,7 @@ def write_table(
     """Write ``<stem>.json`` and ``<stem>.md`` under ``out_dir``; returns the JSON object."""
     rows = summarize(per_seed, spec.methods, spec.scales)
     clone_classes = {s: CloneTask(splits, t_card.classes, s_card.classes, s).clone_classes for s in spec.scales}
+    class_names = {s: [splits.classes[c] for c in [*t_card.classes, *cs]] for s, cs in clone_classes.items()}
     search = [
         {
             "method": r["method"],
@@ -617,6 +748,7 @@ def write_table(
             "seed": r["seed"],
             **{k: r["details"]["report"][k] for k in ("target_cut", "source_cut", "kept_fraction", "candidates")},
             "skipped": r["details"]["report"].get("skipped", []),
+            "profile": r["details"]["report"].get("profile", {}),
         }
         for r in per_seed
         if r["method"].startswith("PNC") and "report" in r["details"]
@@ -641,7 +773,7 @@ def write_table(
         "methods": spec.methods,
         "budget": asdict(spec.budget),
         "rows": rows,
-        "goals": goal_checks(rows, search),
+        "goals": goal_checks(rows, search, class_names, len(t_card.classes)),
         "pnc_search": search,
         "per_seed": [{k: v for k, v in r.items() if k not in ("details", "hparams")} for r in per_seed],
         "hparams": {r["method"]: r["hparams"] for r in per_seed},

@@ -375,3 +375,42 @@ def test_bench_incremental_gives_every_method_the_same_images_in_both_settings(b
     for method in ("Continual", "Continual+KD"):  # the replayed images keep the target's classes
         assert curves[0.3][method][-1] > curves[0.0][method][-1] + 0.1
     assert curves[0.3]["Direct Ensemble"] == curves[0.0]["Direct Ensemble"]  # it never sees an image
+
+
+def test_a_missed_goal_is_diagnosed_from_the_rows_and_a_met_one_is_not():
+    from pnc.bench.paper import _goals_section, goal_checks
+
+    def row(method, ori, tar, per_class, seconds=10.0):
+        avg = (2 * ori + tar) / 3
+        return {
+            "method": method, "scale": "S", "ori_acc": ori, "tar_acc": tar, "avg_acc": avg, "ori_std": 0.0,
+            "tar_std": 0.0, "avg_std": 0.0, "per_class": per_class, "macs": 1, "seconds": seconds, "peak_mb": 1,
+        }  # fmt: skip
+
+    rows = [
+        row("Pre-trained", 0.9, 0.0, [0.9, 0.9, 0.0]),
+        row("Continual+KD", 0.9, 0.9, [0.9, 0.9, 0.9], seconds=100.0),
+        row("Joint+Full", 0.9, 0.9, [0.9, 0.9, 0.9], seconds=100.0),
+        row("PNC", 0.9, 0.6, [0.95, 0.85, 0.6], seconds=50.0),
+    ]
+    search = [
+        {
+            "method": "PNC", "scale": "S", "seed": 0, "target_cut": "late", "best_cut": "early", "regret": 1.5,
+            "profile": {"search": 30.0, "tune_branch": 15.0, "frozen_outputs": 4.0, "local_models": 1.0},
+            "candidates": [
+                {"target_cut": "late", "phase_seconds": {"joint": 5.0, "binary": 3.0}},
+                {"target_cut": "early", "phase_seconds": {"joint": 15.0, "binary": 7.0}},
+            ],
+        }
+    ]  # fmt: skip
+    checks = {c["goal"]: c for c in goal_checks(rows, search, {"S": ["a", "b", "new"]}, num_old=2)}
+    kd = checks["Avg(PNC) - Avg(Continual+KD), points"]
+    assert not kd["met"] and "Tar 60.00 vs 90.00" in kd["diagnosis"] and "new -30.0" in kd["diagnosis"]
+    assert "Ori gives +0.00 and Tar -10.00 points" in kd["diagnosis"]
+    assert checks["Ori(PNC) - Ori(Pre-trained), points"]["diagnosis"] == ""  # met
+    regret = checks["mean selection regret (finalists), points"]
+    assert not regret["met"] and "seed 0 chose late, best early" in regret["diagnosis"]
+    time = checks["seconds(PNC) / seconds(Joint+Full), same run"]
+    assert not time["met"] and "tuning 15 s" in time["diagnosis"] and "early 22 s" in time["diagnosis"]
+    text = "\n".join(_goals_section(list(checks.values())))
+    assert "Missed goals" in text and kd["diagnosis"] in text
