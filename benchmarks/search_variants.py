@@ -1,0 +1,135 @@
+"""PNC on one zoo pair with search settings changed, per seed, beside the defaults.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/search_variants.py \\
+        --target fmnist-lenet5-target --source fmnist-lenet5-source --scale M --seeds 0,1,2 \\
+        --variants '[{"tune_epochs": 20}, {"ce_weight": 3.0}]'
+
+Each variant is a dict of :class:`pnc.surgery.insertion.SearchConfig` overrides; ``{}`` (the
+defaults) always runs first. The search is seeded, so overrides of the tuning alone
+(``tune_epochs``, ``tune_lr``, ``ce_weight`` affects both) give the same R and the same branch
+before its tuning as the defaults. ``--padded`` pads Fashion-MNIST to 32 px (the
+resnet18 -> mobilenetv2_050 pair of Table 2). Writes
+``benchmarks/results/variants-<target>-<source>-<scale>.{json,md}``: per seed and variant the
+chosen R, Ori/Tar/Avg on the test images, the tuning's held-out accuracy before -> after and
+whether it was kept, and the seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pnc.bench.baselines import _clone
+from pnc.bench.hetero import padded
+from pnc.bench.metrics import clone_accuracy, set_logits
+from pnc.bench.paper import TableSpec, _task, budget_for, machine_info
+from pnc.surgery.io import atomic_write_text
+from pnc.zoo.datasets import load_dataset
+from pnc.zoo.store import ZooStore
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    splits = load_dataset("fashion-mnist")
+    splits = padded(splits) if args.padded else splits
+    store = ZooStore(args.zoo_dir)
+    target, t_card = store.load(args.target)
+    source, s_card = store.load(args.source)
+    budget = budget_for(t_card, quick=False)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    spec = TableSpec("v", "v", args.target, args.source, [args.scale], seeds, ["PNC"], budget, old_fraction=args.old)
+    variants = [{}, *[v for v in json.loads(args.variants) if v]]
+    runs = []
+    for seed in seeds:
+        task = _task(spec, splits, t_card, s_card, args.scale, seed)
+        pooled = task.eval_sets()["avg"]
+        for overrides in variants:
+            start = time.perf_counter()
+            net, _, details = _clone(task, target, source, seed, budget, None, **overrides)
+            seconds = time.perf_counter() - start
+            acc = clone_accuracy(set_logits(net, pooled), pooled.y, len(task.target_classes))
+            report = details["report"]
+            tuning = report.get("tuning") or {}
+            runs.append(
+                {
+                    "seed": seed,
+                    "variant": overrides,
+                    "target_cut": report["target_cut"],
+                    **{k: 100 * float(v) for k, v in acc.items()},
+                    "tuning": {k: tuning[k] for k in ("before", "after", "kept") if k in tuning},
+                    "seconds": seconds,
+                }
+            )
+            print(json.dumps(runs[-1]), flush=True)
+    return {
+        "target": args.target,
+        "source": args.source,
+        "scale": args.scale,
+        "old_fraction": args.old,
+        "seeds": seeds,
+        "variants": variants,
+        "runs": runs,
+        "machine": machine_info(),
+    }
+
+
+def render(result: dict[str, Any], command: str) -> str:
+    lines = [
+        f"# Search variants: `{result['target']}` <- `{result['source']}`, {result['scale']}, "
+        f"old fraction {result['old_fraction']:g}",
+        "",
+        "Test accuracy in %; tuning: held-out accuracy of the chosen branch before -> after its tuning "
+        "(kept only if it rose).",
+        "",
+        "| variant | seed | R | Ori | Tar | Avg | tuning (held-out) | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        t = r["tuning"]
+        tuned = (
+            f"{100 * t['before']['acc']:.2f} -> {100 * t['after']['acc']:.2f} ({'kept' if t['kept'] else 'dropped'})"
+        )
+        lines.append(
+            f"| {json.dumps(r['variant'])} | {r['seed']} | {r['target_cut']} | {r['ori']:.2f} | {r['tar']:.2f} | "
+            f"{r['avg']:.2f} | {tuned if t else '-'} | {r['seconds']:.0f} |"
+        )
+    lines += ["", "| variant | mean Avg over seeds |", "|---|---|"]
+    for v in result["variants"]:
+        avgs = [r["avg"] for r in result["runs"] if r["variant"] == v]
+        lines.append(f"| {json.dumps(v)} | {statistics.fmean(avgs):.2f} |")
+    lines += ["", f"Machine: {result['machine']['cpu']}. Command: `{command}`.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True, help="a zoo model name")
+    parser.add_argument("--source", required=True, help="a zoo model name")
+    parser.add_argument("--scale", default="S", help="S or M")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--old", type=float, default=0.3, help="old fraction (default 0.3)")
+    parser.add_argument("--variants", default="[]", help="a JSON list of SearchConfig overrides")
+    parser.add_argument("--padded", action="store_true", help="Fashion-MNIST padded to 32 px")
+    parser.add_argument("--zoo-dir")
+    args = parser.parse_args()
+    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/search_variants.py " + " ".join(
+        shlex.quote(a) for a in sys.argv[1:]
+    )
+    result = run(args) | {"command": command}
+    stem = f"variants-{args.target}-{args.source}-{args.scale}"
+    atomic_write_text(OUT / f"{stem}.json", json.dumps(result, indent=1))
+    atomic_write_text(OUT / f"{stem}.md", render(result, command))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
