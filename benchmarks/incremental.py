@@ -170,7 +170,7 @@ def run_incremental(
 ) -> Path:
     """The Table 3 analogue for the default zoo pair of ``arch``, run on ``device``; returns the
     markdown path."""
-    from pnc.bench.paper import QUICK_BUDGET, budget_for
+    from pnc.bench.paper import QUICK_BUDGET, budget_for, setting_suffix
     from pnc.zoo.datasets import load_dataset
     from pnc.zoo.defaults import default_pair, ensure_default
     from pnc.zoo.store import default_zoo_dir
@@ -183,8 +183,7 @@ def run_incremental(
     target, t_card = store.load(target_name, device)
     source, s_card = store.load(source_name, device)
     budget = QUICK_BUDGET if quick else budget_for(t_card, quick)
-    stem = f"table3-{splits.name}-{arch}" + ("" if old_fraction == 0.3 else f"-old{round(100 * old_fraction)}")
-    stem += "-quick" if quick else ""
+    stem = f"table3-{splits.name}-{arch}" + setting_suffix(old_fraction) + ("-quick" if quick else "")
     cache = RowCache(Path(out_dir) / f"{stem}.rows.json")
     workdir = (Path(workdir) if workdir is not None else default_zoo_dir(zoo_dir).parent / "bench") / stem
     runs = []

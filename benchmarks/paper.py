@@ -516,8 +516,11 @@ def _accuracy_diagnosis(
 
 def _regret_diagnosis(records: list[dict[str, Any]]) -> str:
     """The seeds whose chosen R is not the best finalist by test Avg."""
-    worse = [f"seed {s['seed']} chose {s['target_cut']}, best {s['best_cut']} (+{s['regret']:.2f})" for s in records]
-    return "; ".join(w for w, s in zip(worse, records) if s["regret"] > 0)
+    return "; ".join(
+        f"seed {s['seed']} chose {s['target_cut']}, best {s['best_cut']} (+{s['regret']:.2f})"
+        for s in records
+        if s["regret"] > 0
+    )
 
 
 def _time_diagnosis(p: dict[str, Any], jf: dict[str, Any], records: list[dict[str, Any]]) -> str:
@@ -740,7 +743,7 @@ def write_table(
     """Write ``<stem>.json`` and ``<stem>.md`` under ``out_dir``; returns the JSON object."""
     rows = summarize(per_seed, spec.methods, spec.scales)
     clone_classes = {s: CloneTask(splits, t_card.classes, s_card.classes, s).clone_classes for s in spec.scales}
-    class_names = {s: [splits.classes[c] for c in [*t_card.classes, *cs]] for s, cs in clone_classes.items()}
+    class_names = output_class_names(splits, t_card, s_card, spec.scales)
     search = [
         {
             "method": r["method"],
@@ -785,6 +788,26 @@ def write_table(
     atomic_write_text(out_dir / f"{spec.stem}.json", json.dumps(result, indent=1, default=jsonable))
     atomic_write_text(out_dir / f"{spec.stem}.md", render_markdown(result))
     return result
+
+
+def setting_suffix(old_fraction: float) -> str:
+    """What a table's stem adds for its data setting: nothing for the paper's (0.3),
+    ``-old<percent>`` otherwise (``-old0``: the strict setting)."""
+    return "" if old_fraction == 0.3 else f"-old{round(100 * old_fraction)}"
+
+
+def output_class_names(
+    splits: DatasetSplits, t_card: ModelCard, s_card: ModelCard, scales: Sequence[str]
+) -> dict[str, list[str]]:
+    """Scale -> the cloned network's output class names: the target's classes, then the
+    clone classes of that scale (the order of a row's ``per_class``)."""
+    return {
+        s: [
+            splits.classes[c]
+            for c in [*t_card.classes, *CloneTask(splits, t_card.classes, s_card.classes, s).clone_classes]
+        ]
+        for s in scales
+    }
 
 
 def budget_for(card: ModelCard, quick: bool) -> Budget:
@@ -850,11 +873,8 @@ def run_paper(
         target_name, source_name = default_pair(splits.name, arch)
         t_card = ensure_default(store, target_name, dataset=splits, progress=False, device=device)
         s_card = ensure_default(store, source_name, dataset=splits, progress=False, device=device)
-    stem = (
-        f"table1-{splits.name}-{arch}"
-        + ("" if old_fraction == 0.3 else f"-old{round(100 * old_fraction)}")
-        + ("-quick" if quick else "")
-    )
+    base = f"table1-{splits.name}-{arch}"
+    stem = base + setting_suffix(old_fraction) + ("-quick" if quick else "")
     spec = TableSpec(
         stem=stem,
         title=f"Table 1 analogue: {splits.name}, {arch} target and source" + (" (quick budget)" if quick else ""),
@@ -872,7 +892,7 @@ def run_paper(
     workdir = Path(workdir) if workdir is not None else default_zoo_dir(zoo_dir).parent / "bench"
     shared = None
     if old_fraction != 0.3:  # the paper's setting's table holds the setting-free rows
-        shared = RowCache(Path(out_dir) / f"{stem.replace(f'-old{round(100 * old_fraction)}', '')}.rows.json")
+        shared = RowCache(Path(out_dir) / f"{base}{'-quick' if quick else ''}.rows.json")
     per_seed = run_table(
         spec, store, splits, cache, workdir, log=log, shared=shared, device=device, backend=backend, address=address
     )

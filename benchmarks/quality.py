@@ -30,6 +30,7 @@ from pnc.bench.paper import (
     goal_checks,
     jsonable,
     machine_info,
+    output_class_names,
     run_table,
     selection_regret,
     summarize,
@@ -38,7 +39,6 @@ from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import load_dataset
 from pnc.zoo.defaults import default_pair, ensure_default
 from pnc.zoo.store import ZooStore, default_zoo_dir
-from pnc.zoo.tasks import CloneTask
 
 OUT = Path(__file__).resolve().parent / "results"
 METHODS = ["Pre-trained", "Direct Ensemble", "Calibrated Ensemble", "Continual+KD", "Joint+Full", "PNC"]
@@ -90,9 +90,7 @@ def main() -> None:
                     "scale": r["scale"],
                     "seed": r["seed"],
                     "target_cut": rep["target_cut"],
-                    "chosen": rep["target_cut"],
                     "best_cut": best,
-                    "best": best,
                     "regret": regret,
                     "profile": rep.get("profile", {}),
                     "candidates": rep["candidates"],
@@ -101,13 +99,7 @@ def main() -> None:
                     "final": {k: r[k] for k in ("ori", "tar", "avg")},
                 }
             )
-        names = {
-            s: [
-                splits.classes[c]
-                for c in [*t_card.classes, *CloneTask(splits, t_card.classes, s_card.classes, s).clone_classes]
-            ]
-            for s in scales
-        }
+        names = output_class_names(splits, t_card, s_card, scales)
         checks = [] if old_fraction == 0 else goal_checks(rows, search, names, len(t_card.classes))
         settings.append(
             {
@@ -197,7 +189,7 @@ def render(result: dict[str, Any]) -> str:
             )
             im = s["images"]
             lines.append(
-                f"| {setting['old_fraction']:g} | {s['scale']} | {s['chosen']} | {s['best']} | "
+                f"| {setting['old_fraction']:g} | {s['scale']} | {s['target_cut']} | {s['best_cut']} | "
                 f"{s['regret']:.2f} | {cands} | {tuning} | {im['old_train']} + {im['clone_train']}, "
                 f"{im['old_holdout'] + im['clone_holdout']} |"
             )

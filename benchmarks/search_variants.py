@@ -30,10 +30,11 @@ import torch
 from pnc.bench.baselines import _clone
 from pnc.bench.hetero import padded
 from pnc.bench.metrics import clone_accuracy, set_logits
-from pnc.bench.paper import TableSpec, _task, budget_for, machine_info
+from pnc.bench.paper import budget_for, machine_info
 from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import load_dataset
 from pnc.zoo.store import ZooStore
+from pnc.zoo.tasks import CloneTask
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -46,11 +47,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     source, s_card = store.load(args.source)
     budget = budget_for(t_card, quick=False)
     seeds = [int(s) for s in args.seeds.split(",")]
-    spec = TableSpec("v", "v", args.target, args.source, [args.scale], seeds, ["PNC"], budget, old_fraction=args.old)
     variants = [{}, *[v for v in json.loads(args.variants) if v]]
     runs = []
     for seed in seeds:
-        task = _task(spec, splits, t_card, s_card, args.scale, seed)
+        task = CloneTask(splits, t_card.classes, s_card.classes, args.scale, seed=seed, old_fraction=args.old)
         pooled = task.eval_sets()["avg"]
         for overrides in variants:
             start = time.perf_counter()
