@@ -16,6 +16,7 @@ from .common import (
     add_backend,
     add_data_dir,
     add_device,
+    add_old_fraction,
     add_zoo_dir,
     check_backend,
     check_output_dir,
@@ -176,16 +177,6 @@ def _cmd_incremental(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_old_fraction(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--old-fraction",
-        type=in_range(float, 0.0, 1.0),
-        default=0.3,
-        help="share of the target classes' training images available while cloning "
-        "(default 0.3, the paper's; 0: none, the strict setting)",
-    )
-
-
 def add_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``pnc bench ...`` to the ``pnc`` command."""
     from pnc.bench.baselines import METHODS
@@ -216,7 +207,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     paper.add_argument("--source", help="a source zoo model of the same dataset as --target")
     paper.add_argument("--scales", type=_csv(str), help="S, M or S,M (default S,M; S with --quick)")
     paper.add_argument("--methods", type=_csv(str), help=f"comma-separated, of {', '.join(METHODS)} (default: all)")
-    _add_old_fraction(paper)
+    add_old_fraction(paper)
     paper.add_argument("--fresh", action="store_true", help="ignore cached rows and recompute")
     add_backend(paper, "the table's cells (seed x scale x method)")
     paper.set_defaults(func=_cmd_paper)
@@ -259,5 +250,5 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     inc.add_argument(
         "--methods", type=_csv(str, INCREMENTAL_METHODS), help="default Direct Ensemble,Continual,Continual+KD,PNC"
     )
-    _add_old_fraction(inc)
+    add_old_fraction(inc)
     inc.set_defaults(func=_cmd_incremental)

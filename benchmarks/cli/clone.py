@@ -41,6 +41,7 @@ from .common import (
     add_data_dir,
     add_device,
     add_force,
+    add_old_fraction,
     add_zoo_dir,
     check_backend,
     check_input_file,
@@ -622,13 +623,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder for clone.pnc and report.json")
     p.add_argument("--seed", type=seed_number, default=0)
     p.add_argument("--fraction", type=share, default=0.3, help="share of the clone classes' training images, in (0, 1]")
-    p.add_argument(
-        "--old-fraction",
-        type=in_range(float, 0.0, 1.0),
-        default=0.3,
-        help="share of the target classes' training images available while cloning, in [0, 1] "
-        "(default 0.3, the paper's setting; 0: none)",
-    )
+    add_old_fraction(p)
     p.add_argument("--mask-ratio", type=share, default=0.5, help="kept share of each channel group, in (0, 1]")
     p.add_argument(
         "--prefer-smaller-branch",

@@ -48,6 +48,16 @@ def add_device(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def add_old_fraction(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--old-fraction",
+        type=in_range(float, 0.0, 1.0),
+        default=0.3,
+        help="share of the target classes' training images available while cloning, in [0, 1] "
+        "(default 0.3, the paper's setting; 0: none, the strict setting)",
+    )
+
+
 def add_force(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--force", action="store_true", help=f"replace {what}")
 
