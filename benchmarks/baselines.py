@@ -49,6 +49,7 @@ from pnc.surgery.errors import TaskError
 from pnc.surgery.insertion import SearchConfig, joint_teacher, kd_loss
 from pnc.surgery.io import state_dict_sha256
 from pnc.surgery.tracing import trace
+from pnc.zoo.datasets import ImageData
 from pnc.zoo.images import decoded
 from pnc.zoo.tasks import CloneTask
 from pnc.zoo.train import fit
@@ -403,21 +404,34 @@ def joint_full(
     return model, hp, {"train_images": len(data)}
 
 
-def _continual(
-    task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, kd: bool, ce: bool = True
-):
-    data = task.available_set()
-    model = extend_classifier(copy.deepcopy(target).requires_grad_(True), len(task.clone_classes), data.x, seed)
-    index, t = task.source_label_index(), budget.kd_temperature
-    arbitrate = bool((data.y < len(task.target_classes)).any())
+def fit_continual(
+    base: nn.Module,
+    num_old: int,
+    source: nn.Module,
+    index: list[int],
+    data: ImageData,
+    seed: int,
+    budget: Budget,
+    *,
+    kd: bool,
+    ce: bool = True,
+) -> tuple[nn.Module, bool]:
+    """A copy of ``base`` (``num_old`` outputs), its head extended by ``len(index)`` rows,
+    fine-tuned on ``data`` (labels < num_old: base's classes, the rest: the new ones) with
+    cross-entropy (``ce``)
+    and, with ``kd``, KD to :func:`~pnc.surgery.insertion.joint_teacher` of base's logits and
+    the source's ``source(x)[:, index]``; base stays frozen. Also returns whether ``data`` has
+    images of base's classes (the teacher then arbitrates per image)."""
+    model = extend_classifier(copy.deepcopy(base).requires_grad_(True), len(index), data.x, seed)
+    arbitrate = bool((data.y < num_old).any())
 
     def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         logits = m(x)
         loss = F.cross_entropy(logits, y) if ce else logits.new_zeros(())
         if kd:
             with torch.no_grad():
-                teacher = joint_teacher(target(x), source(x)[:, index], y if arbitrate else None)
-            loss = loss + kd_loss(logits, teacher, t)
+                teacher = joint_teacher(base(x), source(x)[:, index], y if arbitrate else None)
+            loss = loss + kd_loss(logits, teacher, budget.kd_temperature)
         return loss
 
     fit(
@@ -430,6 +444,16 @@ def _continual(
         loss_fn=loss_fn,
         progress=False,
     )
+    return model, arbitrate
+
+
+def _continual(
+    task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, kd: bool, ce: bool = True
+):
+    data = task.available_set()
+    index = task.source_label_index()
+    num_old = len(task.target_classes)
+    model, arbitrate = fit_continual(target, num_old, source, index, data, seed, budget, kd=kd, ce=ce)
     extra = {"loss": "cross_entropy"}
     if kd:
         teacher = (
@@ -440,7 +464,7 @@ def _continual(
         )
         extra = {
             "loss": ("cross_entropy + " if ce else "") + f"KD(joint logits -> {teacher})",
-            "kd_temperature": t,
+            "kd_temperature": budget.kd_temperature,
             "kd_weight": 1.0,
         }
     return model, _finetune_hparams(budget, **extra), {"train_images": len(data)}

@@ -15,7 +15,6 @@ old-class images and the source's on new-class ones (the arbitrating teacher of 
 
 from __future__ import annotations
 
-import copy
 import json
 import statistics
 import time
@@ -25,20 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from pnc.bench.baselines import Budget, DirectEnsemble, budget_fields, extend_classifier, search_key
+from pnc.bench.baselines import Budget, DirectEnsemble, budget_fields, fit_continual, search_key
 from pnc.bench.metrics import inference_macs, logits_of
 from pnc.bench.paper import RowCache, jsonable, machine_info
 from pnc.surgery.cloning import clone
 from pnc.surgery.devices import DeviceLike, device_of
-from pnc.surgery.insertion import joint_teacher, kd_loss
 from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import DatasetSplits, ImageData
 from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import CloneTask, select_classes
-from pnc.zoo.train import fit
 
 __all__ = ["incremental_run", "run_incremental", "INCREMENTAL_METHODS"]
 
@@ -124,31 +120,9 @@ def _step(
     data = task.available_set()
     n_old = len(task.target_classes)
     new_y = torch.where(data.y >= n_old, data.y - n_old + num_seen, data.y)  # new classes after the seen ones
-    data = ImageData(data.x, new_y)
-    arbitrate = bool((new_y < n_old).any())
-    frozen = model
-    student = extend_classifier(copy.deepcopy(model).requires_grad_(True), len(task.clone_classes), data.x, seed)
-    kd = method == "Continual+KD"
-
-    def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        out = m(x)
-        loss = F.cross_entropy(out, y)
-        if kd:
-            with torch.no_grad():
-                teacher = joint_teacher(frozen(x), source(x)[:, index], y if arbitrate else None)
-            loss = loss + kd_loss(out, teacher, budget.kd_temperature)
-        return loss
-
-    return fit(
-        student,
-        data,
-        epochs=budget.epochs,
-        lr=budget.lr,
-        seed=seed,
-        batch_size=budget.batch_size,
-        loss_fn=loss_fn,
-        progress=False,
-    )
+    return fit_continual(
+        model, num_seen, source, index, ImageData(data.x, new_y), seed, budget, kd=method == "Continual+KD"
+    )[0]
 
 
 def run_incremental(
