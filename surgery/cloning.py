@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from pnc.surgery.branch import CloneReport
 from pnc.surgery.cloned import ClonedNetwork
-from pnc.surgery.cut_search import Backend, finalist_accuracy, search
+from pnc.surgery.cut_search import Backend, SearchProgress, finalist_accuracy, search
 from pnc.surgery.devices import device_of
 from pnc.surgery.errors import DataError, TaskError, require_finite_images, require_finite_weights
 from pnc.surgery.insertion import SearchConfig, SearchContext, build_branch, split_holdout, tune_branch
@@ -191,12 +191,14 @@ def clone(
     branch = build_branch(ctx, best, classes=names, source_name=source_name, source_sha256=hashes[1])
     profile["build_branch"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    tuning = (
-        tune_branch(ctx, branch, config) if ctx.arbitrate and ctx.holdout is not None and config.tune_epochs else {}
-    )
-    profile["tune_branch"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    finalist_accuracy(ctx, config, outcome)  # reported only: the choice is made
+    tuning = {}
+    with SearchProgress(progress) as bar:
+        if ctx.arbitrate and ctx.holdout is not None and config.tune_epochs:
+            tuning = tune_branch(ctx, branch, config, bar.counter(f"tuning the branch at R={best.target_cut}"))
+        profile["tune_branch"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        # reported only: the choice is made
+        finalist_accuracy(ctx, config, outcome, bar.counter("test accuracy of the finalists"))
     profile["report_accuracy"] = time.perf_counter() - mark
     net = into or ClonedNetwork(target, x[:2], target_classes, traced=t_traced)
     name = name or source_name or f"branch{len(net.branches)}"

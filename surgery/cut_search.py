@@ -120,12 +120,20 @@ class SearchProgress:
         self.bar.__exit__(None, None, None)
 
     def ticker(self, ctx: SearchContext, config: SearchConfig, job: StageJob) -> Callable[[int], None]:
+        """The bar of one candidate's stage (see :meth:`counter`)."""
         r, r_src = ctx.candidates(config.candidates)[job.index]
+        return self.counter(f"R={r.node} <- R'={r_src.node} [{job.stage}]")
+
+    def counter(self, description: str) -> Callable[[int], None]:
+        """A ``tick`` callback drawing one bar: ``tick(total)`` once, then ``tick(0)`` per step.
+        ``description`` is plain text (``[search]`` is not read as rich markup)."""
+        from rich.markup import escape
+
         task: list = []
 
         def tick(total: int) -> None:
             if not task:
-                task.append(self.bar.add_task(f"R={r.node} <- R'={r_src.node} [{job.stage}]", total=total))
+                task.append(self.bar.add_task(escape(description), total=total))
             else:
                 self.bar.advance(task[0])
 
@@ -326,17 +334,21 @@ def search(
     )
 
 
-def finalist_accuracy(ctx: SearchContext, config: SearchConfig, outcome: SearchOutcome) -> None:
+def finalist_accuracy(
+    ctx: SearchContext, config: SearchConfig, outcome: SearchOutcome, tick: Callable[[int], None] = lambda n: None
+) -> None:
     """Fill ``accuracy`` (Ori / Tar / Avg on the eval sets) of every finalist, after the
-    search: reported (e.g. for the selection regret), never used to select."""
+    search: reported (e.g. for the selection regret), never used to select. ``tick(total)``
+    once with the number of finalists, then ``tick(0)`` after each."""
     if not ctx.eval_sets:
         return
     pairs = ctx.candidates(config.candidates)
     by_pair = {(r.node, r_src.node): i for i, (r, r_src) in enumerate(pairs)}
-    for result in outcome.results:
-        i = by_pair[(result.target_cut, result.source_cut)]
-        if i not in outcome.states:
-            continue
+    finalists = [(r, by_pair[(r.target_cut, r.source_cut)]) for r in outcome.results]
+    finalists = [(result, i) for result, i in finalists if i in outcome.states]
+    tick(len(finalists))
+    for result, i in finalists:
         trainer = CandidateTrainer(ctx, *pairs[i], config)
         trainer.restore(outcome.states[i], result)
         result.accuracy = trainer.accuracy()
+        tick(0)

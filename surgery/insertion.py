@@ -694,10 +694,13 @@ def steps_per_epoch(ctx: SearchContext, config: SearchConfig) -> int:
     return max(math.ceil(len(images) / config.batch_size), config.min_steps_per_epoch)
 
 
-def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dict:
+def tune_branch(
+    ctx: SearchContext, branch: Branch, config: SearchConfig, tick: Callable[[int], None] = lambda n: None
+) -> dict:
     """Fine-tune a built branch (A, the pruned copy M_f, F_c) with L_ins on the training
     images (clean; ``tune_epochs`` passes over all of them), the target frozen; keep the
-    result only if the held-out error falls.
+    result only if the held-out error falls. ``tick(total)`` is called once with the step
+    count, then ``tick(0)`` per step (for a progress bar).
 
     Returns {"before": held-out metrics, "after": held-out metrics, "kept": bool, "epochs",
     "seconds"}."""
@@ -733,6 +736,7 @@ def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dic
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     draws = math.ceil(steps * config.batch_size / n)  # seeded on the CPU generator, then moved
     order = torch.cat([torch.randperm(n, generator=gen, device=gen.device) for _ in range(draws)]).to(ctx.device)
+    tick(steps)
     branch.train()
     for step in range(steps):
         rows = order[step * config.batch_size : (step + 1) * config.batch_size]
@@ -750,6 +754,7 @@ def tune_branch(ctx: SearchContext, branch: Branch, config: SearchConfig) -> dic
         loss.backward()
         opt.step()
         schedule.step()
+        tick(0)
     branch.body.requires_grad_(False)
     branch.eval()
     after = held_out()

@@ -145,8 +145,12 @@ def _cli_clone(tiny_zoo, out, *flags: str) -> dict:
 
 def test_cli_time_budget_reports_an_early_stop(tiny_zoo, tmp_path, capsys):
     branch = _cli_clone(tiny_zoo, tmp_path / "run")
-    assert "--time-budget spent" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "--time-budget spent" in printed.out
     assert branch["budget_stopped"] is True
+    # progress bars on stderr: the first stage's, named with its stage, and the chosen branch's tuning
+    assert f"R={branch['target_cut']} <- R'={branch['source_cut']} [search]" in printed.err
+    assert f"tuning the branch at R={branch['target_cut']}" in printed.err
 
 
 @pytest.mark.parametrize("flag", [[], ["--prefer-smaller-branch"]])
