@@ -9,7 +9,7 @@ defaults) always runs first. The search is seeded, so overrides of the tuning al
 (``tune_epochs``, ``tune_lr``, ``ce_weight`` affects both) give the same R and the same branch
 before its tuning as the defaults. ``--padded`` pads Fashion-MNIST to 32 px (the
 resnet18 -> mobilenetv2_050 pair of Table 2). Writes
-``benchmarks/results/variants-<target>-<source>-<scale>.{json,md}``: per seed and variant the
+``benchmarks/results/variants-<target>-<source>-<scale>[-<tag>].{json,md}``: per seed and variant the
 chosen R, Ori/Tar/Avg on the test images, the tuning's held-out accuracy before -> after and
 whether it was kept, and the seconds.
 """
@@ -120,12 +120,13 @@ def main() -> None:
     parser.add_argument("--variants", default="[]", help="a JSON list of SearchConfig overrides")
     parser.add_argument("--padded", action="store_true", help="Fashion-MNIST padded to 32 px")
     parser.add_argument("--zoo-dir")
+    parser.add_argument("--tag", default="", help="appended to the results' file names (keeps other runs' files)")
     args = parser.parse_args()
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/search_variants.py " + " ".join(
         shlex.quote(a) for a in sys.argv[1:]
     )
     result = run(args) | {"command": command}
-    stem = f"variants-{args.target}-{args.source}-{args.scale}"
+    stem = f"variants-{args.target}-{args.source}-{args.scale}" + (f"-{args.tag}" if args.tag else "")
     atomic_write_text(OUT / f"{stem}.json", json.dumps(result, indent=1))
     atomic_write_text(OUT / f"{stem}.md", render(result, command))
 
