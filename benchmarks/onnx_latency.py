@@ -13,7 +13,9 @@ folder is reused: delete it to clone again), then exports five models:
 * clone: ``pnc export clone.pnc``, output ``cloned_logits`` (target + pruned branch), the
   detachable file a user gets by default;
 * clone --optimize: the same written by ``pnc export --optimize extended``;
-* clone keep 0.25: ``pnc export`` of the clone searched with kept share 0.25.
+* clone keep 0.25: ``pnc export`` of the clone searched with kept share 0.25;
+* clone --smaller-mask-ratios 0.25: the default search, then kept share 0.25 on its R where
+  the held-out images see no loss (``SearchConfig.smaller_mask_ratios``).
 
 Latency is onnxruntime's CPU provider with 1 intra-op and 1 inter-op thread, every model
 loaded with the same graph optimization level (``ORT_ENABLE_ALL``, onnxruntime's default),
@@ -192,7 +194,9 @@ def _clone_run(store: ZooStore, target: str, source: str, work: Path, data_dir: 
 
 def _variants(store: ZooStore, target: str, source: str, work: Path, data_dir: str | None) -> dict[str, tuple]:
     """{row: (network, report, patch path)}: the default search ("clone"), kept share
-    :data:`SMALL_KEEP`, the one-standard-error rule (``--prefer-smaller-branch``) and, when the
+    :data:`SMALL_KEEP`, the one-standard-error rule (``--prefer-smaller-branch``), kept share
+    :data:`SMALL_KEEP` on the chosen R where the held-out images see no loss
+    (``--smaller-mask-ratios``) and, when the
     default search chose another cut, R fixed at the latest candidate cut (the first it
     tries, the cheapest branch)."""
     runs = {"clone": (work, SearchConfig(seed=0))}
@@ -203,6 +207,10 @@ def _variants(store: ZooStore, target: str, source: str, work: Path, data_dir: s
     runs["clone --prefer-smaller-branch"] = (
         work.with_name(f"{work.name}-smaller"),
         SearchConfig(seed=0, smaller_branch_within_se=True),
+    )
+    runs[f"clone --smaller-mask-ratios {SMALL_KEEP}"] = (
+        work.with_name(f"{work.name}-smaller-keep{SMALL_KEEP}"),
+        SearchConfig(seed=0, smaller_mask_ratios=(SMALL_KEEP,)),
     )
     done = {}
     for row, (folder, config) in runs.items():
@@ -351,7 +359,9 @@ def markdown(result: dict) -> str:
         f"cloned class. `clone` is the default search (kept share 0.5); `clone --optimize` the same clone written "
         f"by `pnc export --optimize extended`; `clone keep {SMALL_KEEP}` the default search with `--mask-ratio "
         f"{SMALL_KEEP}`; `clone --prefer-smaller-branch` the search choosing the latest cut within one paired "
-        "standard error of the best held-out loss; `clone R=CUT` the default search with R fixed at the latest "
+        f"standard error of the best held-out loss; `clone --smaller-mask-ratios {SMALL_KEEP}` the default search, "
+        f"then its R's last stage re-run at kept share {SMALL_KEEP}, kept if its held-out selection loss is no "
+        "higher; `clone R=CUT` the default search with R fixed at the latest "
         "candidate cut "
         "(`SearchConfig(candidates=[CUT])`), shown when the default search chose an earlier one.",
         "",

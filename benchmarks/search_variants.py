@@ -7,10 +7,10 @@
 Each variant is a dict of :class:`pnc.surgery.insertion.SearchConfig` overrides; ``{}`` (the
 defaults) always runs first. The search is seeded, so overrides of the tuning alone
 (``tune_epochs``, ``tune_lr``, ``ce_weight`` affects both) give the same R and the same branch
-before its tuning as the defaults. ``--padded`` pads Fashion-MNIST to 32 px (the
+before its tuning as the defaults. The target's dataset is loaded; ``--padded`` pads Fashion-MNIST to 32 px (the
 resnet18 -> mobilenetv2_050 pair of Table 2). Writes
 ``benchmarks/results/variants-<target>-<source>-<scale>[-<tag>].{json,md}``: per seed and variant the
-chosen R, Ori/Tar/Avg on the test images, the tuning's held-out accuracy before -> after and
+chosen R and kept share, Ori/Tar/Avg on the test images, the tuning's held-out accuracy before -> after and
 whether it was kept, and the seconds.
 """
 
@@ -40,11 +40,11 @@ OUT = Path(__file__).resolve().parent / "results"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    splits = load_dataset("fashion-mnist")
-    splits = padded(splits) if args.padded else splits
     store = ZooStore(args.zoo_dir)
     target, t_card = store.load(args.target)
     source, s_card = store.load(args.source)
+    splits = load_dataset(t_card.dataset)
+    splits = padded(splits) if args.padded else splits
     budget = budget_for(t_card, quick=False)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [{}, *[v for v in json.loads(args.variants) if v]]
@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "seed": seed,
                     "variant": overrides,
                     "target_cut": report["target_cut"],
+                    "kept_fraction": report["kept_fraction"],
                     **{k: 100 * float(v) for k, v in acc.items()},
                     "tuning": {k: tuning[k] for k in ("before", "after", "kept") if k in tuning},
                     "seconds": seconds,
@@ -90,8 +91,8 @@ def render(result: dict[str, Any], command: str) -> str:
         "Test accuracy in %; tuning: held-out accuracy of the chosen branch before -> after its tuning "
         "(kept only if it rose).",
         "",
-        "| variant | seed | R | Ori | Tar | Avg | tuning (held-out) | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | seed | R | kept | Ori | Tar | Avg | tuning (held-out) | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         t = r["tuning"]
@@ -99,7 +100,8 @@ def render(result: dict[str, Any], command: str) -> str:
             f"{100 * t['before']['acc']:.2f} -> {100 * t['after']['acc']:.2f} ({'kept' if t['kept'] else 'dropped'})"
         )
         lines.append(
-            f"| {json.dumps(r['variant'])} | {r['seed']} | {r['target_cut']} | {r['ori']:.2f} | {r['tar']:.2f} | "
+            f"| {json.dumps(r['variant'])} | {r['seed']} | {r['target_cut']} | {r.get('kept_fraction', 0):.2f} | "
+            f"{r['ori']:.2f} | {r['tar']:.2f} | "
             f"{r['avg']:.2f} | {tuned if t else '-'} | {r['seconds']:.0f} |"
         )
     lines += ["", "| variant | mean Avg over seeds |", "|---|---|"]

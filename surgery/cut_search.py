@@ -315,6 +315,8 @@ def search(
             fresh = backend.run(ctx, config, jobs, bar, checkpoint)
             for outcome in done + fresh:
                 latest[outcome.index] = outcome
+            if s == len(STAGES) - 2:
+                before_last = dict(latest)  # where a smaller kept share restarts the last stage
             if s < len(STAGES) - 1:
                 alive, reasons = survivors({i: latest[i].result for i in alive}, config.keep_fraction)
                 for i, why in reasons.items():
@@ -323,6 +325,10 @@ def search(
     reached = max(STAGES.index(o.result.stage) for o in latest.values())
     finalists = {i: o for i, o in latest.items() if STAGES.index(o.result.stage) == reached and i not in dropped}
     best_i, chosen_because = choose({i: o.result for i, o in finalists.items()}, config.smaller_branch_within_se)
+    if config.smaller_mask_ratios and config.use_masks and reached == len(STAGES) - 1:
+        kept = smaller_kept_share(ctx, config, backend, progress, before_last[best_i], finalists[best_i])
+        finalists[best_i], why = kept
+        latest[best_i], chosen_because = finalists[best_i], chosen_because + why
     results = {i: replace(latest[i].result, eliminated=dropped.get(i, "")) for i in sorted(latest)}
     return SearchOutcome(
         best=results[best_i],
@@ -332,6 +338,35 @@ def search(
         chosen_because=chosen_because,
         states={i: o.state for i, o in finalists.items()},
     )
+
+
+def smaller_kept_share(
+    ctx: SearchContext,
+    config: SearchConfig,
+    backend: Backend,
+    progress: bool,
+    before_last: StageOutcome,
+    chosen: StageOutcome,
+) -> tuple[StageOutcome, str]:
+    """Re-run the chosen candidate's last stage from ``before_last`` (its state after the
+    stage before) at each of ``config.smaller_mask_ratios`` below ``mask_ratio``, smallest
+    first; the first whose held-out selection loss is at most ``chosen``'s replaces it.
+    Returns the outcome kept and what was tried (appended to ``chosen_because``)."""
+    job = StageJob(chosen.index, STAGES[-1], (before_last.state, before_last.result))
+    tried = []
+    for ratio in sorted(r for r in set(config.smaller_mask_ratios) if r < config.mask_ratio):
+        with SearchProgress(progress) as bar:
+            [outcome] = backend.run(ctx, replace(config, mask_ratio=ratio), [job], bar, lambda o: None)
+        loss, best = outcome.result.loss, chosen.result.loss
+        if loss <= best:
+            return outcome, (
+                f"; kept share {ratio:g} instead of {config.mask_ratio:g} (held-out selection loss "
+                f"{loss:.4f} <= {best:.4f}{''.join(f'; {t} lost' for t in tried)})"
+            )
+        tried.append(f"{ratio:g}: {loss:.4f}")
+    if not tried:
+        return chosen, ""
+    return chosen, f"; smaller kept shares lost on held-out images ({', '.join(tried)} > {chosen.result.loss:.4f})"
 
 
 def finalist_accuracy(

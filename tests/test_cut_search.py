@@ -207,3 +207,36 @@ def test_the_context_caches_each_activation_once_within_one_shared_budget():
     calls.clear()
     torch.testing.assert_close(uncached(rows), x[rows] * 2.0)  # recomputed, exactly
     assert calls == [3]
+
+
+def test_a_smaller_kept_share_replaces_the_chosen_one_only_where_the_held_out_images_see_no_loss(pair):
+    target, source, task = pair
+    base, tried = (
+        _branch(clone(target, source, **task.clone_inputs(), config=SearchConfig(**QUICK, **extra), progress=False))
+        for extra in ({}, {"smaller_mask_ratios": (0.4, 0.25, 0.75)})  # 0.75 is above mask_ratio: not tried
+    )
+    b, t = base.report, tried.report
+    assert t.target_cut == b.target_cut  # R is chosen first, at mask_ratio
+    base_loss, tried_loss = (next(c["loss"] for c in r.candidates if c["target_cut"] == r.target_cut) for r in (b, t))
+    # on this pair 0.25 loses on the held-out images and 0.4 does not: smallest first, both paths taken
+    why = t.chosen_because
+    assert f"kept share 0.4 instead of 0.5 (held-out selection loss {tried_loss:.4f} <= {base_loss:.4f}; 0.25: " in why
+    assert float(why.split("; 0.25: ")[1].split(" ")[0]) > base_loss and "0.75" not in why
+    assert t.kept_fraction < b.kept_fraction and t.params_after < b.params_after  # the branch built is the 0.4 one
+
+
+def test_settings_added_later_are_keyed_only_when_set():
+    assert "smaller_mask_ratios" not in json.loads(SearchConfig().key())
+    assert json.loads(SearchConfig(smaller_mask_ratios=(0.25,)).key())["smaller_mask_ratios"] == [0.25]
+
+
+def test_cli_smaller_mask_ratios_are_tried_on_the_chosen_r_and_must_be_below_mask_ratio(tiny_zoo, tmp_path, capsys):
+    argv = ["clone", "--target", "t", "--source", "s", "--classes", "7", "--zoo-dir", str(tiny_zoo)]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--smaller-mask-ratios", "0.25", "0.4"]) == 0
+    branch = json.loads((tmp_path / "run" / "report.json").read_text())["branches"][0]
+    assert branch["settings"]["search"]["smaller_mask_ratios"] == [0.25, 0.4]
+    why = branch["chosen_because"]
+    assert "kept share 0.25 instead of 0.5" in why or "; 0.25: " in why  # tried first, and said
+    assert ("kept share" in why and branch["kept_fraction"] < 0.5) or "smaller kept shares lost" in why
+    assert main([*argv, "--out", str(tmp_path / "bad"), "--smaller-mask-ratios", "0.5"]) == 2
+    assert "each must be below --mask-ratio (0.5)" in capsys.readouterr().err

@@ -475,10 +475,16 @@ def _store(args) -> ZooStore:
 def _cmd_clone(args) -> int:
     if len(args.source) != len(args.classes):
         raise TaskError("give one --classes per --source (e.g. --source A --classes S --source B --classes 7)")
+    if any(r >= args.mask_ratio for r in args.smaller_mask_ratios):
+        raise TaskError(
+            f"--smaller-mask-ratios {' '.join(map(str, args.smaller_mask_ratios))}: each must be below --mask-ratio "
+            f"({args.mask_ratio:g}), e.g. --smaller-mask-ratios 0.25"
+        )
     config = SearchConfig(
         seed=args.seed,
         mask_ratio=args.mask_ratio,
         smaller_branch_within_se=args.prefer_smaller_branch,
+        smaller_mask_ratios=tuple(args.smaller_mask_ratios),
         cache_mb=args.cache_mb,
     )
     store, sources, out = _store(args), list(zip(args.source, args.classes)), Path(args.out)
@@ -630,6 +636,15 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="choose the latest cut (the smallest branch, the fastest clone) whose held-out loss is within one "
         "paired standard error of the best (default: the lowest held-out loss)",
+    )
+    p.add_argument(
+        "--smaller-mask-ratios",
+        nargs="+",
+        type=share,
+        default=[],
+        metavar="RATIO",
+        help="kept shares below --mask-ratio to try on the chosen R (its last stage re-run at each, smallest first); "
+        "the first that loses nothing on the held-out images is kept: a smaller, faster branch",
     )
     p.add_argument(
         "--time-budget",
