@@ -103,8 +103,8 @@ def main() -> None:
     parser.add_argument("--models", default=MODELS, help="zoo model names, comma-separated")
     parser.add_argument("--zoo-dir")
     args = parser.parse_args()
-    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/seen_images.py " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:]
+    command = " ".join(
+        ["OMP_NUM_THREADS=1 .venv/bin/python benchmarks/seen_images.py", *(shlex.quote(a) for a in sys.argv[1:])]
     )
     result = run(args.models.split(","), args.zoo_dir) | {"command": command}
     atomic_write_text(OUT / "seen_images.json", json.dumps(result, indent=1))
