@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from pnc.bench.paper import RowCache, TableSpec, budget_for, run_table, write_table
 from pnc.surgery.devices import DeviceLike
 from pnc.surgery.errors import TaskError
-from pnc.zoo.datasets import DatasetSplits, ImageData
+from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
 from pnc.zoo.defaults import DEFAULTS, DefaultModel, ensure_default
 from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import parse_classes
 
-__all__ = ["EXTRA_MODELS", "PAIRS", "HeteroPair", "padded", "ensure_model", "run_hetero"]
+__all__ = ["EXTRA_MODELS", "PAIRS", "HeteroPair", "dataset_of", "padded", "ensure_model", "run_hetero"]
 
 PADDED_NAME = "fashion-mnist-32"
 
@@ -118,6 +118,14 @@ def padded(splits: DatasetSplits, size: int = 32) -> DatasetSplits:
     )
 
 
+def dataset_of(card: ModelCard, data_dir: str | None = None) -> DatasetSplits:
+    """The dataset a zoo model was trained on: :data:`PADDED_NAME` is Fashion-MNIST padded to
+    32 px (Table 2's 32 px models), any other name is loaded as it is."""
+    if card.dataset == PADDED_NAME:
+        return padded(load_dataset("fashion-mnist", data_dir))
+    return load_dataset(card.dataset, data_dir)
+
+
 def ensure_model(store: ZooStore, name: str, splits: DatasetSplits, device: DeviceLike | None = None) -> ModelCard:
     """A default or :data:`EXTRA_MODELS` model: reused when intact and of its recipe, else trained
     on ``device``."""
@@ -146,7 +154,6 @@ def run_hetero(
 ) -> list[dict[str, Any]]:
     """Table 2 rows for each pair in ``pair_keys`` (scale S), run on ``device``; one
     markdown/JSON per pair, ``table2-<key>`` (``-quick`` with the tiny budget of ``quick``, a smoke run)."""
-    from pnc.zoo.datasets import load_dataset
     from pnc.zoo.store import default_zoo_dir
 
     unknown = [k for k in pair_keys if k not in PAIRS]

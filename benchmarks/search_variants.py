@@ -7,8 +7,9 @@
 Each variant is a dict of :class:`pnc.surgery.insertion.SearchConfig` overrides; ``{}`` (the
 defaults) always runs first. The search is seeded, so overrides of the tuning alone
 (``tune_epochs``, ``tune_lr``, ``ce_weight`` affects both) give the same R and the same branch
-before its tuning as the defaults. The target's dataset is loaded; ``--padded`` pads Fashion-MNIST to 32 px (the
-resnet18 -> mobilenetv2_050 pair of Table 2). Writes
+before its tuning as the defaults. The target's dataset is loaded as it was trained on
+(:func:`pnc.bench.hetero.dataset_of`: Fashion-MNIST padded to 32 px for Table 2's
+resnet18 -> mobilenetv2_050 pair). Writes
 ``benchmarks/results/variants-<target>-<source>-<scale>[-<tag>].{json,md}``: per seed and variant the
 chosen R and kept share, Ori/Tar/Avg on the test images, the tuning's held-out accuracy before -> after and
 whether it was kept, and the seconds.
@@ -28,11 +29,10 @@ from typing import Any
 import torch
 
 from pnc.bench.baselines import _clone
-from pnc.bench.hetero import padded
+from pnc.bench.hetero import dataset_of
 from pnc.bench.metrics import clone_accuracy, set_logits
 from pnc.bench.paper import budget_for, machine_info
 from pnc.surgery.io import atomic_write_text
-from pnc.zoo.datasets import load_dataset
 from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import CloneTask
 
@@ -43,8 +43,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     store = ZooStore(args.zoo_dir)
     target, t_card = store.load(args.target)
     source, s_card = store.load(args.source)
-    splits = load_dataset(t_card.dataset)
-    splits = padded(splits) if args.padded else splits
+    splits = dataset_of(t_card)
     budget = budget_for(t_card, quick=False)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [{}, *[v for v in json.loads(args.variants) if v]]
@@ -120,7 +119,6 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--old", type=float, default=0.3, help="old fraction (default 0.3)")
     parser.add_argument("--variants", default="[]", help="a JSON list of SearchConfig overrides")
-    parser.add_argument("--padded", action="store_true", help="Fashion-MNIST padded to 32 px")
     parser.add_argument("--zoo-dir")
     parser.add_argument("--tag", default="", help="appended to the results' file names (keeps other runs' files)")
     args = parser.parse_args()

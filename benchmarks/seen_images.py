@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from pnc.bench.hetero import PADDED_NAME, padded
+from pnc.bench.hetero import dataset_of
 from pnc.bench.paper import machine_info
 from pnc.surgery.io import atomic_write_text
-from pnc.zoo.datasets import ImageData, load_dataset
+from pnc.zoo.datasets import ImageData
 from pnc.zoo.store import ZooStore
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -61,8 +61,7 @@ def run(names: list[str], zoo_dir: str | None) -> dict[str, Any]:
     for name in names:
         model, card = store.load(name)
         model.eval()
-        # Table 2's 32 px models: Fashion-MNIST padded, as they were trained
-        splits = padded(load_dataset("fashion-mnist")) if card.dataset == PADDED_NAME else load_dataset(card.dataset)
+        splits = dataset_of(card)
         (train, n_train), (test, n_test) = (accuracy(model, d, card.classes) for d in (splits.train, splits.test))
         rows.append(
             {

@@ -353,7 +353,7 @@ def smaller_kept_share(
     first; the first whose held-out selection loss is at most ``chosen``'s replaces it.
     Returns the outcome kept and what was tried (appended to ``chosen_because``)."""
     job = StageJob(chosen.index, STAGES[-1], (before_last.state, before_last.result))
-    tried = []
+    tried: list[str] = []
     for ratio in sorted(r for r in set(config.smaller_mask_ratios) if r < config.mask_ratio):
         with SearchProgress(progress) as bar:
             [outcome] = backend.run(ctx, replace(config, mask_ratio=ratio), [job], bar, lambda o: None)
