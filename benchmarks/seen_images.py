@@ -50,7 +50,7 @@ def accuracy(model: torch.nn.Module, data: ImageData, classes: list[int]) -> tup
     in ``data``, and how many there are."""
     keep = torch.isin(data.y, torch.tensor(classes, device=data.y.device))
     x, y = data.x[keep], data.y[keep]
-    labels = torch.tensor([classes.index(int(v)) for v in y])
+    labels = torch.tensor([classes.index(int(v)) for v in y], device=y.device)
     pred = torch.cat([model(x[i : i + 1024]).argmax(1) for i in range(0, len(x), 1024)])
     return 100 * float((pred == labels).float().mean()), len(y)
 
