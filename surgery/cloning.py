@@ -41,6 +41,21 @@ def _num_outputs(model: nn.Module, x: Tensor) -> int:
         return int(model(x[:1].to(device_of(model))).shape[1])
 
 
+def _checked_holdout(holdout: tuple[Tensor, Tensor], labels: Tensor, num_outputs: int) -> tuple[Tensor, Tensor]:
+    """The caller's held-out (images (M, C, H, W), labels (M,)), checked against the training
+    ``labels`` (N,): one label per image, finite, every label an output, every class held out."""
+    x, y = holdout
+    if len(x) == 0 or len(x) != len(y):
+        raise DataError(f"holdout needs images and one label each, got {len(x)} images and {len(y)} labels")
+    require_finite_images(x, "clone: holdout")
+    if int(y.min()) < 0 or int(y.max()) >= num_outputs:
+        raise TaskError(f"holdout labels must lie in 0..{num_outputs - 1}, as the training labels")
+    missing = sorted(set(labels.unique().tolist()) - set(y.unique().tolist()))
+    if missing:
+        raise DataError(f"holdout has no image of class(es) {missing}; give a few of every class it trains on")
+    return x, y
+
+
 def clone(
     target: nn.Module,
     source: nn.Module,
@@ -63,6 +78,7 @@ def clone(
     progress: bool = True,
     backend: Backend | None = None,
     time_budget: float | None = None,
+    holdout: tuple[Tensor, Tensor] | None = None,
 ) -> ClonedNetwork:
     """Clone the classes behind ``source_outputs`` from ``source`` into ``target``.
 
@@ -90,6 +106,9 @@ def clone(
             ``pnc.bench.ray_backend.RayBackend`` on a Ray cluster).
         time_budget: seconds; the search starts no new stage once spent and keeps the best
             candidate so far (``report.budget_stopped``).
+        holdout: (images (M, C, H, W), labels (M,), as ``labels``) to choose R and keep the
+            tuning on, e.g. images neither network was trained on; then every one of
+            ``images`` trains. Default: ``config.holdout`` of ``images`` per class.
     Returns the cloned network (B, C, H, W) -> (B, |T_t| + |T_s|); the branch's
     :class:`~pnc.surgery.branch.CloneReport` is ``net.branches[name].report``.
     A :class:`~pnc.zoo.CloneTask` gives every data argument: ``clone(t, s, **task.clone_inputs())``.
@@ -135,8 +154,12 @@ def clone(
             "given; check the classes against the target's zoo card"
         )
     names = list(class_names) if class_names is not None else [str(i) for i in source_outputs]
-    train_idx, held_idx = split_holdout(labels, config.holdout, config.seed)
-    train_x, train_y = images[train_idx], labels[train_idx]
+    if holdout is None:
+        train_idx, held_idx = split_holdout(labels, config.holdout, config.seed)
+        train_x, train_y, held = images[train_idx], labels[train_idx], (images[held_idx], labels[held_idx])
+    else:
+        held = _checked_holdout(holdout, labels, n_target + len(source_outputs))
+        train_x, train_y = images, labels
     x = train_x[train_y >= n_target]
     if len(x) == 0:
         raise DataError("the clone set is empty: no training image of a class to clone")
@@ -167,12 +190,14 @@ def clone(
         g,
         dict(eval_sets or {}),
         n_target,
-        holdout=(images[held_idx], labels[held_idx]),
+        holdout=held,
         config=config,
     )
     profile["frozen_outputs"] = time.perf_counter() - mark
     data_hash = hashlib.sha256(images.cpu().contiguous().numpy().data.cast("B"))  # no copy on the CPU
     data_hash.update(labels.cpu().contiguous().numpy().data.cast("B"))
+    for part in held if holdout is not None else ():  # the caller's held-out images choose too
+        data_hash.update(part.cpu().contiguous().numpy().data.cast("B"))
     data_sha = data_hash.hexdigest()
     run_key = f"{hashes}{data_sha}{source_outputs}{g_fraction}{num_masks}{grid}"
     mark = time.perf_counter()
@@ -220,8 +245,8 @@ def clone(
         images={
             "old_train": int((train_y < n_target).sum()),
             "clone_train": len(x),
-            "old_holdout": int((labels[held_idx] < n_target).sum()),
-            "clone_holdout": int((labels[held_idx] >= n_target).sum()),
+            "old_holdout": int((held[1] < n_target).sum()),
+            "clone_holdout": int((held[1] >= n_target).sum()),
         },
         tuning=tuning,
         skipped=outcome.skipped,

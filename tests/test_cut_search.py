@@ -10,6 +10,7 @@ import torch
 from pnc.bench.cli import main
 from pnc.surgery import clone
 from pnc.surgery.cut_search import choose, survivors
+from pnc.surgery.errors import DataError, TaskError
 from pnc.surgery.frozen_pool import cut_activations
 from pnc.surgery.insertion import CandidateResult, SearchConfig, SearchContext
 from pnc.zoo import CloneTask, ZooStore, load_dataset
@@ -240,3 +241,19 @@ def test_cli_smaller_mask_ratios_are_tried_on_the_chosen_r_and_must_be_below_mas
     assert ("kept share" in why and branch["kept_fraction"] < 0.5) or "smaller kept shares lost" in why
     assert main([*argv, "--out", str(tmp_path / "bad"), "--smaller-mask-ratios", "0.5"]) == 2
     assert "each must be below --mask-ratio (0.5)" in capsys.readouterr().err
+
+
+def test_given_held_out_images_choose_r_and_every_available_image_trains(pair):
+    target, source, task = pair
+    inputs = task.clone_inputs()
+    test = task.eval_sets()["avg"]  # stands in for images no network saw (a test of the API, not a benchmark)
+    config = SearchConfig(**QUICK)
+    report = _branch(clone(target, source, **inputs, config=config, holdout=(test.x, test.y), progress=False)).report
+    labels = inputs["labels"]
+    assert report.images["old_train"] + report.images["clone_train"] == len(labels)  # none held out of training
+    assert report.images["old_holdout"] + report.images["clone_holdout"] == len(test.y)
+    assert all(c["holdout"]["images"] == len(test.y) for c in report.candidates)
+    with pytest.raises(DataError, match=r"holdout has no image of class\(es\) \[5\]"):
+        clone(target, source, **inputs, config=config, holdout=(test.x[test.y < 5], test.y[test.y < 5]), progress=False)
+    with pytest.raises(TaskError, match="holdout labels must lie in 0..5"):
+        clone(target, source, **inputs, config=config, holdout=(test.x, test.y + 1), progress=False)
