@@ -41,12 +41,17 @@ def _num_outputs(model: nn.Module, x: Tensor) -> int:
         return int(model(x[:1].to(device_of(model))).shape[1])
 
 
-def _checked_holdout(holdout: tuple[Tensor, Tensor], labels: Tensor, num_outputs: int) -> tuple[Tensor, Tensor]:
+def _checked_holdout(
+    holdout: tuple[Tensor, Tensor], images: Tensor, labels: Tensor, num_outputs: int
+) -> tuple[Tensor, Tensor]:
     """The caller's held-out (images (M, C, H, W), labels (M,)), checked against the training
-    ``labels`` (N,): one label per image, finite, every label an output, every class held out."""
+    ``images`` (N, C, H, W) and ``labels`` (N,): one label per image, the same image shape,
+    finite, every label an output, every trained class held out."""
     x, y = holdout
     if len(x) == 0 or len(x) != len(y):
         raise DataError(f"holdout needs images and one label each, got {len(x)} images and {len(y)} labels")
+    if x.shape[1:] != images.shape[1:]:
+        raise DataError(f"holdout images are {tuple(x.shape[1:])}, the training images {tuple(images.shape[1:])}")
     require_finite_images(x, "clone: holdout")
     if int(y.min()) < 0 or int(y.max()) >= num_outputs:
         raise TaskError(f"holdout labels must lie in 0..{num_outputs - 1}, as the training labels")
@@ -158,7 +163,7 @@ def clone(
         train_idx, held_idx = split_holdout(labels, config.holdout, config.seed)
         train_x, train_y, held = images[train_idx], labels[train_idx], (images[held_idx], labels[held_idx])
     else:
-        held = _checked_holdout(holdout, labels, n_target + len(source_outputs))
+        held = _checked_holdout(holdout, images, labels, n_target + len(source_outputs))
         train_x, train_y = images, labels
     x = train_x[train_y >= n_target]
     if len(x) == 0:

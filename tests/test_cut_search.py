@@ -257,3 +257,5 @@ def test_given_held_out_images_choose_r_and_every_available_image_trains(pair):
         clone(target, source, **inputs, config=config, holdout=(test.x[test.y < 5], test.y[test.y < 5]), progress=False)
     with pytest.raises(TaskError, match="holdout labels must lie in 0..5"):
         clone(target, source, **inputs, config=config, holdout=(test.x, test.y + 1), progress=False)
+    with pytest.raises(DataError, match=r"holdout images are \(1, 8, 7\), the training images \(1, 8, 8\)"):
+        clone(target, source, **inputs, config=config, holdout=(test.x[..., :7], test.y), progress=False)
