@@ -5,14 +5,15 @@
 
 The default zoo models train on every training image of their classes, and a clone's
 held-out images (which choose R and keep or drop the tuning) come from the same images
-(``benchmarks/results/seen_images.md``). Here the LeNet-5 target and source are retrained
-with their zoo recipes on all but a seeded ``--reserve`` share of each class's training
-images (in a zoo folder of this run, never the user's), and each clone is run twice on the
+(``benchmarks/results/seen_images.md``). Here a default Fashion-MNIST pair (``--arch``:
+LeNet-5 or ResNetC-20) is retrained with its zoo recipes on all but a seeded ``--reserve``
+share of each class's training images (in a zoo folder of this run, never the user's),
+and each clone is run twice on the
 same training images (a ``CloneTask``'s available images, less the share ``clone()`` would
 hold out): once with ``clone()``'s own held-out images (seen by both networks), once with as
 many reserved images per class (``clone(..., holdout=...)``, seen by neither). Per seed,
 variant and kind of held-out images: R, the held-out accuracy after the tuning, Ori / Tar /
-Avg on the test images. Writes ``benchmarks/results/unseen_holdout.{json,md}``.
+Avg on the test images. Writes ``benchmarks/results/unseen_holdout-<arch>-<scale>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import CloneTask, parse_classes
 
 OUT = Path(__file__).resolve().parent / "results"
-PAIR = ("fmnist-lenet5-target", "fmnist-lenet5-source")
 
 
 def reserve(splits: DatasetSplits, share: float, seed: int) -> tuple[DatasetSplits, ImageData]:
@@ -66,11 +66,12 @@ def unseen_like(held_y: torch.Tensor, pool: ImageData, task: CloneTask, seed: in
 def run(args: argparse.Namespace, zoo: Path) -> dict[str, Any]:
     splits, pool = reserve(load_dataset("fashion-mnist"), args.reserve, seed=12345)
     store = ZooStore(zoo)
+    pair = (f"fmnist-{args.arch}-target", f"fmnist-{args.arch}-source")
     cards = []
-    for name in PAIR:
+    for name in pair:
         spec = DEFAULTS[name]
         cards.append(spec.train(store, splits, parse_classes(spec.classes, splits.classes), progress=False))
-    (target, t_card), (source, s_card) = store.load(PAIR[0]), store.load(PAIR[1])
+    (target, t_card), (source, s_card) = store.load(pair[0]), store.load(pair[1])
     budget = QUICK_BUDGET if args.quick else budget_for(t_card, quick=False)
     variants = [{}, *[v for v in json.loads(args.variants) if v]]
     runs = []
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace, zoo: Path) -> dict[str, Any]:
                 )
                 print(json.dumps(runs[-1]), flush=True)
     return {
+        "arch": args.arch,
         "scale": args.scale,
         "reserve": args.reserve,
         "zoo_test_accuracy": {c.name: c.test_accuracy for c in cards},
@@ -116,7 +118,8 @@ def run(args: argparse.Namespace, zoo: Path) -> dict[str, Any]:
 
 def render(result: dict[str, Any], command: str) -> str:
     lines = [
-        f"# Held-out images seen by the zoo models or not: LeNet-5 pair, {result['scale']}, old fraction 0.3",
+        f"# Held-out images seen by the zoo models or not: Fashion-MNIST {result['arch']} pair, {result['scale']}, "
+        "old fraction 0.3",
         "",
         f"Both zoo models retrained with their recipes on all but {100 * result['reserve']:g}% of each class's "
         "training images (test accuracy: "
@@ -146,6 +149,7 @@ def render(result: dict[str, Any], command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="lenet5", choices=["lenet5", "resnetc20"], help="the default pair")
     parser.add_argument("--scale", default="M", help="S or M")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--reserve", type=float, default=0.2, help="share of each class never trained on")
@@ -157,8 +161,9 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as zoo:
         result = run(args, Path(zoo)) | {"command": command}
-    atomic_write_text(OUT / "unseen_holdout.json", json.dumps(result, indent=1))
-    atomic_write_text(OUT / "unseen_holdout.md", render(result, command))
+    stem = f"unseen_holdout-{args.arch}-{args.scale}{'-quick' if args.quick else ''}"
+    atomic_write_text(OUT / f"{stem}.json", json.dumps(result, indent=1))
+    atomic_write_text(OUT / f"{stem}.md", render(result, command))
 
 
 if __name__ == "__main__":
