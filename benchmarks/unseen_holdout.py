@@ -57,9 +57,10 @@ def unseen_like(held_y: torch.Tensor, pool: ImageData, task: CloneTask, seed: in
     xs, ys = [], []
     for label in held_y.unique(sorted=True).tolist():
         members = torch.nonzero(pool.y == outputs[label]).flatten()
-        pick = members[torch.randperm(len(members), generator=gen)[: int((held_y == label).sum())]]
+        order = torch.randperm(len(members), generator=gen, device=gen.device).to(members.device)
+        pick = members[order[: int((held_y == label).sum())]]
         xs.append(pool.x[pick])
-        ys.append(torch.full((len(pick),), label, dtype=torch.int64))
+        ys.append(torch.full((len(pick),), label, dtype=torch.int64, device=pool.y.device))
     return torch.cat(xs), torch.cat(ys)
 
 
