@@ -22,10 +22,12 @@ from typing import Any
 import torch
 
 from pnc.bench.hetero import dataset_of
+from pnc.bench.metrics import set_logits
 from pnc.bench.paper import machine_info
 from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import ImageData
 from pnc.zoo.store import ZooStore
+from pnc.zoo.tasks import select_classes
 
 OUT = Path(__file__).resolve().parent / "results"
 #: the models of Tables 1 and 2
@@ -48,11 +50,9 @@ MODELS = ",".join(
 def accuracy(model: torch.nn.Module, data: ImageData, classes: list[int]) -> tuple[float, int]:
     """Accuracy (%) of ``model`` (outputs: ``classes`` in order) on the images of ``classes``
     in ``data``, and how many there are."""
-    keep = torch.isin(data.y, torch.tensor(classes, device=data.y.device))
-    x, y = data.x[keep], data.y[keep]
-    labels = torch.tensor([classes.index(int(v)) for v in y], device=y.device)
-    pred = torch.cat([model(x[i : i + 1024]).argmax(1) for i in range(0, len(x), 1024)])
-    return 100 * float((pred == labels).float().mean()), len(y)
+    mine = select_classes(data, classes)  # labels: the model's outputs
+    pred = set_logits(model, mine).argmax(1)
+    return 100 * float((pred == mine.y.to(pred.device)).float().mean()), len(mine.y)
 
 
 def run(names: list[str], zoo_dir: str | None) -> dict[str, Any]:
