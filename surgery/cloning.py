@@ -41,6 +41,13 @@ def _num_outputs(model: nn.Module, x: Tensor) -> int:
         return int(model(x[:1].to(device_of(model))).shape[1])
 
 
+def _require_labelled(images: Tensor, labels: Tensor, what: str) -> None:
+    """DataError unless ``images`` (N, C, H, W) are finite, N > 0, with one of ``labels`` (N,) each."""
+    if len(images) == 0 or len(images) != len(labels):
+        raise DataError(f"{what} needs images and one label each, got {len(images)} images and {len(labels)} labels")
+    require_finite_images(images, what)
+
+
 def _checked_holdout(
     holdout: tuple[Tensor, Tensor], images: Tensor, labels: Tensor, num_outputs: int
 ) -> tuple[Tensor, Tensor]:
@@ -48,11 +55,9 @@ def _checked_holdout(
     ``images`` (N, C, H, W) and ``labels`` (N,): one label per image, the same image shape,
     finite, every label an output, every trained class held out."""
     x, y = holdout
-    if len(x) == 0 or len(x) != len(y):
-        raise DataError(f"holdout needs images and one label each, got {len(x)} images and {len(y)} labels")
+    _require_labelled(x, y, "clone: holdout")
     if x.shape[1:] != images.shape[1:]:
         raise DataError(f"holdout images are {tuple(x.shape[1:])}, the training images {tuple(images.shape[1:])}")
-    require_finite_images(x, "clone: holdout")
     if int(y.min()) < 0 or int(y.max()) >= num_outputs:
         raise TaskError(f"holdout labels must lie in 0..{num_outputs - 1}, as the training labels")
     missing = sorted(set(labels.unique().tolist()) - set(y.unique().tolist()))
@@ -132,9 +137,7 @@ def clone(
     start = time.perf_counter()
     config = config or SearchConfig()
     source_outputs = [int(i) for i in source_outputs]
-    if len(images) == 0 or len(images) != len(labels):
-        raise DataError(f"clone needs images and one label each, got {len(images)} images and {len(labels)} labels")
-    require_finite_images(images, "clone")
+    _require_labelled(images, labels, "clone")
     require_finite_weights(target, "the target")
     require_finite_weights(source, "the source")
     for set_name, (set_x, _) in (eval_sets or {}).items():

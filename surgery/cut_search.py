@@ -326,9 +326,11 @@ def search(
     finalists = {i: o for i, o in latest.items() if STAGES.index(o.result.stage) == reached and i not in dropped}
     best_i, chosen_because = choose({i: o.result for i, o in finalists.items()}, config.smaller_branch_within_se)
     if config.smaller_mask_ratios and config.use_masks and reached == len(STAGES) - 1:
-        kept = smaller_kept_share(ctx, config, backend, progress, before_last[best_i], finalists[best_i])
-        finalists[best_i], why = kept
-        latest[best_i], chosen_because = finalists[best_i], chosen_because + why
+        finalists[best_i], why = smaller_kept_share(
+            ctx, config, backend, progress, before_last[best_i], finalists[best_i]
+        )
+        latest[best_i] = finalists[best_i]
+        chosen_because += why
     results = {i: replace(latest[i].result, eliminated=dropped.get(i, "")) for i in sorted(latest)}
     return SearchOutcome(
         best=results[best_i],
@@ -353,11 +355,12 @@ def smaller_kept_share(
     first; the first whose held-out selection loss is at most ``chosen``'s replaces it.
     Returns the outcome kept and what was tried (appended to ``chosen_because``)."""
     job = StageJob(chosen.index, STAGES[-1], (before_last.state, before_last.result))
+    best = chosen.result.loss
     tried: list[str] = []
     for ratio in sorted(r for r in set(config.smaller_mask_ratios) if r < config.mask_ratio):
         with SearchProgress(progress) as bar:
             [outcome] = backend.run(ctx, replace(config, mask_ratio=ratio), [job], bar, lambda o: None)
-        loss, best = outcome.result.loss, chosen.result.loss
+        loss = outcome.result.loss
         if loss <= best:
             return outcome, (
                 f"; kept share {ratio:g} instead of {config.mask_ratio:g} (held-out selection loss "
@@ -366,7 +369,7 @@ def smaller_kept_share(
         tried.append(f"{ratio:g}: {loss:.4f}")
     if not tried:
         return chosen, ""
-    return chosen, f"; smaller kept shares lost on held-out images ({', '.join(tried)} > {chosen.result.loss:.4f})"
+    return chosen, f"; smaller kept shares lost on held-out images ({', '.join(tried)} > {best:.4f})"
 
 
 def finalist_accuracy(
