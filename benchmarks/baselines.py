@@ -418,10 +418,10 @@ def fit_continual(
 ) -> tuple[nn.Module, bool]:
     """A copy of ``base`` (``num_old`` outputs), its head extended by ``len(index)`` rows,
     fine-tuned on ``data`` (labels < num_old: base's classes, the rest: the new ones) with
-    cross-entropy (``ce``)
-    and, with ``kd``, KD to :func:`~pnc.surgery.insertion.joint_teacher` of base's logits and
-    the source's ``source(x)[:, index]``; base stays frozen. Also returns whether ``data`` has
-    images of base's classes (the teacher then arbitrates per image)."""
+    cross-entropy (``ce``) and, with ``kd``, KD to
+    :func:`~pnc.surgery.insertion.joint_teacher` of base's logits and the source's
+    ``source(x)[:, index]``; base stays frozen. Also returns whether ``data`` has images of
+    base's classes (the teacher then arbitrates per image)."""
     model = extend_classifier(copy.deepcopy(base).requires_grad_(True), len(index), data.x, seed)
     arbitrate = bool((data.y < num_old).any())
 
