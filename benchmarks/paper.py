@@ -253,10 +253,10 @@ def run_table(
 def _task(
     spec: TableSpec, splits: DatasetSplits, t_card: ModelCard, s_card: ModelCard, scale: str, seed: int
 ) -> CloneTask:
-    return CloneTask(
+    return CloneTask.for_cards(
         splits,
-        t_card.classes,
-        s_card.classes,
+        t_card,
+        s_card,
         scale,
         fraction=spec.fraction,
         seed=seed,

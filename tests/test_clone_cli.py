@@ -7,6 +7,7 @@ cache, which only the CLI uses), while the Python tests cloned one class.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,4 +149,42 @@ def test_clone_cli_old_fraction_counts_the_images_it_used(zoos, old_fraction, ca
     meta, _ = read_patch(out / "clone.pnc")
     assert meta["branches"][0]["task"]["old_fraction"] == float(old_fraction)  # the patch records the setting
     assert main(["eval", str(out / "clone.pnc"), "--zoo-dir", zoo, "--json", *extra]) == 0
+    assert json.loads(capsys.readouterr().out)["avg_acc"] == pytest.approx(report["avg_acc"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def validation_zoo(tmp_path_factory):
+    """Digits cnn4 target and source trained without the same 20% validation share."""
+    zoo = str(tmp_path_factory.mktemp("clone-cli-validation"))
+    for name, classes, seed in (("t", "0-4", 1), ("s", "5-9", 2)):
+        args = ["zoo", "train", "--arch", "cnn4", "--dataset", "digits", "--classes", classes, "--name", name]
+        assert main([*args, "--epochs", "15", "--seed", str(seed), "--validation", "0.2", "--zoo-dir", zoo]) == 0
+    return zoo
+
+
+@pytest.mark.parametrize("old_fraction", ["0", "0.3"])
+def test_clone_cli_chooses_r_on_the_validation_rows_the_models_never_saw(validation_zoo, old_fraction, capsys):
+    from pnc.zoo.datasets import load_dataset
+    from pnc.zoo.store import ZooStore
+    from pnc.zoo.tasks import validation_rows
+
+    train = load_dataset("digits").train
+    kept, held = validation_rows(train, 0.2)
+    card = ZooStore(validation_zoo).card("t")
+    assert card.recipe["validation"] == 0.2 and card.recipe["train_images"] == int((train.y[kept] < 5).sum())
+    capsys.readouterr()
+    out = validation_zoo + f"-run-{old_fraction}"
+    base = ["clone", "--target", "t", "--source", "s", "--classes", "5,8", "--out", out, "--zoo-dir", validation_zoo]
+    assert main([*base, "--old-fraction", old_fraction]) == 0
+    assert "held out to choose R (0.2 validation share, never trained on)" in capsys.readouterr().out
+    report = json.loads((Path(out) / "report.json").read_text())
+    images, kept_y, held_y = report["images"], train.y[kept], train.y[held]
+    assert report["validation"] == 0.2
+    assert images["clone_holdout"] == int(((held_y == 5) | (held_y == 8)).sum())  # every validation row
+    assert images["clone_train"] == sum(round(0.3 * int((kept_y == c).sum())) for c in (5, 8))  # all train
+    expected_old = int((held_y < 5).sum()) if float(old_fraction) else 0
+    assert images["old_holdout"] == expected_old
+    assert images["old_train"] == sum(round(float(old_fraction) * int((kept_y == c).sum())) for c in range(5))
+    assert report["ori_acc"] > 0.5 and report["tar_acc"] > 0.5
+    assert main(["eval", out, "--zoo-dir", validation_zoo, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["avg_acc"] == pytest.approx(report["avg_acc"], abs=1e-6)

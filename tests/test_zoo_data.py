@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 from pnc.surgery.errors import DataError, TaskError
 from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
 from pnc.zoo.idx import read_idx
-from pnc.zoo.tasks import CloneTask, parse_classes, select_classes
+from pnc.zoo.tasks import CloneTask, parse_classes, select_classes, validation_rows
 
 
 def _idx_bytes(array: np.ndarray, code: int = 0x08) -> bytes:
@@ -277,3 +278,46 @@ def test_old_fraction_round_trips_and_old_descriptions_mean_zero():
     assert back.old_fraction == 0.4 and torch.equal(back.old_set().x, task.old_set().x)
     legacy = {k: v for k, v in task.to_dict().items() if k != "old_fraction"}
     assert CloneTask.from_json(legacy, dataset=ds).old_fraction == 0.0
+
+
+def test_validation_rows_are_never_trained_on_and_choose_r():
+    ds = _toy_splits(per_class=20)
+    kept, held = validation_rows(ds.train, 0.2)
+    assert not set(kept.tolist()) & set(held.tolist()) and len(kept) + len(held) == len(ds.train.y)
+    assert torch.bincount(ds.train.y[held]).tolist() == [4] * 10  # 20% of each class
+    assert torch.equal(held, validation_rows(ds.train, 0.2)[1])  # a fixed seed: every model agrees
+    assert len(validation_rows(ds.train, 0.0)[1]) == 0
+    task = CloneTask(ds, [3, 1], [9, 7, 5], [5, 9], fraction=0.5, seed=1, validation=0.2)
+    unseen = set(held.tolist())  # the toy's pixel is the training row
+    for part in (task.available_set(), task.joint_train(), task.target_train(), task.source_train()):
+        assert not set(part.x[:, 0, 0, 0].long().tolist()) & unseen
+    assert torch.bincount(task.available_set().y).tolist() == [5, 5, 8, 8]  # 0.3 / 0.5 of 16 training rows
+    val = task.holdout_set()
+    assert set(val.x[:, 0, 0, 0].long().tolist()) <= unseen
+    assert torch.bincount(val.y).tolist() == [4, 4, 4, 4]  # every validation row of the task's classes
+    assert torch.equal(ds.train.y[val.x[:, 0, 0, 0].long()], torch.tensor([3, 1, 5, 9])[val.y])
+    inputs = task.clone_inputs()
+    assert torch.equal(inputs["holdout"][0], val.x) and torch.equal(inputs["holdout"][1], val.y)
+    strict = CloneTask(ds, [3, 1], [9, 7, 5], [5, 9], seed=1, old_fraction=0.0, validation=0.2)
+    assert torch.bincount(strict.holdout_set().y).tolist() == [0, 0, 4, 4]  # no image of T_t
+    plain = CloneTask(ds, [3, 1], [9, 7, 5], [5, 9], seed=1)
+    assert plain.holdout_set() is None and "holdout" not in plain.clone_inputs()
+    assert "validation" not in plain.to_dict()  # descriptions without a share are unchanged
+    back = CloneTask.from_json(task.to_json(), dataset=ds)
+    assert back.validation == 0.2 and torch.equal(back.holdout_set().x, val.x)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(TaskError, match="validation share"):
+            CloneTask(ds, [3, 1], [9, 7, 5], [5, 9], validation=bad)
+
+
+def test_clone_task_for_cards_uses_the_validation_share_both_models_left_out():
+    ds = _toy_splits()
+
+    def card(classes, **recipe):
+        return SimpleNamespace(classes=classes, recipe=recipe)
+
+    both = CloneTask.for_cards(ds, card([0, 1], validation=0.2), card([5, 6], validation=0.2), "S", seed=2)
+    assert (both.validation, both.target_classes, both.clone_classes, both.seed) == (0.2, [0, 1], [5], 2)
+    for t_recipe, s_recipe in (({"validation": 0.2}, {}), ({"validation": 0.1}, {"validation": 0.2}), ({}, {})):
+        task = CloneTask.for_cards(ds, card([0, 1], **t_recipe), card([5, 6], **s_recipe), "S")
+        assert task.validation == 0.0  # one model trained on the other's validation rows: none are unseen

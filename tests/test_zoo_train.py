@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -158,6 +160,11 @@ def test_train_zoo_model_and_ensure_default(digits, tmp_path):
     mtime = (tmp_path / "digits-cnn4-target" / "model.safetensors").stat().st_mtime_ns
     assert ensure_default(store, "digits-cnn4-target", dataset=digits).sha256 == sha
     assert (tmp_path / "digits-cnn4-target" / "model.safetensors").stat().st_mtime_ns == mtime
+    held_out = replace(spec, validation=0.2)  # a recipe with a validation share is another recipe
+    assert not held_out.matches(target, target.classes)
+    card = held_out.train(store, digits, target.classes, progress=False)
+    assert held_out.matches(card, card.classes) and card.recipe["validation"] == 0.2
+    assert card.recipe["train_images"] < target.recipe["train_images"]
 
 
 def test_default_pair_names():

@@ -38,6 +38,7 @@ class DefaultModel:
     batch_size: int = 128
     optimizer: str = "sgd"
     weight_decay: float = 5e-4
+    validation: float = 0.0
 
     def matches(self, card: ModelCard, class_ids: list[int]) -> bool:
         """Was ``card`` trained by this recipe (architecture settings included)?"""
@@ -55,7 +56,8 @@ class DefaultModel:
             recipe.get("batch_size"),
             recipe.get("optimizer", "sgd"),
             recipe.get("weight_decay", 5e-4),
-        ) == (self.epochs, self.lr, self.seed, self.batch_size, self.optimizer, self.weight_decay)
+            recipe.get("validation", 0.0),
+        ) == (self.epochs, self.lr, self.seed, self.batch_size, self.optimizer, self.weight_decay, self.validation)
 
     def train(
         self,
@@ -79,6 +81,7 @@ class DefaultModel:
             batch_size=self.batch_size,
             optimizer=self.optimizer,
             weight_decay=self.weight_decay,
+            validation=self.validation,
             progress=progress,
             device=device,
         )

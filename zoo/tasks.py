@@ -4,6 +4,12 @@ Label convention: a target model has ``len(target_classes)`` outputs (output j i
 class ``target_classes[j]``), a source model ``len(source_classes)``, and a cloned
 network outputs logits for ``target_classes + clone_classes`` in that order.
 
+Validation split: :func:`validation_rows` sets a seeded share of each class's training images
+apart, the same rows for every model and task of a dataset (the seed is fixed). A zoo model
+trained with ``validation=share`` never sees them; a :class:`CloneTask` with that share
+draws its training images from the other rows and chooses R on the validation rows of its
+classes (images neither network was trained on).
+
 On an image folder (splits of :class:`~pnc.zoo.images.ImageFiles`) rows are chosen from
 the labels alone, exactly as in memory, and only the chosen rows are decoded: the shares
 a clone trains on (:meth:`CloneTask.clone_set`, ``old_set``, ``available_set``) come back
@@ -25,10 +31,12 @@ from pnc.surgery.errors import TaskError
 from pnc.zoo.datasets import DEFAULT_IMAGE_SIZE, DatasetSplits, ImageData, load_dataset
 from pnc.zoo.images import ImageFiles, ImageSet, decode_cache_bytes, decoded, join
 
-__all__ = ["parse_classes", "select_classes", "CloneTask", "CLONE_PRESETS"]
+__all__ = ["parse_classes", "select_classes", "validation_rows", "CloneTask", "CLONE_PRESETS"]
 
 #: clone-set presets: the first round(p * n) source classes, at least one
 CLONE_PRESETS = {"S": 0.2, "M": 0.6}
+#: the seed of the validation split: fixed, so that every model and task of a dataset agree
+VALIDATION_SEED = 12345
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 
 
@@ -85,12 +93,31 @@ def select_classes(data: SetT, classes: Sequence[int], offset: int = 0) -> SetT:
     return data.subset(index, position + offset)
 
 
+def validation_rows(train: ImageSet, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training rows, validation rows) of the whole training split ``train``: sorted indices,
+    the validation rows a seeded ``share`` of each class's images (a fixed seed: the same rows
+    for every model and task of the dataset). ``share`` 0: every row trains."""
+    if not 0.0 <= share < 1.0:
+        raise TaskError(f"validation share {share} must be in [0, 1)")
+    reserved = _per_class_share(train.y, share, torch.Generator().manual_seed(VALIDATION_SEED), at_least_one=False)
+    kept = torch.ones(len(train.y), dtype=torch.bool, device=train.y.device)
+    kept[reserved] = False
+    return torch.nonzero(kept).flatten(), reserved
+
+
 @dataclass
 class CloneTask:
     """Clone ``clone_classes`` (a subset of ``source_classes``, or the preset "S"/"M") from a
     source model into a target model, with a ``fraction`` of their training images and an
     ``old_fraction`` of the target classes' training images (the paper's setting, Sec. 4.1:
-    30% of each sub-dataset; 0 is the strict setting with no image of T_t)."""
+    30% of each sub-dataset; 0 is the strict setting with no image of T_t).
+
+    ``validation``: the share of each class's training images both zoo models were trained
+    without (:func:`validation_rows`; :meth:`for_cards` reads it from their cards). With a
+    share, the training images are the other rows, and R is chosen on the validation rows
+    of the cloned classes (and of the target's, unless ``old_fraction`` is 0):
+    :meth:`holdout_set`. 0 (models trained on every image): ``clone()`` holds out a share
+    of the available images, which the networks were trained on."""
 
     dataset: DatasetSplits
     target_classes: list[int]
@@ -99,8 +126,10 @@ class CloneTask:
     fraction: float = 0.3
     seed: int = 0
     old_fraction: float = 0.3
+    validation: float = 0.0
     _clone_index: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _old_index: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _split: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.dataset.classes)
@@ -136,6 +165,19 @@ class CloneTask:
             raise TaskError(f"fraction {self.fraction} must be in (0, 1]")
         if not 0.0 <= self.old_fraction <= 1.0:
             raise TaskError(f"old fraction {self.old_fraction} must be in [0, 1]")
+        if not 0.0 <= self.validation < 1.0:
+            raise TaskError(f"validation share {self.validation} must be in [0, 1)")
+
+    @classmethod
+    def for_cards(
+        cls, dataset: DatasetSplits, target_card: Any, source_card: Any, clone_classes: list[int] | str, **kwargs: Any
+    ) -> CloneTask:
+        """The task of cloning ``clone_classes`` from the model of ``source_card`` into that of
+        ``target_card`` (zoo :class:`~pnc.zoo.store.ModelCard` s): their classes, and the
+        validation share both were trained without (0 unless their recipes name the same one)."""
+        shares = {float(card.recipe.get("validation", 0.0)) for card in (target_card, source_card)}
+        validation = shares.pop() if len(shares) == 1 else 0.0
+        return cls(dataset, target_card.classes, source_card.classes, clone_classes, validation=validation, **kwargs)
 
     @staticmethod
     def _check_ids(label: str, ids: Sequence[int], n: int) -> None:
@@ -146,14 +188,23 @@ class CloneTask:
             raise TaskError(f"{label} classes {list(ids)} contain duplicates")
 
     # --- per-model data (image folders: undecoded ImageFiles) ----------------------------
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._split is None:
+            self._split = validation_rows(self.dataset.train, self.validation)
+        return self._split
+
+    def train_split(self) -> ImageSet:
+        """The dataset's training images less the validation rows (all of them without a share)."""
+        return self.dataset.train if not self.validation else self.dataset.train.subset(self._rows()[0])
+
     def target_train(self) -> ImageSet:
-        return select_classes(self.dataset.train, self.target_classes)
+        return select_classes(self.train_split(), self.target_classes)
 
     def target_test(self) -> ImageSet:
         return select_classes(self.dataset.test, self.target_classes)
 
     def source_train(self) -> ImageSet:
-        return select_classes(self.dataset.train, self.source_classes)
+        return select_classes(self.train_split(), self.source_classes)
 
     def source_test(self) -> ImageSet:
         return select_classes(self.dataset.test, self.source_classes)
@@ -163,7 +214,7 @@ class CloneTask:
         return [self.source_classes.index(c) for c in self.clone_classes]
 
     def _clone_rows(self) -> ImageSet:
-        full = select_classes(self.dataset.train, self.clone_classes, offset=len(self.target_classes))
+        full = select_classes(self.train_split(), self.clone_classes, offset=len(self.target_classes))
         if self._clone_index is None:
             self._clone_index = _per_class_share(
                 full.y, self.fraction, torch.Generator().manual_seed(self.seed), at_least_one=True
@@ -193,6 +244,18 @@ class CloneTask:
         with the cloned network's labels (decoded once, into one tensor, from an image folder)."""
         return decoded(join(self._old_rows(), self._clone_rows()), "available images")
 
+    def holdout_set(self) -> ImageData | None:
+        """The validation rows R is chosen on (None without a ``validation`` share): every one
+        of the cloned classes and, unless ``old_fraction`` is 0, of the target's, with the
+        cloned network's labels (old-class images, then clone-class ones)."""
+        if not self.validation:
+            return None
+        rows = self.dataset.train.subset(self._rows()[1])
+        held = select_classes(rows, self.clone_classes, offset=len(self.target_classes))
+        if self.old_fraction:
+            held = join(select_classes(rows, self.target_classes), held)
+        return decoded(held, "validation images")
+
     def eval_sets(self) -> dict[str, ImageSet]:
         """``ori``: test images of T_t (labels 0..|T_t|-1); ``tar``: of T_s (labels |T_t|+i);
         ``avg``: both pooled. Labels index the cloned network's outputs. From an image folder
@@ -209,7 +272,7 @@ class CloneTask:
         From an image folder the eval sets (for the per-candidate report) are decoded only
         when they fit in ``$PNC_DECODE_CACHE_MB`` (``ori``/``tar`` are views of ``avg``), else
         left out: memory then depends on the task's share, never on the folder's size."""
-        names, available = self.dataset.classes, self.available_set()
+        names, available, held = self.dataset.classes, self.available_set(), self.holdout_set()
         return {
             "images": available.x,
             "labels": available.y,
@@ -217,7 +280,7 @@ class CloneTask:
             "class_names": [names[c] for c in self.clone_classes],
             "target_classes": [names[c] for c in self.target_classes],
             "eval_sets": self._eval_tensors(),
-        }
+        } | ({"holdout": (held.x, held.y)} if held is not None else {})
 
     def _eval_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         sets = self.eval_sets()
@@ -230,9 +293,9 @@ class CloneTask:
         return {"ori": (avg.x[:n_ori], avg.y[:n_ori]), "tar": (avg.x[n_ori:], avg.y[n_ori:]), "avg": (avg.x, avg.y)}
 
     def joint_train(self) -> ImageSet:
-        """All training images of T_t and T_s with the cloned network's labels (Joint baseline;
-        undecoded files from an image folder: ``fit`` streams them)."""
-        return select_classes(self.dataset.train, self.target_classes + self.clone_classes)
+        """All training images of T_t and T_s (less the validation rows) with the cloned network's
+        labels (Joint baseline; undecoded files from an image folder: ``fit`` streams them)."""
+        return select_classes(self.train_split(), self.target_classes + self.clone_classes)
 
     @property
     def num_outputs(self) -> int:
@@ -254,7 +317,7 @@ class CloneTask:
             "fraction": self.fraction,
             "seed": self.seed,
             "old_fraction": self.old_fraction,
-        }
+        } | ({"validation": self.validation} if self.validation else {})
 
     @classmethod
     def from_json(cls, text: str | dict[str, Any], dataset: DatasetSplits | None = None) -> CloneTask:
@@ -276,6 +339,7 @@ class CloneTask:
                 fraction=spec.get("fraction", 0.3),
                 seed=spec.get("seed", 0),
                 old_fraction=spec.get("old_fraction", 0.0),
+                validation=spec.get("validation", 0.0),
             )
         except (KeyError, TypeError) as err:
             raise TaskError(f"not a clone task description: missing or bad field {err}") from err

@@ -35,7 +35,7 @@ from pnc.zoo import archs
 from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
 from pnc.zoo.images import ImageFiles, ImageSet, decode_cache_bytes, iter_batches
 from pnc.zoo.store import ModelCard, ZooStore
-from pnc.zoo.tasks import parse_classes, select_classes
+from pnc.zoo.tasks import parse_classes, select_classes, validation_rows
 
 __all__ = ["fit", "evaluate", "predict_logits", "train_zoo_model", "OPTIMIZERS", "STATE_FILE"]
 
@@ -360,15 +360,22 @@ def train_zoo_model(
     optimizer: str = "sgd",
     weight_decay: float = 5e-4,
     augment: bool = False,
+    validation: float = 0.0,
     progress: bool = True,
     device: DeviceLike | None = None,
 ) -> ModelCard:
     """Build ``arch`` (initialized from ``seed`` on the CPU: the same weights for every device)
     with one output per class of ``classes``, train it on ``device`` (default: torch's default
     device) on those classes' training images (checkpoints under ``<zoo>/<name>/.ckpt``,
-    removed when done), test it on their test images, and save it with its card."""
+    removed when done), test it on their test images, and save it with its card.
+
+    ``validation``: the share of each class's training images left out
+    (:func:`~pnc.zoo.tasks.validation_rows`, recorded in the card's recipe), on which a
+    clone between two models trained without the same share chooses R."""
     splits = dataset if isinstance(dataset, DatasetSplits) else load_dataset(dataset, data_dir)
     class_ids = parse_classes(classes, splits.classes)
+    train = splits.train.subset(validation_rows(splits.train, validation)[0]) if validation else splits.train
+    train = select_classes(train, class_ids)
     kwargs = {**archs.input_kwargs(arch, splits.input_size), **(arch_kwargs or {}), "num_classes": len(class_ids)}
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(seed)
@@ -378,7 +385,7 @@ def train_zoo_model(
     began = time.perf_counter()
     fit(
         model,
-        select_classes(splits.train, class_ids),
+        train,
         epochs=epochs,
         lr=lr,
         seed=seed,
@@ -409,7 +416,8 @@ def train_zoo_model(
             "schedule": "cosine per step",
             "augment": augment,
             "loss": "cross_entropy",
-            "train_images": int(sum(int((splits.train.y == c).sum()) for c in class_ids)),
+            "train_images": len(train.y),
+            **({"validation": validation} if validation else {}),
             "train_seconds": round(seconds, 2),
         },
     )

@@ -133,13 +133,13 @@ def plan_clone(
                 f"target {target_name!r} is on {t_card.dataset} but source {source_name!r} on "
                 f"{s_card.dataset}; clone between models of the same dataset"
             )
-        task = CloneTask(
+        task = CloneTask.for_cards(
             dataset,
-            t_card.classes,
-            s_card.classes,
+            t_card,
+            s_card,
             spec if spec in ("S", "M") else _class_spec(spec, dataset.classes),
-            fraction,
-            seed,
+            fraction=fraction,
+            seed=seed,
             old_fraction=old_fraction,
         )
         pair = f"--source {source_name} --classes {spec}"
@@ -376,6 +376,7 @@ def _execute(
         "source_cut": branches[0]["source_cut"],
         "fraction": plan.run["fraction"],
         "old_fraction": plan.run["old_fraction"],
+        "validation": tasks[0].validation,
         "images": branches[0]["images"],
         "patch_bytes": patch_bytes,
         "source_bytes": sum(os.path.getsize(store.path(s) / WEIGHTS_FILE) for s, _, _ in plan.sources),
@@ -543,9 +544,14 @@ def _cmd_clone(args) -> int:
             if b.get("budget_stopped"):
                 print("  --time-budget spent: the search stopped early; this is the best candidate so far")
         im = report["images"]
+        held = (
+            f"{report['validation']:g} validation share, never trained on"
+            if report["validation"]
+            else "from the available images, which the zoo models were trained on"
+        )
         print(
             f"images: {im['old_train']} of the target's classes + {im['clone_train']} of the cloned classes "
-            f"to train, {im['old_holdout'] + im['clone_holdout']} held out to choose R"
+            f"to train, {im['old_holdout'] + im['clone_holdout']} held out to choose R ({held})"
         )
         print(
             f"patch {report['patch_bytes']:,} bytes vs source checkpoint {report['source_bytes']:,} bytes; "

@@ -100,6 +100,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         optimizer=args.optimizer,
         augment=args.augment,
+        validation=args.validation,
         device=args.device,
     )
     print(
@@ -281,6 +282,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=in_range(int, 1, 65_536), default=128)
     train.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     train.add_argument("--augment", action="store_true", help="random translations")
+    train.add_argument(
+        "--validation",
+        type=in_range(float, 0.0, 0.5),
+        default=0.0,
+        help="share of each class's training images never trained on (the same seeded rows for every "
+        "model of the dataset); `pnc clone` between two models trained with the same share chooses R on "
+        "them (default 0: train on every image)",
+    )
     train.add_argument(
         "--image-size",
         type=in_range(int, 4, 4096),
