@@ -30,6 +30,7 @@ import torch
 from pnc.surgery.errors import TaskError
 from pnc.zoo.datasets import DEFAULT_IMAGE_SIZE, DatasetSplits, ImageData, load_dataset
 from pnc.zoo.images import ImageFiles, ImageSet, decode_cache_bytes, decoded, join
+from pnc.zoo.store import ModelCard
 
 __all__ = ["parse_classes", "select_classes", "validation_rows", "CloneTask", "CLONE_PRESETS"]
 
@@ -170,10 +171,15 @@ class CloneTask:
 
     @classmethod
     def for_cards(
-        cls, dataset: DatasetSplits, target_card: Any, source_card: Any, clone_classes: list[int] | str, **kwargs: Any
+        cls,
+        dataset: DatasetSplits,
+        target_card: ModelCard,
+        source_card: ModelCard,
+        clone_classes: list[int] | str,
+        **kwargs: Any,
     ) -> CloneTask:
         """The task of cloning ``clone_classes`` from the model of ``source_card`` into that of
-        ``target_card`` (zoo :class:`~pnc.zoo.store.ModelCard` s): their classes, and the
+        ``target_card`` (zoo cards): their classes, and the
         validation share both were trained without (0 unless their recipes name the same one)."""
         shares = {float(card.recipe.get("validation", 0.0)) for card in (target_card, source_card)}
         validation = shares.pop() if len(shares) == 1 else 0.0
