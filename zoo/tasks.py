@@ -179,8 +179,8 @@ class CloneTask:
         **kwargs: Any,
     ) -> CloneTask:
         """The task of cloning ``clone_classes`` from the model of ``source_card`` into that of
-        ``target_card`` (zoo cards): their classes, and the
-        validation share both were trained without (0 unless their recipes name the same one)."""
+        ``target_card`` (zoo cards): their classes, and the validation share both were
+        trained without (0 unless their recipes name the same one)."""
         shares = {float(card.recipe.get("validation", 0.0)) for card in (target_card, source_card)}
         validation = shares.pop() if len(shares) == 1 else 0.0
         return cls(dataset, target_card.classes, source_card.classes, clone_classes, validation=validation, **kwargs)
