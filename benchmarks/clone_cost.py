@@ -89,7 +89,7 @@ def child(arch: str, scale: str, old_fraction: float, joint: bool) -> dict[str, 
     store = ZooStore()
     t_name, s_name = default_pair(splits.name, arch)
     (target, t_card), (source, s_card) = store.load(t_name), store.load(s_name)
-    task = CloneTask(splits, t_card.classes, s_card.classes, clone_classes=scale, seed=0, old_fraction=old_fraction)
+    task = CloneTask.for_cards(splits, t_card, s_card, scale, seed=0, old_fraction=old_fraction)
     if joint:
         from pnc.bench.baselines import run_method
         from pnc.bench.paper import budget_for

@@ -42,7 +42,7 @@ def main() -> None:
         "",
     ]
     for label, clone_classes in (("M (preset)", [5, 6, 7]), ("control", [5, 7, 8])):
-        task = CloneTask(splits, t_card.classes, s_card.classes, clone_classes, seed=0)
+        task = CloneTask.for_cards(splits, t_card, s_card, clone_classes, seed=0)
         outputs = [names[c] for c in task.target_classes + clone_classes]
         lines += [f"## {label}: clone {', '.join(names[c] for c in clone_classes)}", ""]
         for method in ("Direct Ensemble", "Continual+KD", "Joint+Full", "PNC"):

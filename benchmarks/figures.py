@@ -136,7 +136,7 @@ def figure3(
     cloned on ``device``."""
     target, t_card = store.load(target_name, device)
     source, s_card = store.load(source_name, device)
-    task = CloneTask(splits, t_card.classes, s_card.classes, scale, seed=seed)
+    task = CloneTask.for_cards(splits, t_card, s_card, scale, seed=seed)
     cuts = cut_points(trace(target, task.clone_set().x[:2]), blocks=True, verify=False)
     points: dict[str, list[dict[str, Any]]] = {"ratio": [], "cut": []}
     jobs = [("ratio", r, {"mask_ratio": r}) for r in ratios] + [("cut", c.node, {"candidates": [c.node]}) for c in cuts]

@@ -34,7 +34,7 @@ from pnc.surgery.devices import DeviceLike, device_of
 from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import DatasetSplits, ImageData
 from pnc.zoo.store import ZooStore
-from pnc.zoo.tasks import CloneTask, select_classes
+from pnc.zoo.tasks import CloneTask, select_classes, shared_validation
 
 __all__ = ["incremental_run", "run_incremental", "INCREMENTAL_METHODS"]
 
@@ -58,6 +58,7 @@ def incremental_run(
     budget: Budget,
     fraction: float = 0.3,
     old_fraction: float = 0.3,
+    validation: float = 0.0,
     workdir: Path | None = None,
 ) -> dict[str, Any]:
     """Add ``s_classes`` to the target ``step_size`` classes at a time with ``method``.
@@ -70,7 +71,14 @@ def incremental_run(
     model: Any = target
     for k, new in enumerate(steps):
         task = CloneTask(
-            splits, t_classes, s_classes, new, fraction=fraction, seed=seed + 1000 * k, old_fraction=old_fraction
+            splits,
+            t_classes,
+            s_classes,
+            new,
+            fraction=fraction,
+            seed=seed + 1000 * k,
+            old_fraction=old_fraction,
+            validation=validation,
         )
         began = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
@@ -187,6 +195,7 @@ def run_incremental(
                         seed,
                         budget,
                         old_fraction=old_fraction,
+                        validation=shared_validation(t_card, s_card),
                         workdir=workdir / f"{method}-{step_size}-{seed}".replace(" ", "_"),
                     )
                     row |= {"method": method, "step_size": step_size, "seed": seed, "fingerprint": fingerprint}

@@ -35,7 +35,7 @@ from pnc.surgery.insertion import SearchConfig
 from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import DatasetSplits
 from pnc.zoo.store import ModelCard, ZooStore, package_versions
-from pnc.zoo.tasks import CloneTask
+from pnc.zoo.tasks import CloneTask, shared_validation
 
 __all__ = [
     "TableSpec",
@@ -579,7 +579,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         *_accuracy_section(result, by),
         *_cost_section(result, by),
         *_budget_section(result["budget"]),
-        *_search_section(result.get("pnc_search", [])),
+        *_search_section(result.get("pnc_search", []), result.get("validation", 0.0)),
         *_goals_section(result.get("goals", []), result.get("old_fraction", 0.3)),
     ]
     commits = sorted({r["commit"] for r in result["per_seed"]})
@@ -603,7 +603,8 @@ def _accuracy_section(result: dict[str, Any], by: dict[tuple[str, str], dict[str
         f"(classes {result['source_classes']}); S clones {result['clone_classes'].get('S', '-')}, "
         f"M clones {result['clone_classes'].get('M', '-')}, from {round(100 * result['fraction'])}% of their "
         f"training images and {_old_images(result.get('old_fraction', 0.0))} (Joint+Full sees all training "
-        f"images of both sets). Accuracies in %, mean ± sample std over seeds {result['seeds']}; in "
+        f"images of both sets){_validation_note(result.get('validation', 0.0))}. Accuracies in %, mean ± "
+        f"sample std over seeds {result['seeds']}; in "
         f"brackets the difference to {REFERENCE}, in points, as the paper prints it (not for the reference "
         "rows). Ori/Tar/Avg: test images of the target's / the cloned classes / both pooled, argmax over all "
         "outputs.",
@@ -666,13 +667,28 @@ def _budget_section(budget: dict[str, Any]) -> list[str]:
     ]
 
 
-def _search_section(search: list[dict[str, Any]]) -> list[str]:
+def _validation_note(validation: float) -> str:
+    if not validation:
+        return ""
+    return (
+        f"; training images are those left after the validation rows, {round(100 * validation)}% of each "
+        "class's, which neither zoo model was trained on and PNC chooses R on"
+    )
+
+
+def _search_section(search: list[dict[str, Any]], validation: float = 0.0) -> list[str]:
     if not search:
         return []
+    held = (
+        f"the validation rows of the task's classes ({round(100 * validation)}% of each class's training images, "
+        "never trained on by either zoo model)"
+        if validation
+        else "held-out available images"
+    )
     lines = [
         "## PNC's search (per seed)",
         "",
-        "R is chosen by the least selection loss on held-out available images (never test images): "
+        f"R is chosen by the least selection loss on {held} (never test images): "
         "held-out joint error with old-class images, held-out KD to the direct ensemble without. "
         "With successive halving (`keep_fraction` < 1) the candidates clearly worse after the first stage "
         "are dropped; regret = test Avg of the best finalist minus that of the chosen one, in points.",
@@ -770,6 +786,7 @@ def write_table(
         "clone_classes": clone_classes,
         "fraction": spec.fraction,
         "old_fraction": spec.old_fraction,
+        "validation": shared_validation(t_card, s_card),
         "stem": spec.stem,
         "scales": spec.scales,
         "seeds": spec.seeds,

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     variants = [{}, *[v for v in json.loads(args.variants) if v]]
     runs = []
     for seed in seeds:
-        task = CloneTask(splits, t_card.classes, s_card.classes, args.scale, seed=seed, old_fraction=args.old)
+        task = CloneTask.for_cards(splits, t_card, s_card, args.scale, seed=seed, old_fraction=args.old)
         pooled = task.eval_sets()["avg"]
         for overrides in variants:
             start = time.perf_counter()

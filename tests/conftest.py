@@ -9,7 +9,7 @@ torch.set_num_threads(1)
 import pytest  # noqa: E402
 
 
-def _train(zoo, name: str, classes: str, seed: int) -> None:
+def _train(zoo, name: str, classes: str, seed: int, *extra: str) -> None:
     from pnc.bench.cli import main
 
     assert (
@@ -31,6 +31,7 @@ def _train(zoo, name: str, classes: str, seed: int) -> None:
                 str(seed),
                 "--zoo-dir",
                 str(zoo),
+                *extra,
             ]
         )
         == 0

@@ -280,6 +280,24 @@ def test_bench_paper_on_any_zoo_pair(tiny_zoo, tmp_path, capsys):
     assert "together" in err and "nope" in err
 
 
+def test_bench_paper_on_a_pair_trained_with_a_validation_share_chooses_r_on_it(tmp_path):
+    """Models trained without the same validation rows: the table says R is chosen on them and
+    its JSON records the share; every method's images come from the other rows."""
+    from conftest import _train
+
+    zoo, out = tmp_path / "zoo", tmp_path / "results"
+    _train(zoo, "t", "0-4", 1, "--validation", "0.2")
+    _train(zoo, "s", "5-9", 2, "--validation", "0.2")
+    argv = ["bench", "paper", "--quick", "--target", "t", "--source", "s", "--methods", "Pre-trained,PNC"]
+    assert main([*argv, "--out", str(out), "--workdir", str(tmp_path / "w"), "--zoo-dir", str(zoo)]) == 0
+    doc = json.loads((out / "table1-digits-t-s-quick.json").read_text())
+    assert doc["validation"] == 0.2
+    text = (out / "table1-digits-t-s-quick.md").read_text()
+    assert "R is chosen by the least selection loss on the validation rows of the task's classes (20%" in text
+    assert "the validation rows, 20% of each class's, which neither zoo model was trained on" in text
+    assert {r["method"] for r in doc["rows"]} == {"Pre-trained", "PNC"}
+
+
 def test_a_cached_pnc_row_is_recomputed_when_a_search_default_changes(monkeypatch, digits):
     from pnc.bench import paper
     from pnc.surgery.insertion import SearchConfig

@@ -32,7 +32,7 @@ from pnc.zoo.datasets import DEFAULT_IMAGE_SIZE, DatasetSplits, ImageData, load_
 from pnc.zoo.images import ImageFiles, ImageSet, decode_cache_bytes, decoded, join
 from pnc.zoo.store import ModelCard
 
-__all__ = ["parse_classes", "select_classes", "validation_rows", "CloneTask", "CLONE_PRESETS"]
+__all__ = ["parse_classes", "select_classes", "validation_rows", "shared_validation", "CloneTask", "CLONE_PRESETS"]
 
 #: clone-set presets: the first round(p * n) source classes, at least one
 CLONE_PRESETS = {"S": 0.2, "M": 0.6}
@@ -104,6 +104,13 @@ def validation_rows(train: ImageSet, share: float) -> tuple[torch.Tensor, torch.
     kept = torch.ones(len(train.y), dtype=torch.bool, device=train.y.device)
     kept[reserved] = False
     return torch.nonzero(kept).flatten(), reserved
+
+
+def shared_validation(*cards: ModelCard) -> float:
+    """The validation share every one of the zoo ``cards``' models was trained without (the
+    ``validation`` of their recipes); 0 when they differ: then no validation row is unseen by all."""
+    shares = {float(card.recipe.get("validation", 0.0)) for card in cards}
+    return shares.pop() if len(shares) == 1 else 0.0
 
 
 @dataclass
@@ -181,8 +188,7 @@ class CloneTask:
         """The task of cloning ``clone_classes`` from the model of ``source_card`` into that of
         ``target_card`` (zoo cards): their classes, and the validation share both were
         trained without (0 unless their recipes name the same one)."""
-        shares = {float(card.recipe.get("validation", 0.0)) for card in (target_card, source_card)}
-        validation = shares.pop() if len(shares) == 1 else 0.0
+        validation = shared_validation(target_card, source_card)
         return cls(dataset, target_card.classes, source_card.classes, clone_classes, validation=validation, **kwargs)
 
     @staticmethod
