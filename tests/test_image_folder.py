@@ -17,7 +17,7 @@ from pnc.bench.metrics import evaluate_clone
 from pnc.surgery.errors import DataError
 from pnc.zoo.archs import create
 from pnc.zoo.datasets import DatasetSplits, ImageFiles, load_dataset
-from pnc.zoo.tasks import CloneTask, select_classes
+from pnc.zoo.tasks import CloneTask, select_classes, validation_rows
 from pnc.zoo.train import evaluate, fit
 
 CLASSES, TRAIN, VAL = 4, 10, 3
@@ -114,6 +114,22 @@ def test_a_task_decodes_only_its_share_and_picks_the_in_memory_rows(folder, deco
     for name, (x, y) in expected["eval_sets"].items():
         assert torch.equal(inputs["eval_sets"][name][0], x) and torch.equal(inputs["eval_sets"][name][1], y)
     assert torch.equal(inputs["images"], expected["images"]) and inputs["class_names"] == ["k3"]
+
+
+def test_a_validation_share_decodes_only_the_task_classes_validation_rows(folder, decodes):
+    splits = load_dataset(f"imagefolder:{folder}", image_size=8)
+    memory = _in_memory(splits)
+    del decodes[:]
+    lazy = CloneTask(splits, [0, 1], [2, 3], [3], seed=4, validation=0.2)
+    eager = CloneTask(memory, [0, 1], [2, 3], [3], seed=4, validation=0.2)
+    held = lazy.holdout_set()
+    assert len(decodes) == len(held) == 3 * 2  # 20% of 10 training images of classes 0, 1 and 3
+    assert {Path(p).parent.name for p in decodes} == {"k0", "k1", "k3"} and all("/train/" in p for p in decodes)
+    assert torch.equal(held.x, eager.holdout_set().x) and torch.equal(held.y, eager.holdout_set().y)
+    del decodes[:]
+    available = lazy.available_set()
+    assert not set(decodes) & {splits.train.paths[i] for i in validation_rows(splits.train, 0.2)[1].tolist()}
+    assert torch.equal(available.x, eager.available_set().x)
 
 
 def test_eval_sets_stay_out_of_clone_inputs_when_they_do_not_fit(folder, monkeypatch):
