@@ -5,7 +5,7 @@
         --variants '[{"tune_epochs": 20}, {"ce_weight": 3.0}]'
 
 Each variant is a dict of :class:`pnc.surgery.insertion.SearchConfig` overrides; ``{}`` (the
-defaults) always runs first. The search is seeded, so overrides of the tuning alone
+defaults) runs first unless ``--skip-defaults``. The search is seeded, so overrides of the tuning alone
 (``tune_epochs``, ``tune_lr``, ``ce_weight`` affects both) give the same R and the same branch
 before its tuning as the defaults. The target's dataset is loaded as it was trained on
 (:func:`pnc.bench.hetero.dataset_of`: Fashion-MNIST padded to 32 px for Table 2's
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     splits = dataset_of(t_card)
     budget = budget_for(t_card, quick=False)
     seeds = [int(s) for s in args.seeds.split(",")]
-    variants = [{}, *[v for v in json.loads(args.variants) if v]]
+    variants = [*([] if args.skip_defaults else [{}]), *[v for v in json.loads(args.variants) if v]]
     runs = []
     for seed in seeds:
         task = CloneTask.for_cards(splits, t_card, s_card, args.scale, seed=seed, old_fraction=args.old)
@@ -119,6 +119,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--old", type=float, default=0.3, help="old fraction (default 0.3)")
     parser.add_argument("--variants", default="[]", help="a JSON list of SearchConfig overrides")
+    parser.add_argument(
+        "--skip-defaults", action="store_true", help="do not rerun {} (its rows are in an earlier run's file)"
+    )
     parser.add_argument("--zoo-dir")
     parser.add_argument("--tag", default="", help="appended to the results' file names (keeps other runs' files)")
     args = parser.parse_args()
