@@ -23,6 +23,7 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     for seed in seeds:
         task = CloneTask.for_cards(splits, t_card, s_card, args.scale, seed=seed, old_fraction=args.old)
+        if args.seen_holdout:  # the models' validation rows left unused: held out from the available images
+            task = replace(task, validation=0.0)
         pooled = task.eval_sets()["avg"]
         for overrides in variants:
             start = time.perf_counter()
@@ -75,6 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "source": args.source,
         "scale": args.scale,
         "old_fraction": args.old,
+        "validation": task.validation,
         "seeds": seeds,
         "variants": variants,
         "runs": runs,
@@ -85,7 +89,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def render(result: dict[str, Any], command: str) -> str:
     lines = [
         f"# Search variants: `{result['target']}` <- `{result['source']}`, {result['scale']}, "
-        f"old fraction {result['old_fraction']:g}",
+        f"old fraction {result['old_fraction']:g}"
+        + (
+            f", R chosen on the {100 * result['validation']:g}% validation rows"
+            if result.get("validation")
+            else ", R chosen on held-out available images"
+        ),
         "",
         "Test accuracy in %; tuning: held-out accuracy of the chosen branch before -> after its tuning "
         "(kept only if it rose).",
@@ -121,6 +130,11 @@ def main() -> None:
     parser.add_argument("--variants", default="[]", help="a JSON list of SearchConfig overrides")
     parser.add_argument(
         "--skip-defaults", action="store_true", help="do not rerun {} (its rows are in an earlier run's file)"
+    )
+    parser.add_argument(
+        "--seen-holdout",
+        action="store_true",
+        help="for models trained with a validation share: hold out available images instead (as for models without)",
     )
     parser.add_argument("--zoo-dir")
     parser.add_argument("--tag", default="", help="appended to the results' file names (keeps other runs' files)")
