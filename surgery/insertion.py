@@ -96,6 +96,11 @@ class SearchConfig:
     before): at M the tuning is where the clone learns to arbitrate (ResNetC-20 M seed 0:
     Tar 79.1 / 84.3 / 87.8 after 3 / 6 / 10 epochs, Avg 85.9 / 87.9 / 89.2); at S and on
     LeNet-5 M (3 seeds) it changed Avg by at most 0.2.
+    ``tune_epochs_choices``: other tuning lengths, each tried from the same start; the one
+    with the best held-out accuracy is kept (ties: the shorter). Empty by default. Choose
+    lengths only on held-out images neither network was trained on (a validation split,
+    ``clone(holdout=...)``): on images they were trained on, the longer tuning looks
+    better and is not (``benchmarks/results/unseen_holdout-*.md``).
     ``perturbed_copies``: occluded versions of each training image in L_ins's pool, beside
     the clean one; None: 0 with old-class images (measured best there), 1 without (half of
     L_ins's images occluded: the perturbation helps when distilling to the source alone, and
@@ -144,6 +149,7 @@ class SearchConfig:
     holdout: float = 0.2
     ce_weight: float = 1.0
     tune_epochs: int = 10
+    tune_epochs_choices: tuple[int, ...] = ()
     tune_lr: float = 3e-3
     loc_pool: int = 4096
     cache_mb: float = 192.0
@@ -161,7 +167,7 @@ class SearchConfig:
 
 
 #: settings added after rows were cached, empty by default: in the key only when set
-KEYED_WHEN_SET = frozenset({"smaller_mask_ratios"})
+KEYED_WHEN_SET = frozenset({"smaller_mask_ratios", "tune_epochs_choices"})
 
 
 @dataclass
@@ -710,11 +716,13 @@ def tune_branch(
 ) -> dict:
     """Fine-tune a built branch (A, the pruned copy M_f, F_c) with L_ins on the training
     images (clean; ``tune_epochs`` passes over all of them), the target frozen; keep the
-    result only if the held-out error falls. ``tick(total)`` is called once with the step
-    count, then ``tick(0)`` per step (for a progress bar).
+    result only if the held-out error falls. With ``tune_epochs_choices`` every length is
+    tried from the same start and the one with the best held-out accuracy is the result
+    (ties: the shorter). ``tick(total)`` is called once with the step count, then
+    ``tick(0)`` per step (for a progress bar).
 
-    Returns {"before": held-out metrics, "after": held-out metrics, "kept": bool, "epochs",
-    "seconds"}."""
+    Returns {"before": held-out metrics, "after": held-out metrics, "kept": bool, "epochs"
+    (the length kept), "seconds"} and, with choices, "tried" (length -> held-out accuracy)."""
     start = time.perf_counter()
     prefix = extract(ctx.target, None, [branch.target_cut])
     n = len(ctx.train_x)
@@ -739,43 +747,64 @@ def tune_branch(
     branch.eval()
     before = held_out()
     saved = {k: v.clone() for k, v in branch.state_dict().items()}
-    branch.body.requires_grad_(True)
-    params = [p for p in branch.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=config.tune_lr)
-    gen = torch.Generator().manual_seed(config.seed)
-    steps = config.tune_epochs * max(math.ceil(n / config.batch_size), config.min_steps_per_epoch)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-    draws = math.ceil(steps * config.batch_size / n)  # seeded on the CPU generator, then moved
-    order = torch.cat([torch.randperm(n, generator=gen, device=gen.device) for _ in range(draws)]).to(ctx.device)
-    tick(steps)
-    branch.train()
-    for step in range(steps):
-        rows = order[step * config.batch_size : (step + 1) * config.batch_size]
-        y = ctx.train_y[rows]
-        logits = logits_of(rows)
-        teacher = joint_teacher(ctx.pool.logits[rows], ctx.pool.source[rows], y)
-        loss = kd_loss(logits, teacher, config.temperature) + config.ce_weight * F.cross_entropy(logits, y)
-        if not bool(torch.isfinite(loss).all()):
-            raise TrainingError(
-                f"fine-tuning the branch at {branch.target_cut}: the loss became {float(loss.detach())}; lower the "
-                "tuning learning rate or check the images for NaN/Inf (the candidate search is checkpointed "
-                "and a rerun resumes from it)"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        tick(0)
-    branch.body.requires_grad_(False)
-    branch.eval()
-    after = held_out()
+    per_epoch = max(math.ceil(n / config.batch_size), config.min_steps_per_epoch)
+    lengths = sorted({config.tune_epochs, *config.tune_epochs_choices})
+    tick(per_epoch * sum(lengths))
+
+    def tuned(epochs: int) -> dict[str, float]:
+        """Tune from ``saved`` for ``epochs`` (cosine over them, the same seeded order for
+        every length); the held-out metrics after."""
+        branch.load_state_dict(saved)
+        branch.body.requires_grad_(True)
+        params = [p for p in branch.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=config.tune_lr)
+        gen = torch.Generator().manual_seed(config.seed)
+        steps = epochs * per_epoch
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+        draws = math.ceil(steps * config.batch_size / n)  # seeded on the CPU generator, then moved
+        order = torch.cat([torch.randperm(n, generator=gen, device=gen.device) for _ in range(draws)]).to(ctx.device)
+        branch.train()
+        for step in range(steps):
+            rows = order[step * config.batch_size : (step + 1) * config.batch_size]
+            y = ctx.train_y[rows]
+            logits = logits_of(rows)
+            teacher = joint_teacher(ctx.pool.logits[rows], ctx.pool.source[rows], y)
+            loss = kd_loss(logits, teacher, config.temperature) + config.ce_weight * F.cross_entropy(logits, y)
+            if not bool(torch.isfinite(loss).all()):
+                raise TrainingError(
+                    f"fine-tuning the branch at {branch.target_cut}: the loss became {float(loss.detach())}; lower "
+                    "the tuning learning rate or check the images for NaN/Inf (the candidate search is checkpointed "
+                    "and a rerun resumes from it)"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            tick(0)
+        branch.body.requires_grad_(False)
+        branch.eval()
+        return held_out()
+
+    tried: dict[int, dict[str, float]] = {}
+    best, best_state = lengths[0], saved
+    for epochs in lengths:  # ascending: a tie keeps the shorter tuning
+        tried[epochs] = tuned(epochs)
+        if epochs == lengths[0] or tried[epochs]["acc"] > tried[best]["acc"]:
+            best, best_state = epochs, {k: v.clone() for k, v in branch.state_dict().items()}
+    after = tried[best]
     kept = after["acc"] > before["acc"]
+    branch.load_state_dict(best_state if kept else saved)
     if kept:
         branch.body.tuned = True
-    else:
-        branch.load_state_dict(saved)
     seconds = time.perf_counter() - start
-    return {"before": before, "after": after, "kept": kept, "epochs": config.tune_epochs, "seconds": seconds}
+    return {
+        "before": before,
+        "after": after,
+        "kept": kept,
+        "epochs": best,
+        "seconds": seconds,
+        **({"tried": {e: m["acc"] for e, m in tried.items()}} if len(tried) > 1 else {}),
+    }
 
 
 def build_branch(

@@ -175,7 +175,8 @@ def test_clone_cli_chooses_r_on_the_validation_rows_the_models_never_saw(validat
     capsys.readouterr()
     out = validation_zoo + f"-run-{old_fraction}"
     base = ["clone", "--target", "t", "--source", "s", "--classes", "5,8", "--out", out, "--zoo-dir", validation_zoo]
-    assert main([*base, "--old-fraction", old_fraction]) == 0
+    lengths = ["--tune-epochs-choices", "12"] if float(old_fraction) else []  # tuning needs old-class images
+    assert main([*base, "--old-fraction", old_fraction, *lengths]) == 0
     assert "held out to choose R (0.2 validation share, never trained on)" in capsys.readouterr().out
     report = json.loads((Path(out) / "report.json").read_text())
     images, kept_y, held_y = report["images"], train.y[kept], train.y[held]
@@ -186,5 +187,8 @@ def test_clone_cli_chooses_r_on_the_validation_rows_the_models_never_saw(validat
     assert images["old_holdout"] == expected_old
     assert images["old_train"] == sum(round(float(old_fraction) * int((kept_y == c).sum())) for c in range(5))
     assert report["ori_acc"] > 0.5 and report["tar_acc"] > 0.5
+    if lengths:  # both lengths tried on the validation images, the better one kept
+        tuning = report["branches"][0]["tuning"]
+        assert set(tuning["tried"]) == {"10", "12"} and tuning["tried"][str(tuning["epochs"])] == tuning["after"]["acc"]
     assert main(["eval", out, "--zoo-dir", validation_zoo, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["avg_acc"] == pytest.approx(report["avg_acc"], abs=1e-6)

@@ -259,3 +259,47 @@ def test_given_held_out_images_choose_r_and_every_available_image_trains(pair):
         clone(target, source, **inputs, config=config, holdout=(test.x, test.y + 1), progress=False)
     with pytest.raises(DataError, match=r"holdout images are \(1, 8, 7\), the training images \(1, 8, 8\)"):
         clone(target, source, **inputs, config=config, holdout=(test.x[..., :7], test.y), progress=False)
+
+
+def test_tuning_lengths_are_each_tried_from_the_same_start_and_the_best_held_out_one_kept(pair):
+    target, source, task = pair
+    inputs = task.clone_inputs()
+    test = task.eval_sets()["avg"]  # stands in for validation images (a test of the API, not a benchmark)
+    config = SearchConfig(**QUICK)
+    tried = _branch(
+        clone(
+            target,
+            source,
+            **inputs,
+            config=SearchConfig(**QUICK, tune_epochs_choices=(3, 2)),
+            holdout=(test.x, test.y),
+            progress=False,
+        )
+    )
+    tuning = tried.report.tuning
+    assert sorted(tuning["tried"]) == [1, 2, 3]  # tune_epochs and the choices
+    best = tuning["epochs"]
+    assert tuning["tried"][best] == max(tuning["tried"].values()) == tuning["after"]["acc"]
+    assert all(acc < tuning["tried"][best] for e, acc in tuning["tried"].items() if e < best)  # ties: the shorter
+    alone = _branch(
+        clone(
+            target,
+            source,
+            **inputs,
+            config=SearchConfig(**QUICK | {"tune_epochs": best}),
+            holdout=(test.x, test.y),
+            progress=False,
+        )
+    )
+    assert alone.report.tuning["after"] == tuning["after"]  # each length from the same start, the same seeded order
+    assert all(torch.equal(v, alone.state_dict()[k]) for k, v in tried.state_dict().items())
+    assert "tried" not in _branch(clone(target, source, **inputs, config=config, progress=False)).report.tuning
+    assert json.loads(SearchConfig().key()).keys().isdisjoint({"tune_epochs_choices"})
+
+
+def test_cli_tuning_lengths_need_models_trained_without_the_same_validation_rows(tiny_zoo, tmp_path, capsys):
+    argv = ["clone", "--target", "t", "--source", "s", "--classes", "7", "--zoo-dir", str(tiny_zoo)]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--tune-epochs-choices", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "neither network was trained on" in err and "pnc zoo train --validation F" in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written

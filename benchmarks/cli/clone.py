@@ -486,6 +486,7 @@ def _cmd_clone(args) -> int:
         mask_ratio=args.mask_ratio,
         smaller_branch_within_se=args.prefer_smaller_branch,
         smaller_mask_ratios=tuple(args.smaller_mask_ratios),
+        tune_epochs_choices=tuple(args.tune_epochs_choices),
         cache_mb=args.cache_mb,
     )
     store, sources, out = _store(args), list(zip(args.source, args.classes)), Path(args.out)
@@ -502,6 +503,13 @@ def _cmd_clone(args) -> int:
         config=config,
         device=args.device,
     )
+    seen = [name for name, _, task in plan.sources if not task.validation]
+    if args.tune_epochs_choices and seen:
+        raise TaskError(
+            f"--tune-epochs-choices chooses on held-out images neither network was trained on, and target "
+            f"{args.target!r} and source(s) {', '.join(map(repr, seen))} share no validation share: train both with "
+            "`pnc zoo train --validation F` (the same F), or drop --tune-epochs-choices"
+        )
     backend = None
     if args.backend == "ray":
         from pnc.bench.ray_backend import RayBackend, connect
@@ -651,6 +659,15 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         metavar="RATIO",
         help="kept shares below --mask-ratio to try on the chosen R (its last stage re-run at each, smallest first); "
         "the first that loses nothing on the held-out images is kept: a smaller, faster branch",
+    )
+    p.add_argument(
+        "--tune-epochs-choices",
+        nargs="+",
+        type=positive(int),
+        default=[],
+        metavar="EPOCHS",
+        help="other lengths of the chosen branch's tuning (default length 10), each tried from the same start; the "
+        "best on the validation images is kept (needs models trained with `pnc zoo train --validation F`)",
     )
     p.add_argument(
         "--time-budget",
