@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "target_cut": report["target_cut"],
                     "kept_fraction": report["kept_fraction"],
                     **{k: 100 * float(v) for k, v in acc.items()},
-                    "tuning": {k: tuning[k] for k in ("before", "after", "kept") if k in tuning},
+                    "tuning": {k: tuning[k] for k in ("before", "after", "kept", "epochs", "tried") if k in tuning},
                     "seconds": seconds,
                 }
             )
@@ -105,7 +105,9 @@ def render(result: dict[str, Any], command: str) -> str:
     for r in result["runs"]:
         t = r["tuning"]
         tuned = (
-            f"{100 * t['before']['acc']:.2f} -> {100 * t['after']['acc']:.2f} ({'kept' if t['kept'] else 'dropped'})"
+            f"{100 * t['before']['acc']:.2f} -> {100 * t['after']['acc']:.2f} ({'kept' if t['kept'] else 'dropped'}"
+            + (f", {t['epochs']} of {'/'.join(map(str, t['tried']))} epochs" if "tried" in t else "")
+            + ")"
         )
         lines.append(
             f"| {json.dumps(r['variant'])} | {r['seed']} | {r['target_cut']} | {r.get('kept_fraction', 0):.2f} | "
