@@ -173,6 +173,8 @@ def test_clone_cli_chooses_r_on_the_validation_rows_the_models_never_saw(validat
     card = ZooStore(validation_zoo).card("t")
     assert card.recipe["validation"] == 0.2 and card.recipe["train_images"] == int((train.y[kept] < 5).sum())
     capsys.readouterr()
+    assert main(["zoo", "list", "--zoo-dir", validation_zoo]) == 0
+    assert capsys.readouterr().out.count(" 0.2 ") == 2  # the list shows both models' validation share
     out = validation_zoo + f"-run-{old_fraction}"
     base = ["clone", "--target", "t", "--source", "s", "--classes", "5,8", "--out", out, "--zoo-dir", validation_zoo]
     lengths = ["--tune-epochs-choices", "12"] if float(old_fraction) else []  # tuning needs old-class images

@@ -144,12 +144,21 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"no models in {store.root}; run `pnc zoo pretrain-defaults` or `pnc zoo train`")
         return 0
     table = Table(title=f"zoo: {store.root}")
-    for col in ("name", "arch", "dataset", "classes", "test acc", "sha256"):
+    for col in ("name", "arch", "dataset", "classes", "validation", "test acc", "sha256"):
         table.add_column(col)
     for c in cards:
-        table.add_row(c.name, c.arch, c.dataset, ",".join(map(str, c.classes)), f"{c.test_accuracy:.4f}", c.sha256[:12])
+        validation = c.recipe.get("validation", 0.0)
+        table.add_row(
+            c.name,
+            c.arch,
+            c.dataset,
+            ",".join(map(str, c.classes)),
+            f"{validation:g}" if validation else "-",
+            f"{c.test_accuracy:.4f}",
+            c.sha256[:12],
+        )
     for name in broken:
-        table.add_row(name, "BROKEN card (see below)", "", "", "", "")
+        table.add_row(name, "BROKEN card (see below)", "", "", "", "", "")
     Console().print(table)
     _report_broken(broken)
     return 0
