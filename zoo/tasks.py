@@ -85,11 +85,13 @@ def parse_classes(spec: str | Sequence[int | str], class_names: list[str]) -> li
 SetT = TypeVar("SetT", ImageData, ImageFiles)
 
 
-def select_classes(data: SetT, classes: Sequence[int], offset: int = 0) -> SetT:
+def select_classes(data: SetT, classes: Sequence[int], offset: int = 0, among: torch.Tensor | None = None) -> SetT:
     """Images of ``classes`` (dataset ids) relabelled ``offset + position in classes``
-    (files stay undecoded)."""
+    (files stay undecoded); ``among``: sorted row indices (M,) to pick from (default: all),
+    so that only the rows picked are copied."""
     wanted = torch.as_tensor(list(classes), dtype=torch.int64, device=data.y.device)
-    index = torch.nonzero(torch.isin(data.y, wanted)).flatten()
+    index = torch.nonzero(torch.isin(data.y if among is None else data.y[among], wanted)).flatten()
+    index = index if among is None else among[index]
     position = (data.y[index].unsqueeze(1) == wanted).to(torch.int64).argmax(dim=1)
     return data.subset(index, position + offset)
 
@@ -205,18 +207,18 @@ class CloneTask:
             self._split = validation_rows(self.dataset.train, self.validation)
         return self._split
 
-    def train_split(self) -> ImageSet:
-        """The dataset's training images less the validation rows (all of them without a share)."""
-        return self.dataset.train if not self.validation else self.dataset.train.subset(self._rows()[0])
+    def _training(self, classes: Sequence[int], offset: int = 0) -> ImageSet:
+        """The training images of ``classes`` less the validation rows, as :func:`select_classes`."""
+        return select_classes(self.dataset.train, classes, offset, among=self._rows()[0] if self.validation else None)
 
     def target_train(self) -> ImageSet:
-        return select_classes(self.train_split(), self.target_classes)
+        return self._training(self.target_classes)
 
     def target_test(self) -> ImageSet:
         return select_classes(self.dataset.test, self.target_classes)
 
     def source_train(self) -> ImageSet:
-        return select_classes(self.train_split(), self.source_classes)
+        return self._training(self.source_classes)
 
     def source_test(self) -> ImageSet:
         return select_classes(self.dataset.test, self.source_classes)
@@ -226,7 +228,7 @@ class CloneTask:
         return [self.source_classes.index(c) for c in self.clone_classes]
 
     def _clone_rows(self) -> ImageSet:
-        full = select_classes(self.train_split(), self.clone_classes, offset=len(self.target_classes))
+        full = self._training(self.clone_classes, offset=len(self.target_classes))
         if self._clone_index is None:
             self._clone_index = _per_class_share(
                 full.y, self.fraction, torch.Generator().manual_seed(self.seed), at_least_one=True
@@ -262,10 +264,10 @@ class CloneTask:
         cloned network's labels (old-class images, then clone-class ones)."""
         if not self.validation:
             return None
-        rows = self.dataset.train.subset(self._rows()[1])
-        held = select_classes(rows, self.clone_classes, offset=len(self.target_classes))
+        train, rows = self.dataset.train, self._rows()[1]
+        held = select_classes(train, self.clone_classes, offset=len(self.target_classes), among=rows)
         if self.old_fraction:
-            held = join(select_classes(rows, self.target_classes), held)
+            held = join(select_classes(train, self.target_classes, among=rows), held)
         return decoded(held, "validation images")
 
     def eval_sets(self) -> dict[str, ImageSet]:
@@ -307,7 +309,7 @@ class CloneTask:
     def joint_train(self) -> ImageSet:
         """All training images of T_t and T_s (less the validation rows) with the cloned network's
         labels (Joint baseline; undecoded files from an image folder: ``fit`` streams them)."""
-        return select_classes(self.train_split(), self.target_classes + self.clone_classes)
+        return self._training(self.target_classes + self.clone_classes)
 
     @property
     def num_outputs(self) -> int:

@@ -374,8 +374,8 @@ def train_zoo_model(
     clone between two models trained without the same share chooses R."""
     splits = dataset if isinstance(dataset, DatasetSplits) else load_dataset(dataset, data_dir)
     class_ids = parse_classes(classes, splits.classes)
-    train = splits.train.subset(validation_rows(splits.train, validation)[0]) if validation else splits.train
-    train = select_classes(train, class_ids)
+    kept = validation_rows(splits.train, validation)[0] if validation else None
+    train = select_classes(splits.train, class_ids, among=kept)
     kwargs = {**archs.input_kwargs(arch, splits.input_size), **(arch_kwargs or {}), "num_classes": len(class_ids)}
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(seed)
