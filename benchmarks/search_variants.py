@@ -23,7 +23,6 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from pnc.bench.metrics import clone_accuracy, set_logits
 from pnc.bench.paper import budget_for, machine_info
 from pnc.surgery.io import atomic_write_text
 from pnc.zoo.store import ZooStore
-from pnc.zoo.tasks import CloneTask
+from pnc.zoo.tasks import CloneTask, shared_validation
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -48,11 +47,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     budget = budget_for(t_card, quick=False)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [*([] if args.skip_defaults else [{}]), *[v for v in json.loads(args.variants) if v]]
+    # --seen-holdout: the models' validation rows left unused, held out from the available images
+    validation = 0.0 if args.seen_holdout else shared_validation(t_card, s_card)
     runs = []
     for seed in seeds:
-        task = CloneTask.for_cards(splits, t_card, s_card, args.scale, seed=seed, old_fraction=args.old)
-        if args.seen_holdout:  # the models' validation rows left unused: held out from the available images
-            task = replace(task, validation=0.0)
+        task = CloneTask(
+            splits, t_card.classes, s_card.classes, args.scale, seed=seed, old_fraction=args.old, validation=validation
+        )
         pooled = task.eval_sets()["avg"]
         for overrides in variants:
             start = time.perf_counter()
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "source": args.source,
         "scale": args.scale,
         "old_fraction": args.old,
-        "validation": task.validation,
+        "validation": validation,
         "seeds": seeds,
         "variants": variants,
         "runs": runs,
