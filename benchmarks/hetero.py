@@ -30,7 +30,7 @@ from pnc.bench.paper import RowCache, TableSpec, budget_for, run_table, write_ta
 from pnc.surgery.devices import DeviceLike
 from pnc.surgery.errors import TaskError
 from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
-from pnc.zoo.defaults import DEFAULTS, DefaultModel, ensure_default
+from pnc.zoo.defaults import DEFAULTS, FMNIST_VALIDATION, DefaultModel, ensure_default
 from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import parse_classes
 
@@ -41,11 +41,22 @@ PADDED_NAME = "fashion-mnist-32"
 EXTRA_MODELS: dict[str, DefaultModel] = {
     m.name: m
     for m in [
-        DefaultModel("fmnist-cnn4-target", "cnn4", "fashion-mnist", "0-4", epochs=3, lr=0.05, seed=0),
         DefaultModel(
-            "fmnist32-mobilenetv2_050-target", "mobilenetv2_050", PADDED_NAME, "0-4", epochs=3, lr=0.05, seed=0
+            "fmnist-cnn4-target", "cnn4", "fashion-mnist", "0-4", 3, 0.05, seed=0, validation=FMNIST_VALIDATION
         ),
-        DefaultModel("fmnist32-resnet18-source", "resnet18", PADDED_NAME, "5-9", epochs=2, lr=0.05, seed=1),
+        DefaultModel(
+            "fmnist32-mobilenetv2_050-target",
+            "mobilenetv2_050",
+            PADDED_NAME,
+            "0-4",
+            epochs=3,
+            lr=0.05,
+            seed=0,
+            validation=FMNIST_VALIDATION,
+        ),
+        DefaultModel(
+            "fmnist32-resnet18-source", "resnet18", PADDED_NAME, "5-9", 2, 0.05, seed=1, validation=FMNIST_VALIDATION
+        ),
     ]
 }
 

@@ -42,9 +42,10 @@ def test_vit_default_builds_traces_and_cuts_into_tokens():
 
 def test_recipes_match_only_their_own_cards():
     """The ViT's AdamW recipe and sizes are part of its match; the SGD defaults' stored cards
-    (optimizer named or, from before it was recorded, not) still match theirs."""
+    (optimizer named or, from before it was recorded, not) still match theirs; a card trained
+    on every image (no validation share) is another recipe."""
     spec, lenet = DEFAULTS["fmnist-vit-source"], DEFAULTS["fmnist-lenet5-source"]
-    recipe = {"epochs": spec.epochs, "lr": spec.lr, "seed": spec.seed, "batch_size": 128}
+    recipe = {"epochs": spec.epochs, "lr": spec.lr, "seed": spec.seed, "batch_size": 128, "validation": 0.1}
     card = ModelCard(
         name=spec.name,
         arch=spec.arch,
@@ -62,11 +63,12 @@ def test_recipes_match_only_their_own_cards():
     assert spec.matches(card, ids) and not spec.matches(card, [0, 1, 2, 3, 4])
     assert not spec.matches(replace(card, recipe={**card.recipe, "optimizer": "sgd"}), ids)
     assert not spec.matches(replace(card, kwargs={**card.kwargs, "depth": 6}), ids)
-    sgd = {"epochs": lenet.epochs, "lr": lenet.lr, "seed": lenet.seed, "batch_size": 128}
+    sgd = {"epochs": lenet.epochs, "lr": lenet.lr, "seed": lenet.seed, "batch_size": 128, "validation": 0.1}
     old = replace(card, arch="lenet5", kwargs={"in_chans": 1, "img_size": 28, "num_classes": 5})
     assert lenet.matches(replace(old, recipe={**sgd, "optimizer": "sgd", "weight_decay": 0.0005}), ids)
     assert lenet.matches(replace(old, recipe=sgd), ids)
     assert not lenet.matches(replace(old, recipe={**sgd, "optimizer": "adamw", "weight_decay": 0.0005}), ids)
+    assert not lenet.matches(replace(old, recipe={k: v for k, v in sgd.items() if k != "validation"}), ids)
 
 
 def test_table2_pairs_name_known_models_and_include_cnn_vit_both_ways():
