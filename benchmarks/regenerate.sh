@@ -7,7 +7,8 @@
 # each); the zoo models a table needs are trained by it when the store lacks them or holds
 # another recipe. Each finished step is committed at once (`git commit -- benchmarks/results`,
 # one lane at a time), so a stop loses at most the step under way; rows are cached, so a
-# rerun resumes. The latency and clone-cost tables then run alone: they time things.
+# rerun resumes. `zoo.md` is then written from the cards of the models the tables used, and
+# the latency and clone-cost tables run alone: they time things.
 # About 5 h on a 2-core CPU when every zoo model and row is new (the two ViTs: 30 min each).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +53,7 @@ lane2() {
 lane1 &
 lane2 &
 wait
+step zoo $PY benchmarks/zoo_defaults.py --from-store
 step onnx-latency $PY -m pnc.bench.onnx_latency --work-dir /tmp/pnc-bench-onnx
 step clone-cost $PY benchmarks/clone_cost.py
 step clone-cost-joint $PY benchmarks/clone_cost.py --joint
