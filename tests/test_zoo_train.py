@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pnc.surgery.errors import ModelNotFoundError
+from pnc.surgery.errors import ModelNotFoundError, StoreError
 from pnc.surgery.io import state_dict_sha256
 from pnc.zoo import archs
 from pnc.zoo.datasets import load_dataset
@@ -173,3 +173,22 @@ def test_default_pair_names():
     assert default_pair("digits", "cnn4") == ("digits-cnn4-target", "digits-cnn4-source")
     with pytest.raises(ModelNotFoundError, match="digits/cnn4"):
         default_pair("cifar10", "lenet5")
+
+
+def test_zoo_table_from_store_reads_cards_and_refuses_other_recipes(digits, tmp_path):
+    from pnc.bench.zoo_defaults import from_store, markdown
+
+    store = ZooStore(tmp_path)
+    card = ensure_default(store, "digits-cnn4-target", dataset=digits, progress=False)
+    result = from_store(str(tmp_path), ["digits-cnn4-target", "digits-cnn4-source"])
+    row, missing = result["models"]
+    assert (row["name"], row["validation"], row["train_images"]) == (card.name, 0.0, card.recipe["train_images"])
+    assert row["sha256"] == card.sha256 and row["total_seconds"] is None and row["load_avg_before"] is None
+    assert missing == {"name": "digits-cnn4-source", "skipped": f"not in {tmp_path}"}
+    table = markdown(result)
+    assert f"| 0 | {card.recipe['train_images']:,} | {100 * card.test_accuracy:.2f}% |" in table
+    assert f"| {card.recipe['train_seconds']:.1f} | - | - |" in table
+    other = replace(DEFAULTS["digits-cnn4-target"], validation=0.2)  # same name, another recipe
+    other.train(store, digits, card.classes, progress=False)
+    with pytest.raises(StoreError, match="another recipe.*pretrain-defaults --only digits-cnn4-target"):
+        from_store(str(tmp_path), ["digits-cnn4-target"])
