@@ -54,6 +54,7 @@ lane1 &
 lane2 &
 wait
 step zoo $PY benchmarks/zoo_defaults.py --from-store
+step goals $PY benchmarks/goals_summary.py
 step onnx-latency $PY -m pnc.bench.onnx_latency --work-dir /tmp/pnc-bench-onnx
 step clone-cost $PY benchmarks/clone_cost.py
 step clone-cost-joint $PY benchmarks/clone_cost.py --joint
