@@ -30,10 +30,11 @@ from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.cut_search import Backend, SearchProgress, finalist_accuracy, search
 from pnc.surgery.devices import device_of
 from pnc.surgery.errors import DataError, TaskError, require_finite_images, require_finite_weights
-from pnc.surgery.insertion import SearchConfig, SearchContext, build_branch, split_holdout, tune_branch
+from pnc.surgery.insertion import SearchConfig, SearchContext, build_branch, split_holdout
 from pnc.surgery.io import state_dict_sha256
 from pnc.surgery.local_models import fit_local_models
 from pnc.surgery.tracing import trace
+from pnc.surgery.tuning import tune_branch
 
 
 def _num_outputs(model: nn.Module, x: Tensor) -> int:

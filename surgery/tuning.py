@@ -1,0 +1,129 @@
+"""Fine-tuning the chosen branch (A, its pruned copy of M_f, F_c) with L_ins, after R is chosen.
+
+The search trains every candidate briefly; the one chosen branch is then tuned for
+``SearchConfig.tune_epochs`` passes over every available image, the target frozen, and
+the result is kept only if the held-out accuracy rises (with ``tune_epochs_choices``, the
+best of several lengths from the same start). Needs old-class images (the arbitrating
+L_ins, :mod:`pnc.surgery.insertion`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pnc.surgery.branch import Branch
+from pnc.surgery.errors import TrainingError
+from pnc.surgery.insertion import (
+    SearchConfig,
+    SearchContext,
+    holdout_batches,
+    holdout_metrics,
+    joint_teacher,
+    kd_loss,
+)
+from pnc.surgery.splitting import extract
+
+__all__ = ["tune_branch"]
+
+
+def tune_branch(
+    ctx: SearchContext, branch: Branch, config: SearchConfig, tick: Callable[[int], None] = lambda n: None
+) -> dict:
+    """Fine-tune a built branch (A, the pruned copy M_f, F_c) with L_ins on the training
+    images (clean; ``tune_epochs`` passes over all of them), the target frozen; keep the
+    result only if the held-out error falls. With ``tune_epochs_choices`` every length is
+    tried from the same start and the one with the best held-out accuracy is the result
+    (ties: the shorter). ``tick(total)`` is called once with the step count, then
+    ``tick(0)`` per step (for a progress bar).
+
+    Returns {"before": held-out metrics, "after": held-out metrics, "kept": bool, "epochs"
+    (the length kept), "seconds"} and, with choices, "tried" (length -> held-out accuracy)."""
+    start = time.perf_counter()
+    prefix = extract(ctx.target, None, [branch.target_cut])
+    n = len(ctx.train_x)
+    # the L_ins pool's first N entries are the clean training images: its cache serves here too
+    cuts = ctx.activations(
+        f"target:{branch.target_cut}:pool", prefix, partial(ctx.pool.images, ctx.train_x), len(ctx.pool)
+    )
+
+    def logits_of(rows: Tensor) -> Tensor:
+        """Cloned logits (B, K) of training images ``rows`` (B,) (pool entries 0..N-1: clean)."""
+        correction, new = branch(cuts(rows), ctx.pool.pre[rows])
+        return torch.cat([ctx.pool.logits[rows] + correction, new], 1)
+
+    @torch.no_grad()
+    def held_out() -> dict[str, float]:
+        parts = []
+        for cut, pre, logits in holdout_batches(ctx, branch.target_cut, prefix):
+            correction, new = branch(cut, pre)
+            parts.append(torch.cat([logits + correction, new], 1))
+        return holdout_metrics(ctx, torch.cat(parts), config.temperature)
+
+    branch.eval()
+    before = held_out()
+    saved = {k: v.clone() for k, v in branch.state_dict().items()}
+    per_epoch = max(math.ceil(n / config.batch_size), config.min_steps_per_epoch)
+    lengths = sorted({config.tune_epochs, *config.tune_epochs_choices})
+    tick(per_epoch * sum(lengths))
+
+    def tuned(epochs: int) -> dict[str, float]:
+        """Tune from ``saved`` for ``epochs`` (cosine over them, the same seeded order for
+        every length); the held-out metrics after."""
+        branch.load_state_dict(saved)
+        branch.body.requires_grad_(True)
+        params = [p for p in branch.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=config.tune_lr)
+        gen = torch.Generator().manual_seed(config.seed)
+        steps = epochs * per_epoch
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+        draws = math.ceil(steps * config.batch_size / n)  # seeded on the CPU generator, then moved
+        order = torch.cat([torch.randperm(n, generator=gen, device=gen.device) for _ in range(draws)]).to(ctx.device)
+        branch.train()
+        for step in range(steps):
+            rows = order[step * config.batch_size : (step + 1) * config.batch_size]
+            y = ctx.train_y[rows]
+            logits = logits_of(rows)
+            teacher = joint_teacher(ctx.pool.logits[rows], ctx.pool.source[rows], y)
+            loss = kd_loss(logits, teacher, config.temperature) + config.ce_weight * F.cross_entropy(logits, y)
+            if not bool(torch.isfinite(loss).all()):
+                raise TrainingError(
+                    f"fine-tuning the branch at {branch.target_cut}: the loss became {float(loss.detach())}; lower "
+                    "the tuning learning rate or check the images for NaN/Inf (the candidate search is checkpointed "
+                    "and a rerun resumes from it)"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            tick(0)
+        branch.body.requires_grad_(False)
+        branch.eval()
+        return held_out()
+
+    tried: dict[int, dict[str, float]] = {}
+    best, best_state = lengths[0], saved
+    for epochs in lengths:  # ascending: a tie keeps the shorter tuning
+        tried[epochs] = tuned(epochs)
+        if epochs == lengths[0] or tried[epochs]["acc"] > tried[best]["acc"]:
+            best, best_state = epochs, {k: v.clone() for k, v in branch.state_dict().items()}
+    after = tried[best]
+    kept = after["acc"] > before["acc"]
+    branch.load_state_dict(best_state if kept else saved)
+    if kept:
+        branch.body.tuned = True
+    seconds = time.perf_counter() - start
+    return {
+        "before": before,
+        "after": after,
+        "kept": kept,
+        "epochs": best,
+        "seconds": seconds,
+        **({"tried": {e: m["acc"] for e, m in tried.items()}} if len(tried) > 1 else {}),
+    }
