@@ -42,7 +42,14 @@ EXTRA_MODELS: dict[str, DefaultModel] = {
     m.name: m
     for m in [
         DefaultModel(
-            "fmnist-cnn4-target", "cnn4", "fashion-mnist", "0-4", 3, 0.05, seed=0, validation=FMNIST_VALIDATION
+            "fmnist-cnn4-target",
+            "cnn4",
+            "fashion-mnist",
+            "0-4",
+            epochs=3,
+            lr=0.05,
+            seed=0,
+            validation=FMNIST_VALIDATION,
         ),
         DefaultModel(
             "fmnist32-mobilenetv2_050-target",
@@ -55,7 +62,14 @@ EXTRA_MODELS: dict[str, DefaultModel] = {
             validation=FMNIST_VALIDATION,
         ),
         DefaultModel(
-            "fmnist32-resnet18-source", "resnet18", PADDED_NAME, "5-9", 2, 0.05, seed=1, validation=FMNIST_VALIDATION
+            "fmnist32-resnet18-source",
+            "resnet18",
+            PADDED_NAME,
+            "5-9",
+            epochs=2,
+            lr=0.05,
+            seed=1,
+            validation=FMNIST_VALIDATION,
         ),
     ]
 }

@@ -25,8 +25,10 @@ import torch
 
 from pnc.surgery.errors import StoreError
 from pnc.surgery.io import atomic_write_text
+from pnc.zoo.datasets import load_dataset
 from pnc.zoo.defaults import DEFAULTS, pretrain_defaults
 from pnc.zoo.store import ModelCard, ZooStore, default_zoo_dir, package_versions
+from pnc.zoo.tasks import parse_classes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -83,18 +85,21 @@ def run(zoo_dir: str, names: list[str], data_dir: str | None) -> dict:
     return {"machine": _machine(), "models": rows}
 
 
-def from_store(zoo_dir: str, names: list[str]) -> dict:
+def from_store(zoo_dir: str, names: list[str], data_dir: str | None = None) -> dict:
     """The rows of the models ``names`` as ``zoo_dir`` holds them, each checked against its
-    current recipe (raises ``StoreError`` naming the model otherwise)."""
+    current recipe, classes included (raises ``StoreError`` naming the model otherwise)."""
     store = ZooStore(zoo_dir)
+    class_names: dict[str, list[str]] = {}
     rows = []
     for name in names:
         spec = DEFAULTS[name]
         if not store.exists(name):
             rows.append({"name": name, "skipped": f"not in {zoo_dir}"})
             continue
-        card = store.card(name)
-        if not (store.verify(name) and spec.matches(card, card.classes)):
+        if spec.dataset not in class_names:
+            class_names[spec.dataset] = load_dataset(spec.dataset, data_dir).classes
+        card = spec.stored(store, parse_classes(spec.classes, class_names[spec.dataset]))
+        if card is None:
             raise StoreError(
                 f"{name} in {zoo_dir} is corrupt or was trained by another recipe; "
                 f"retrain it (`pnc zoo pretrain-defaults --only {name}`) or run without --from-store"
@@ -177,7 +182,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(DEFAULTS), default=list(DEFAULTS))
     args = parser.parse_args()
     if args.from_store:
-        result = from_store(args.zoo_dir or str(default_zoo_dir()), args.only)
+        result = from_store(args.zoo_dir or str(default_zoo_dir()), args.only, args.data_dir)
     else:
         result = run(args.zoo_dir or "/tmp/pnc-zoo-bench", args.only, args.data_dir)
     result["models"] = merged_rows(RESULTS / "zoo.json", result["models"])

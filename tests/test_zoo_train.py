@@ -188,7 +188,8 @@ def test_zoo_table_from_store_reads_cards_and_refuses_other_recipes(digits, tmp_
     table = markdown(result)
     assert f"| 0 | {card.recipe['train_images']:,} | {100 * card.test_accuracy:.2f}% |" in table
     assert f"| {card.recipe['train_seconds']:.1f} | - | - |" in table
-    other = replace(DEFAULTS["digits-cnn4-target"], validation=0.2)  # same name, another recipe
-    other.train(store, digits, card.classes, progress=False)
-    with pytest.raises(StoreError, match="another recipe.*pretrain-defaults --only digits-cnn4-target"):
-        from_store(str(tmp_path), ["digits-cnn4-target"])
+    spec = DEFAULTS["digits-cnn4-target"]
+    for other, classes in ((replace(spec, validation=0.2), card.classes), (spec, [5, 6, 7, 8, 9])):
+        other.train(store, digits, classes, progress=False)  # same name: another recipe, other classes
+        with pytest.raises(StoreError, match="another recipe.*pretrain-defaults --only digits-cnn4-target"):
+            from_store(str(tmp_path), ["digits-cnn4-target"])

@@ -59,6 +59,15 @@ class DefaultModel:
             recipe.get("validation", 0.0),
         ) == (self.epochs, self.lr, self.seed, self.batch_size, self.optimizer, self.weight_decay, self.validation)
 
+    def stored(self, store: ZooStore, class_ids: list[int]) -> ModelCard | None:
+        """Its card in ``store`` when the model is there, intact and trained by this recipe on
+        ``class_ids``; None otherwise (an unreadable card raises ``StoreError``)."""
+        if store.exists(self.name) and store.verify(self.name):
+            card = store.card(self.name)
+            if self.matches(card, class_ids):
+                return card
+        return None
+
     def train(
         self,
         store: ZooStore,
@@ -160,8 +169,9 @@ def ensure_default(
     class_ids = parse_classes(spec.classes, splits.classes)
     if store.exists(name):
         try:
-            if store.verify(name) and spec.matches(store.card(name), class_ids):
-                return store.card(name)
+            card = spec.stored(store, class_ids)
+            if card is not None:
+                return card
         except StoreError as err:  # an unreadable card: a default model is rebuilt, like corrupt weights
             Console(stderr=True).print(f"{name}: {err}")
         Console(stderr=True).print(f"{name}: stored model is corrupt or from another recipe; retraining")
