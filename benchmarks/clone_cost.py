@@ -148,6 +148,9 @@ def main() -> None:
 
     path = RESULTS / "clone_cost.json"
     data = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    machine = machine_info()
+    for r in data["rows"]:  # rows of an earlier run keep the machine they were measured on
+        r.setdefault("cpu", data.get("machine", {}).get("cpu", "?"))
     cells = [c for c in args.cells.split(",") if c]
     if args.joint:
         cells = sorted({f"{c.split(':')[0]}:{c.split(':')[1]}:0.3" for c in cells})
@@ -160,7 +163,8 @@ def main() -> None:
         if line is None:
             raise SystemExit(f"cell {cell} failed:\n{done.stderr[-3000:]}")
         arch, scale, old = cell.split(":")
-        row = {"label": label, "commit": commit, "arch": arch, "scale": scale, "old_fraction": float(old)}
+        row = {"label": label, "commit": commit, "cpu": machine["cpu"], "arch": arch, "scale": scale}
+        row["old_fraction"] = float(old)
         row |= json.loads(line[len("RESULT ") :])
         key = (label, arch, scale, None if args.joint else float(old))
 
@@ -168,7 +172,7 @@ def main() -> None:
             return (r["label"], r["arch"], r["scale"], None if r["label"] == "Joint+Full" else r["old_fraction"]) == key
 
         data["rows"] = [r for r in data["rows"] if not same(r)] + [row]
-        data["machine"] = machine_info()
+        data["machine"] = machine
         atomic_write_text(path, json.dumps(data, indent=2))
         print(f"{label} {cell}: {row['seconds']:.1f} s, {row['peak_mb']:.0f} MiB", flush=True)
     atomic_write_text(RESULTS / "clone_cost.md", render(data))
@@ -177,6 +181,12 @@ def main() -> None:
 def _commits(rows: list[dict[str, Any]], labels: tuple[str, ...]) -> list[str]:
     """The commits of the rows labelled ``labels``, in the order first measured."""
     return list(dict.fromkeys(r["commit"] for r in rows if r["label"] in labels))
+
+
+def short_cpu(cpu: str) -> str:
+    """'Intel(R) Xeon(R) Processor @ 2.50GHz' -> 'Intel Xeon', 'AMD EPYC 7B13' -> 'AMD EPYC'."""
+    words = cpu.replace("(R)", "").replace("(TM)", "").split()
+    return " ".join(words[:2]) or "?"
 
 
 def render(data: dict[str, Any]) -> str:
@@ -189,9 +199,11 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         "# Clone cost: where the time goes, before and after the search speed-up",
         "",
-        f"Written by `benchmarks/clone_cost.py` on {m.get('cpu', '?')} ({m.get('cores', '?')} cores, "
-        f"torch {m.get('torch', '?')}, one intra-op thread), Fashion-MNIST default pairs, seed 0, "
-        "each cell in a fresh process. The `after` and Joint+Full rows (commits "
+        f"Written by `benchmarks/clone_cost.py`, last on {m.get('cpu', '?')} ({m.get('cores', '?')} cores, "
+        f"torch {m.get('torch', '?')}, one intra-op thread; `cpu`: the machine of each row, ratios only "
+        "between rows of one machine), Fashion-MNIST default pairs, seed 0, "
+        "each cell in a fresh process, the zoo models as the store on that machine holds them. "
+        "The `after` and Joint+Full rows (commits "
         f"{', '.join(_commits(rows, ('after', 'Joint+Full')))}) ran one cell at a time with nothing else on "
         "the machine (beside a second benchmark process, as in the paper tables, Joint+Full's ResNetC-20 "
         "cells take 1.5x longer and the clone's about 1.1x, so ratios of such runs read lower); the "
@@ -204,9 +216,9 @@ def render(data: dict[str, Any]) -> str:
         " end, the chosen branch tuned, finalists' test accuracy reported apart). Joint+Full: the target "
         "retrained on all images of both class sets, the same run's machine.",
         "",
-        "| pair, scale, old fraction | label | commit | seconds | Joint+Full s | ratio | peak MiB | "
+        "| pair, scale, old fraction | label | commit | cpu | seconds | Joint+Full s | ratio | peak MiB | "
         "Joint+Full MiB | ratio | Ori / Tar / Avg % | R |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     clones = sorted(
         (r for r in rows if r["label"] != "Joint+Full"),
@@ -214,11 +226,14 @@ def render(data: dict[str, Any]) -> str:
     )
     for r in clones:
         j = joint.get((r["arch"], r["scale"])) if r["label"] != "before" else None
+        if j is not None and j.get("cpu") != r.get("cpu"):
+            j = None  # no ratio across machines
         acc = r.get("accuracy", {})
         accs = " / ".join(f"{100 * acc[k]:.2f}" for k in ("ori", "tar", "avg")) if acc else "-"
         seconds = r["seconds"] - r.get("phases", {}).get("report_accuracy", 0.0)
         lines.append(
-            f"| {r['arch']} {r['scale']} {r['old_fraction']:g} | {r['label']} | {r['commit']} | {seconds:.1f} | "
+            f"| {r['arch']} {r['scale']} {r['old_fraction']:g} | {r['label']} | {r['commit']} | "
+            f"{short_cpu(r.get('cpu', m.get('cpu', '?')))} | {seconds:.1f} | "
             + (f"{j['seconds']:.1f} | {seconds / j['seconds']:.2f} | " if j else "- | - | ")
             + f"{r['peak_mb']:.0f} | "
             + (f"{j['peak_mb']:.0f} | {r['peak_mb'] / max(j['peak_mb'], 1):.2f} | " if j else "- | - | ")
