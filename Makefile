@@ -26,10 +26,11 @@ data:
 demo: venv data
 	$(BIN)/pnc demo
 
-# one worker per core (pytest-xdist; each test runs one intra-op thread): 15 min -> 8 min on 2 cores
+# one worker per core (pytest-xdist; each test runs one intra-op thread): 15 min -> 8 min on 2 cores;
+# loadgroup keeps the tests marked xdist_group("ray") on one worker (one local Ray at a time)
 TEST_WORKERS ?= auto
 test: venv
-	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # ruff (lint + format check) over every Python file; mypy over the core (surgery/, adapters/)
 lint: venv

@@ -31,6 +31,9 @@ from pnc.zoo.datasets import load_dataset
 from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import CloneTask
 
+# one xdist worker runs this whole module (`make test` uses --dist loadgroup): one local Ray at a time
+pytestmark = pytest.mark.xdist_group("ray")
+
 QUICK = dict(loc_epochs=1, joint_epochs=1, binary_epochs=2, min_steps_per_epoch=10)
 
 
