@@ -163,8 +163,14 @@ def main() -> None:
         if line is None:
             raise SystemExit(f"cell {cell} failed:\n{done.stderr[-3000:]}")
         arch, scale, old = cell.split(":")
-        row = {"label": label, "commit": commit, "cpu": machine["cpu"], "arch": arch, "scale": scale}
-        row["old_fraction"] = float(old)
+        row = {
+            "label": label,
+            "commit": commit,
+            "cpu": machine["cpu"],
+            "arch": arch,
+            "scale": scale,
+            "old_fraction": float(old),
+        }
         row |= json.loads(line[len("RESULT ") :])
         key = (label, arch, scale, None if args.joint else float(old))
 
@@ -226,14 +232,14 @@ def render(data: dict[str, Any]) -> str:
     )
     for r in clones:
         j = joint.get((r["arch"], r["scale"])) if r["label"] != "before" else None
-        if j is not None and j.get("cpu") != r.get("cpu"):
+        if j is not None and j["cpu"] != r["cpu"]:
             j = None  # no ratio across machines
         acc = r.get("accuracy", {})
         accs = " / ".join(f"{100 * acc[k]:.2f}" for k in ("ori", "tar", "avg")) if acc else "-"
         seconds = r["seconds"] - r.get("phases", {}).get("report_accuracy", 0.0)
         lines.append(
             f"| {r['arch']} {r['scale']} {r['old_fraction']:g} | {r['label']} | {r['commit']} | "
-            f"{short_cpu(r.get('cpu', m.get('cpu', '?')))} | {seconds:.1f} | "
+            f"{short_cpu(r['cpu'])} | {seconds:.1f} | "
             + (f"{j['seconds']:.1f} | {seconds / j['seconds']:.2f} | " if j else "- | - | ")
             + f"{r['peak_mb']:.0f} | "
             + (f"{j['peak_mb']:.0f} | {r['peak_mb'] / max(j['peak_mb'], 1):.2f} | " if j else "- | - | ")
