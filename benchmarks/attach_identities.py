@@ -16,13 +16,13 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 
 import onnx
 
 from pnc.bench.cli import main as pnc
+from pnc.bench.machine import cpu_name
 from pnc.surgery.errors import ExportError
 from pnc.surgery.io import atomic_write_text
 from pnc.surgery.onnx_attach import attach_model
@@ -31,13 +31,6 @@ from pnc.zoo.defaults import default_pair, ensure_default
 from pnc.zoo.store import ZooStore, package_versions
 
 PAIRS = [("digits", "cnn4", ["7", "8"]), ("fashion-mnist", "lenet5", ["Sandal", "Sneaker"])]
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def _sha(model: onnx.ModelProto) -> str:
@@ -96,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "pairs": results,
         "foreign_branch_refused": refused,
-        "machine": f"{_cpu()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
         "versions": package_versions(),
     }
     out = Path(args.out)

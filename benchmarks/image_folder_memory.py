@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pnc.bench.machine import cpu_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("PNC_CACHE_DIR", Path.home() / ".cache" / "pnc")) / "bench" / "image-folders"
 #: main before image folders were streamed (they were read whole into memory)
@@ -195,14 +197,9 @@ def machine() -> dict:
     import PIL
     import torch
 
-    cpu = platform.processor() or "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
     mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": len(os.sched_getaffinity(0)),
         "memory_gb": round(mem, 1),
         "python": platform.python_version(),

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import tempfile
@@ -53,6 +52,7 @@ from torch import Tensor, nn
 
 from pnc.bench import cli
 from pnc.bench.cli.clone import plan_clone, run_clone
+from pnc.bench.machine import cpu_name
 from pnc.bench.metrics import clone_accuracy
 from pnc.surgery.devices import device_of
 from pnc.surgery.insertion import SearchConfig
@@ -85,13 +85,6 @@ class DirectEnsemble(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([self.target(x), self.source(x)[:, self.outputs]], 1)
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def _cpu_flags() -> list[str]:
@@ -481,7 +474,7 @@ def main() -> None:
         pairs.append(bench_pair(store, dataset, arch, Path(args.work_dir) / f"{dataset}-{arch}", args.data_dir, args))
     result = {
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "cpu_flags": _cpu_flags(),
             "cores": os.cpu_count(),
             "load_before": load,

@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from pnc.bench.baselines import METHODS, Budget, budget_fields, run_method, search_key
+from pnc.bench.machine import cpu_name
 from pnc.bench.metrics import clone_accuracy, per_class_accuracy, set_logits
 from pnc.surgery.devices import DeviceLike, device_of
 from pnc.surgery.errors import ConfigError, TaskError
@@ -163,16 +163,7 @@ def _git_commit() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), **package_versions()}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), **package_versions()}
 
 
 def run_table(

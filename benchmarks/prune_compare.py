@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from pnc.bench.cli.prune import model_classes, run_prune, share
+from pnc.bench.machine import cpu_name
 from pnc.surgery.cuts import cut_points, find_cut
 from pnc.surgery.devices import device_of
 from pnc.surgery.io import atomic_write_text
@@ -102,16 +103,8 @@ def baseline_keep(
 
 
 def _machine() -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor() or "unknown",
-    )
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "load_average": os.getloadavg()[0],
         "python": platform.python_version(),

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from pnc.bench.machine import cpu_name
 from pnc.surgery.errors import StoreError
 from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import load_dataset
@@ -31,16 +31,6 @@ from pnc.zoo.store import ModelCard, ZooStore, default_zoo_dir, package_versions
 from pnc.zoo.tasks import parse_classes
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _row(store: ZooStore, card: ModelCard, total_seconds: float | None, load: float | None) -> dict:
@@ -64,7 +54,7 @@ def _row(store: ZooStore, card: ModelCard, total_seconds: float | None, load: fl
         "load_avg_before": load,
         "sha256": card.sha256,
         "zoo_dir": str(store.root),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
     }
 
 
@@ -110,7 +100,7 @@ def from_store(zoo_dir: str, names: list[str], data_dir: str | None = None) -> d
 
 def _machine() -> dict:
     return {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         **package_versions(),
