@@ -51,7 +51,7 @@ from pnc.adapters import Adapter, least_squares_init, make_adapter
 from pnc.surgery.branch import Branch, ExtendedHead, assemble_branch, branch_tensors
 from pnc.surgery.channel_groups import MaskedBody
 from pnc.surgery.cuts import CutPoint, classifier_of, cut_points
-from pnc.surgery.devices import device_of
+from pnc.surgery.devices import adam, device_of
 from pnc.surgery.errors import CutError, TrainingError
 from pnc.surgery.frozen_pool import (
     CHUNK,
@@ -528,7 +528,7 @@ class CandidateTrainer:
             + list(self.masked.logits.parameters()),
             "binary": list(self.adapter.parameters()) + list(self.head.parameters()),
         }[phase]
-        opt = torch.optim.Adam(params, lr=cfg.lr)
+        opt = adam(params, lr=cfg.lr)
         n, last = len(ctx.pool), float("nan")
         steps = self.steps_per_epoch()
         with_loc = bool(cfg.use_masks) and phase != "binary"  # binary masks: L_loc has no gradient left

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from pnc.surgery.channel_groups import MaskedBody, _build_groups, prune_structurally
 from pnc.surgery.cuts import CutPoint, classifier_of
-from pnc.surgery.devices import device_of
+from pnc.surgery.devices import adam, device_of
 from pnc.surgery.errors import CutError, PncError
 from pnc.surgery.local_models import LocalModelSet, occlude
 from pnc.surgery.splitting import extract
@@ -128,7 +128,7 @@ def localize(
             "choose an earlier cut"
         )
     masked.mode = "soft"
-    opt = torch.optim.Adam(masked.logits.parameters(), lr=config.lr)
+    opt = adam(masked.logits.parameters(), lr=config.lr)
     for _ in range(config.steps):
         rows = torch.randint(len(index), (config.batch_size,), generator=gen, device=gen.device)
         mask_ids = torch.randint(masks.shape[0], (config.batch_size,), generator=gen, device=gen.device).to(device)

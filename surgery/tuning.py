@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pnc.surgery.branch import Branch
+from pnc.surgery.devices import adam
 from pnc.surgery.errors import TrainingError
 from pnc.surgery.insertion import (
     SearchConfig,
@@ -79,7 +80,7 @@ def tune_branch(
         branch.load_state_dict(saved)
         branch.body.requires_grad_(True)
         params = [p for p in branch.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=config.tune_lr)
+        opt = adam(params, lr=config.tune_lr)
         gen = torch.Generator().manual_seed(config.seed)
         steps = epochs * per_epoch
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))

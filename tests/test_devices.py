@@ -178,6 +178,31 @@ def test_device_of_a_module():
     assert float64_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
 
 
+def test_adam_is_fused_where_torch_has_the_kernel():
+    """pnc's Adam: fused on the CPU (the same update as the per-tensor loop, to float
+    rounding), the per-tensor loop on a device without a fused kernel (meta)."""
+    from pnc.surgery.devices import adam
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    before = {k: v.clone() for k, v in models[0].state_dict().items()}
+    fused = adam(models[0].parameters(), lr=0.1)
+    loop = torch.optim.Adam(models[1].parameters(), lr=0.1)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    x = torch.randn(5, 3, 4, 4)
+    for _ in range(3):
+        for model, opt in zip(models, (fused, loop)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    assert all(not torch.allclose(before[k], v) for k, v in models[0].state_dict().items())
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    on_meta = adam(nn.Linear(2, 2, device=META).parameters(), lr=0.1)
+    assert not on_meta.defaults["fused"]
+
+
 # --- shape-only computations on the meta device ---------------------------------------------------
 
 
