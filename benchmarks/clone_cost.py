@@ -118,7 +118,8 @@ def child(arch: str, scale: str, old_fraction: float, joint: bool) -> dict[str, 
         "accuracy": acc,
         "target_cut": report.target_cut,
         "candidates": [
-            {k: c.get(k) for k in ("target_cut", "loss", "stage", "eliminated", "accuracy")} for c in report.candidates
+            {k: c.get(k) for k in ("target_cut", "loss", "stage", "eliminated", "accuracy", "seconds")}
+            for c in report.candidates
         ],
         "images": report.images,
     }
@@ -272,8 +273,42 @@ def render(data: dict[str, Any]) -> str:
             + " | ".join(f"{ph[n]:.1f}" if n in ph else "-" for n in names)
             + " |"
         )
-    lines += ["", *cost_model_section(rows), ""]
+    lines += ["", *_floor_section(clones, joint), *cost_model_section(rows), ""]
     return "\n".join(lines)
+
+
+def _floor_section(clones: list[dict[str, Any]], joint: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """The clone's seconds with R known in advance: everything but the other candidates'
+    training and held-out evaluation (rows whose candidates carry their ``seconds``)."""
+    lines = [
+        "## R known in advance: the floor of any faster search",
+        "",
+        "What each `after` clone would take had the search known R and trained only that candidate: its "
+        "seconds minus the other candidates' (their stages and held-out evaluations); the frozen outputs, "
+        "G, the chosen candidate's stages and the tuning stay. No ordering, halving or early stopping of "
+        "the candidates can go below it on one worker without a shorter recipe.",
+        "",
+        "| pair, scale, old fraction | seconds | chosen R: its s | other candidates s | floor s | "
+        "Joint+Full s | floor / Joint+Full |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    timed = [
+        r
+        for r in clones
+        if r["label"] == "after" and r.get("candidates") and all("seconds" in c for c in r["candidates"])
+    ]
+    for r in timed:
+        seconds = r["seconds"] - r.get("phases", {}).get("report_accuracy", 0.0)
+        chosen = [c for c in r["candidates"] if c["target_cut"] == r["target_cut"]]
+        others = sum(c["seconds"] for c in r["candidates"] if c["target_cut"] != r["target_cut"])
+        floor = seconds - others
+        j = joint.get((r["arch"], r["scale"]))
+        ratio = f"{j['seconds']:.1f} | {floor / j['seconds']:.2f}" if j and j["cpu"] == r["cpu"] else "- | -"
+        lines.append(
+            f"| {r['arch']} {r['scale']} {r['old_fraction']:g} | {seconds:.1f} | "
+            f"{r['target_cut']}: {sum(c['seconds'] for c in chosen):.1f} | {others:.1f} | {floor:.1f} | {ratio} |"
+        )
+    return [*lines, ""] if timed else []
 
 
 if __name__ == "__main__":

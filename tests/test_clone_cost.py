@@ -36,3 +36,19 @@ def test_ratio_only_between_rows_of_one_machine():
     other = lines["| lenet5 S 0"]
     assert "| AMD EPYC | 12.0 | - | - |" in other
     assert "last on Intel(R) Xeon(R)" in md
+
+
+def test_floor_takes_out_the_other_candidates():
+    intel = "Intel(R) Xeon(R) Processor @ 2.50GHz"
+    row = _row("after", intel, 100.0) | {
+        "candidates": [
+            {"target_cut": "block2_2", "seconds": 15.0},
+            {"target_cut": "block1_2", "seconds": 25.0},
+            {"target_cut": "stem", "seconds": 30.0},
+        ]
+    }
+    untimed = _row("after", intel, 50.0, old_fraction=0.0)  # candidates without seconds: no floor row
+    md = render({"rows": [row, untimed, _row("Joint+Full", intel, 200.0)], "machine": {"cpu": intel}})
+    floor = md.split("## R known in advance")[1].split("##")[0]
+    assert "| lenet5 S 0.3 | 100.0 | block1_2: 25.0 | 45.0 | 55.0 | 200.0 | 0.28 |" in floor
+    assert "| lenet5 S 0 |" not in floor
