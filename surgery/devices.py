@@ -1,4 +1,5 @@
-"""Where pnc computes: the device of a model, and the device a user asked for.
+"""Where pnc computes: the device of a model, the device a user asked for, and the Adam
+that runs best there (:func:`adam`, fused where the device has the kernel).
 
 pnc runs where the models are. Every function that takes a model computes on
 :func:`device_of` it, moves the batches it consumes there (datasets stay on the CPU) and
