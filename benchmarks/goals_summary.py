@@ -1,11 +1,13 @@
 """Every goal of the committed Table 1 and Table 2 results on one page.
 
-    .venv/bin/python benchmarks/goals_summary.py [--results benchmarks/results]
+    .venv/bin/python benchmarks/goals_summary.py [--results benchmarks/results] [--recheck]
 
 Reads each ``table1-*.json`` / ``table2-*.json`` (not the ``.rows.json`` caches) and writes
 ``goals.md`` / ``goals.json`` beside them: per table its models, data setting and validation
 share, then each goal with its measured value and whether it is met. The tables' own Goals
 sections hold the diagnoses; this page only gathers the verdicts, so nothing here is measured.
+``--recheck`` first recomputes every table's goals from its rows with the current checks and
+diagnoses and rewrites the table (:func:`pnc.bench.paper.recheck_goals`; no row is rerun).
 """
 
 from __future__ import annotations
@@ -39,6 +41,21 @@ def read_tables(results: Path) -> list[dict[str, Any]]:
             }
         )
     return tables
+
+
+def recheck(results: Path) -> None:
+    """Every Table 1/2 result in ``results`` with its goals recomputed, rewritten in place."""
+    from pnc.bench.hetero import dataset_named
+    from pnc.bench.paper import recheck_goals, write_result
+
+    classes: dict[str, list[str]] = {}
+    for path in sorted(results.glob("table[12]-*.json")):
+        if path.name.endswith(".rows.json"):
+            continue
+        result = json.loads(path.read_text())
+        if result["dataset"] not in classes:
+            classes[result["dataset"]] = dataset_named(result["dataset"]).classes
+        write_result(results, path.stem, recheck_goals(result, classes[result["dataset"]]))
 
 
 def markdown(tables: list[dict[str, Any]]) -> str:
@@ -77,7 +94,10 @@ def markdown(tables: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--recheck", action="store_true", help="recompute each table's goals from its rows first")
     args = parser.parse_args()
+    if args.recheck:
+        recheck(args.results)
     tables = read_tables(args.results)
     atomic_write_text(args.results / "goals.json", json.dumps(tables, indent=2) + "\n")
     atomic_write_text(args.results / "goals.md", markdown(tables))

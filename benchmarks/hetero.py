@@ -34,7 +34,7 @@ from pnc.zoo.defaults import DEFAULTS, FMNIST_VALIDATION, DefaultModel, ensure_d
 from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import parse_classes
 
-__all__ = ["EXTRA_MODELS", "PAIRS", "HeteroPair", "dataset_of", "padded", "ensure_model", "run_hetero"]
+__all__ = ["EXTRA_MODELS", "PAIRS", "HeteroPair", "dataset_of", "dataset_named", "padded", "ensure_model", "run_hetero"]
 
 PADDED_NAME = "fashion-mnist-32"
 
@@ -144,11 +144,16 @@ def padded(splits: DatasetSplits, size: int = 32) -> DatasetSplits:
 
 
 def dataset_of(card: ModelCard, data_dir: str | None = None) -> DatasetSplits:
-    """The dataset a zoo model was trained on: :data:`PADDED_NAME` is Fashion-MNIST padded to
-    32 px (Table 2's 32 px models), any other name is loaded as it is."""
-    if card.dataset == PADDED_NAME:
+    """The dataset a zoo model was trained on (:func:`dataset_named` its card's)."""
+    return dataset_named(card.dataset, data_dir)
+
+
+def dataset_named(name: str, data_dir: str | None = None) -> DatasetSplits:
+    """A dataset by the name a card or a table records: :data:`PADDED_NAME` is Fashion-MNIST
+    padded to 32 px (Table 2's 32 px models), any other name is loaded as it is."""
+    if name == PADDED_NAME:
         return padded(load_dataset("fashion-mnist", data_dir))
-    return load_dataset(card.dataset, data_dir)
+    return load_dataset(name, data_dir)
 
 
 def ensure_model(store: ZooStore, name: str, splits: DatasetSplits, device: DeviceLike | None = None) -> ModelCard:

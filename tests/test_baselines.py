@@ -430,5 +430,6 @@ def test_a_missed_goal_is_diagnosed_from_the_rows_and_a_met_one_is_not():
     assert not regret["met"] and "seed 0 chose late, best early" in regret["diagnosis"]
     time = checks["seconds(PNC) / seconds(Joint+Full), same run"]
     assert not time["met"] and "tuning 15 s" in time["diagnosis"] and "early 22 s" in time["diagnosis"]
+    assert "with R known in advance (only the chosen candidate trained) 28 s, 0.28x Joint+Full" in time["diagnosis"]
     text = "\n".join(_goals_section(list(checks.values())))
     assert "Missed goals" in text and kd["diagnosis"] in text
