@@ -82,6 +82,7 @@ def child(arch: str, scale: str, old_fraction: float, joint: bool) -> dict[str, 
 
     torch.set_num_threads(1)
     from pnc.bench.baselines import PeakMemory
+    from pnc.bench.machine import speed_probe
     from pnc.zoo import CloneTask, ZooStore, load_dataset
     from pnc.zoo.defaults import default_pair
 
@@ -90,12 +91,13 @@ def child(arch: str, scale: str, old_fraction: float, joint: bool) -> dict[str, 
     t_name, s_name = default_pair(splits.name, arch)
     (target, t_card), (source, s_card) = store.load(t_name), store.load(s_name)
     task = CloneTask.for_cards(splits, t_card, s_card, scale, seed=0, old_fraction=old_fraction)
+    probe = speed_probe()
     if joint:
         from pnc.bench.baselines import run_method
         from pnc.bench.paper import budget_for
 
         run = run_method("Joint+Full", task, target, source, 0, budget_for(t_card, quick=False))
-        return {"seconds": run.seconds, "peak_mb": run.peak_mb}
+        return {"seconds": run.seconds, "peak_mb": run.peak_mb, "probe_ms": probe}
     from pnc.surgery import clone
 
     seconds: dict[str, float] = {}
@@ -114,6 +116,7 @@ def child(arch: str, scale: str, old_fraction: float, joint: bool) -> dict[str, 
     return {
         "seconds": total,
         "peak_mb": memory.peak_mb,
+        "probe_ms": probe,
         "phases": seconds,
         "accuracy": acc,
         "target_cut": report.target_cut,
@@ -196,6 +199,20 @@ def short_cpu(cpu: str) -> str:
     return " ".join(words[:2]) or "?"
 
 
+#: the most two rows' speed probes may differ for a ratio of their seconds
+PROBE_TOLERANCE = 0.15
+
+
+def comparable(row: dict[str, Any], other: dict[str, Any]) -> bool:
+    """May ``row``'s seconds be put in a ratio with ``other``'s? Same CPU model, and speed probes
+    (:func:`pnc.bench.machine.speed_probe`, when both rows have one) within
+    :data:`PROBE_TOLERANCE` of each other."""
+    if row["cpu"] != other["cpu"]:
+        return False
+    a, b = row.get("probe_ms"), other.get("probe_ms")
+    return a is None or b is None or abs(a - b) <= PROBE_TOLERANCE * min(a, b)
+
+
 def render(data: dict[str, Any]) -> str:
     """The markdown report of every row."""
     from pnc.bench.clone_cost_model import cost_model_section
@@ -208,7 +225,9 @@ def render(data: dict[str, Any]) -> str:
         "",
         f"Written by `benchmarks/clone_cost.py`, last on {m.get('cpu', '?')} ({m.get('cores', '?')} cores, "
         f"torch {m.get('torch', '?')}, one intra-op thread; `cpu`: the machine of each row, ratios only "
-        "between rows of one machine), Fashion-MNIST default pairs, seed 0, "
+        "between rows of one machine; `probe ms`: the speed probe run just before the cell, "
+        f"`pnc.bench.machine.speed_probe`, and no ratio between rows whose probes differ by more than "
+        f"{PROBE_TOLERANCE:.0%}: a VM's speed can drift within a run), Fashion-MNIST default pairs, seed 0, "
         "each cell in a fresh process, the zoo models as the store on that machine holds them. "
         "The `after` and Joint+Full rows (commits "
         f"{', '.join(_commits(rows, ('after', 'Joint+Full')))}) ran one cell at a time with nothing else on "
@@ -223,9 +242,9 @@ def render(data: dict[str, Any]) -> str:
         " end, the chosen branch tuned, finalists' test accuracy reported apart). Joint+Full: the target "
         "retrained on all images of both class sets, the same run's machine.",
         "",
-        "| pair, scale, old fraction | label | commit | cpu | seconds | Joint+Full s | ratio | peak MiB | "
-        "Joint+Full MiB | ratio | Ori / Tar / Avg % | R |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| pair, scale, old fraction | label | commit | cpu | probe ms | seconds | Joint+Full s | ratio | "
+        "peak MiB | Joint+Full MiB | ratio | Ori / Tar / Avg % | R |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     clones = sorted(
         (r for r in rows if r["label"] != "Joint+Full"),
@@ -233,14 +252,14 @@ def render(data: dict[str, Any]) -> str:
     )
     for r in clones:
         j = joint.get((r["arch"], r["scale"])) if r["label"] != "before" else None
-        if j is not None and j["cpu"] != r["cpu"]:
-            j = None  # no ratio across machines
+        if j is not None and not comparable(r, j):
+            j = None  # no ratio across machines, or across speeds of one
         acc = r.get("accuracy", {})
         accs = " / ".join(f"{100 * acc[k]:.2f}" for k in ("ori", "tar", "avg")) if acc else "-"
         seconds = r["seconds"] - r.get("phases", {}).get("report_accuracy", 0.0)
         lines.append(
             f"| {r['arch']} {r['scale']} {r['old_fraction']:g} | {r['label']} | {r['commit']} | "
-            f"{short_cpu(r['cpu'])} | {seconds:.1f} | "
+            f"{short_cpu(r['cpu'])} | {_probe(r)} | {seconds:.1f} | "
             + (f"{j['seconds']:.1f} | {seconds / j['seconds']:.2f} | " if j else "- | - | ")
             + f"{r['peak_mb']:.0f} | "
             + (f"{j['peak_mb']:.0f} | {r['peak_mb'] / max(j['peak_mb'], 1):.2f} | " if j else "- | - | ")
@@ -277,6 +296,10 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _probe(row: dict[str, Any]) -> str:
+    return f"{row['probe_ms']:.2f}" if row.get("probe_ms") is not None else "-"
+
+
 def _floor_section(clones: list[dict[str, Any]], joint: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     """The clone's seconds with R known in advance: everything but the other candidates'
     training and held-out evaluation (rows whose candidates carry their ``seconds``)."""
@@ -303,7 +326,7 @@ def _floor_section(clones: list[dict[str, Any]], joint: dict[tuple[str, str], di
         others = sum(c["seconds"] for c in r["candidates"] if c["target_cut"] != r["target_cut"])
         floor = seconds - others
         j = joint.get((r["arch"], r["scale"]))
-        ratio = f"{j['seconds']:.1f} | {floor / j['seconds']:.2f}" if j and j["cpu"] == r["cpu"] else "- | -"
+        ratio = f"{j['seconds']:.1f} | {floor / j['seconds']:.2f}" if j and comparable(r, j) else "- | -"
         lines.append(
             f"| {r['arch']} {r['scale']} {r['old_fraction']:g} | {seconds:.1f} | "
             f"{r['target_cut']}: {sum(c['seconds'] for c in chosen):.1f} | {others:.1f} | {floor:.1f} | {ratio} |"

@@ -1,6 +1,8 @@
-"""benchmarks/clone_cost.py's report: each row names its machine; ratios never cross machines."""
+"""benchmarks/clone_cost.py's report: each row names its machine and its speed probe; ratios
+never cross machines, nor speeds of one machine."""
 
 from pnc.bench.clone_cost import render, short_cpu
+from pnc.bench.machine import speed_probe
 
 
 def _row(label: str, cpu: str, seconds: float, old_fraction: float = 0.3) -> dict:
@@ -32,9 +34,9 @@ def test_ratio_only_between_rows_of_one_machine():
     main_table = [line for line in md.splitlines() if line.startswith("| lenet5 S") and "abc1234" in line]
     lines = {line.split(" | ")[0]: line for line in main_table}
     same = lines["| lenet5 S 0.3"]
-    assert "| Intel Xeon | 10.0 | 40.0 | 0.25 |" in same
+    assert "| Intel Xeon | - | 10.0 | 40.0 | 0.25 |" in same
     other = lines["| lenet5 S 0"]
-    assert "| AMD EPYC | 12.0 | - | - |" in other
+    assert "| AMD EPYC | - | 12.0 | - | - |" in other
     assert "last on Intel(R) Xeon(R)" in md
 
 
@@ -52,3 +54,23 @@ def test_floor_takes_out_the_other_candidates():
     floor = md.split("## R known in advance")[1].split("##")[0]
     assert "| lenet5 S 0.3 | 100.0 | block1_2: 25.0 | 45.0 | 55.0 | 200.0 | 0.28 |" in floor
     assert "| lenet5 S 0 |" not in floor
+
+
+def test_no_ratio_between_rows_of_different_speed():
+    intel = "Intel(R) Xeon(R) Processor @ 2.50GHz"
+    fast, slow = _row("after", intel, 10.0) | {"probe_ms": 4.0}, _row("after", intel, 20.0, 0.0) | {"probe_ms": 7.0}
+    joint = _row("Joint+Full", intel, 40.0) | {"probe_ms": 4.4}  # within 15% of the fast row's probe
+    md = render({"rows": [fast, slow, joint], "machine": {"cpu": intel}})
+    main_table = [line for line in md.splitlines() if line.startswith("| lenet5 S") and "abc1234" in line]
+    lines = {line.split(" | ")[0]: line for line in main_table}
+    assert "| 4.00 | 10.0 | 40.0 | 0.25 |" in lines["| lenet5 S 0.3"]
+    assert "| 7.00 | 20.0 | - | - |" in lines["| lenet5 S 0"]
+
+
+def test_speed_probe_times_a_training_step_and_leaves_the_global_rng_alone():
+    import torch
+
+    state = torch.random.get_rng_state()
+    probe = speed_probe(0.05)
+    assert 0.01 < probe < 5000
+    assert torch.equal(torch.random.get_rng_state(), state)
