@@ -30,14 +30,16 @@ def speed_probe(seconds: float = 2.0) -> float:
     import torch
     from torch import nn
 
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(64, 1, 28, 28, generator=gen), torch.randint(10, (64,), generator=gen)
+    cpu = torch.device("cpu")
+    gen = torch.Generator(cpu).manual_seed(0)
+    x = torch.randn(64, 1, 28, 28, generator=gen, device=cpu)
+    y = torch.randint(10, (64,), generator=gen, device=cpu)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         net = nn.Sequential(
             nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(256, 120), nn.ReLU(), nn.Linear(120, 10),
-        )  # fmt: skip
+        ).to(cpu)  # fmt: skip
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
 
     def step() -> float:
