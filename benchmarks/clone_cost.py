@@ -256,7 +256,7 @@ def render(data: dict[str, Any]) -> str:
             j = None  # no ratio across machines, or across speeds of one
         acc = r.get("accuracy", {})
         accs = " / ".join(f"{100 * acc[k]:.2f}" for k in ("ori", "tar", "avg")) if acc else "-"
-        seconds = r["seconds"] - r.get("phases", {}).get("report_accuracy", 0.0)
+        seconds = clone_seconds(r)
         lines.append(
             f"| {r['arch']} {r['scale']} {r['old_fraction']:g} | {r['label']} | {r['commit']} | "
             f"{short_cpu(r['cpu'])} | {_probe(r)} | {seconds:.1f} | "
@@ -296,6 +296,12 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def clone_seconds(row: dict[str, Any]) -> float:
+    """A row's seconds without ``report_accuracy`` (the finalists' test accuracy, reported
+    after R is chosen)."""
+    return row["seconds"] - row.get("phases", {}).get("report_accuracy", 0.0)
+
+
 def _probe(row: dict[str, Any]) -> str:
     return f"{row['probe_ms']:.2f}" if row.get("probe_ms") is not None else "-"
 
@@ -303,6 +309,8 @@ def _probe(row: dict[str, Any]) -> str:
 def _floor_section(clones: list[dict[str, Any]], joint: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     """The clone's seconds with R known in advance: everything but the other candidates'
     training and held-out evaluation (rows whose candidates carry their ``seconds``)."""
+    from pnc.bench.paper import other_candidates_seconds
+
     lines = [
         "## R known in advance: the floor of any faster search",
         "",
@@ -321,9 +329,9 @@ def _floor_section(clones: list[dict[str, Any]], joint: dict[tuple[str, str], di
         if r["label"] == "after" and r.get("candidates") and all("seconds" in c for c in r["candidates"])
     ]
     for r in timed:
-        seconds = r["seconds"] - r.get("phases", {}).get("report_accuracy", 0.0)
+        seconds = clone_seconds(r)
         chosen = [c for c in r["candidates"] if c["target_cut"] == r["target_cut"]]
-        others = sum(c["seconds"] for c in r["candidates"] if c["target_cut"] != r["target_cut"])
+        others = other_candidates_seconds(r)
         floor = seconds - others
         j = joint.get((r["arch"], r["scale"]))
         ratio = f"{j['seconds']:.1f} | {floor / j['seconds']:.2f}" if j and comparable(r, j) else "- | -"

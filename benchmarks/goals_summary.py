@@ -22,12 +22,15 @@ from pnc.surgery.io import atomic_write_text
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def table_files(results: Path) -> list[Path]:
+    """Every Table 1/2 result file in ``results`` (not the ``.rows.json`` caches), by name."""
+    return [p for p in sorted(results.glob("table[12]-*.json")) if not p.name.endswith(".rows.json")]
+
+
 def read_tables(results: Path) -> list[dict[str, Any]]:
     """The goal verdicts of every Table 1/2 result file in ``results``, sorted by file name."""
     tables = []
-    for path in sorted(results.glob("table[12]-*.json")):
-        if path.name.endswith(".rows.json"):
-            continue
+    for path in table_files(results):
         table = json.loads(path.read_text())
         tables.append(
             {
@@ -49,9 +52,7 @@ def recheck(results: Path) -> None:
     from pnc.bench.paper import recheck_goals, write_result
 
     classes: dict[str, list[str]] = {}
-    for path in sorted(results.glob("table[12]-*.json")):
-        if path.name.endswith(".rows.json"):
-            continue
+    for path in table_files(results):
         result = json.loads(path.read_text())
         if result["dataset"] not in classes:
             classes[result["dataset"]] = dataset_named(result["dataset"]).classes

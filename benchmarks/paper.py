@@ -528,11 +528,7 @@ def _time_diagnosis(p: dict[str, Any], jf: dict[str, Any], records: list[dict[st
         for c in s["candidates"]:
             per_cut.setdefault(c["target_cut"], []).append(sum(c.get("phase_seconds", {}).values()))
     cuts = ", ".join(f"{cut} {statistics.fmean(v):.0f} s" for cut, v in per_cut.items())
-    others = [
-        sum(sum(c.get("phase_seconds", {}).values()) for c in s["candidates"] if c["target_cut"] != s["target_cut"])
-        for s in records
-    ]
-    floor = p["seconds"] - statistics.fmean(others) if others else p["seconds"]
+    floor = p["seconds"] - statistics.fmean(other_candidates_seconds(s) for s in records)
     return (
         f"{text}; PNC per phase (mean of seeds): "
         + ", ".join(f"{label} {mean[k]:.0f} s" for k, label in phases.items())
@@ -561,6 +557,13 @@ def _old_images(old_fraction: float) -> str:
     if old_fraction <= 0:
         return "no image of the target's classes (strict setting, old fraction 0)"
     return f"{round(100 * old_fraction)}% of the target classes' training images (old fraction {old_fraction:g})"
+
+
+def other_candidates_seconds(search: dict[str, Any]) -> float:
+    """Seconds the candidates other than the chosen one took (their stages and held-out
+    evaluations) in one search record (``target_cut`` and ``candidates`` with ``seconds``):
+    what a search that knew R in advance would not spend."""
+    return sum(c["seconds"] for c in search["candidates"] if c["target_cut"] != search["target_cut"])
 
 
 def selection_regret(search: dict[str, Any]) -> tuple[str, float]:

@@ -416,8 +416,8 @@ def test_a_missed_goal_is_diagnosed_from_the_rows_and_a_met_one_is_not():
             "method": "PNC", "scale": "S", "seed": 0, "target_cut": "late", "best_cut": "early", "regret": 1.5,
             "profile": {"search": 30.0, "tune_branch": 15.0, "frozen_outputs": 4.0, "local_models": 1.0},
             "candidates": [
-                {"target_cut": "late", "phase_seconds": {"joint": 5.0, "binary": 3.0}},
-                {"target_cut": "early", "phase_seconds": {"joint": 15.0, "binary": 7.0}},
+                {"target_cut": "late", "seconds": 8.0, "phase_seconds": {"joint": 5.0, "binary": 3.0}},
+                {"target_cut": "early", "seconds": 22.0, "phase_seconds": {"joint": 15.0, "binary": 7.0}},
             ],
         }
     ]  # fmt: skip
