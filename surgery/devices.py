@@ -106,14 +106,15 @@ def float64_device(device: torch.device) -> torch.device:
 _FUSED_ADAM = frozenset({"cpu", "cuda", "mps"})
 
 
-def adam(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Adam:
+def adam(params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
     """Adam over ``params`` (pnc's optimizer for masks, adapters, heads and branches), with
-    torch's fused kernel where their device has one: one kernel per step instead of about ten
-    per tensor, the same update up to float rounding (a LeNet-5 branch's training step 15%
-    faster on the CPU, ``benchmarks/results/clone_cost.md``); the per-tensor loop elsewhere."""
+    decoupled ``weight_decay`` (AdamW; 0: exactly Adam's update) and torch's fused kernel
+    where their device has one: one kernel per step instead of about ten per tensor, the same
+    update up to float rounding (a LeNet-5 branch's training step 15% faster on the CPU,
+    ``benchmarks/results/clone_cost.md``); the per-tensor loop elsewhere."""
     params = list(params)
     fused = bool(params) and all(p.device.type in _FUSED_ADAM and p.dtype.is_floating_point for p in params)
-    return torch.optim.Adam(params, lr=lr, fused=True if fused else None)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None)
 
 
 def cpu_copy(module: nn.Module) -> nn.Module:

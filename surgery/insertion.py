@@ -96,6 +96,9 @@ class SearchConfig:
     before): at M the tuning is where the clone learns to arbitrate (ResNetC-20 M seed 0:
     Tar 79.1 / 84.3 / 87.8 after 3 / 6 / 10 epochs, Avg 85.9 / 87.9 / 89.2); at S and on
     LeNet-5 M (3 seeds) it changed Avg by at most 0.2.
+    ``tune_weight_decay``: AdamW's decoupled weight decay in that tuning; 0 (the default):
+    0.01, 0.05 and 0.2 changed LeNet-5 M's Avg by at most 0.08 point over 3 seeds
+    (``benchmarks/results/variants-*-M-wd.md``).
     ``tune_epochs_choices``: other tuning lengths, each tried from the same start; the one
     with the best held-out accuracy is kept (ties: the shorter). Empty by default. Choose
     lengths only on held-out images neither network was trained on (a validation split,
@@ -151,6 +154,7 @@ class SearchConfig:
     tune_epochs: int = 10
     tune_epochs_choices: tuple[int, ...] = ()
     tune_lr: float = 3e-3
+    tune_weight_decay: float = 0.0
     loc_pool: int = 4096
     cache_mb: float = 192.0
     keep_fraction: float = 1.0
@@ -167,7 +171,7 @@ class SearchConfig:
 
 
 #: settings added after rows were cached, empty by default: in the key only when set
-KEYED_WHEN_SET = frozenset({"smaller_mask_ratios", "tune_epochs_choices"})
+KEYED_WHEN_SET = frozenset({"smaller_mask_ratios", "tune_epochs_choices", "tune_weight_decay"})
 
 
 @dataclass

@@ -80,7 +80,7 @@ def tune_branch(
         branch.load_state_dict(saved)
         branch.body.requires_grad_(True)
         params = [p for p in branch.parameters() if p.requires_grad]
-        opt = adam(params, lr=config.tune_lr)
+        opt = adam(params, lr=config.tune_lr, weight_decay=config.tune_weight_decay)
         gen = torch.Generator().manual_seed(config.seed)
         steps = epochs * per_epoch
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))

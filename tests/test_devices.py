@@ -204,6 +204,19 @@ def test_adam_is_fused_where_torch_has_the_kernel():
     assert not on_meta.defaults["fused"]
 
 
+def test_adam_weight_decay_is_decoupled():
+    """``adam(..., weight_decay=w)`` is AdamW's update (the decay does not pass through the
+    moments): with a zero gradient only the decay moves a weight, by lr * w of it per step."""
+    from pnc.surgery.devices import adam
+
+    weight = nn.Parameter(torch.full((4,), 2.0))
+    opt = adam([weight], lr=0.1, weight_decay=0.5)
+    for _ in range(3):
+        weight.grad = torch.zeros(4)
+        opt.step()
+    torch.testing.assert_close(weight.detach(), torch.full((4,), 2.0 * (1 - 0.1 * 0.5) ** 3))
+
+
 # --- shape-only computations on the meta device ---------------------------------------------------
 
 
