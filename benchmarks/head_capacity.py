@@ -121,9 +121,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         test_x, test_y = inputs["eval_sets"]["avg"]
         train, test = frozen_features(net, inputs["images"]), frozen_features(net, test_x)
         num_old = train["target"].shape[1]
-        results = {
-            "PNC (tuned F_c)": (scores(train["clone"], inputs["labels"], num_old), scores(test["clone"], test_y, num_old))
-        }
+        as_tuned = (scores(train["clone"], inputs["labels"], num_old), scores(test["clone"], test_y, num_old))
+        results = {"PNC (tuned F_c)": as_tuned}
         for hidden in hiddens:
             head = fit_head(train, inputs["labels"], hidden, args.epochs, seed)
             with torch.no_grad():
