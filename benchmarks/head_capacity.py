@@ -112,7 +112,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         task = CloneTask(
-            splits, t_card.classes, s_card.classes, args.scale, seed=seed, old_fraction=0.3,
+            splits,
+            t_card.classes,
+            s_card.classes,
+            args.scale,
+            seed=seed,
+            old_fraction=0.3,
             validation=shared_validation(t_card, s_card),
         )
         inputs = task.clone_inputs()
