@@ -3,8 +3,9 @@
 The search trains every candidate briefly; the one chosen branch is then tuned for
 ``SearchConfig.tune_epochs`` passes over every available image, the target frozen, and
 the result is kept only if the held-out accuracy rises (with ``tune_epochs_choices``, the
-best of several lengths from the same start). Needs old-class images (the arbitrating
-L_ins, :mod:`pnc.surgery.insertion`).
+best of several lengths from the same start). The copy of M_f trains with its BatchNorm
+layers on batch statistics (``tune_bn_train``; :func:`train_mode`). Needs old-class images
+(the arbitrating L_ins, :mod:`pnc.surgery.insertion`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from pnc.surgery.branch import Branch
 from pnc.surgery.devices import adam
@@ -31,7 +32,20 @@ from pnc.surgery.insertion import (
 )
 from pnc.surgery.splitting import extract
 
-__all__ = ["tune_branch"]
+__all__ = ["train_mode", "tune_branch"]
+
+
+def train_mode(branch: Branch, batch_stats: bool) -> Branch:
+    """``branch`` in training mode for its tuning: A and F_c train; the copy of M_f stays in
+    eval mode, but with ``batch_stats`` its BatchNorm layers normalize each batch with its
+    own statistics and track them in their running statistics (the copy's: the source's
+    never move). ``branch.eval()`` ends it."""
+    branch.train()
+    if batch_stats:
+        for module in branch.body.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.train()
+    return branch
 
 
 def tune_branch(
@@ -86,7 +100,7 @@ def tune_branch(
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
         draws = math.ceil(steps * config.batch_size / n)  # seeded on the CPU generator, then moved
         order = torch.cat([torch.randperm(n, generator=gen, device=gen.device) for _ in range(draws)]).to(ctx.device)
-        branch.train()
+        train_mode(branch, config.tune_bn_train)
         for step in range(steps):
             rows = order[step * config.batch_size : (step + 1) * config.batch_size]
             y = ctx.train_y[rows]
