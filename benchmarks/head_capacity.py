@@ -87,11 +87,12 @@ def fit_head(train: dict[str, Tensor], labels: Tensor, hidden: int, epochs: int,
     torch.manual_seed(seed)
     num_old = train["target"].shape[1]
     head = RefitHead(train["pre"].shape[1] + train["feats"].shape[1], num_old, train["clone"].shape[1], hidden)
+    head = head.to(labels.device)
     opt = torch.optim.Adam(head.parameters(), lr=LR)
     steps_per_epoch = len(labels) // BATCH
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
     for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=gen)
+        order = torch.randperm(len(labels), generator=gen, device=gen.device).to(labels.device)
         for step in range(steps_per_epoch):
             rows = order[step * BATCH : (step + 1) * BATCH]
             loss = F.cross_entropy(head(train["pre"][rows], train["feats"][rows], train["target"][rows]), labels[rows])

@@ -179,7 +179,8 @@ class TransferableModule(nn.Module):
         return self.body(x)
 
     def train(self, mode: bool = True) -> TransferableModule:
-        """The source's layers stay in eval mode (frozen BatchNorm statistics)."""
+        """The source's layers stay in eval mode (frozen BatchNorm statistics); only the tuning
+        of the chosen branch lets this copy's BatchNorm layers train (:func:`pnc.surgery.tuning.train_mode`)."""
         return super().train(False)
 
 

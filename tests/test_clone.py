@@ -313,6 +313,38 @@ def test_arbitrating_insertion_keeps_old_classes_when_old_images_are_given(digit
     assert ori[0.3] >= evaluate(target, task.target_test()) - 0.03
 
 
+def test_tuning_moves_the_batchnorm_statistics_of_the_branch_copy_only(digits, cloned):
+    """The tuning trains the copy of M_f with its BatchNorm layers on batch statistics
+    (``tune_bn_train``, the default): the copy's running statistics move, the source's never
+    do; with ``tune_bn_train=False`` they stay frozen."""
+    from pnc.surgery.tuning import train_mode
+
+    _, task, _, source = digits
+    net, hashes, _ = cloned
+    names, taps = net.taps()
+    with torch.no_grad():
+        cut, pre, _ = taps(task.eval_sets()["avg"].x[:32])
+    source_bns = {k: m for k, m in source.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    for batch_stats in (True, False):
+        branch = copy.deepcopy(net.branches["src"])
+        copies = {k: m for k, m in branch.body.body.named_modules() if isinstance(m, nn.BatchNorm2d)}
+        assert copies and set(copies) <= set(source_bns)
+        before = {k: (m.running_mean.clone(), int(m.num_batches_tracked)) for k, m in copies.items()}
+        with torch.no_grad():
+            train_mode(branch, batch_stats)(cut, pre)
+        assert branch.adapter.training and branch.head.training
+        for name, bn in copies.items():
+            assert bn.training == batch_stats
+            assert int(bn.num_batches_tracked) == before[name][1] + batch_stats
+            assert torch.equal(bn.running_mean, before[name][0]) != batch_stats
+        branch.eval()
+        assert not any(m.training for m in branch.modules())
+    assert state_dict_sha256(source) == hashes[1]
+    frozen = SearchConfig(tune_bn_train=False)
+    assert json.loads(frozen.key()).keys().isdisjoint({"tune_bn_train"})  # rows cached before it stay valid
+    assert json.loads(SearchConfig().key())["tune_bn_train"] is True
+
+
 def test_patch_carries_a_fine_tuned_module(digits, cloned, tmp_path):
     ds, task, target, source = digits
     net, _, _ = cloned
