@@ -30,10 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pnc.bench.baselines import _clone
-from pnc.bench.hetero import dataset_of
-from pnc.bench.paper import budget_for, machine_info
+from pnc.bench.paper import machine_info
+from pnc.bench.search_variants import zoo_pair
 from pnc.surgery.io import atomic_write_text
-from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import CloneTask, shared_validation
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -104,11 +103,7 @@ def fit_head(train: dict[str, Tensor], labels: Tensor, hidden: int, epochs: int,
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    store = ZooStore(args.zoo_dir)
-    target, t_card = store.load(args.target)
-    source, s_card = store.load(args.source)
-    splits = dataset_of(t_card)
-    budget = budget_for(t_card, quick=False)
+    target, t_card, source, s_card, splits, budget = zoo_pair(args.zoo_dir, args.target, args.source)
     hiddens = [int(h) for h in args.hidden.split(",")]
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):

@@ -39,12 +39,17 @@ from pnc.zoo.tasks import CloneTask, shared_validation
 OUT = Path(__file__).resolve().parent / "results"
 
 
+def zoo_pair(zoo_dir: str | None, target_name: str, source_name: str) -> tuple:
+    """(target, its card, source, its card, the target's dataset as it was trained on, the
+    tables' budget for it) of two zoo models."""
+    store = ZooStore(zoo_dir)
+    target, t_card = store.load(target_name)
+    source, s_card = store.load(source_name)
+    return target, t_card, source, s_card, dataset_of(t_card), budget_for(t_card, quick=False)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    store = ZooStore(args.zoo_dir)
-    target, t_card = store.load(args.target)
-    source, s_card = store.load(args.source)
-    splits = dataset_of(t_card)
-    budget = budget_for(t_card, quick=False)
+    target, t_card, source, s_card, splits, budget = zoo_pair(args.zoo_dir, args.target, args.source)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [*([] if args.skip_defaults else [{}]), *[v for v in json.loads(args.variants) if v]]
     # --seen-holdout: the models' validation rows left unused, held out from the available images
