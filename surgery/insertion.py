@@ -103,8 +103,8 @@ class SearchConfig:
     with its own statistics and track them (the copy's running statistics, saved with its
     weights; the source's never move); False: they keep the source's statistics, frozen. On
     by default: on ResNetC-20 M (3 seeds, Intel Xeon) Avg 88.63 -> 89.66 (Tar +2.7, Ori
-    +0.05), at S 95.42 -> 95.52 and on ResNetC-20 -> CNN4 at S 93.42 -> 93.88 (seed 0),
-    ``benchmarks/results/variants-*-bn*.md``; a source without BatchNorm is unaffected.
+    +0.05); at S (3 seeds) 95.46 -> 95.49, and ResNetC-20 -> CNN4 93.66 -> 93.82
+    (``benchmarks/results/variants-*-bn*.md``); a source without BatchNorm is unaffected.
     ``tune_epochs_choices``: other tuning lengths, each tried from the same start; the one
     with the best held-out accuracy is kept (ties: the shorter). Empty by default. Choose
     lengths only on held-out images neither network was trained on (a validation split,
