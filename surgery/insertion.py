@@ -177,7 +177,8 @@ class SearchConfig:
         return json.dumps(settings | {"revision": SEARCH_REVISION}, sort_keys=True)
 
 
-#: settings added after rows were cached, empty by default: in the key only when set
+#: settings added after rows were cached: in the key only when truthy (a row cached before one
+#: existed is the search with it falsy: empty, 0, or tune_bn_train=False)
 KEYED_WHEN_SET = frozenset({"smaller_mask_ratios", "tune_epochs_choices", "tune_weight_decay", "tune_bn_train"})
 
 
