@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pnc.bench.baselines import _clone
+from pnc.bench.metrics import clone_accuracy
 from pnc.bench.paper import machine_info
 from pnc.bench.search_variants import zoo_pair
 from pnc.surgery.io import atomic_write_text
@@ -63,21 +64,17 @@ def frozen_features(net, images: Tensor) -> dict[str, Tensor]:
     parts: dict[str, list[Tensor]] = {"pre": [], "feats": [], "target": [], "clone": []}
     for start in range(0, len(images), 512):
         cut, pre, logits = taps(images[start : start + 512])
-        correction, new = branch(cut, pre)
-        for key, value in zip(parts, (pre, branch.features(cut), logits, torch.cat([logits + correction, new], 1))):
+        feats = branch.features(cut)
+        correction, new = branch.head(pre, feats)  # Branch.forward, the features computed once
+        for key, value in zip(parts, (pre, feats, logits, torch.cat([logits + correction, new], 1))):
             parts[key].append(value)
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def scores(logits: Tensor, labels: Tensor, num_old: int) -> dict[str, float]:
-    """Ori / Tar / Avg accuracy in % of (N, K) logits: labels < num_old are the target's."""
-    right = logits.argmax(1) == labels
-    old = labels < num_old
-    return {
-        "ori": 100 * float(right[old].float().mean()),
-        "tar": 100 * float(right[~old].float().mean()),
-        "avg": 100 * float(right.float().mean()),
-    }
+    """Ori / Tar / Avg accuracy in % of (N, K) logits (:func:`pnc.bench.metrics.clone_accuracy`):
+    labels < num_old are the target's."""
+    return {k: 100 * v for k, v in clone_accuracy(logits, labels, num_old).items()}
 
 
 def fit_head(train: dict[str, Tensor], labels: Tensor, hidden: int, epochs: int, seed: int) -> RefitHead:

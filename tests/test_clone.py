@@ -321,7 +321,7 @@ def test_tuning_moves_the_batchnorm_statistics_of_the_branch_copy_only(digits, c
 
     _, task, _, source = digits
     net, hashes, _ = cloned
-    names, taps = net.taps()
+    _, taps = net.taps()
     with torch.no_grad():
         cut, pre, _ = taps(task.eval_sets()["avg"].x[:32])
     source_bns = {k: m for k, m in source.named_modules() if isinstance(m, nn.BatchNorm2d)}
