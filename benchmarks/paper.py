@@ -11,6 +11,7 @@ seed; the zoo models are the same for every seed.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -298,11 +299,13 @@ def run_cell(
         "load_avg": os.getloadavg()[0],
         "row_seconds": time.perf_counter() - began,
         "device": str(device_of(target)),
+        "cpu": cpu_name(),
     }
 
 
 #: methods whose rows do not depend on the old fraction (they never see the available images)
 SETTING_FREE = ("Pre-trained", "Direct Ensemble", "Joint+Full")
+UNRECORDED_CPU = "unrecorded"  # rows cached before rows recorded their CPU
 
 
 def _fingerprint(spec: TableSpec, method: str, task: CloneTask, t_card: ModelCard, s_card: ModelCard) -> str:
@@ -320,6 +323,16 @@ def _fingerprint(spec: TableSpec, method: str, task: CloneTask, t_card: ModelCar
         fields["search"] = search
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _row_cpus(result: dict[str, Any]) -> str:
+    """'' when every row ran on the table's machine, else how many rows each CPU ran (rows
+    are cached across runs, so a table can mix machines: its seconds then do not compare)."""
+    counts = collections.Counter(r.get("cpu", UNRECORDED_CPU) for r in result["per_seed"])
+    if len(counts) == 1 and set(counts) & {result["machine"]["cpu"], UNRECORDED_CPU}:
+        return ""
+    listed = ", ".join(f"{cpu} ({n})" for cpu, n in sorted(counts.items()))
+    return f" Rows cached from other runs: the rows ran on {listed}."
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -342,6 +355,7 @@ def summarize(per_seed: list[dict[str, Any]], methods: list[str], scales: list[s
                 entry[f"{part}_acc"], entry[f"{part}_std"] = _mean_std([r[part] for r in rows])
             for cost in ("seconds", "peak_mb"):
                 entry[cost], entry[f"{cost}_std"] = _mean_std([r[cost] for r in rows])
+            entry["cpus"] = sorted({r.get("cpu", UNRECORDED_CPU) for r in rows})
             entry["macs"], entry["params"] = rows[0]["macs"], rows[0]["params"]
             per_class = [r.get("per_class") for r in rows]
             if all(per_class) and len({len(c) for c in per_class}) == 1:
@@ -453,13 +467,25 @@ def _goals_at(
     if "Joint+Full" in at and at["Joint+Full"]["seconds"] > 0 and at["Joint+Full"]["peak_mb"] > 0:
         jf = at["Joint+Full"]
         ratio = p["seconds"] / jf["seconds"]
-        add(
-            "seconds(PNC) / seconds(Joint+Full), same run",
-            ratio,
-            "<= 0.25",
-            ratio <= 0.25,
-            lambda: _time_diagnosis(p, jf, records),
-        )
+        if p.get("cpus") == jf.get("cpus"):
+            add(
+                "seconds(PNC) / seconds(Joint+Full), same run",
+                ratio,
+                "<= 0.25",
+                ratio <= 0.25,
+                lambda: _time_diagnosis(p, jf, records),
+            )
+        else:
+            add(
+                "seconds(PNC) / seconds(Joint+Full), same run",
+                math.nan,
+                "<= 0.25",
+                False,
+                lambda: (
+                    f"not comparable: PNC's rows ran on {', '.join(p['cpus'])} and Joint+Full's on "
+                    f"{', '.join(jf['cpus'])}; rerun the table with --fresh on one machine"
+                ),
+            )
         ratio = p["peak_mb"] / jf["peak_mb"]
         add(
             "peak MiB(PNC) / peak MiB(Joint+Full)",
@@ -592,7 +618,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += [
         f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores shared with other jobs, "
         f"torch {result['machine']['torch']} ({result['machine']['torch_threads']} thread(s)), "
-        f"device {', '.join(devices)}. "
+        f"device {', '.join(devices)}.{_row_cpus(result)} "
         f"Code: commit(s) {', '.join(commits)}. Command: `{result['command']}`.",
         "",
     ]

@@ -12,7 +12,7 @@
 # About 5 h on a 2-core CPU when every zoo model and row is new (the two ViTs: 30 min each).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=1
+export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1  # logs show each row as it ends
 PNC=.venv/bin/pnc
 PY=.venv/bin/python
 LOGS=benchmarks/results/logs

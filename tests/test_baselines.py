@@ -7,6 +7,7 @@ import contextlib
 import copy
 import io
 import json
+import math
 import random
 import shutil
 import time
@@ -433,3 +434,31 @@ def test_a_missed_goal_is_diagnosed_from_the_rows_and_a_met_one_is_not():
     assert "with R known in advance (only the chosen candidate trained) 28 s, 0.28x Joint+Full" in time["diagnosis"]
     text = "\n".join(_goals_section(list(checks.values())))
     assert "Missed goals" in text and kd["diagnosis"] in text
+
+
+def test_seconds_from_rows_of_other_machines_are_not_compared_and_the_table_says_so():
+    """Rows are cached across runs: a table whose PNC rows were rerun on another CPU than its
+    Joint+Full rows gets no time ratio (a missed goal saying why) and names each row's CPU."""
+    from pnc.bench.paper import _row_cpus, goal_checks, summarize
+
+    def row(method, seed, cpu=None):
+        r = {"method": method, "scale": "S", "seed": seed, "ori": 0.9, "tar": 0.9, "avg": 0.9, "seconds": 10.0}
+        return (
+            r
+            | {"peak_mb": 1.0, "macs": 1, "params": 1, "details": {"report": {"target_cut": "c"}}}
+            | ({"cpu": cpu} if cpu else {})
+        )
+
+    methods = ["Joint+Full", "PNC"]
+    same = summarize([row("Joint+Full", 0, "Intel"), row("PNC", 0, "Intel")], methods, ["S"])
+    mixed = summarize([row("Joint+Full", 0), row("PNC", 0, "Intel")], methods, ["S"])
+    goal = "seconds(PNC) / seconds(Joint+Full), same run"
+    assert {c["goal"]: c for c in goal_checks(same)}[goal]["value"] == 1.0
+    check = {c["goal"]: c for c in goal_checks(mixed)}[goal]
+    assert not check["met"] and math.isnan(check["value"])
+    assert "PNC's rows ran on Intel and Joint+Full's on unrecorded" in check["diagnosis"]
+    machine = {"cpu": "Intel"}
+    assert _row_cpus({"machine": machine, "per_seed": [row("PNC", 0, "Intel")]}) == ""
+    assert _row_cpus({"machine": machine, "per_seed": [row("PNC", 0)]}) == ""  # a table from before: one run
+    said = _row_cpus({"machine": machine, "per_seed": [row("Joint+Full", 0), row("PNC", 0, "Intel")]})
+    assert said == " Rows cached from other runs: the rows ran on Intel (1), unrecorded (1)."
