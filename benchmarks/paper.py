@@ -308,6 +308,11 @@ SETTING_FREE = ("Pre-trained", "Direct Ensemble", "Joint+Full")
 UNRECORDED_CPU = "unrecorded"  # rows cached before rows recorded their CPU
 
 
+def _cpu_of(row: dict[str, Any]) -> str:
+    """The CPU a row ran on (:data:`UNRECORDED_CPU` for rows from before it was recorded)."""
+    return row.get("cpu", UNRECORDED_CPU)
+
+
 def _fingerprint(spec: TableSpec, method: str, task: CloneTask, t_card: ModelCard, s_card: ModelCard) -> str:
     described = task.to_dict()
     if method in SETTING_FREE:
@@ -328,7 +333,7 @@ def _fingerprint(spec: TableSpec, method: str, task: CloneTask, t_card: ModelCar
 def _row_cpus(result: dict[str, Any]) -> str:
     """'' when every row ran on the table's machine, else how many rows each CPU ran (rows
     are cached across runs, so a table can mix machines: its seconds then do not compare)."""
-    counts = collections.Counter(r.get("cpu", UNRECORDED_CPU) for r in result["per_seed"])
+    counts = collections.Counter(_cpu_of(r) for r in result["per_seed"])
     if len(counts) == 1 and set(counts) & {result["machine"]["cpu"], UNRECORDED_CPU}:
         return ""
     listed = ", ".join(f"{cpu} ({n})" for cpu, n in sorted(counts.items()))
@@ -355,7 +360,7 @@ def summarize(per_seed: list[dict[str, Any]], methods: list[str], scales: list[s
                 entry[f"{part}_acc"], entry[f"{part}_std"] = _mean_std([r[part] for r in rows])
             for cost in ("seconds", "peak_mb"):
                 entry[cost], entry[f"{cost}_std"] = _mean_std([r[cost] for r in rows])
-            entry["cpus"] = sorted({r.get("cpu", UNRECORDED_CPU) for r in rows})
+            entry["cpus"] = sorted({_cpu_of(r) for r in rows})
             entry["macs"], entry["params"] = rows[0]["macs"], rows[0]["params"]
             per_class = [r.get("per_class") for r in rows]
             if all(per_class) and len({len(c) for c in per_class}) == 1:
@@ -467,25 +472,19 @@ def _goals_at(
     if "Joint+Full" in at and at["Joint+Full"]["seconds"] > 0 and at["Joint+Full"]["peak_mb"] > 0:
         jf = at["Joint+Full"]
         ratio = p["seconds"] / jf["seconds"]
-        if p.get("cpus") == jf.get("cpus"):
-            add(
-                "seconds(PNC) / seconds(Joint+Full), same run",
-                ratio,
-                "<= 0.25",
-                ratio <= 0.25,
-                lambda: _time_diagnosis(p, jf, records),
-            )
-        else:
-            add(
-                "seconds(PNC) / seconds(Joint+Full), same run",
-                math.nan,
-                "<= 0.25",
-                False,
-                lambda: (
-                    f"not comparable: PNC's rows ran on {', '.join(p['cpus'])} and Joint+Full's on "
-                    f"{', '.join(jf['cpus'])}; rerun the table with --fresh on one machine"
-                ),
-            )
+        comparable = p.get("cpus") == jf.get("cpus")  # rows cached from runs on other CPUs do not compare
+        add(
+            "seconds(PNC) / seconds(Joint+Full), same run",
+            ratio if comparable else math.nan,
+            "<= 0.25",
+            comparable and ratio <= 0.25,
+            lambda: (
+                _time_diagnosis(p, jf, records)
+                if comparable
+                else f"not comparable: PNC's rows ran on {', '.join(p['cpus'])} and Joint+Full's on "
+                f"{', '.join(jf['cpus'])}; rerun the table with --fresh on one machine"
+            ),
+        )
         ratio = p["peak_mb"] / jf["peak_mb"]
         add(
             "peak MiB(PNC) / peak MiB(Joint+Full)",

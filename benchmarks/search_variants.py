@@ -27,19 +27,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from pnc.bench.baselines import _clone
+from pnc.bench.baselines import Budget, _clone
 from pnc.bench.hetero import dataset_of
 from pnc.bench.metrics import clone_accuracy, set_logits
 from pnc.bench.paper import budget_for, machine_info
 from pnc.surgery.io import atomic_write_text
-from pnc.zoo.store import ZooStore
+from pnc.zoo.datasets import DatasetSplits
+from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import CloneTask, shared_validation
 
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def zoo_pair(zoo_dir: str | None, target_name: str, source_name: str) -> tuple:
+def zoo_pair(
+    zoo_dir: str | None, target_name: str, source_name: str
+) -> tuple[nn.Module, ModelCard, nn.Module, ModelCard, DatasetSplits, Budget]:
     """(target, its card, source, its card, the target's dataset as it was trained on, the
     tables' budget for it) of two zoo models."""
     store = ZooStore(zoo_dir)
