@@ -396,6 +396,7 @@ def run_figures(
     data_dir: str | None = None,
     out_dir: Path = Path("benchmarks/results"),
     workdir: Path | None = None,
+    fresh: bool = False,
     command: str = "",
     log: Callable[[str], None] = print,
     device: DeviceLike | None = None,
@@ -414,7 +415,7 @@ def run_figures(
     ensure_default(store, source_name, dataset=splits, progress=False, device=device)
     budget = QUICK_BUDGET if quick else budget_for(t_card, quick)
     stem = f"figures-{splits.name}-{arch}" + ("-quick" if quick else "")
-    cache = RowCache(Path(out_dir) / f"{stem}.rows.json")
+    cache = RowCache(Path(out_dir) / f"{stem}.rows.json", fresh)
     workdir = (Path(workdir) if workdir is not None else default_zoo_dir(zoo_dir).parent / "bench") / stem
     kwargs = {"budget": budget, "cache": cache, "log": log, "seed": seed, "device": device}
     fig3 = (

@@ -178,6 +178,7 @@ def run_hetero(
     data_dir: str | None = None,
     out_dir: Path = Path("benchmarks/results"),
     workdir: Path | None = None,
+    fresh: bool = False,
     command: str = "",
     log: Callable[[str], None] = print,
     device: DeviceLike | None = None,
@@ -209,7 +210,7 @@ def run_hetero(
             methods=methods or HETERO_METHODS,
             budget=budget_for(t_card, quick),
         )
-        cache = RowCache(Path(out_dir) / f"{stem}.rows.json")
+        cache = RowCache(Path(out_dir) / f"{stem}.rows.json", fresh)
         per_seed = run_table(spec, store, splits, cache, workdir, log=log, device=device)
         results.append(write_table(spec, per_seed, t_card, s_card, splits, out_dir, command))
     return results

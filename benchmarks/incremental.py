@@ -146,6 +146,7 @@ def run_incremental(
     data_dir: str | None = None,
     out_dir: Path = Path("benchmarks/results"),
     workdir: Path | None = None,
+    fresh: bool = False,
     command: str = "",
     log: Callable[[str], None] = print,
     device: DeviceLike | None = None,
@@ -166,7 +167,7 @@ def run_incremental(
     source, s_card = store.load(source_name, device)
     budget = QUICK_BUDGET if quick else budget_for(t_card, quick)
     stem = f"table3-{splits.name}-{arch}" + setting_suffix(old_fraction) + ("-quick" if quick else "")
-    cache = RowCache(Path(out_dir) / f"{stem}.rows.json")
+    cache = RowCache(Path(out_dir) / f"{stem}.rows.json", fresh)
     workdir = (Path(workdir) if workdir is not None else default_zoo_dir(zoo_dir).parent / "bench") / stem
     runs = []
     for step_size in step_sizes:

@@ -97,9 +97,10 @@ class TableSpec:
 
 
 class RowCache:
-    """Finished rows in one JSON file, written atomically after every row."""
+    """Finished rows in one JSON file, written atomically after every row; ``fresh``: the rows
+    the file holds so far are not read (``--fresh``: recompute them)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, fresh: bool = False):
         self.path = Path(path)
         self.rows: dict[str, dict[str, Any]] = {}
         self.stale: dict[str, str] = {}  # rows :meth:`clear` dropped, as JSON: not read back from the file
@@ -108,6 +109,8 @@ class RowCache:
                 self.rows = json.loads(self.path.read_text())
             except json.JSONDecodeError:
                 self.rows = {}  # a truncated file from a killed run: start over
+        if fresh:
+            self.clear()
 
     def clear(self) -> None:
         """Forget every row cached so far (``--fresh``); rows other processes add later still count."""
@@ -949,9 +952,7 @@ def run_paper(
         budget=budget_for(t_card, quick),
         old_fraction=old_fraction,
     )
-    cache = RowCache(Path(out_dir) / f"{stem}.rows.json")
-    if fresh:
-        cache.clear()
+    cache = RowCache(Path(out_dir) / f"{stem}.rows.json", fresh)
     workdir = Path(workdir) if workdir is not None else default_zoo_dir(zoo_dir).parent / "bench"
     shared = None
     if old_fraction != 0.3:  # the paper's setting's table holds the setting-free rows

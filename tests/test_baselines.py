@@ -345,12 +345,39 @@ def test_fresh_cache_recomputes_rows_already_on_disk_but_reads_rows_added_later(
 
     path = tmp_path / "t.rows.json"
     RowCache(path).put("PNC|S|0", {"fingerprint": "f", "avg": 0.5})
-    cache = RowCache(path)
-    cache.clear()
+    cache = RowCache(path, fresh=True)
     assert cache.get("PNC|S|0", "f") is None  # the row on disk is the one --fresh recomputes
     RowCache(path).put("PNC|S|1", {"fingerprint": "f", "avg": 0.7})  # another process adds a row
     assert cache.get("PNC|S|1", "f") == {"fingerprint": "f", "avg": 0.7}
     assert cache.get("PNC|S|0", "f") is None
+
+
+@pytest.mark.parametrize(
+    ("command", "module", "runner"),
+    [
+        (["paper"], "pnc.bench.paper", "run_paper"),
+        (["hetero", "--pairs", "resnetc20-cnn4"], "pnc.bench.hetero", "run_hetero"),
+        (["incremental"], "pnc.bench.incremental", "run_incremental"),
+        (["figures"], "pnc.bench.figures", "run_figures"),
+    ],
+)
+def test_every_bench_command_takes_fresh_to_its_rows_cache(monkeypatch, tmp_path, command, module, runner):
+    """`pnc bench paper|hetero|incremental|figures --fresh` recompute every row; without it
+    cached rows are read."""
+    import importlib
+
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append(kwargs["fresh"])
+        raise SystemExit(0)
+
+    monkeypatch.setattr(importlib.import_module(module), runner, fake)
+    argv = ["bench", *command, "--quick", "--zoo-dir", str(tmp_path / "zoo"), "--out", str(tmp_path / "out")]
+    for extra in ([], ["--fresh"]):
+        with pytest.raises(SystemExit):
+            main([*argv, *extra])
+    assert calls == [False, True]
 
 
 def test_two_processes_filling_one_table_keep_each_others_rows(tmp_path):

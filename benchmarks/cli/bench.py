@@ -85,6 +85,7 @@ def _run_options(args: argparse.Namespace) -> dict:
         "data_dir": args.data_dir,
         "out_dir": Path(args.out),
         "workdir": args.workdir,
+        "fresh": args.fresh,
         "command": _command(),
         "device": args.device,
     }
@@ -123,7 +124,6 @@ def _cmd_paper(args: argparse.Namespace) -> int:
         seeds=seeds,
         methods=methods,
         old_fraction=args.old_fraction,
-        fresh=args.fresh,
         pair=pair,
         backend=args.backend,
         address=args.address,
@@ -190,6 +190,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     add_data_dir(common)
     common.add_argument("--out", default="benchmarks/results", help="where tables, JSON and plots go")
     common.add_argument("--workdir", type=Path, help="checkpoints and caches (default: beside the zoo, bench/)")
+    common.add_argument("--fresh", action="store_true", help="recompute every row (ignore the rows cached so far)")
     common.add_argument("--seeds", type=_csv(seed_number), help="comma-separated seeds (task subset + training seeds)")
     add_device(common, "train and evaluate every method")
     quick = argparse.ArgumentParser(add_help=False)
@@ -208,7 +209,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     paper.add_argument("--scales", type=_csv(str), help="S, M or S,M (default S,M; S with --quick)")
     paper.add_argument("--methods", type=_csv(str), help=f"comma-separated, of {', '.join(METHODS)} (default: all)")
     add_old_fraction(paper)
-    paper.add_argument("--fresh", action="store_true", help="ignore cached rows and recompute")
     add_backend(paper, "the table's cells (seed x scale x method)")
     paper.set_defaults(func=_cmd_paper)
 
