@@ -365,8 +365,8 @@ def summarize(per_seed: list[dict[str, Any]], methods: list[str], scales: list[s
                 entry[cost], entry[f"{cost}_std"] = _mean_std([r[cost] for r in rows])
             entry["cpus"] = sorted({_cpu_of(r) for r in rows})
             entry["macs"], entry["params"] = rows[0]["macs"], rows[0]["params"]
-            per_class = [r.get("per_class") for r in rows]
-            if all(per_class) and len({len(c) for c in per_class}) == 1:
+            per_class = [r["per_class"] for r in rows if r.get("per_class")]
+            if len(per_class) == len(rows) and len({len(c) for c in per_class}) == 1:
                 entry["per_class"] = [statistics.fmean(c) for c in zip(*per_class)]
             if method.startswith("PNC"):
                 entry["macs"] = statistics.fmean(r["macs"] for r in rows)
