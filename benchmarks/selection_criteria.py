@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pnc.bench.paper import selection_regret
 from pnc.surgery.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -44,12 +45,11 @@ def picks(rows_file: Path) -> list[dict[str, Any]]:
         finalists = [c for c in row["details"]["report"]["candidates"] if not c.get("eliminated") and c.get("accuracy")]
         if len(finalists) < 2:
             continue
-        best = max(c["accuracy"]["avg"] for c in finalists)
         _, scale, seed = key.split("|")
         entry: dict[str, Any] = {"table": rows_file.name.removesuffix(".rows.json"), "row": f"{scale}, seed {seed}"}
         for name, rank in CRITERIA.items():
-            pick = min(finalists, key=rank)
-            entry[name] = {"cut": pick["target_cut"], "regret": 100 * (best - pick["accuracy"]["avg"])}
+            cut = min(finalists, key=rank)["target_cut"]
+            entry[name] = {"cut": cut, "regret": selection_regret({"target_cut": cut, "candidates": finalists})[1]}
         out.append(entry)
     return out
 
