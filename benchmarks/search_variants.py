@@ -78,7 +78,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "target_cut": report["target_cut"],
                     "kept_fraction": report["kept_fraction"],
                     **{k: 100 * float(v) for k, v in acc.items()},
-                    "tuning": {k: tuning[k] for k in ("before", "after", "kept", "epochs", "tried") if k in tuning},
+                    "tuning": {
+                        k: tuning[k]
+                        for k in ("before", "after", "kept", "epochs", "tried", "contenders")
+                        if k in tuning
+                    },
                     "seconds": seconds,
                 }
             )

@@ -21,11 +21,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from pnc.surgery.branch import CloneReport
+from pnc.surgery.branch import Branch, CloneReport
 from pnc.surgery.cloned import ClonedNetwork
 from pnc.surgery.cut_search import Backend, SearchProgress, finalist_accuracy, search
 from pnc.surgery.devices import device_of
@@ -219,17 +220,39 @@ def clone(
         backend=backend,
         time_budget=time_budget,
     )
-    best = outcome.best
     profile["search"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    branch = build_branch(ctx, best, classes=names, source_name=source_name, source_sha256=hashes[1])
-    profile["build_branch"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    tuning = {}
+    chosen_because = outcome.chosen_because
+    tune = ctx.arbitrate and ctx.holdout is not None and bool(config.tune_epochs)
+    contenders = outcome.contenders(config.tune_runners_up if tune else 0)
+    best = contenders[0]  # the contender kept, its branch and its tuning record
+    branch: Branch | None = None
+    tuning: dict[str, Any] = {}
+    kept_acc: dict[str, float] = {}  # contender's target cut -> its held-out accuracy after tuning
+    profile["build_branch"] = profile["tune_branch"] = 0.0
     with SearchProgress(progress) as bar:
-        if ctx.arbitrate and ctx.holdout is not None and config.tune_epochs:
-            tuning = tune_branch(ctx, branch, config, bar.counter(f"tuning the branch at R={best.target_cut}"))
-        profile["tune_branch"] = time.perf_counter() - mark
+        for result in contenders:  # the search's choice first: a tie keeps it
+            mark = time.perf_counter()
+            built = build_branch(ctx, result, classes=names, source_name=source_name, source_sha256=hashes[1])
+            profile["build_branch"] += time.perf_counter() - mark
+            mark = time.perf_counter()
+            tuned = (
+                tune_branch(ctx, built, config, bar.counter(f"tuning the branch at R={result.target_cut}"))
+                if tune
+                else {}
+            )
+            profile["tune_branch"] += time.perf_counter() - mark
+            if tuned:
+                kept_acc[result.target_cut] = tuned["after" if tuned["kept"] else "before"]["acc"]
+            if branch is None or kept_acc[result.target_cut] > kept_acc[best.target_cut]:
+                best, branch, tuning = result, built, tuned
+        if len(contenders) > 1:
+            tuning["contenders"] = kept_acc
+            chosen_because += (
+                f"; the best {len(contenders)} finalists tuned, held-out accuracy after tuning "
+                + ", ".join(f"R={cut} {acc:.4f}" for cut, acc in kept_acc.items())
+                + f": R={best.target_cut} kept"
+            )
+        assert branch is not None  # contenders is never empty
         mark = time.perf_counter()
         # reported only: the choice is made
         finalist_accuracy(ctx, config, outcome, bar.counter("test accuracy of the finalists"))
@@ -260,7 +283,7 @@ def clone(
         tuning=tuning,
         skipped=outcome.skipped,
         budget_stopped=outcome.budget_stopped,
-        chosen_because=outcome.chosen_because,
+        chosen_because=chosen_because,
         profile=profile,
     )
     return net

@@ -144,12 +144,18 @@ class SearchProgress:
             self.bar.console.print(line)
 
 
+def rank_key(result: CandidateResult, index: int) -> tuple[float, float, int]:
+    """How candidates rank (lower is better): held-out selection loss, then held-out
+    cross-entropy, then ``index`` (a later cut first)."""
+    return result.loss, result.holdout.get("ce", 0.0), index
+
+
 def survivors(results: dict[int, CandidateResult], keep_fraction: float) -> tuple[list[int], dict[int, str]]:
     """Successive halving: the best ``ceil(keep_fraction * n)`` candidates by (selection
     loss, held-out cross-entropy, index) go on, and so does every candidate within one
     standard error (``holdout["se"]``) of the best: only a *clearly* worse one is dropped.
     The others get the reason they were dropped."""
-    ranked = sorted(results, key=lambda i: (results[i].loss, results[i].holdout.get("ce", 0.0), i))
+    ranked = sorted(results, key=lambda i: rank_key(results[i], i))
     best = results[ranked[0]]
     keep = max(1, math.ceil(keep_fraction * len(ranked)))
     margin = best.holdout.get("se", 0.0)
@@ -178,7 +184,7 @@ def choose(results: dict[int, CandidateResult], smaller_branch_within_se: bool) 
         best: losses [0, 1, 0, 0] (0.25), later cut: [0, 1, 1, 0] (0.50)
         difference [0, 0, 1, 0]: mean 0.25, paired standard error 0.25 -> the later cut
     """
-    best = min(results, key=lambda i: (results[i].loss, results[i].holdout.get("ce", 0.0), i))
+    best = min(results, key=lambda i: rank_key(results[i], i))
     why = f"lowest held-out selection loss ({results[best].loss:.4f})"
     base = results[best].holdout_losses
     if not smaller_branch_within_se or base is None or len(base) < 2:
@@ -249,6 +255,17 @@ class SearchOutcome:
     budget_stopped: bool = False
     chosen_because: str = ""
     states: dict[int, dict[str, Tensor]] = field(default_factory=dict, repr=False)
+
+    def contenders(self, runners_up: int) -> list[CandidateResult]:
+        """The chosen candidate, then up to ``runners_up`` other finalists (not dropped, at
+        its stage), best first by :func:`rank_key`."""
+        pair = (self.best.target_cut, self.best.source_cut)
+        others = [
+            (rank_key(r, i), r)
+            for i, r in enumerate(self.results)
+            if (r.target_cut, r.source_cut) != pair and not r.eliminated and r.stage == self.best.stage
+        ]
+        return [self.best] + [r for _, r in sorted(others, key=lambda kr: kr[0])[:runners_up]]
 
 
 def search(

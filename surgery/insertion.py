@@ -105,6 +105,10 @@ class SearchConfig:
     by default: on ResNetC-20 M (3 seeds, Intel Xeon) Avg 88.63 -> 89.66 (Tar +2.7, Ori
     +0.05); at S (3 seeds) 95.46 -> 95.49, and ResNetC-20 -> CNN4 93.66 -> 93.82
     (``benchmarks/results/variants-*-bn*.md``); a source without BatchNorm is unaffected.
+    ``tune_runners_up``: with that tuning, this many next-best finalists are built and tuned
+    too, and the one with the best held-out accuracy after tuning is kept (ties: the
+    search's choice); the selection loss ranks candidates before tuning, and near-tied cuts
+    can swap places after it. 0 (the default): only the chosen one is tuned.
     ``tune_epochs_choices``: other tuning lengths, each tried from the same start; the one
     with the best held-out accuracy is kept (ties: the shorter). Empty by default. Choose
     lengths only on held-out images neither network was trained on (a validation split,
@@ -162,6 +166,7 @@ class SearchConfig:
     tune_lr: float = 3e-3
     tune_weight_decay: float = 0.0
     tune_bn_train: bool = True
+    tune_runners_up: int = 0
     loc_pool: int = 4096
     cache_mb: float = 192.0
     keep_fraction: float = 1.0
@@ -179,7 +184,9 @@ class SearchConfig:
 
 #: settings added after rows were cached: in the key only when truthy (a row cached before one
 #: existed is the search with it falsy: empty, 0, or tune_bn_train=False)
-KEYED_WHEN_SET = frozenset({"smaller_mask_ratios", "tune_epochs_choices", "tune_weight_decay", "tune_bn_train"})
+KEYED_WHEN_SET = frozenset(
+    {"smaller_mask_ratios", "tune_epochs_choices", "tune_weight_decay", "tune_bn_train", "tune_runners_up"}
+)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 
 from pnc.bench.cli import main
 from pnc.surgery import clone
-from pnc.surgery.cut_search import choose, survivors
+from pnc.surgery.cut_search import SearchOutcome, choose, survivors
 from pnc.surgery.errors import DataError, TaskError
 from pnc.surgery.frozen_pool import cut_activations
 from pnc.surgery.insertion import CandidateResult, SearchConfig, SearchContext
@@ -259,6 +259,52 @@ def test_given_held_out_images_choose_r_and_every_available_image_trains(pair):
         clone(target, source, **inputs, config=config, holdout=(test.x, test.y + 1), progress=False)
     with pytest.raises(DataError, match=r"holdout images are \(1, 8, 7\), the training images \(1, 8, 8\)"):
         clone(target, source, **inputs, config=config, holdout=(test.x[..., :7], test.y), progress=False)
+
+
+def test_contenders_are_the_chosen_one_then_the_next_best_finalists():
+    chosen, near, far, dropped, early = (
+        _result(c, loss, 1.0) for c, loss in [("a", 0.2), ("b", 0.3), ("c", 0.4), ("d", 0.1), ("e", 0.0)]
+    )
+    dropped.eliminated = "after stage 'search': ..."
+    early.stage = "localize"  # stopped by a time budget one stage before the others
+    for r in (chosen, near, far, dropped):
+        r.stage = "binary"
+    outcome = SearchOutcome(best=chosen, results=[far, dropped, near, early, chosen], skipped=[])
+    assert outcome.contenders(0) == [chosen]
+    assert outcome.contenders(1) == [chosen, near]
+    assert outcome.contenders(5) == [chosen, near, far]
+
+
+def test_tuned_runners_up_keep_the_best_held_out_accuracy_after_tuning(pair, tmp_path):
+    target, source, task = pair
+    inputs = task.clone_inputs()
+    one = _branch(clone(target, source, **inputs, config=SearchConfig(**QUICK), progress=False))
+    two = _branch(clone(target, source, **inputs, config=SearchConfig(**QUICK, tune_runners_up=1), progress=False))
+    report = two.report
+    contenders = report.tuning["contenders"]
+    finalists = sorted(
+        (c for c in report.candidates if not c["eliminated"]), key=lambda c: (c["loss"], c["holdout"]["ce"])
+    )
+    assert list(contenders) == [one.report.target_cut, finalists[1]["target_cut"]]  # the search's choice first
+    assert report.target_cut == max(contenders, key=lambda cut: (contenders[cut], cut == one.report.target_cut))
+    assert two.target_cut == report.target_cut and f"R={report.target_cut} kept" in report.chosen_because
+    kept = report.tuning["after" if report.tuning["kept"] else "before"]["acc"]
+    assert kept == contenders[report.target_cut]
+    if report.target_cut == one.report.target_cut:  # the same branch, tuned the same way
+        assert all(torch.equal(v, one.state_dict()[k]) for k, v in two.state_dict().items())
+    assert "contenders" not in one.report.tuning and "tune_runners_up" not in json.loads(SearchConfig().key())
+
+
+def test_cli_tune_runners_up_tunes_the_next_best_finalist_too(tiny_zoo, tmp_path, capsys):
+    branch = _cli_clone(tiny_zoo, tmp_path / "run", "--tune-runners-up", "1")
+    assert branch["settings"]["search"]["tune_runners_up"] == 1
+    contenders = branch["tuning"]["contenders"]
+    assert len(contenders) == 2 and branch["target_cut"] in contenders
+    assert contenders[branch["target_cut"]] == max(contenders.values())
+    assert f"chosen: {branch['chosen_because']}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        _cli_clone(tiny_zoo, tmp_path / "bad", "--tune-runners-up", "-1")
+    assert exit_info.value.code == 2 and "--tune-runners-up: must be in [0, 100]" in capsys.readouterr().err
 
 
 def test_tuning_lengths_are_each_tried_from_the_same_start_and_the_best_held_out_one_kept(pair):

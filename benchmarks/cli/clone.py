@@ -487,6 +487,7 @@ def _cmd_clone(args) -> int:
         smaller_branch_within_se=args.prefer_smaller_branch,
         smaller_mask_ratios=tuple(args.smaller_mask_ratios),
         tune_epochs_choices=tuple(args.tune_epochs_choices),
+        tune_runners_up=args.tune_runners_up,
         cache_mb=args.cache_mb,
     )
     store, sources, out = _store(args), list(zip(args.source, args.classes)), Path(args.out)
@@ -668,6 +669,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         metavar="EPOCHS",
         help="other lengths of the chosen branch's tuning (default length 10), each tried from the same start; the "
         "best on the validation images is kept (needs models trained with `pnc zoo train --validation F`)",
+    )
+    p.add_argument(
+        "--tune-runners-up",
+        type=in_range(int, 0, 100),
+        default=0,
+        metavar="N",
+        help="also build and tune the N next-best finalists and keep the branch with the best held-out accuracy "
+        "after tuning (default 0: only the chosen R is tuned; each one more costs one tuning)",
     )
     p.add_argument(
         "--time-budget",
