@@ -111,7 +111,8 @@ class SearchConfig:
     can swap places after it. 0 (the default): only the chosen one is tuned. 1, 3 seeds
     (``benchmarks/results/variants-*-runners.md``): LeNet-5 M 88.24 vs 88.09 Avg at 1.9x the
     clone's time, ResNetC-20 M 89.82 vs 89.65 at 1.4x, LeNet-5 -> ViT 89.64 vs 89.51,
-    resnet18 -> mobilenetv2_050 88.53 vs 88.43 at 1.5x, ResNetC-20 -> CNN4 unchanged; never lower on a seed.
+    resnet18 -> mobilenetv2_050 88.53 vs 88.43 at 1.5x, ResNetC-20 -> CNN4 unchanged; never
+    lower on a seed.
     ``tune_epochs_choices``: other tuning lengths, each tried from the same start; the one
     with the best held-out accuracy is kept (ties: the shorter). Empty by default. Choose
     lengths only on held-out images neither network was trained on (a validation split,

@@ -275,7 +275,7 @@ def test_contenders_are_the_chosen_one_then_the_next_best_finalists():
     assert outcome.contenders(5) == [chosen, near, far]
 
 
-def test_tuned_runners_up_keep_the_best_held_out_accuracy_after_tuning(pair, tmp_path):
+def test_tuned_runners_up_keep_the_best_held_out_accuracy_after_tuning(pair):
     target, source, task = pair
     inputs = task.clone_inputs()
     one = _branch(clone(target, source, **inputs, config=SearchConfig(**QUICK), progress=False))
