@@ -29,6 +29,7 @@ from safetensors.torch import load
 from torch import Tensor
 
 from pnc.adapters import AdapterError
+from pnc.surgery.devices import release_freed_memory
 from pnc.surgery.errors import CutError
 from pnc.surgery.insertion import STAGES, CandidateResult, CandidateTrainer, SearchConfig, SearchContext
 from pnc.surgery.io import atomic_write_bytes, tensor_bytes
@@ -65,7 +66,10 @@ def run_job(
         trainer.restore(*job.previous)
     tick(trainer.stage_steps(job.stage))
     result = trainer.run_stage(job.stage, lambda: tick(0))
-    return StageOutcome(job.index, result, trainer.state())
+    outcome = StageOutcome(job.index, result, trainer.state())
+    del trainer
+    release_freed_memory()
+    return outcome
 
 
 class Backend(Protocol):
@@ -406,4 +410,6 @@ def finalist_accuracy(
         trainer = CandidateTrainer(ctx, *pairs[i], config)
         trainer.restore(outcome.states[i], result)
         result.accuracy = trainer.accuracy()
+        del trainer
+        release_freed_memory()
         tick(0)

@@ -6,6 +6,7 @@ pnc runs where the models are. Every function that takes a model computes on
 creates its tensors there. Seeded sampling keeps a CPU :class:`torch.Generator` and moves
 what it drew, so a seed gives the same images, masks and initial weights on every device.
 Files (safetensors, patches, ONNX) hold CPU tensors, whatever the device.
+What a finished candidate freed goes back to the system (:func:`release_freed_memory`).
 
     >>> resolve_device("cpu"), device_of(torch.nn.Linear(2, 2))
     (device(type='cpu'), device(type='cpu'))
@@ -14,8 +15,12 @@ Files (safetensors, patches, ONNX) hold CPU tensors, whatever the device.
 from __future__ import annotations
 
 import copy
+import ctypes
+import functools
+import gc
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -31,6 +36,7 @@ __all__ = [
     "float64_device",
     "cpu_copy",
     "adam",
+    "release_freed_memory",
 ]
 
 DeviceLike = str | torch.device
@@ -123,3 +129,30 @@ def cpu_copy(module: nn.Module) -> nn.Module:
     if device_of(module).type == "cpu":
         return module
     return copy.deepcopy(module).to("cpu")
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Collect unreachable objects (a candidate's masked copy of the source holds its own
+    forward hooks: a reference cycle) and hand the C heap's free pages back to the system
+    (glibc's ``malloc_trim``; nothing more elsewhere).
+
+    The search builds one trainer per candidate and stage, each with deep copies of the
+    source's layers after R'; glibc kept the freed copies instead of reusing them, so the
+    process grew by 80-140 MiB per trainer: a clone of resnet18 -> mobilenetv2_050 at 32 px
+    (S, seed 0: 12 stages, then 6 finalists evaluated) peaked 1,940 MiB above its start
+    without this call after each trainer, 503 MiB with it."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
