@@ -24,8 +24,6 @@ every device.
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
 import hashlib
 import os
 import resource
@@ -44,7 +42,7 @@ from torch import Tensor, nn
 from pnc.bench.metrics import inference_macs
 from pnc.surgery.cloning import clone
 from pnc.surgery.cuts import classifier_of
-from pnc.surgery.devices import device_of
+from pnc.surgery.devices import device_of, release_freed_memory
 from pnc.surgery.errors import TaskError
 from pnc.surgery.insertion import SearchConfig, joint_teacher, kd_loss
 from pnc.surgery.io import state_dict_sha256
@@ -139,33 +137,13 @@ class MethodRun:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def release_free_memory() -> None:
-    """Collect garbage and hand the C allocator's free pages back to the system (glibc's
-    ``malloc_trim``; elsewhere the collection alone), so resident memory is live data."""
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _glibc() -> ctypes.CDLL | None:
-    """This process's C library when it is glibc (it has ``malloc_trim``), else None."""
-    try:
-        libc = ctypes.CDLL(None)  # the symbols already loaded into this process
-    except (OSError, TypeError):  # TypeError: Windows has no handle for "this process"
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _glibc()
-
-
 class PeakMemory:
     """Peak resident set size above the starting level, in MiB, for a ``with`` block.
 
     A thread samples ``/proc/self/statm`` every ``interval`` seconds (torch's CPU tensors
     come from malloc, which tracemalloc does not see). Without /proc it falls back to the
     ``resource.getrusage`` maxrss delta, which reads 0 when an earlier peak was higher.
-    The block starts from :func:`release_free_memory`: pages an earlier block freed but
+    The block starts from :func:`~pnc.surgery.devices.release_freed_memory`: pages an earlier block freed but
     the allocator kept would otherwise be reused without the resident size growing, and a
     later block read low (three LeNet-5 PNC rows in one process: 189 / 90 / 90 MiB, and
     214 / 183 / 185 MiB from a trimmed heap).
@@ -191,7 +169,7 @@ class PeakMemory:
         self.peak_mb /= 2**20
 
     def __enter__(self) -> PeakMemory:
-        release_free_memory()
+        release_freed_memory()
         start = self._rss()
         if start is None:
             self._maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

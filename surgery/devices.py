@@ -19,7 +19,6 @@ import ctypes
 import functools
 import gc
 import re
-import sys
 from collections.abc import Callable, Iterable
 
 import torch
@@ -133,13 +132,12 @@ def cpu_copy(module: nn.Module) -> nn.Module:
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none (macOS, Windows, musl)."""
-    if not sys.platform.startswith("linux"):
-        return None
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl, Windows)."""
     try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)
-    except OSError:
+        libc = ctypes.CDLL(None)  # the symbols already loaded into this process
+    except (OSError, TypeError):  # TypeError: Windows has no handle for "this process"
         return None
+    return getattr(libc, "malloc_trim", None)
 
 
 def release_freed_memory() -> None:
