@@ -58,4 +58,6 @@ step goals $PY benchmarks/goals_summary.py
 step onnx-latency $PY -m pnc.bench.onnx_latency --work-dir /tmp/pnc-bench-onnx
 step clone-cost $PY benchmarks/clone_cost.py
 step clone-cost-joint $PY benchmarks/clone_cost.py --joint
+step clone-memory $PY benchmarks/clone_memory.py --target fmnist32-mobilenetv2_050-target --source fmnist32-resnet18-source --scale S
+step clone-memory-keep-freed $PY benchmarks/clone_memory.py --target fmnist32-mobilenetv2_050-target --source fmnist32-resnet18-source --scale S --keep-freed
 echo "$(date -u +%FT%TZ) all steps ended"
