@@ -148,8 +148,9 @@ def release_freed_memory() -> None:
     The search builds one trainer per candidate and stage, each with deep copies of the
     source's layers after R'; glibc kept the freed copies instead of reusing them, so the
     process grew by 80-140 MiB per trainer: a clone of resnet18 -> mobilenetv2_050 at 32 px
-    (S, seed 0: 12 stages, then 6 finalists evaluated) peaked 1,940 MiB above its start
-    without this call after each trainer, 503 MiB with it."""
+    (S, seed 0: 12 stages, then 6 finalists evaluated) peaked 1,854 MiB above its start
+    without this call after each trainer, 620 MiB with it, in about the same time
+    (``benchmarks/results/clone_memory-*.md``)."""
     gc.collect()
     trim = _malloc_trim()
     if trim is not None:
