@@ -31,7 +31,7 @@ import torch
 
 from pnc.bench.baselines import _clone
 from pnc.bench.paper import machine_info
-from pnc.bench.search_variants import OUT, zoo_pair
+from pnc.bench.search_variants import OUT, add_pair_arguments, zoo_pair
 from pnc.surgery import cloning, cut_search, insertion
 from pnc.surgery.io import atomic_write_text
 from pnc.zoo.tasks import CloneTask, shared_validation
@@ -158,12 +158,9 @@ def render(result: dict[str, Any], command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", required=True, help="a zoo model name")
-    parser.add_argument("--source", required=True, help="a zoo model name")
-    parser.add_argument("--scale", default="S", help="S or M")
+    add_pair_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-freed", action="store_true", help="no release of finished trainers (the effect)")
-    parser.add_argument("--zoo-dir")
     args = parser.parse_args()
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/clone_memory.py " + " ".join(
         shlex.quote(a) for a in sys.argv[1:]

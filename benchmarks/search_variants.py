@@ -136,11 +136,17 @@ def render(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
+    """--target, --source (zoo model names), --scale and --zoo-dir: the pair a script clones."""
     parser.add_argument("--target", required=True, help="a zoo model name")
     parser.add_argument("--source", required=True, help="a zoo model name")
     parser.add_argument("--scale", default="S", help="S or M")
+    parser.add_argument("--zoo-dir")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_pair_arguments(parser)
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--old", type=float, default=0.3, help="old fraction (default 0.3)")
     parser.add_argument("--variants", default="[]", help="a JSON list of SearchConfig overrides")
@@ -152,7 +158,6 @@ def main() -> None:
         action="store_true",
         help="for models trained with a validation share: hold out available images instead (as for models without)",
     )
-    parser.add_argument("--zoo-dir")
     parser.add_argument("--tag", default="", help="appended to the results' file names (keeps other runs' files)")
     args = parser.parse_args()
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/search_variants.py " + " ".join(
