@@ -150,7 +150,8 @@ def release_freed_memory() -> None:
     process grew by 80-140 MiB per trainer: a clone of resnet18 -> mobilenetv2_050 at 32 px
     (S, seed 0: 12 stages, then 6 finalists evaluated) peaked 1,854 MiB above its start
     without this call after each trainer, 620 MiB with it, in about the same time
-    (``benchmarks/results/clone_memory-*.md``)."""
+    (``benchmarks/results/clone_memory-*.md``). A full collection costs about 0.2 s, so the
+    search calls it only for trainers whose copies exceed ``cut_search.RELEASE_BYTES``."""
     gc.collect()
     trim = _malloc_trim()
     if trim is not None:
