@@ -137,40 +137,44 @@ class MethodRun:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size from ``/proc/self/statm``; None without /proc."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * _PAGE
+    except OSError:
+        return None
+
+
 class PeakMemory:
     """Peak resident set size above the starting level, in MiB, for a ``with`` block.
 
     A thread samples ``/proc/self/statm`` every ``interval`` seconds (torch's CPU tensors
     come from malloc, which tracemalloc does not see). Without /proc it falls back to the
     ``resource.getrusage`` maxrss delta, which reads 0 when an earlier peak was higher.
-    The block starts from :func:`~pnc.surgery.devices.release_freed_memory`: pages an earlier block freed but
-    the allocator kept would otherwise be reused without the resident size growing, and a
-    later block read low (three LeNet-5 PNC rows in one process: 189 / 90 / 90 MiB, and
+    The block starts from :func:`~pnc.surgery.devices.release_freed_memory`: pages an earlier
+    block freed but the allocator kept would otherwise be reused without the resident size
+    growing, and a later block read low (three LeNet-5 PNC rows in one process: 189 / 90 / 90 MiB, and
     214 / 183 / 185 MiB from a trimmed heap).
     """
 
     def __init__(self, interval: float = 0.005):
         self.interval, self.peak_mb = interval, 0.0
         self._stop = threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    def _rss(self) -> int | None:
-        try:
-            with open("/proc/self/statm") as fh:
-                return int(fh.read().split()[1]) * self._page
-        except OSError:
-            return None
 
     def _sample(self, start: int) -> None:
         peak = start
         while not self._stop.wait(self.interval):
-            peak = max(peak, self._rss() or 0)
-        self.peak_mb = max(peak, self._rss() or 0) - start
+            peak = max(peak, resident_bytes() or 0)
+        self.peak_mb = max(peak, resident_bytes() or 0) - start
         self.peak_mb /= 2**20
 
     def __enter__(self) -> PeakMemory:
         release_freed_memory()
-        start = self._rss()
+        start = resident_bytes()
         if start is None:
             self._maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             self._thread = None

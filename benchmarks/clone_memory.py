@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from pnc.bench.baselines import _clone
+from pnc.bench.baselines import _clone, resident_bytes
 from pnc.bench.paper import machine_info
 from pnc.bench.search_variants import OUT, add_pair_arguments, zoo_pair
 from pnc.surgery import cloning, cut_search, insertion
@@ -38,8 +38,10 @@ from pnc.zoo.tasks import CloneTask, shared_validation
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * 4096 / 2**20
+    rss = resident_bytes()
+    if rss is None:
+        raise OSError("clone_memory.py reads /proc/self/statm (Linux)")
+    return rss / 2**20
 
 
 class PhaseMemory:
@@ -76,8 +78,8 @@ class PhaseMemory:
 
         @functools.wraps(fn)
         def phase(*args: Any, **kwargs: Any) -> Any:
-            entry, peak = _rss_mb(), [0.0]
-            peak[0] = entry
+            entry = _rss_mb()
+            peak = [entry]
             with self._lock:
                 self._open[id(peak)] = peak
             record = {"phase": label(*args), "depth": self._depth}

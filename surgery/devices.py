@@ -6,7 +6,7 @@ pnc runs where the models are. Every function that takes a model computes on
 creates its tensors there. Seeded sampling keeps a CPU :class:`torch.Generator` and moves
 what it drew, so a seed gives the same images, masks and initial weights on every device.
 Files (safetensors, patches, ONNX) hold CPU tensors, whatever the device.
-What a finished candidate freed goes back to the system (:func:`release_freed_memory`).
+What a large finished candidate freed goes back to the system (:func:`release_freed_memory`).
 
     >>> resolve_device("cpu"), device_of(torch.nn.Linear(2, 2))
     (device(type='cpu'), device(type='cpu'))
