@@ -1,19 +1,22 @@
 """benchmarks/clone_memory.py: every call of a wrapped function is a phase with its resident
 memory at entry, peak and exit, nested phases one level deeper."""
 
+import mmap
 import time
 from types import SimpleNamespace
-
-import torch
 
 from pnc.bench.clone_memory import PhaseMemory, render
 
 
 def test_a_phase_sees_the_peak_of_what_it_held_and_its_nested_phases():
     def hold(mb: int) -> None:
-        block = torch.ones(mb * 2**18)  # mb MiB of float32, every page written
+        # an anonymous mapping of its own, every page written: closing it returns the pages
+        # whatever the C allocator's state in this worker (a freed torch tensor may stay on
+        # glibc's heap after earlier tests)
+        block = mmap.mmap(-1, mb * 2**20)
+        block.write(b"\x01" * len(block))
         time.sleep(0.2)  # the sampler (every 5 ms) sees it
-        del block
+        block.close()
 
     def outer() -> None:
         owner.inner(64)
