@@ -2,12 +2,14 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/seen_images.py [--models NAME,...]
 
-A clone's held-out images (the ones R is chosen and the tuning is kept on) are a share of
-the available training images, which the default zoo models were trained on (every
-training image of their classes): the frozen target and source are more accurate there
-than on the test images, so a choice made on them leans on the frozen networks. Writes
+A clone's held-out images (the ones R is chosen and the tuning is kept on) are its task's
+validation rows when the zoo models were trained without them (a ``validation`` share in
+their recipes), else a share of the available training images, which the models were
+trained on: the frozen target and source are more accurate there than on the test images,
+so a choice made on them leans on the frozen networks. Writes
 ``benchmarks/results/seen_images.{json,md}``: per zoo model, its accuracy on the training
-images of its classes and on the test images of its classes.
+rows it was trained on, on the validation rows it was trained without (none with a share
+of 0), and on the test images, each over the images of its classes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pnc.bench.paper import machine_info
 from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import ImageData
 from pnc.zoo.store import ZooStore
-from pnc.zoo.tasks import select_classes
+from pnc.zoo.tasks import select_classes, validation_rows
 
 OUT = Path(__file__).resolve().parent / "results"
 #: the models of Tables 1 and 2
@@ -47,10 +49,12 @@ MODELS = ",".join(
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, data: ImageData, classes: list[int]) -> tuple[float, int]:
+def accuracy(
+    model: torch.nn.Module, data: ImageData, classes: list[int], among: torch.Tensor | None = None
+) -> tuple[float, int]:
     """Accuracy (%) of ``model`` (outputs: ``classes`` in order) on the images of ``classes``
-    in ``data``, and how many there are."""
-    mine = select_classes(data, classes)  # labels: the model's outputs
+    in ``data`` (``among``: only those rows), and how many there are."""
+    mine = select_classes(data, classes, among=among)  # labels: the model's outputs
     pred = set_logits(model, mine).argmax(1)
     return 100 * float((pred == mine.y.to(pred.device)).float().mean()), len(mine.y)
 
@@ -62,13 +66,20 @@ def run(names: list[str], zoo_dir: str | None) -> dict[str, Any]:
         model, card = store.load(name)
         model.eval()
         splits = dataset_of(card)
-        (train, n_train), (test, n_test) = (accuracy(model, d, card.classes) for d in (splits.train, splits.test))
+        share = float(card.recipe.get("validation", 0.0))
+        trained_rows, validation = validation_rows(splits.train, share)
+        train, n_train = accuracy(model, splits.train, card.classes, trained_rows)
+        valid, n_valid = accuracy(model, splits.train, card.classes, validation) if share else (None, 0)
+        test, n_test = accuracy(model, splits.test, card.classes)
         rows.append(
             {
                 "model": name,
                 "trained_on": card.recipe.get("train_images"),
+                "validation_share": share,
                 "train_acc": train,
                 "train_images": n_train,
+                "validation_acc": valid,
+                "validation_images": n_valid,
                 "test_acc": test,
                 "test_images": n_test,
             }
@@ -81,17 +92,26 @@ def render(result: dict[str, Any], command: str) -> str:
     lines = [
         "# Zoo models on the images they were trained on and on new ones",
         "",
-        "Accuracy (%) on the training images of the model's classes (the split a clone's available and held-out "
-        "images are drawn from; `trained on`: how many training images the model's recipe used) and on the test "
-        "images of its classes.",
+        "Accuracy (%) over the images of the model's classes: on the training rows it was trained on (a clone's "
+        "available images are drawn from them; `trained on`: how many training images the model's recipe used), "
+        "on the validation rows its recipe left out (a clone's held-out images when both models left them out; "
+        "`-`: a recipe without a validation share, whose clones hold out trained-on images) and on the test "
+        "images. Each difference is to the test accuracy.",
         "",
-        "| model | trained on | training images: acc | test images: acc | difference, points |",
-        "|---|---:|---:|---:|---:|",
+        "| model | trained on | trained-on rows: acc | difference, points | validation rows: acc | difference, points "
+        "| test images: acc |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
+        test = r["test_acc"]
+        valid = (
+            f"{r['validation_acc']:.2f} ({r['validation_images']:,}) | {r['validation_acc'] - test:+.2f}"
+            if r["validation_acc"] is not None
+            else "- | -"
+        )
         lines.append(
             f"| {r['model']} | {r['trained_on']:,} | {r['train_acc']:.2f} ({r['train_images']:,}) | "
-            f"{r['test_acc']:.2f} ({r['test_images']:,}) | {r['train_acc'] - r['test_acc']:+.2f} |"
+            f"{r['train_acc'] - test:+.2f} | {valid} | {test:.2f} ({r['test_images']:,}) |"
         )
     lines += ["", f"Machine: {result['machine']['cpu']}. Command: `{command}`.", ""]
     return "\n".join(lines)
