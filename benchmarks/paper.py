@@ -709,15 +709,21 @@ def _validation_note(validation: float) -> str:
     )
 
 
+def held_out_images(validation: float) -> str:
+    """What PNC chose R on, for a table's text: the validation rows of a ``validation`` share,
+    else (0) held-out available images."""
+    if validation:
+        return (
+            f"the validation rows of the task's classes ({round(100 * validation)}% of each class's training "
+            "images, never trained on by either zoo model)"
+        )
+    return "held-out available images"
+
+
 def _search_section(search: list[dict[str, Any]], validation: float = 0.0) -> list[str]:
     if not search:
         return []
-    held = (
-        f"the validation rows of the task's classes ({round(100 * validation)}% of each class's training images, "
-        "never trained on by either zoo model)"
-        if validation
-        else "held-out available images"
-    )
+    held = held_out_images(validation)
     lines = [
         "## PNC's search (per seed)",
         "",

@@ -28,6 +28,7 @@ from pnc.bench.paper import (
     TableSpec,
     budget_for,
     goal_checks,
+    held_out_images,
     jsonable,
     machine_info,
     output_class_names,
@@ -39,6 +40,7 @@ from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import load_dataset
 from pnc.zoo.defaults import default_pair, ensure_default
 from pnc.zoo.store import ZooStore, default_zoo_dir
+from pnc.zoo.tasks import shared_validation
 
 OUT = Path(__file__).resolve().parent / "results"
 METHODS = ["Pre-trained", "Direct Ensemble", "Calibrated Ensemble", "Continual+KD", "Joint+Full", "PNC"]
@@ -122,6 +124,7 @@ def main() -> None:
         "seed": args.seed,
         "scales": scales,
         "methods": methods,
+        "validation": shared_validation(t_card, s_card),
         "settings": settings,
         "machine": machine_info(),
         "command": command.strip(),
@@ -157,11 +160,12 @@ def render(result: dict[str, Any]) -> str:
                 for p in ("ori", "tar", "avg")
             ]
             lines.append(f"| {label} | {setting['old_fraction']:g} | " + " | ".join(cells) + " |")
+    held = held_out_images(result.get("validation", 0.0))  # absent from results written before it was recorded
     lines += [
         "",
         "## PNC: chosen R vs best R",
         "",
-        "R is chosen on held-out available images (20% of each class, never test images): held-out joint "
+        f"R is chosen on {held} (never test images): held-out joint "
         "error with old-class images, held-out KD loss to the direct ensemble without. Best R = the "
         "candidate with the highest test Avg (reported only); regret = its test Avg minus the chosen one's, "
         "in points (candidate accuracies before the branch fine-tuning). Fine-tuning: held-out accuracy of "
