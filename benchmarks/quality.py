@@ -160,7 +160,7 @@ def render(result: dict[str, Any]) -> str:
                 for p in ("ori", "tar", "avg")
             ]
             lines.append(f"| {label} | {setting['old_fraction']:g} | " + " | ".join(cells) + " |")
-    held = held_out_images(result.get("validation", 0.0))  # absent from results written before it was recorded
+    held = held_out_images(result["validation"])
     lines += [
         "",
         "## PNC: chosen R vs best R",
