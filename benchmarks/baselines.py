@@ -490,11 +490,14 @@ def _clone(
     workdir: Path | None,
     *,
     resume: bool = False,
+    report_tuned: bool = False,
     **overrides: Any,
 ):
     """PNC on ``task``: checkpoints in ``workdir``. Without ``resume`` the search starts
     over (a row's seconds are those of a whole clone, never of one resumed from an earlier
-    run's checkpoints); PNC-F resumes the search its PNC row just made."""
+    run's checkpoints); PNC-F resumes the search its PNC row just made. ``report_tuned``:
+    every finalist also built and tuned for the selection regret (``clone(report_tuned=...)``;
+    its time is reporting time, not the row's)."""
     config = budget.search(seed, **overrides)
     ckpt = None
     if workdir is not None:
@@ -511,6 +514,7 @@ def _clone(
         num_masks=budget.num_masks,
         checkpoint_dir=ckpt,
         progress=False,
+        report_tuned=report_tuned,
     )
     report = next(iter(net.branches.values())).report
     hp = {
@@ -523,8 +527,9 @@ def _clone(
 
 
 def pnc(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, workdir: Path | None = None):
-    """Partial network cloning with the default search (every block cut, masks on)."""
-    return _clone(task, target, source, seed, budget, workdir)
+    """Partial network cloning with the default search (every block cut, masks on); every
+    finalist tuned too, to report the selection regret of the clones as they would ship."""
+    return _clone(task, target, source, seed, budget, workdir, report_tuned=True)
 
 
 def pnc_wo_local(

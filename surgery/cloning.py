@@ -28,8 +28,15 @@ from torch import Tensor, nn
 
 from pnc.surgery.branch import Branch, CloneReport
 from pnc.surgery.cloned import ClonedNetwork
-from pnc.surgery.cut_search import Backend, SearchProgress, finalist_accuracy, search
-from pnc.surgery.devices import device_of
+from pnc.surgery.cut_search import (
+    Backend,
+    SearchOutcome,
+    SearchProgress,
+    branch_accuracy,
+    finalist_accuracy,
+    search,
+)
+from pnc.surgery.devices import device_of, release_freed_memory
 from pnc.surgery.errors import DataError, TaskError, require_finite_images, require_finite_weights
 from pnc.surgery.insertion import SearchConfig, SearchContext, build_branch, split_holdout
 from pnc.surgery.io import state_dict_sha256
@@ -68,6 +75,27 @@ def _checked_holdout(
     return x, y
 
 
+def _tuned_finalist_accuracy(
+    ctx: SearchContext,
+    config: SearchConfig,
+    outcome: SearchOutcome,
+    built_by_cut: dict[str, Branch],
+    names: list[str],
+    bar: SearchProgress,
+) -> None:
+    """Fill ``tuned_accuracy`` of every finalist at the chosen one's stage: its branch built
+    and tuned as the chosen one's was (``built_by_cut``: the contenders already tuned)."""
+    for result in outcome.contenders(len(outcome.results)):
+        built = built_by_cut.get(result.target_cut)
+        if built is None:
+            built = build_branch(ctx, result, classes=names)
+            tune_branch(ctx, built, config, bar.counter(f"tuning R={result.target_cut} to report it"))
+        result.tuned_accuracy = branch_accuracy(ctx, built)
+        if result.target_cut not in built_by_cut:
+            del built
+            release_freed_memory()
+
+
 def clone(
     target: nn.Module,
     source: nn.Module,
@@ -91,6 +119,7 @@ def clone(
     backend: Backend | None = None,
     time_budget: float | None = None,
     holdout: tuple[Tensor, Tensor] | None = None,
+    report_tuned: bool = False,
 ) -> ClonedNetwork:
     """Clone the classes behind ``source_outputs`` from ``source`` into ``target``.
 
@@ -121,6 +150,11 @@ def clone(
         holdout: (images (M, C, H, W), labels (M,), as ``labels``) to choose R and keep the
             tuning on, e.g. images neither network was trained on; then every one of
             ``images`` trains. Default: ``config.holdout`` of ``images`` per class.
+        report_tuned: with ``eval_sets`` and the tuning, also build and tune every finalist
+            the way the chosen one is and report its accuracy on them
+            (``CandidateResult.tuned_accuracy``): the selection regret of the clones as
+            they would ship. One tuning per finalist, timed under ``report_accuracy``;
+            never used to choose.
     Returns the cloned network (B, C, H, W) -> (B, |T_t| + |T_s|); the branch's
     :class:`~pnc.surgery.branch.CloneReport` is ``net.branches[name].report``.
     A :class:`~pnc.zoo.CloneTask` gives every data argument: ``clone(t, s, **task.clone_inputs())``.
@@ -226,6 +260,7 @@ def clone(
     contenders = outcome.contenders(config.tune_runners_up if tune else 0)
     best = contenders[0]  # the contender kept, its branch and its tuning record
     branch: Branch | None = None
+    built_by_cut: dict[str, Branch] = {}  # every contender, tuned
     tuning: dict[str, Any] = {}
     kept_acc: dict[str, float] = {}  # contender's target cut -> its held-out accuracy after tuning
     profile["build_branch"] = profile["tune_branch"] = 0.0
@@ -241,6 +276,7 @@ def clone(
                 else {}
             )
             profile["tune_branch"] += time.perf_counter() - mark
+            built_by_cut[result.target_cut] = built
             if tuned:
                 kept_acc[result.target_cut] = tuned["after" if tuned["kept"] else "before"]["acc"]
             if branch is None or kept_acc[result.target_cut] > kept_acc[best.target_cut]:
@@ -256,6 +292,9 @@ def clone(
         mark = time.perf_counter()
         # reported only: the choice is made
         finalist_accuracy(ctx, config, outcome, bar.counter("test accuracy of the finalists"))
+        if report_tuned and tune and ctx.eval_sets:
+            _tuned_finalist_accuracy(ctx, config, outcome, built_by_cut, names, bar)
+        del built_by_cut
     profile["report_accuracy"] = time.perf_counter() - mark
     net = into or ClonedNetwork(target, x[:2], target_classes, traced=t_traced)
     name = name or source_name or f"branch{len(net.branches)}"

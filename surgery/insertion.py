@@ -197,8 +197,10 @@ KEYED_WHEN_SET = frozenset(
 class CandidateResult:
     """What one candidate R gave: its selection ``loss`` (the held-out criterion, lower is
     better; the last epoch's training loss when nothing is held out), held-out metrics,
-    test accuracies of the finalists (reported, never used to select), learned parts, the
-    last stage it finished and, when it was dropped, why."""
+    test accuracies of the finalists (``accuracy``: as the search left them;
+    ``tuned_accuracy``: built and tuned as the chosen one is, with ``clone(report_tuned=True)``;
+    both reported, never used to select), learned parts, the last stage it finished and,
+    when it was dropped, why."""
 
     target_cut: str
     source_cut: str
@@ -215,6 +217,7 @@ class CandidateResult:
     tensors: dict[str, Tensor] = field(repr=False, default_factory=dict)
     #: (M,) the selection loss of each held-out image (error 0/1 or KD), for paired comparisons
     holdout_losses: Tensor | None = field(repr=False, default=None)
+    tuned_accuracy: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("tensors", "holdout_losses")}

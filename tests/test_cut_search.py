@@ -326,6 +326,39 @@ def test_cli_tune_runners_up_tunes_the_next_best_finalist_too(tiny_zoo, tmp_path
     assert exit_info.value.code == 2 and "--tune-runners-up: must be in [0, 100]" in capsys.readouterr().err
 
 
+def test_report_tuned_tests_every_finalist_built_and_tuned_and_changes_nothing_else(pair):
+    target, source, task = pair
+    inputs = task.clone_inputs()
+    config = SearchConfig(**QUICK)
+    plain = _branch(clone(target, source, **inputs, config=config, progress=False))
+    net = clone(target, source, **inputs, config=config, progress=False, report_tuned=True)
+    branch = _branch(net)
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in branch.state_dict().items())  # the same clone
+    finalists = [c for c in branch.report.candidates if not c["eliminated"]]
+    assert len(finalists) >= 2 and all(not c["tuned_accuracy"] for c in plain.report.candidates)
+    for c in finalists:
+        assert set(c["tuned_accuracy"]) == set(inputs["eval_sets"]) == {"ori", "tar", "avg"}
+        assert all(0.0 <= a <= 1.0 for a in c["tuned_accuracy"].values())
+    chosen = next(c for c in finalists if c["target_cut"] == branch.target_cut)
+    with torch.no_grad():
+        for name, (x, y) in inputs["eval_sets"].items():  # the chosen one's is the shipped clone's accuracy
+            shipped = float((net(x).argmax(1) == y).float().mean())
+            assert chosen["tuned_accuracy"][name] == pytest.approx(shipped, abs=1.5 / len(y))
+    others = [c for c in finalists if c is not chosen]  # each tuned from its own search state, as the chosen one
+    assert any(c["tuned_accuracy"] != c["accuracy"] for c in others)
+    assert branch.report.profile["report_accuracy"] > plain.report.profile["report_accuracy"] > 0
+
+
+def test_report_tuned_reports_nothing_more_without_the_tuning(pair):
+    target, source, task = pair
+    inputs = task.clone_inputs()
+    strict = inputs["labels"] >= 5  # no old-class image: no tuning, nothing tuned to report
+    inputs = inputs | {"images": inputs["images"][strict], "labels": inputs["labels"][strict]}
+    inputs.pop("holdout", None)
+    net = clone(target, source, **inputs, config=SearchConfig(**QUICK), progress=False, report_tuned=True)
+    assert all(not c["tuned_accuracy"] and c["accuracy"] for c in _branch(net).report.candidates)
+
+
 def test_tuning_lengths_are_each_tried_from_the_same_start_and_the_best_held_out_one_kept(pair):
     target, source, task = pair
     inputs = task.clone_inputs()
