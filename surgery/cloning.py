@@ -260,7 +260,7 @@ def clone(
     contenders = outcome.contenders(config.tune_runners_up if tune else 0)
     best = contenders[0]  # the contender kept, its branch and its tuning record
     branch: Branch | None = None
-    built_by_cut: dict[str, Branch] = {}  # every contender, tuned
+    built_by_cut: dict[str, Branch] = {}  # with report_tuned: every contender, tuned
     tuning: dict[str, Any] = {}
     kept_acc: dict[str, float] = {}  # contender's target cut -> its held-out accuracy after tuning
     profile["build_branch"] = profile["tune_branch"] = 0.0
@@ -276,7 +276,8 @@ def clone(
                 else {}
             )
             profile["tune_branch"] += time.perf_counter() - mark
-            built_by_cut[result.target_cut] = built
+            if report_tuned:
+                built_by_cut[result.target_cut] = built
             if tuned:
                 kept_acc[result.target_cut] = tuned["after" if tuned["kept"] else "before"]["acc"]
             if branch is None or kept_acc[result.target_cut] > kept_acc[best.target_cut]:
