@@ -234,6 +234,12 @@ class Branch(nn.Module):
         """-> (correction (B, |T_t|), new-class logits (B, |T_s|))."""
         return self.head(target_prelogits, self.features(cut))
 
+    def joint_logits(self, cut: Tensor, target_prelogits: Tensor, target_logits: Tensor) -> Tensor:
+        """The cloned network's logits (B, |T_t| + |T_s|) with this branch alone: the target's
+        logits (B, |T_t|) plus the correction, then the new classes'."""
+        correction, new = self(cut, target_prelogits)
+        return torch.cat([target_logits + correction, new], 1)
+
 
 def transferable_module(
     source: TracedModel, source_cut: str, images: Tensor, keep: Mapping[str, Tensor]

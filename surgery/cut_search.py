@@ -32,8 +32,14 @@ from pnc.adapters import AdapterError
 from pnc.surgery.branch import Branch
 from pnc.surgery.devices import release_freed_memory
 from pnc.surgery.errors import CutError
-from pnc.surgery.frozen_pool import CHUNK
-from pnc.surgery.insertion import STAGES, CandidateResult, CandidateTrainer, SearchConfig, SearchContext
+from pnc.surgery.insertion import (
+    STAGES,
+    CandidateResult,
+    CandidateTrainer,
+    SearchConfig,
+    SearchContext,
+    eval_accuracy,
+)
 from pnc.surgery.io import atomic_write_bytes, tensor_bytes
 from pnc.surgery.splitting import extract
 
@@ -438,18 +444,12 @@ def finalist_accuracy(
         tick(0)
 
 
-@torch.no_grad()
 def branch_accuracy(ctx: SearchContext, branch: Branch) -> dict[str, float]:
-    """Accuracy on each eval set (name -> (x (M, C, H, W), y (M,))) of the target with a
-    built ``branch``: argmax over [target logits + correction, new logits] (reported, never
-    used to select)."""
+    """Accuracy on each eval set of the target with a built ``branch`` (reported, never used
+    to select)."""
     prefix = extract(ctx.target, None, [branch.target_cut])
-    out = {}
-    for name, (x, y) in ctx.eval_sets.items():
-        preds = []
-        for xb in x.split(CHUNK):
-            pre, logits = ctx.target_head(xb)
-            correction, new = branch(prefix(xb), pre)
-            preds.append(torch.cat([logits + correction, new], 1).argmax(1))
-        out[name] = float((torch.cat(preds) == y).float().mean())
-    return out
+
+    def logits_of(x: Tensor) -> Tensor:
+        return branch.joint_logits(prefix(x), *ctx.target_head(x))
+
+    return eval_accuracy(ctx.eval_sets, logits_of)

@@ -692,14 +692,9 @@ class CandidateTrainer:
         self.adapter.eval()
         self.head.eval()
 
-    @torch.no_grad()
     def accuracy(self) -> dict[str, float]:
         """Ori / Tar / Avg of this candidate on the eval sets (reported, never used to select)."""
-        out = {}
-        for name, (x, y) in self.ctx.eval_sets.items():
-            pred = torch.cat([self.cloned_logits(xb).argmax(1) for xb in x.split(CHUNK)])
-            out[name] = float((pred == y).float().mean())
-        return out
+        return eval_accuracy(self.ctx.eval_sets, self.cloned_logits)
 
     def steps_per_epoch(self) -> int:
         return steps_per_epoch(self.ctx, self.config)
@@ -712,6 +707,19 @@ class CandidateTrainer:
         else:
             epochs = cfg.joint_epochs + (cfg.loc_epochs if self.masks_on else 0)
         return epochs * self.steps_per_epoch()
+
+
+@torch.no_grad()
+def eval_accuracy(
+    eval_sets: dict[str, tuple[Tensor, Tensor]], logits_of: Callable[[Tensor], Tensor]
+) -> dict[str, float]:
+    """Accuracy of ``logits_of`` (x (B, C, H, W) -> cloned logits (B, K)) on each eval set
+    (name -> (x (M, C, H, W), y (M,))), :data:`CHUNK` images at a time."""
+    out = {}
+    for name, (x, y) in eval_sets.items():
+        pred = torch.cat([logits_of(xb).argmax(1) for xb in x.split(CHUNK)])
+        out[name] = float((pred == y).float().mean())
+    return out
 
 
 def holdout_batches(ctx: SearchContext, node: str, prefix: nn.Module) -> Iterator[tuple[Tensor, Tensor, Tensor]]:

@@ -70,15 +70,11 @@ def tune_branch(
 
     def logits_of(rows: Tensor) -> Tensor:
         """Cloned logits (B, K) of training images ``rows`` (B,) (pool entries 0..N-1: clean)."""
-        correction, new = branch(cuts(rows), ctx.pool.pre[rows])
-        return torch.cat([ctx.pool.logits[rows] + correction, new], 1)
+        return branch.joint_logits(cuts(rows), ctx.pool.pre[rows], ctx.pool.logits[rows])
 
     @torch.no_grad()
     def held_out() -> dict[str, float]:
-        parts = []
-        for cut, pre, logits in holdout_batches(ctx, branch.target_cut, prefix):
-            correction, new = branch(cut, pre)
-            parts.append(torch.cat([logits + correction, new], 1))
+        parts = [branch.joint_logits(*batch) for batch in holdout_batches(ctx, branch.target_cut, prefix)]
         return holdout_metrics(ctx, torch.cat(parts), config.temperature)
 
     branch.eval()
