@@ -46,6 +46,7 @@ from pnc.surgery.devices import device_of, release_freed_memory
 from pnc.surgery.errors import TaskError
 from pnc.surgery.insertion import SearchConfig, joint_teacher, kd_loss
 from pnc.surgery.io import state_dict_sha256
+from pnc.surgery.reporting import is_reporting
 from pnc.surgery.tracing import trace
 from pnc.zoo.datasets import ImageData
 from pnc.zoo.images import decoded
@@ -123,7 +124,7 @@ class MethodRun:
 
     ``seconds``: wall time of building/training it (PNC's without the test-set accuracy of
     its finalist candidates, which only feeds the selection-regret report); ``peak_mb``: peak resident memory above
-    the level at its start (sampled, see :class:`PeakMemory`); ``macs`` / ``params``: one
+    the level at its start (sampled, the same reporting left out, see :class:`PeakMemory`); ``macs`` / ``params``: one
     image's inference multiply-accumulates and the parameters used at inference.
     """
 
@@ -135,6 +136,7 @@ class MethodRun:
     params: int
     hparams: dict[str, Any]
     details: dict[str, Any] = field(default_factory=dict)
+    peak_without_reporting: bool = False  # whether ``peak_mb`` left the reporting-only work out
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -153,8 +155,11 @@ class PeakMemory:
     """Peak resident set size above the starting level, in MiB, for a ``with`` block.
 
     A thread samples ``/proc/self/statm`` every ``interval`` seconds (torch's CPU tensors
-    come from malloc, which tracemalloc does not see). Without /proc it falls back to the
-    ``resource.getrusage`` maxrss delta, which reads 0 when an earlier peak was higher.
+    come from malloc, which tracemalloc does not see), skipping the samples taken while a
+    clone works only to report (:func:`~pnc.surgery.reporting.is_reporting`), as the
+    seconds leave that work out. Without /proc it falls back to the
+    ``resource.getrusage`` maxrss delta, which reads 0 when an earlier peak was higher
+    (and cannot leave the reporting out).
     The block starts from :func:`~pnc.surgery.devices.release_freed_memory`: pages an earlier
     block freed but the allocator kept would otherwise be reused without the resident size
     growing, and a later block read low (three LeNet-5 PNC rows in one process: 189 / 90 / 90 MiB, and
@@ -163,12 +168,14 @@ class PeakMemory:
 
     def __init__(self, interval: float = 0.005):
         self.interval, self.peak_mb = interval, 0.0
+        self.without_reporting = False  # True once sampling: the reporting-only work is left out
         self._stop = threading.Event()
 
     def _sample(self, start: int) -> None:
         peak = start
         while not self._stop.wait(self.interval):
-            peak = max(peak, resident_bytes() or 0)
+            if not is_reporting():
+                peak = max(peak, resident_bytes() or 0)
         self.peak_mb = max(peak, resident_bytes() or 0) - start
         self.peak_mb /= 2**20
 
@@ -180,6 +187,7 @@ class PeakMemory:
             self._thread = None
         else:
             self._thread = threading.Thread(target=self._sample, args=(start,), daemon=True)
+            self.without_reporting = True
             self._thread.start()
         return self
 
@@ -635,6 +643,7 @@ def run_method(
         model=model,
         seconds=seconds,
         peak_mb=memory.peak_mb,
+        peak_without_reporting=memory.without_reporting,
         macs=inference_macs(model, example),
         params=params,
         hparams=hparams,

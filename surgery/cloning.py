@@ -41,6 +41,7 @@ from pnc.surgery.errors import DataError, TaskError, require_finite_images, requ
 from pnc.surgery.insertion import SearchConfig, SearchContext, build_branch, split_holdout
 from pnc.surgery.io import state_dict_sha256
 from pnc.surgery.local_models import fit_local_models
+from pnc.surgery.reporting import reporting_only
 from pnc.surgery.tracing import trace
 from pnc.surgery.tuning import tune_branch
 
@@ -153,8 +154,8 @@ def clone(
         report_tuned: with ``eval_sets`` and the tuning, also build and tune every finalist
             the way the chosen one is and report its accuracy on them
             (``CandidateResult.tuned_accuracy``): the selection regret of the clones as
-            they would ship. One tuning per finalist, timed under ``report_accuracy``;
-            never used to choose.
+            they would ship. One tuning per finalist, timed under ``report_accuracy``
+            and marked :func:`~pnc.surgery.reporting.reporting_only`; never used to choose.
     Returns the cloned network (B, C, H, W) -> (B, |T_t| + |T_s|); the branch's
     :class:`~pnc.surgery.branch.CloneReport` is ``net.branches[name].report``.
     A :class:`~pnc.zoo.CloneTask` gives every data argument: ``clone(t, s, **task.clone_inputs())``.
@@ -291,11 +292,11 @@ def clone(
             )
         assert branch is not None  # contenders is never empty
         mark = time.perf_counter()
-        # reported only: the choice is made
-        finalist_accuracy(ctx, config, outcome, bar.counter("test accuracy of the finalists"))
-        if report_tuned and tune and ctx.eval_sets:
-            _tuned_finalist_accuracy(ctx, config, outcome, built_by_cut, names, bar)
-        del built_by_cut
+        with reporting_only():  # the choice is made: what follows is reported, never shipped
+            finalist_accuracy(ctx, config, outcome, bar.counter("test accuracy of the finalists"))
+            if report_tuned and tune and ctx.eval_sets:
+                _tuned_finalist_accuracy(ctx, config, outcome, built_by_cut, names, bar)
+            del built_by_cut
     profile["report_accuracy"] = time.perf_counter() - mark
     net = into or ClonedNetwork(target, x[:2], target_classes, traced=t_traced)
     name = name or source_name or f"branch{len(net.branches)}"

@@ -21,6 +21,7 @@ from pnc.bench.cli import main
 from pnc.bench.metrics import evaluate_clone, logits_of
 from pnc.bench.paper import QUICK_BUDGET
 from pnc.surgery.io import state_dict_sha256
+from pnc.surgery.reporting import reporting_only
 from pnc.zoo.datasets import load_dataset
 from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import CloneTask
@@ -89,6 +90,8 @@ def test_table_json_has_every_method_with_fractions_and_costs(bench):
     md = (bench["root"] / "out" / f"{STEM}.md").read_text()
     assert "| PNC (w/o Insert) |" in md and "## Goals" in md
     assert "| Calibrated Ensemble |" in md and "regret" in md
+    assert all(r["peak_without_reporting"] for r in result["per_seed"])  # /proc sampled here
+    assert "PNC's leave out the finalists' accuracy" in md
     goals = {g["goal"]: g for g in result["goals"]}
     at = {r["method"]: r for r in result["rows"]}
     cost = goals["seconds(PNC) / seconds(Joint+Full), same run"]
@@ -214,6 +217,16 @@ def test_peak_memory_sees_a_large_allocation():
         time.sleep(0.05)
         del block
     assert big.peak_mb > 100 and small.peak_mb < 20
+
+
+def test_peak_memory_leaves_out_reporting_only_work():
+    with PeakMemory() as memory:
+        with reporting_only():
+            block = torch.ones(32 * 2**20 // 4 * 4)  # 128 MiB, as the test above sees
+            time.sleep(0.05)
+            del block
+        time.sleep(0.03)
+    assert memory.peak_mb < 20 and memory.without_reporting
 
 
 def test_peak_memory_sees_a_block_that_reuses_memory_an_earlier_one_freed():

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from pnc.bench.cli import main
-from pnc.surgery import clone, cut_search
+from pnc.surgery import clone, cloning, cut_search
 from pnc.surgery.channel_groups import MaskedBody
 from pnc.surgery.cut_search import SearchOutcome, choose, survivors
 from pnc.surgery.errors import DataError, TaskError
 from pnc.surgery.frozen_pool import cut_activations
 from pnc.surgery.insertion import CandidateResult, SearchConfig, SearchContext
+from pnc.surgery.reporting import is_reporting
 from pnc.zoo import CloneTask, ZooStore, load_dataset
 
 QUICK = dict(loc_epochs=1, joint_epochs=1, binary_epochs=1, min_steps_per_epoch=6, tune_epochs=1)
@@ -326,12 +327,21 @@ def test_cli_tune_runners_up_tunes_the_next_best_finalist_too(tiny_zoo, tmp_path
     assert exit_info.value.code == 2 and "--tune-runners-up: must be in [0, 100]" in capsys.readouterr().err
 
 
-def test_report_tuned_tests_every_finalist_built_and_tuned_and_changes_nothing_else(pair):
+def test_report_tuned_tests_every_finalist_built_and_tuned_and_changes_nothing_else(pair, monkeypatch):
     target, source, task = pair
     inputs = task.clone_inputs()
     config = SearchConfig(**QUICK)
     plain = _branch(clone(target, source, **inputs, config=config, progress=False))
+    marked: list[bool] = []  # per tuning: was it marked reporting-only (left out of the peak memory)?
+    real_tune = cloning.tune_branch
+
+    def tune_branch(*args, **kwargs):
+        marked.append(is_reporting())
+        return real_tune(*args, **kwargs)
+
+    monkeypatch.setattr(cloning, "tune_branch", tune_branch)
     net = clone(target, source, **inputs, config=config, progress=False, report_tuned=True)
+    monkeypatch.undo()
     branch = _branch(net)
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in branch.state_dict().items())  # the same clone
     finalists = [c for c in branch.report.candidates if not c["eliminated"]]
@@ -347,6 +357,7 @@ def test_report_tuned_tests_every_finalist_built_and_tuned_and_changes_nothing_e
     others = [c for c in finalists if c is not chosen]  # each tuned from its own search state, as the chosen one
     assert any(c["tuned_accuracy"] != c["accuracy"] for c in others)
     assert branch.report.profile["report_accuracy"] > plain.report.profile["report_accuracy"] > 0
+    assert marked == [False] + [True] * len(others) and not is_reporting()  # the shipped one's tuning counts
 
 
 def test_report_tuned_reports_nothing_more_without_the_tuning(pair):
