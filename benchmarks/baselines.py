@@ -168,8 +168,13 @@ class PeakMemory:
 
     def __init__(self, interval: float = 0.005):
         self.interval, self.peak_mb = interval, 0.0
-        self.without_reporting = False  # True once sampling: the reporting-only work is left out
+        self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+
+    @property
+    def without_reporting(self) -> bool:
+        """Whether the samples left the reporting-only work out (only /proc is sampled)."""
+        return self._thread is not None
 
     def _sample(self, start: int) -> None:
         peak = start
@@ -187,7 +192,6 @@ class PeakMemory:
             self._thread = None
         else:
             self._thread = threading.Thread(target=self._sample, args=(start,), daemon=True)
-            self.without_reporting = True
             self._thread.start()
         return self
 
