@@ -20,7 +20,7 @@ import os
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -97,13 +97,22 @@ class TableSpec:
 
 
 class RowCache:
-    """Finished rows in one JSON file, written atomically after every row; ``fresh``: the rows
-    the file holds so far are not read (``--fresh``: recompute them)."""
+    """Finished rows in one JSON file, written atomically after every row.
+
+    ``fresh`` (``--fresh``): the rows the file holds so far are not read; those of the cells
+    this process asks for (:meth:`claim`, :meth:`get`) leave the file at its next write, the
+    rest stay, so recomputing some methods or one scale keeps the other rows of the table::
+
+        cache = RowCache(path, fresh=True)   # the file holds PNC|S|0 and PNC|M|0
+        cache.claim(["PNC|S|0"])
+        cache.put("PNC|S|0", row)            # the file: the new PNC|S|0 and the old PNC|M|0
+    """
 
     def __init__(self, path: Path, fresh: bool = False):
         self.path = Path(path)
         self.rows: dict[str, dict[str, Any]] = {}
         self.stale: dict[str, str] = {}  # rows :meth:`clear` dropped, as JSON: not read back from the file
+        self.claimed: set[str] = set()  # keys whose stale rows leave the file at the next write
         if self.path.is_file():
             try:
                 self.rows = json.loads(self.path.read_text())
@@ -117,18 +126,29 @@ class RowCache:
         self.stale = {k: json.dumps(v, sort_keys=True) for k, v in self.rows.items()}
         self.rows = {}
 
+    def claim(self, keys: Iterable[str]) -> None:
+        """The cells this process will fill: their stale rows leave the file at its next write
+        (a stopped ``--fresh`` run resumed without it recomputes them instead of reading them)."""
+        self.claimed.update(keys)
+
+    def _on_disk(self) -> dict[str, dict[str, Any]]:
+        if not self.path.is_file():
+            return {}
+        try:
+            return json.loads(self.path.read_text())
+        except json.JSONDecodeError:
+            return {}
+
+    def _is_stale(self, key: str, row: dict[str, Any]) -> bool:
+        return self.stale.get(key) == json.dumps(row, sort_keys=True)
+
     def _read_others(self) -> None:
         """Add the rows other processes wrote to the file since (not those :meth:`clear` dropped)."""
-        if not self.path.is_file():
-            return
-        try:
-            on_disk = json.loads(self.path.read_text())
-        except json.JSONDecodeError:
-            on_disk = {}
-        added = {k: v for k, v in on_disk.items() if self.stale.get(k) != json.dumps(v, sort_keys=True)}
+        added = {k: v for k, v in self._on_disk().items() if not self._is_stale(k, v)}
         self.rows = added | self.rows
 
     def get(self, key: str, fingerprint: str) -> dict[str, Any] | None:
+        self.claimed.add(key)
         if key not in self.rows:  # another process may have added it
             self._read_others()
         row = self.rows.get(key)
@@ -137,8 +157,9 @@ class RowCache:
     def put(self, key: str, row: dict[str, Any]) -> None:
         self._read_others()  # two processes filling one table (e.g. one per scale) keep each other's rows
         self.rows[key] = row
+        kept = {k: v for k, v in self._on_disk().items() if not (k in self.claimed and self._is_stale(k, v))}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps(self.rows, indent=1, default=jsonable))
+        atomic_write_text(self.path, json.dumps(kept | self.rows, indent=1, default=jsonable))
 
 
 def jsonable(value: Any) -> Any:
@@ -203,6 +224,7 @@ def run_table(
             for method in sorted(spec.methods, key=RUN_ORDER.index):
                 key = f"{method}|{scale}|{seed}"
                 cells.append((key, (method, scale, seed, _fingerprint(spec, method, task, t_card, s_card))))
+    cache.claim(key for key, _ in cells)
 
     def report(key: str, row: dict[str, Any], status: str) -> None:
         log(

@@ -376,6 +376,25 @@ def test_fresh_cache_recomputes_rows_already_on_disk_but_reads_rows_added_later(
     assert cache.get("PNC|S|0", "f") is None
 
 
+def test_fresh_cache_keeps_the_rows_of_cells_it_does_not_recompute(tmp_path):
+    """`--fresh --scales S` rewrites S's rows and keeps M's; a stopped fresh run leaves none
+    of its own cells' old rows behind for a resume without --fresh to read."""
+    from pnc.bench.paper import RowCache
+
+    path = tmp_path / "t.rows.json"
+    old = RowCache(path)
+    for key in ("PNC|S|0", "PNC|S|1", "PNC|M|0"):
+        old.put(key, {"fingerprint": "f", "avg": 0.1})
+    fresh = RowCache(path, fresh=True)
+    fresh.claim(["PNC|S|0", "PNC|S|1"])
+    assert fresh.get("PNC|S|0", "f") is None
+    fresh.put("PNC|S|0", {"fingerprint": "f", "avg": 0.9})  # then the run is stopped
+    on_disk = json.loads(path.read_text())
+    assert on_disk == {"PNC|S|0": {"fingerprint": "f", "avg": 0.9}, "PNC|M|0": {"fingerprint": "f", "avg": 0.1}}
+    assert RowCache(path).get("PNC|S|1", "f") is None  # the resume recomputes it
+    assert RowCache(path).get("PNC|M|0", "f") == {"fingerprint": "f", "avg": 0.1}
+
+
 @pytest.mark.parametrize(
     ("command", "module", "runner"),
     [
