@@ -190,7 +190,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     add_data_dir(common)
     common.add_argument("--out", default="benchmarks/results", help="where tables, JSON and plots go")
     common.add_argument("--workdir", type=Path, help="checkpoints and caches (default: beside the zoo, bench/)")
-    common.add_argument("--fresh", action="store_true", help="recompute every row (ignore the rows cached so far)")
+    common.add_argument(
+        "--fresh",
+        action="store_true",
+        help="recompute the rows this run selects (not their cached copies); the table's other rows stay cached",
+    )
     common.add_argument("--seeds", type=_csv(seed_number), help="comma-separated seeds (task subset + training seeds)")
     add_device(common, "train and evaluate every method")
     quick = argparse.ArgumentParser(add_help=False)
