@@ -110,14 +110,9 @@ class RowCache:
 
     def __init__(self, path: Path, fresh: bool = False):
         self.path = Path(path)
-        self.rows: dict[str, dict[str, Any]] = {}
         self.stale: dict[str, str] = {}  # rows :meth:`clear` dropped, as JSON: not read back from the file
         self.claimed: set[str] = set()  # keys whose stale rows leave the file at the next write
-        if self.path.is_file():
-            try:
-                self.rows = json.loads(self.path.read_text())
-            except json.JSONDecodeError:
-                self.rows = {}  # a truncated file from a killed run: start over
+        self.rows: dict[str, dict[str, Any]] = self._on_disk()
         if fresh:
             self.clear()
 
@@ -132,6 +127,7 @@ class RowCache:
         self.claimed.update(keys)
 
     def _on_disk(self) -> dict[str, dict[str, Any]]:
+        """The rows in the file now ({} without one, or for a truncated file from a killed run)."""
         if not self.path.is_file():
             return {}
         try:
