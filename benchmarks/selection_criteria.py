@@ -1,18 +1,18 @@
-"""How R would be chosen by other held-out criteria, from the committed tables' rows.
+"""How R would be chosen by other rules, from the committed tables' rows.
 
     .venv/bin/python benchmarks/selection_criteria.py [--results benchmarks/results]
 
 Every PNC row of a Table 1/2 rows cache (``table[12]-*.rows.json``, paper setting: old
-fraction > 0) holds each finalist candidate's held-out metrics on the validation rows and
-its test Avg *before* the tuning (reported, never used to choose). So a criterion can be
-tried without rerunning anything: per row, pick the finalist it ranks first and measure the
-selection regret (best finalist's test Avg minus the picked one's, in points), as the tables
-do for the search's own choice. Criteria: ``error`` (held-out joint error, ties: held-out
-cross-entropy; the search's rule) and ``ce`` (held-out cross-entropy alone). Writes
-``selection_criteria.md`` / ``.json`` beside the tables. The tuned Avg of a candidate the
-search did not choose is not in the rows: ``benchmarks/search_variants.py`` with
-``{"candidates": [R]}`` measures it (on the committed tables five of the cross-entropy's seven
-other picks, rerun, gained +0.40, +0.07, +0.25 and lost 0.07 and 0.65 after tuning).
+fraction > 0) holds each finalist candidate's held-out metrics on the validation rows, its
+test Avg as the search left it and, in tables run with every finalist tuned for the report,
+its test Avg after the same tuning as the chosen branch (reported, never used to choose). So
+a rule can be tried without rerunning anything: per row, take the finalist it picks and
+measure the selection regret (best finalist's test Avg minus the picked one's, in points),
+before tuning and, where every finalist was tuned, after it, as the tables do for the
+search's own choice. Rules: ``error`` (held-out joint error, ties: held-out cross-entropy;
+the search's rule), ``ce`` (held-out cross-entropy alone) and ``earliest`` (the earliest cut
+among the finalists: the largest branch, whatever the held-out metrics say). Writes
+``selection_criteria.md`` / ``.json`` beside the tables.
 """
 
 from __future__ import annotations
@@ -24,20 +24,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pnc.bench.paper import selection_regret
+from pnc.bench.paper import selection_regret, tuned_regret_known
 from pnc.surgery.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-#: criterion -> sort key of a finalist (lowest first), from its held-out metrics
-CRITERIA: dict[str, Callable[[dict[str, Any]], tuple[float, ...]]] = {
-    "error": lambda c: (c["loss"], c["holdout"].get("ce", 0.0)),
-    "ce": lambda c: (c["holdout"]["ce"],),
+#: rule -> the finalist it picks (candidates are listed from the last cut to the first)
+CRITERIA: dict[str, Callable[[list[dict[str, Any]]], dict[str, Any]]] = {
+    "error": lambda finalists: min(finalists, key=lambda c: (c["loss"], c["holdout"].get("ce", 0.0))),
+    "ce": lambda finalists: min(finalists, key=lambda c: c["holdout"]["ce"]),
+    "earliest": lambda finalists: finalists[-1],
 }
 
 
 def picks(rows_file: Path) -> list[dict[str, Any]]:
-    """Per PNC row of one rows cache with two finalists or more: each criterion's pick and regret."""
+    """Per PNC row of one rows cache with two finalists or more: each rule's pick and its
+    regret before tuning and (``None`` unless every finalist was tuned) after it."""
     out = []
     for key, row in sorted(json.loads(rows_file.read_text()).items()):
         if row.get("method") != "PNC":
@@ -47,9 +49,14 @@ def picks(rows_file: Path) -> list[dict[str, Any]]:
             continue
         _, scale, seed = key.split("|")
         entry: dict[str, Any] = {"table": rows_file.name.removesuffix(".rows.json"), "row": f"{scale}, seed {seed}"}
-        for name, rank in CRITERIA.items():
-            cut = min(finalists, key=rank)["target_cut"]
-            entry[name] = {"cut": cut, "regret": selection_regret({"target_cut": cut, "candidates": finalists})[1]}
+        tuned = tuned_regret_known({"candidates": finalists})
+        for name, pick in CRITERIA.items():
+            search = {"target_cut": pick(finalists)["target_cut"], "candidates": finalists}
+            entry[name] = {
+                "cut": search["target_cut"],
+                "regret": selection_regret(search)[1],
+                "tuned_regret": selection_regret(search, "tuned_accuracy")[1] if tuned else None,
+            }
         out.append(entry)
     return out
 
@@ -57,36 +64,51 @@ def picks(rows_file: Path) -> list[dict[str, Any]]:
 def run(results: Path) -> dict[str, Any]:
     files = [p for p in sorted(results.glob("table[12]-*.rows.json")) if "-old0" not in p.name]
     rows = [entry for path in files for entry in picks(path)]
-    summary = {
-        name: {
+    summary = {}
+    for name in CRITERIA:
+        tuned = [r[name]["tuned_regret"] for r in rows if r[name]["tuned_regret"] is not None]
+        summary[name] = {
             "mean_regret": statistics.fmean(r[name]["regret"] for r in rows),
             "max_regret": max(r[name]["regret"] for r in rows),
+            "tuned_rows": len(tuned),
+            "mean_tuned_regret": statistics.fmean(tuned) if tuned else None,
+            "max_tuned_regret": max(tuned) if tuned else None,
         }
-        for name in CRITERIA
-    }
     return {"rows": rows, "summary": summary, "tables": [p.name for p in files]}
 
 
+def _points(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def markdown(result: dict[str, Any]) -> str:
+    tuned_rows = {s["tuned_rows"] for s in result["summary"].values()}
     lines = [
-        "# Selection of R by other held-out criteria (committed rows, nothing rerun)",
+        "# Selection of R by other rules (committed rows, nothing rerun)",
         "",
         f"{len(result['rows'])} PNC rows with two finalists or more, paper setting, from "
         + ", ".join(f"`{t}`" for t in result["tables"])
-        + ". Regret: best finalist's test Avg minus the picked one's, before the tuning, in points.",
+        + ". Regret: best finalist's test Avg minus the picked one's, in points, before the tuning"
+        + f" and after it (on the {max(tuned_rows)} rows whose every finalist was tuned for the report).",
         "",
-        "| criterion | mean regret | max regret |",
-        "|---|---:|---:|",
-        *(f"| {n} | {s['mean_regret']:.3f} | {s['max_regret']:.2f} |" for n, s in result["summary"].items()),
+        "| rule | mean regret | max regret | mean regret, tuned | max regret, tuned |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {n} | {s['mean_regret']:.3f} | {s['max_regret']:.2f} | {_points(s['mean_tuned_regret'])} "
+            f"| {_points(s['max_tuned_regret'])} |"
+            for n, s in result["summary"].items()
+        ),
         "",
-        "Rows where the criteria pick differently:",
+        "Rows where the rules pick differently (regret before -> after tuning):",
         "",
         "| table | row | " + " | ".join(f"{n}: R (regret)" for n in CRITERIA) + " |",
         "|---|---|" + "---|" * len(CRITERIA),
     ]
     for r in result["rows"]:
         if len({r[n]["cut"] for n in CRITERIA}) > 1:
-            cells = " | ".join(f"{r[n]['cut']} ({r[n]['regret']:.2f})" for n in CRITERIA)
+            cells = " | ".join(
+                f"{r[n]['cut']} ({r[n]['regret']:.2f} -> {_points(r[n]['tuned_regret'])})" for n in CRITERIA
+            )
             lines.append(f"| {r['table']} | {r['row']} | {cells} |")
     lines += ["", "Command: `.venv/bin/python benchmarks/selection_criteria.py`.", ""]
     return "\n".join(lines)
