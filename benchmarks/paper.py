@@ -138,10 +138,12 @@ class RowCache:
     def _is_stale(self, key: str, row: dict[str, Any]) -> bool:
         return self.stale.get(key) == json.dumps(row, sort_keys=True)
 
-    def _read_others(self) -> None:
-        """Add the rows other processes wrote to the file since (not those :meth:`clear` dropped)."""
-        added = {k: v for k, v in self._on_disk().items() if not self._is_stale(k, v)}
-        self.rows = added | self.rows
+    def _read_others(self) -> dict[str, dict[str, Any]]:
+        """Add the rows other processes wrote to the file since (not those :meth:`clear` dropped);
+        returns the file's rows as read."""
+        on_disk = self._on_disk()
+        self.rows = {k: v for k, v in on_disk.items() if not self._is_stale(k, v)} | self.rows
+        return on_disk
 
     def get(self, key: str, fingerprint: str) -> dict[str, Any] | None:
         self.claimed.add(key)
@@ -151,9 +153,9 @@ class RowCache:
         return row if row is not None and row.get("fingerprint") == fingerprint else None
 
     def put(self, key: str, row: dict[str, Any]) -> None:
-        self._read_others()  # two processes filling one table (e.g. one per scale) keep each other's rows
+        on_disk = self._read_others()  # two processes filling one table (e.g. one per scale) keep each other's rows
         self.rows[key] = row
-        kept = {k: v for k, v in self._on_disk().items() if not (k in self.claimed and self._is_stale(k, v))}
+        kept = {k: v for k, v in on_disk.items() if not (k in self.claimed and self._is_stale(k, v))}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, json.dumps(kept | self.rows, indent=1, default=jsonable))
 
