@@ -43,7 +43,7 @@ def test_each_criterion_picks_its_finalist_and_its_regret_is_measured_against_th
     assert plain["earliest"]["regret"] == pytest.approx(2.0)
     summary = result["summary"]
     assert summary["error"]["mean_regret"] == pytest.approx(0.45)
-    assert summary["error"]["tuned_rows"] == 1 and summary["error"]["mean_tuned_regret"] == pytest.approx(0.6)
+    assert result["tuned_rows"] == 1 and summary["error"]["mean_tuned_regret"] == pytest.approx(0.6)
     page = markdown(result)
     assert "| table1-x | M, seed 1 | late (0.90 -> —) | early (0.00 -> —) | early (0.00 -> —) |" in page
     assert "| table1-x | S, seed 0 | late (0.00 -> 0.60) | late (0.00 -> 0.60) | early (2.00 -> 0.00) |" in page
