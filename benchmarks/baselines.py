@@ -535,7 +535,8 @@ def _clone(
         "num_masks": budget.num_masks,
         "grid": report.settings["grid"],
     }
-    return net, hp, {"report": asdict(report), "reporting_seconds": report.profile["report_accuracy"]}
+    reporting = report.profile["report_accuracy"] + report.profile.get("report_candidates", 0.0)
+    return net, hp, {"report": asdict(report), "reporting_seconds": reporting}
 
 
 def pnc(task: CloneTask, target: nn.Module, source: nn.Module, seed: int, budget: Budget, workdir: Path | None = None):
@@ -595,10 +596,15 @@ def budget_fields(budget: Budget, method: str) -> dict[str, Any]:
     return {k: v for k, v in asdict(budget).items() if METHOD_ONLY_FIELDS.get(k, method) == method}
 
 
-def search_key(budget: Budget, method: str, **overrides: Any) -> str | None:
+def search_key(budget: Budget, method: str, old_images: bool, **overrides: Any) -> str | None:
     """Every search setting a PNC row depends on (defaults included, so a new default is a
-    new row), as :meth:`SearchConfig.key`; None for a method that runs no search."""
-    return budget.search(0, **overrides).key() if method.startswith("PNC") else None
+    new row), as :meth:`SearchConfig.key` of the config resolved as the clone resolves it
+    (``old_images``: the task gives old-class images, so the branch is tuned when
+    ``tune_epochs`` > 0); None for a method that runs no search."""
+    if not method.startswith("PNC"):
+        return None
+    config = budget.search(0, **overrides)
+    return config.resolved(old_images and config.tune_epochs > 0).key()
 
 
 METHODS: dict[str, MethodFn] = {

@@ -143,7 +143,12 @@ def figure3(
     for kind, value, overrides in jobs:
         key = f"fig3|{target_name}|{source_name}|{scale}|{seed}|{kind}|{value}"
         fingerprint = json.dumps(
-            [budget_fields(budget, "PNC"), search_key(budget, "PNC", **overrides), t_card.sha256, s_card.sha256]
+            [
+                budget_fields(budget, "PNC"),
+                search_key(budget, "PNC", task.old_fraction > 0, **overrides),
+                t_card.sha256,
+                s_card.sha256,
+            ]
         )
         row = cache.get(key, fingerprint)
         if row is None:

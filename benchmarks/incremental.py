@@ -177,7 +177,7 @@ def run_incremental(
                 fingerprint = json.dumps(
                     [
                         budget_fields(budget, method),
-                        search_key(budget, method),
+                        search_key(budget, method, old_fraction > 0),
                         t_card.sha256,
                         s_card.sha256,
                         old_fraction,

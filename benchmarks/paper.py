@@ -348,7 +348,7 @@ def _fingerprint(spec: TableSpec, method: str, task: CloneTask, t_card: ModelCar
         "target": t_card.sha256,
         "source": s_card.sha256,
     }
-    if (search := search_key(spec.budget, method)) is not None:
+    if (search := search_key(spec.budget, method, task.old_fraction > 0)) is not None:
         fields["search"] = search
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -612,7 +612,10 @@ def _old_images(old_fraction: float) -> str:
 def other_candidates_seconds(search: dict[str, Any]) -> float:
     """Seconds the candidates other than the chosen one took (their stages and held-out
     evaluations) in one search record (``target_cut`` and ``candidates`` with ``seconds``):
-    what a search that knew R in advance would not spend."""
+    what a search that knew R in advance would not spend. 0 when they were trained for the
+    report only (``SearchConfig.choose="earliest"``: the row's seconds already leave them out)."""
+    if "report_candidates" in search.get("profile", {}):
+        return 0.0
     return sum(c["seconds"] for c in search["candidates"] if c["target_cut"] != search["target_cut"])
 
 
@@ -766,13 +769,27 @@ def _search_section(search: list[dict[str, Any]], validation: float = 0.0) -> li
     if not search:
         return []
     held = held_out_images(validation)
+    rules = {s.get("choose", "loss") for s in search}
+    chosen_how = []
+    if "earliest" in rules:
+        chosen_how.append(
+            "R is the earliest cut an adapter maps, the largest branch (`SearchConfig.choose='earliest'`, the "
+            f"default with old-class images{'' if rules == {'earliest'} else ', in the rows that say so'}): a "
+            f"clone trains only that candidate, and {held} only decide whether its tuning is kept (never test "
+            "images); here every other candidate is trained after it too, for the report only (left out of "
+            "PNC's seconds and of its peak memory's samples). "
+        )
+    if "loss" in rules:
+        chosen_how.append(
+            f"{'Elsewhere ' if len(rules) > 1 else ''}R is chosen by the least selection loss on {held} (never "
+            "test images): held-out joint error with old-class images, held-out KD to the direct ensemble "
+            "without. With successive halving (`keep_fraction` < 1) the candidates clearly worse after the "
+            "first stage are dropped. "
+        )
     lines = [
         "## PNC's search (per seed)",
         "",
-        f"R is chosen by the least selection loss on {held} (never test images): "
-        "held-out joint error with old-class images, held-out KD to the direct ensemble without. "
-        "With successive halving (`keep_fraction` < 1) the candidates clearly worse after the first stage "
-        "are dropped; regret = test Avg of the best finalist minus that of the chosen one, in points: "
+        "".join(chosen_how) + "Regret = test Avg of the best finalist minus that of the chosen one, in points: "
         "with every finalist built and tuned as the chosen one is (`tuned`: the clones as they would ship; "
         "their test accuracy after `->`), else as the search left them; `before tuning`: the latter.",
         "",
@@ -858,6 +875,7 @@ def write_table(
             **{k: r["details"]["report"][k] for k in ("target_cut", "source_cut", "kept_fraction", "candidates")},
             "skipped": r["details"]["report"].get("skipped", []),
             "profile": r["details"]["report"].get("profile", {}),
+            "choose": r["details"]["report"]["settings"]["search"].get("choose") or "loss",
         }
         for r in per_seed
         if r["method"].startswith("PNC") and "report" in r["details"]

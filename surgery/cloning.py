@@ -245,6 +245,8 @@ def clone(
         data_hash.update(part.cpu().contiguous().numpy().data.cast("B"))
     data_sha = data_hash.hexdigest()
     run_key = f"{hashes}{data_sha}{source_outputs}{g_fraction}{num_masks}{grid}"
+    tune = ctx.arbitrate and ctx.holdout is not None and bool(config.tune_epochs)
+    config = config.resolved(tune)
     mark = time.perf_counter()
     outcome = search(
         ctx,
@@ -254,10 +256,14 @@ def clone(
         progress=progress,
         backend=backend,
         time_budget=time_budget,
+        report_all=report_tuned and bool(ctx.eval_sets),
     )
     profile["search"] = time.perf_counter() - mark
+    if config.choose == "earliest" and report_tuned and ctx.eval_sets:  # others trained for the report only
+        chosen = outcome.best.target_cut
+        profile["report_candidates"] = sum(r.seconds for r in outcome.results if r.target_cut != chosen)
+        profile["search"] -= profile["report_candidates"]
     chosen_because = outcome.chosen_because
-    tune = ctx.arbitrate and ctx.holdout is not None and bool(config.tune_epochs)
     contenders = outcome.contenders(config.tune_runners_up if tune else 0)
     best = contenders[0]  # the contender kept, its branch and its tuning record
     branch: Branch | None = None

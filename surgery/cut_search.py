@@ -4,7 +4,8 @@ successive halving between stages, checkpoints, a time budget and pluggable back
 After each stage of :data:`~pnc.surgery.insertion.STAGES` but the last, the candidates
 are ranked by their held-out selection loss and only the best ``keep_fraction`` go on
 (:func:`survivors`: the same rule for every backend, so every backend keeps the same
-ones); the chosen R is the best finalist. A stage's work — one candidate's training — is
+ones); the chosen R is the best finalist, or, by ``SearchConfig.choose="earliest"``, the
+earliest cut (then the only candidate trained). A stage's work — one candidate's training — is
 a :class:`StageJob`; a *backend* runs a list of them (:class:`InProcess`, one after
 another here; ``pnc.bench.ray_backend`` on a Ray cluster) and returns their results.
 
@@ -41,6 +42,7 @@ from pnc.surgery.insertion import (
     eval_accuracy,
 )
 from pnc.surgery.io import atomic_write_bytes, tensor_bytes
+from pnc.surgery.reporting import reporting_only
 from pnc.surgery.splitting import extract
 
 
@@ -204,7 +206,7 @@ def survivors(results: dict[int, CandidateResult], keep_fraction: float) -> tupl
     return sorted(kept), reasons
 
 
-def choose(results: dict[int, CandidateResult], smaller_branch_within_se: bool) -> tuple[int, str]:
+def choose_by_loss(results: dict[int, CandidateResult], smaller_branch_within_se: bool) -> tuple[int, str]:
     """The chosen finalist among ``results`` (index -> result; a lower index is a later cut,
     a smaller branch) and why.
 
@@ -309,15 +311,21 @@ def search(
     progress: bool = True,
     backend: Backend | None = None,
     time_budget: float | None = None,
+    report_all: bool = False,
 ) -> SearchOutcome:
     """Train every candidate (R, R') stage by stage with successive halving; the finalist
-    :func:`choose` picks is chosen.
+    :func:`choose_by_loss` picks is chosen. With ``config.choose == "earliest"`` (resolved:
+    :meth:`SearchConfig.resolved`) only the earliest cut an adapter maps is trained and
+    chosen; ``report_all``: the others are trained after it too, none dropped, for the report
+    only (the chosen one trains exactly as alone: first, with the first claim on the cache).
 
     A candidate pair whose layouts no adapter maps (e.g. a flat NC target cut against a
     ViT's token cut) is skipped with its reason, never aborting the search; CutError if
     every pair is skipped. ``time_budget`` (seconds): no new stage starts once it is spent;
     the best candidate of the furthest stage reached is chosen and ``budget_stopped`` set.
     """
+    if config.choose not in ("loss", "earliest"):
+        raise ValueError(f"search needs a resolved config (SearchConfig.resolved), got choose={config.choose!r}")
     backend = backend or InProcess()
     start = time.perf_counter()
     pairs = ctx.candidates(config.candidates)
@@ -338,6 +346,10 @@ def search(
             f"no candidate pair of cuts can be bridged by an adapter ({'; '.join(skipped)}); "
             "name target cuts whose layout an adapter maps with SearchConfig(candidates=[...])"
         )
+    earliest = config.choose == "earliest"
+    if earliest:
+        first = min(alive, key=lambda i: (pairs[i][0].depth, -i))
+        alive = [first] + ([i for i in alive if i != first] if report_all else [])
     budget_stopped = False
     with SearchProgress(progress) as bar:
         for line in skipped:
@@ -361,19 +373,32 @@ def search(
                 if path is not None:
                     atomic_write_bytes(path, outcome_bytes(outcome, key))
 
-            fresh = backend.run(ctx, config, jobs, bar, checkpoint)
+            reported = [j for j in jobs if earliest and j.index != alive[0]]  # trained for the report only
+            chosen = [j for j in jobs if not earliest or j.index == alive[0]]
+            fresh = backend.run(ctx, config, chosen, bar, checkpoint)
+            if reported:
+                with reporting_only():
+                    fresh += backend.run(ctx, config, reported, bar, checkpoint)
             for outcome in done + fresh:
                 latest[outcome.index] = outcome
             if s == len(STAGES) - 2:
                 before_last = dict(latest)  # where a smaller kept share restarts the last stage
-            if s < len(STAGES) - 1:
+            if s < len(STAGES) - 1 and not earliest:
                 alive, reasons = survivors({i: latest[i].result for i in alive}, config.keep_fraction)
                 for i, why in reasons.items():
                     dropped[i] = why
                     bar.say(f"dropped R={pairs[i][0].node}: {why}")
     reached = max(STAGES.index(o.result.stage) for o in latest.values())
     finalists = {i: o for i, o in latest.items() if STAGES.index(o.result.stage) == reached and i not in dropped}
-    best_i, chosen_because = choose({i: o.result for i, o in finalists.items()}, config.smaller_branch_within_se)
+    if earliest:
+        best_i = alive[0]
+        chosen_because = "the earliest cut an adapter maps, the largest branch (SearchConfig.choose='earliest')"
+        if len(finalists) > 1:
+            chosen_because += f"; the {len(finalists) - 1} other candidates trained for the report only"
+    else:
+        best_i, chosen_because = choose_by_loss(
+            {i: o.result for i, o in finalists.items()}, config.smaller_branch_within_se
+        )
     if config.smaller_mask_ratios and config.use_masks and reached == len(STAGES) - 1:
         finalists[best_i], why = smaller_kept_share(
             ctx, config, backend, progress, before_last[best_i], finalists[best_i]

@@ -40,8 +40,9 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ from pnc.surgery.branch import Branch, ExtendedHead, assemble_branch, branch_ten
 from pnc.surgery.channel_groups import MaskedBody
 from pnc.surgery.cuts import CutPoint, classifier_of, cut_points
 from pnc.surgery.devices import adam, device_of
-from pnc.surgery.errors import CutError, TrainingError
+from pnc.surgery.errors import ConfigError, CutError, TrainingError
 from pnc.surgery.frozen_pool import (
     CHUNK,
     FrozenActivations,
@@ -142,6 +143,20 @@ class SearchConfig:
     per-image differences on the same held-out images) is chosen. Off by default: the
     lowest loss (on Fashion-MNIST LeNet-5 at M the rule cost 0.3-0.45 Avg points in 2 of 3
     seeds; at S it changed nothing measurable).
+    ``choose``: how R is chosen. ``"loss"``: the finalist with the lowest held-out selection
+    loss (every candidate trained). ``"earliest"``: the earliest cut an adapter maps (the
+    largest branch), the only candidate trained (``clone(report_tuned=True)`` trains the
+    others too, for the report only). None (the default): ``"earliest"`` when the chosen
+    branch is tuned (old-class images, a held-out part, ``tune_epochs`` > 0) and neither
+    ``smaller_branch_within_se`` nor ``tune_runners_up`` asks to compare candidates,
+    ``"loss"`` otherwise (:meth:`resolved`). Why: after tuning the largest branch is the
+    best or within noise of it, while the selection loss, read before tuning, cannot see
+    what tuning adds (``benchmarks/results/selection_criteria.md``: regret after tuning
+    0.05 point for ``"earliest"``, 0.17 for ``"loss"`` on 24 committed rows; on unseen
+    seeds 3-5 never lower: resnet18 -> mobilenetv2_050 88.36 vs 88.28 Avg in 0.55x the time,
+    LeNet-5 -> ViT 89.98 vs 89.86, ResNetC-20 M seeds 3-4 90.41 vs 89.96,
+    ``variants-*-earliest-*.md``); before tuning the loss rule is the better one (regret
+    0.10 vs 0.41), so the strict setting keeps it.
     ``smaller_mask_ratios``: kept shares below ``mask_ratio`` tried on the chosen R, for
     deployment: its last stage is re-run from the same soft masks at each, smallest first,
     and the first whose held-out selection loss is at most the chosen one's replaces it
@@ -176,21 +191,48 @@ class SearchConfig:
     keep_fraction: float = 1.0
     smaller_branch_within_se: bool = False
     smaller_mask_ratios: tuple[float, ...] = ()
+    choose: str | None = None
     seed: int = 0
 
     def key(self) -> str:
         """The settings and :data:`SEARCH_REVISION`, as JSON: what checkpoints and cached
-        benchmark rows are keyed by. A setting of :data:`KEYED_WHEN_SET` is left out while
-        it is empty (the search it was added to: rows cached before it stay valid)."""
-        settings = {k: v for k, v in asdict(self).items() if v or k not in KEYED_WHEN_SET}
+        benchmark rows are keyed by. A setting of :data:`PRIOR_VALUES` is left out at the value
+        the search had before it existed (rows cached then stay valid)."""
+        settings = {k: v for k, v in asdict(self).items() if k not in PRIOR_VALUES or v != PRIOR_VALUES[k]}
         return json.dumps(settings | {"revision": SEARCH_REVISION}, sort_keys=True)
 
+    def resolved(self, tuned: bool) -> SearchConfig:
+        """This config with ``choose`` decided (see the class docstring); ``tuned``: whether
+        the chosen branch will be tuned. ConfigError for an unknown rule, or for
+        ``choose="earliest"`` with a setting that compares candidates."""
+        compares = self.smaller_branch_within_se or self.tune_runners_up > 0
+        if self.choose is None:
+            return replace(self, choose="earliest" if tuned and not compares else "loss")
+        if self.choose not in CHOOSE_RULES:
+            rules = ", ".join(map(repr, CHOOSE_RULES))
+            raise ConfigError(f"choose must be one of {rules} or None, got {self.choose!r}")
+        if self.choose == "earliest" and compares:
+            raise ConfigError(
+                "choose='earliest' (--choose earliest) trains one candidate, but smaller_branch_within_se / "
+                "tune_runners_up (--prefer-smaller-branch / --tune-runners-up) compare candidates: use "
+                "choose='loss' (--choose loss) with them"
+            )
+        return self
 
-#: settings added after rows were cached: in the key only when truthy (a row cached before one
-#: existed is the search with it falsy: empty, 0, or tune_bn_train=False)
-KEYED_WHEN_SET = frozenset(
-    {"smaller_mask_ratios", "tune_epochs_choices", "tune_weight_decay", "tune_bn_train", "tune_runners_up"}
-)
+
+#: the rules :attr:`SearchConfig.choose` names
+CHOOSE_RULES = ("loss", "earliest")
+
+#: settings added after rows were cached, each with the value the search had before it
+#: existed: at that value they are left out of :meth:`SearchConfig.key`
+PRIOR_VALUES: dict[str, Any] = {
+    "smaller_mask_ratios": (),
+    "tune_epochs_choices": (),
+    "tune_weight_decay": 0.0,
+    "tune_bn_train": False,
+    "tune_runners_up": 0,
+    "choose": "loss",
+}
 
 
 @dataclass

@@ -148,9 +148,11 @@ def test_ablations_are_what_they_claim(bench):
     assert all(c["kept_fraction"] == 1.0 for c in search["PNC (w/o Local)"]["candidates"])
     full = [c["target_cut"] for c in search["PNC"]["candidates"]]
     assert len(full) > 1 and [c["target_cut"] for c in search["PNC (w/o Insert)"]["candidates"]] == [full[-1]]
-    # PNC-F starts from PNC's very search
+    # PNC-F starts from PNC's very search: its one candidate, the earliest cut (PNC trained the others
+    # for the report only)
     untuned = [{**c, "tuned_accuracy": {}} for c in search["PNC"]["candidates"]]  # only PNC reports them
-    assert search["PNC-F"]["candidates"] == untuned
+    assert search["PNC"]["choose"] == search["PNC-F"]["choose"] == "earliest"
+    assert search["PNC-F"]["candidates"] == untuned[-1:] and search["PNC"]["target_cut"] == full[-1]
     hp = bench["first"]["hparams"]
     assert hp["Continual"]["epochs"] == QUICK_BUDGET.epochs == 3
     assert hp["Joint+Full"]["epochs"] == QUICK_BUDGET.scratch_epochs
@@ -318,7 +320,9 @@ def test_bench_paper_on_a_pair_trained_with_a_validation_share_chooses_r_on_it(t
     doc = json.loads((out / "table1-digits-t-s-quick.json").read_text())
     assert doc["validation"] == 0.2
     text = (out / "table1-digits-t-s-quick.md").read_text()
-    assert "R is chosen by the least selection loss on the validation rows of the task's classes (20%" in text
+    assert "R is the earliest cut an adapter maps" in text  # the default rule with old-class images
+    assert "the validation rows of the task's classes (20% of each class's training images" in text
+    assert "only decide whether its tuning is kept" in text and "least selection loss" not in text
     assert "the validation rows, 20% of each class's, which neither zoo model was trained on" in text
     assert {r["method"] for r in doc["rows"]} == {"Pre-trained", "PNC"}
 

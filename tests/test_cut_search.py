@@ -11,8 +11,8 @@ import torch
 from pnc.bench.cli import main
 from pnc.surgery import clone, cloning, cut_search
 from pnc.surgery.channel_groups import MaskedBody
-from pnc.surgery.cut_search import SearchOutcome, choose, survivors
-from pnc.surgery.errors import DataError, TaskError
+from pnc.surgery.cut_search import SearchOutcome, choose_by_loss, survivors
+from pnc.surgery.errors import ConfigError, DataError, TaskError
 from pnc.surgery.frozen_pool import cut_activations
 from pnc.surgery.insertion import CandidateResult, SearchConfig, SearchContext
 from pnc.surgery.reporting import is_reporting
@@ -59,16 +59,16 @@ def test_choose_prefers_the_later_cut_within_one_paired_standard_error():
     # index 0 is the latest cut (the smallest branch); 2 has the lowest held-out error
     later, middle, best = [0, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0]
     results = {0: _scored("late", later), 1: _scored("mid", middle), 2: _scored("early", best)}
-    chosen, why = choose(results, smaller_branch_within_se=True)
+    chosen, why = choose_by_loss(results, smaller_branch_within_se=True)
     assert chosen == 0 and "within one paired standard error" in why and "R=early" in why
-    assert choose(results, smaller_branch_within_se=False)[0] == 2
+    assert choose_by_loss(results, smaller_branch_within_se=False)[0] == 2
     # a later cut clearly worse on the same images is not chosen: differences 1 on 4 of 8 images
     results[0] = _scored("late", [1, 1, 1, 1, 1, 0, 0, 0])
-    assert choose(results, smaller_branch_within_se=True)[0] == 2
+    assert choose_by_loss(results, smaller_branch_within_se=True)[0] == 2
     # without per-image losses (nothing held out) the lowest loss wins
     for r in results.values():
         r.holdout_losses = None
-    assert choose(results, smaller_branch_within_se=True) == (2, "lowest held-out selection loss (0.1250)")
+    assert choose_by_loss(results, smaller_branch_within_se=True) == (2, "lowest held-out selection loss (0.1250)")
 
 
 def _branch(net):
@@ -109,7 +109,11 @@ def test_halving_drops_candidates_with_a_reason_and_keep_fraction_one_trains_all
     reports = {
         keep: _branch(
             clone(
-                target, source, **task.clone_inputs(), config=SearchConfig(**QUICK, keep_fraction=keep), progress=False
+                target,
+                source,
+                **task.clone_inputs(),
+                config=SearchConfig(**QUICK, choose="loss", keep_fraction=keep),
+                progress=False,
             )
         ).report
         for keep in (0.5, 1.0)
@@ -174,19 +178,54 @@ def test_cli_time_budget_reports_an_early_stop(tiny_zoo, tmp_path, capsys):
     assert f"tuning the branch at R={branch['target_cut']}" in printed.err
 
 
-@pytest.mark.parametrize("flag", [[], ["--prefer-smaller-branch"]])
+@pytest.mark.parametrize("flag", [["--choose", "loss"], ["--prefer-smaller-branch"]])
 def test_cli_says_which_rule_chose_r(tiny_zoo, tmp_path, capsys, flag):
     branch = _cli_clone(tiny_zoo, tmp_path / "run", *flag)
-    assert branch["settings"]["search"]["smaller_branch_within_se"] is bool(flag)
+    assert branch["settings"]["search"]["smaller_branch_within_se"] is (flag == ["--prefer-smaller-branch"])
+    assert branch["settings"]["search"]["choose"] == "loss"  # what --prefer-smaller-branch implies
     rule = branch["chosen_because"]
-    assert rule.startswith("lowest held-out") or (flag and "within one paired standard error" in rule)
+    assert rule.startswith("lowest held-out") or "within one paired standard error" in rule
     assert f"chosen: {rule}" in capsys.readouterr().out
     cuts = [c["target_cut"] for c in branch["candidates"]]
     best = min(branch["candidates"], key=lambda c: (c["loss"], c["holdout"]["ce"]))
-    if not flag:
+    if flag == ["--choose", "loss"]:
         assert branch["target_cut"] == best["target_cut"]
     else:  # the same cut, or a later one (listed first)
         assert cuts.index(branch["target_cut"]) <= cuts.index(best["target_cut"])
+
+
+def test_cli_chooses_the_earliest_cut_alone_by_default_with_old_class_images(tiny_zoo, tmp_path, capsys):
+    by_loss = _cli_clone(tiny_zoo, tmp_path / "loss", "--choose", "loss")
+    for flags in ([], ["--choose", "earliest"]):
+        branch = _cli_clone(tiny_zoo, tmp_path / f"run{len(flags)}", *flags)
+        assert branch["settings"]["search"]["choose"] == "earliest"
+        assert "earliest cut an adapter maps" in branch["chosen_because"]
+        assert f"chosen: {branch['chosen_because']}" in capsys.readouterr().out
+        # the one candidate trained: the earliest cut the loss rule trained (listed last)
+        assert [c["target_cut"] for c in branch["candidates"]] == [by_loss["candidates"][-1]["target_cut"]]
+        assert branch["target_cut"] == by_loss["candidates"][-1]["target_cut"]
+    strict = _cli_clone(tiny_zoo, tmp_path / "strict", "--old-fraction", "0")  # no tuning: the loss rule
+    assert strict["settings"]["search"]["choose"] == "loss" and len(strict["candidates"]) > 1
+    argv = ["clone", "--target", "t", "--source", "s", "--classes", "7", "--zoo-dir", str(tiny_zoo)]
+    for clash in (["--prefer-smaller-branch"], ["--tune-runners-up", "1"]):
+        assert main([*argv, "--out", str(tmp_path / "bad"), "--choose", "earliest", *clash]) == 2
+        assert "use choose='loss' (--choose loss)" in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+
+
+def test_search_config_resolves_the_rule_from_the_tuning_and_keys_it_only_when_new():
+    assert SearchConfig().resolved(tuned=True).choose == "earliest"
+    assert SearchConfig().resolved(tuned=False).choose == "loss"
+    assert SearchConfig(smaller_branch_within_se=True).resolved(tuned=True).choose == "loss"
+    assert SearchConfig(tune_runners_up=1).resolved(tuned=True).choose == "loss"
+    assert SearchConfig(choose="earliest").resolved(tuned=False).choose == "earliest"  # asked for: kept
+    with pytest.raises(ConfigError, match="choose must be one of 'loss', 'earliest' or None, got 'best'"):
+        SearchConfig(choose="best").resolved(tuned=True)
+    with pytest.raises(ConfigError, match="compare candidates"):
+        SearchConfig(choose="earliest", tune_runners_up=1).resolved(tuned=True)
+    # the loss rule is the search rows were cached with before the rule existed: left out of the key
+    assert "choose" not in json.loads(SearchConfig(choose="loss").key())
+    assert json.loads(SearchConfig(choose="earliest").key())["choose"] == "earliest"
 
 
 def test_cli_cache_mb_sets_the_activation_cache_and_refuses_a_negative_size(tiny_zoo, tmp_path, capsys):
@@ -298,7 +337,7 @@ def test_contenders_are_the_chosen_one_then_the_next_best_finalists():
 def test_tuned_runners_up_keep_the_best_held_out_accuracy_after_tuning(pair):
     target, source, task = pair
     inputs = task.clone_inputs()
-    one = _branch(clone(target, source, **inputs, config=SearchConfig(**QUICK), progress=False))
+    one = _branch(clone(target, source, **inputs, config=SearchConfig(**QUICK, choose="loss"), progress=False))
     two = _branch(clone(target, source, **inputs, config=SearchConfig(**QUICK, tune_runners_up=1), progress=False))
     report = two.report
     contenders = report.tuning["contenders"]
@@ -330,7 +369,7 @@ def test_cli_tune_runners_up_tunes_the_next_best_finalist_too(tiny_zoo, tmp_path
 def test_report_tuned_tests_every_finalist_built_and_tuned_and_changes_nothing_else(pair, monkeypatch):
     target, source, task = pair
     inputs = task.clone_inputs()
-    config = SearchConfig(**QUICK)
+    config = SearchConfig(**QUICK, choose="loss")
     plain = _branch(clone(target, source, **inputs, config=config, progress=False))
     marked: list[bool] = []  # per tuning: was it marked reporting-only (left out of the peak memory)?
     real_tune = cloning.tune_branch
@@ -358,6 +397,37 @@ def test_report_tuned_tests_every_finalist_built_and_tuned_and_changes_nothing_e
     assert any(c["tuned_accuracy"] != c["accuracy"] for c in others)
     assert branch.report.profile["report_accuracy"] > plain.report.profile["report_accuracy"] > 0
     assert marked == [False] + [True] * len(others) and not is_reporting()  # the shipped one's tuning counts
+
+
+def test_report_tuned_trains_the_other_cuts_after_the_earliest_one_for_the_report_only(pair, monkeypatch):
+    target, source, task = pair
+    inputs = task.clone_inputs()
+    config = SearchConfig(**QUICK)  # the default rule with old-class images (tuned): the earliest cut
+    plain = _branch(clone(target, source, **inputs, config=config, progress=False))
+    assert plain.report.settings["search"]["choose"] == "earliest" and len(plain.report.candidates) == 1
+    assert "report_candidates" not in plain.report.profile
+    trained: list[tuple[int, bool]] = []  # per stage job: (candidate, marked reporting-only?)
+    real_run_job = cut_search.run_job
+
+    def run_job(ctx, config, job, *args):
+        trained.append((job.index, is_reporting()))
+        return real_run_job(ctx, config, job, *args)
+
+    monkeypatch.setattr(cut_search, "run_job", run_job)
+    net = clone(target, source, **inputs, config=config, progress=False, report_tuned=True)
+    monkeypatch.undo()
+    branch = _branch(net)
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in branch.state_dict().items())  # the same clone
+    cuts = [c["target_cut"] for c in branch.report.candidates]
+    assert len(cuts) >= 2 and branch.report.target_cut == plain.report.target_cut == cuts[-1]  # the earliest
+    chosen = len(cuts) - 1
+    for stage in range(2):  # per stage: the chosen one first, unmarked; then the others, reporting only
+        jobs = trained[stage * len(cuts) : (stage + 1) * len(cuts)]
+        assert jobs[0] == (chosen, False) and sorted(jobs[1:]) == [(i, True) for i in range(chosen)]
+    assert all(c["tuned_accuracy"] and c["accuracy"] for c in branch.report.candidates)
+    others = sum(c["seconds"] for c in branch.report.candidates if c["target_cut"] != branch.report.target_cut)
+    assert branch.report.profile["report_candidates"] == pytest.approx(others) and others > 0
+    assert f"the {chosen} other candidates trained for the report only" in branch.report.chosen_because
 
 
 def test_report_tuned_reports_nothing_more_without_the_tuning(pair):

@@ -21,6 +21,7 @@ from pnc.zoo.train import fit
 
 TINY_VIT = {"patch_size": 2, "embed_dim": 16, "depth": 2, "num_heads": 2}  # 16 patch tokens of an 8x8 digit
 TINY_SEARCH = SearchConfig(seed=0, loc_epochs=1, joint_epochs=1, binary_epochs=1, min_steps_per_epoch=5, tune_epochs=1)
+BY_LOSS = replace(TINY_SEARCH, choose="loss")  # every candidate trained
 
 
 def test_vit_default_builds_traces_and_cuts_into_tokens():
@@ -101,8 +102,9 @@ def tiny_models():
     return task, models
 
 
-def _clone(task, target, source):
-    net = clone(target, source, **task.clone_inputs(), config=TINY_SEARCH, num_masks=16, progress=False)
+def _clone(task, target, source, config=BY_LOSS):
+    """The clone's report; by default every candidate trained (the loss rule)."""
+    net = clone(target, source, **task.clone_inputs(), config=config, num_masks=16, progress=False)
     x = task.eval_sets()["avg"].x
     with torch.no_grad(), net.disabled():
         assert torch.equal(net(x), target(x))
@@ -135,6 +137,8 @@ def test_vit_target_cnn_source_maps_tokens_to_maps(tiny_models):
     ]
     pairs = [(c["target_cut"], c["source_cut"]) for c in report.candidates]
     assert pairs == [("add_2", "block2_2"), ("norm_pre", "block1_2")]
+    earliest = _clone(task, m["vit_t"], m["lenet_s"], TINY_SEARCH)  # the default rule: only the earliest cut
+    assert [(c["target_cut"], c["source_cut"]) for c in earliest.candidates] == [("norm_pre", "block1_2")]
     assert all(
         (c["adapter_spec"]["src_layout"], c["adapter_spec"]["dst_layout"]) == ("NLC", "NCHW") for c in report.candidates
     )

@@ -26,7 +26,7 @@ from pnc.surgery.cloning import clone
 from pnc.surgery.cut_search import Backend
 from pnc.surgery.devices import DeviceLike, device_of
 from pnc.surgery.errors import OutputError, PatchError, PncError, TaskError
-from pnc.surgery.insertion import SearchConfig
+from pnc.surgery.insertion import CHOOSE_RULES, SearchConfig
 from pnc.surgery.io import atomic_write_text, file_sha256
 from pnc.surgery.onnx_detach import detach_onnx
 from pnc.surgery.onnx_export import export_onnx
@@ -484,12 +484,14 @@ def _cmd_clone(args) -> int:
     config = SearchConfig(
         seed=args.seed,
         mask_ratio=args.mask_ratio,
+        choose=args.choose,
         smaller_branch_within_se=args.prefer_smaller_branch,
         smaller_mask_ratios=tuple(args.smaller_mask_ratios),
         tune_epochs_choices=tuple(args.tune_epochs_choices),
         tune_runners_up=args.tune_runners_up,
         cache_mb=args.cache_mb,
     )
+    config.resolved(tuned=True)  # a rule at odds with the other settings: refused before anything loads
     store, sources, out = _store(args), list(zip(args.source, args.classes)), Path(args.out)
     check_output_dir(out, "--out")  # before loading anything: the cheapest check first
     check_backend(args.backend, args.address)
@@ -647,10 +649,18 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     add_old_fraction(p)
     p.add_argument("--mask-ratio", type=share, default=0.5, help="kept share of each channel group, in (0, 1]")
     p.add_argument(
+        "--choose",
+        choices=CHOOSE_RULES,
+        default=None,
+        help="how R is chosen: 'loss' (the lowest held-out selection loss, every candidate cut trained) or "
+        "'earliest' (the earliest cut, the largest branch, the only one trained); default: 'earliest' when the "
+        "branch is tuned on old-class images (--old-fraction > 0), else 'loss'",
+    )
+    p.add_argument(
         "--prefer-smaller-branch",
         action="store_true",
         help="choose the latest cut (the smallest branch, the fastest clone) whose held-out loss is within one "
-        "paired standard error of the best (default: the lowest held-out loss)",
+        "paired standard error of the best (the loss rule; not with --choose earliest)",
     )
     p.add_argument(
         "--smaller-mask-ratios",
@@ -676,7 +686,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         default=0,
         metavar="N",
         help="also build and tune the N next-best finalists and keep the branch with the best held-out accuracy "
-        "after tuning (default 0: only the chosen R is tuned; each one more costs one tuning)",
+        "after tuning (default 0: only the chosen R is tuned; each one more costs one tuning; the loss rule, "
+        "not with --choose earliest)",
     )
     p.add_argument(
         "--time-budget",
