@@ -189,13 +189,16 @@ def _clone_run(store: ZooStore, target: str, source: str, work: Path, data_dir: 
 
 
 def _variants(store: ZooStore, target: str, source: str, work: Path, data_dir: str | None) -> dict[str, tuple]:
-    """{row: (network, report, patch path)}: the default search ("clone"), each kept share
-    of :data:`KEEPS`, the one-standard-error rule (``--prefer-smaller-branch``), kept share
-    :data:`SMALL_KEEP` on the chosen R where the held-out images see no loss
-    (``--smaller-mask-ratios``) and, when the
-    default search chose another cut, R fixed at the latest candidate cut (the first it
+    """{row: (network, report, patch path)}: the default search ("clone": the earliest cut),
+    the loss rule (``--choose loss``), each kept share of :data:`KEEPS`, the
+    one-standard-error rule (``--prefer-smaller-branch``), kept share :data:`SMALL_KEEP` on
+    the chosen R where the held-out images see no loss (``--smaller-mask-ratios``) and, when
+    neither rule chose it, R fixed at the latest candidate cut (the first the loss rule
     tries, the cheapest branch)."""
-    runs = {"clone": (work, SearchConfig(seed=0))}
+    runs = {
+        "clone": (work, SearchConfig(seed=0)),
+        "clone --choose loss": (work.with_name(f"{work.name}-loss"), SearchConfig(seed=0, choose="loss")),
+    }
     for keep in KEEPS:
         runs[f"clone keep {keep}"] = (work.with_name(f"{work.name}-keep{keep}"), SearchConfig(seed=0, mask_ratio=keep))
     runs["clone --prefer-smaller-branch"] = (
@@ -209,9 +212,9 @@ def _variants(store: ZooStore, target: str, source: str, work: Path, data_dir: s
     done = {}
     for row, (folder, config) in runs.items():
         done[row] = (*_clone_run(store, target, source, folder, data_dir, config), folder / "clone.pnc")
-    branch = done["clone"][1]["branches"][0]
-    latest = branch["candidates"][0]["target_cut"]
-    if latest != branch["target_cut"]:
+    by_loss = done["clone --choose loss"][1]["branches"][0]
+    latest = by_loss["candidates"][0]["target_cut"]
+    if latest not in {done["clone"][1]["branches"][0]["target_cut"], by_loss["target_cut"]}:
         folder = work.with_name(f"{work.name}-R{latest}")
         config = SearchConfig(seed=0, candidates=[latest])
         done[f"clone R={latest}"] = (*_clone_run(store, target, source, folder, data_dir, config), folder / "clone.pnc")
