@@ -112,6 +112,7 @@ class RowCache:
         self.path = Path(path)
         self.stale: dict[str, str] = {}  # rows :meth:`clear` dropped, as JSON: not read back from the file
         self.claimed: set[str] = set()  # keys whose stale rows leave the file at the next write
+        self.written: set[str] = set()  # keys this process put: its rows win over the file's
         self.rows: dict[str, dict[str, Any]] = self._on_disk()
         if fresh:
             self.clear()
@@ -139,10 +140,12 @@ class RowCache:
         return self.stale.get(key) == json.dumps(row, sort_keys=True)
 
     def _read_others(self) -> dict[str, dict[str, Any]]:
-        """Add the rows other processes wrote to the file since (not those :meth:`clear` dropped);
-        returns the file's rows as read."""
+        """Take the rows other processes wrote to the file since (not those :meth:`clear`
+        dropped): the file's row of a key wins over the copy read earlier, except for the rows
+        this process put. Returns the file's rows as read."""
         on_disk = self._on_disk()
-        self.rows = {k: v for k, v in on_disk.items() if not self._is_stale(k, v)} | self.rows
+        newer = {k: v for k, v in on_disk.items() if not self._is_stale(k, v)}
+        self.rows = self.rows | newer | {k: self.rows[k] for k in self.written}
         return on_disk
 
     def get(self, key: str, fingerprint: str) -> dict[str, Any] | None:
@@ -155,6 +158,7 @@ class RowCache:
     def put(self, key: str, row: dict[str, Any]) -> None:
         on_disk = self._read_others()  # two processes filling one table (e.g. one per scale) keep each other's rows
         self.rows[key] = row
+        self.written.add(key)
         kept = {k: v for k, v in on_disk.items() if not (k in self.claimed and self._is_stale(k, v))}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, json.dumps(kept | self.rows, indent=1, default=jsonable))

@@ -399,6 +399,25 @@ def test_fresh_cache_keeps_the_rows_of_cells_it_does_not_recompute(tmp_path):
     assert RowCache(path).get("PNC|M|0", "f") == {"fingerprint": "f", "avg": 0.1}
 
 
+def test_two_processes_recomputing_different_seeds_keep_each_others_new_rows(tmp_path):
+    """Two processes opened on one file (one per seed) each recompute one cell: the row one
+    put is not written back over by the other's copy read at its start (a rerun of Table 2
+    per seed had lost seed 1's new row that way)."""
+    from pnc.bench.paper import RowCache
+
+    path = tmp_path / "t.rows.json"
+    first = RowCache(path)
+    for key in ("PNC|S|1", "PNC|S|2"):
+        first.put(key, {"fingerprint": "old", "avg": 0.1})
+    one, two = RowCache(path), RowCache(path)  # both hold the old rows
+    one.put("PNC|S|1", {"fingerprint": "new", "avg": 0.8})
+    two.put("PNC|S|2", {"fingerprint": "new", "avg": 0.9})
+    on_disk = json.loads(path.read_text())
+    assert on_disk == {"PNC|S|1": {"fingerprint": "new", "avg": 0.8}, "PNC|S|2": {"fingerprint": "new", "avg": 0.9}}
+    one.put("PNC|S|1", {"fingerprint": "new", "avg": 0.7})  # a process's own row still wins
+    assert json.loads(path.read_text())["PNC|S|1"]["avg"] == 0.7
+
+
 @pytest.mark.parametrize(
     ("command", "module", "runner"),
     [
