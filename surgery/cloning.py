@@ -247,6 +247,7 @@ def clone(
     run_key = f"{hashes}{data_sha}{source_outputs}{g_fraction}{num_masks}{grid}"
     tune = ctx.arbitrate and ctx.holdout is not None and bool(config.tune_epochs)
     config = config.resolved(tune)
+    report_all = report_tuned and bool(ctx.eval_sets)  # with the earliest rule: every other candidate trained too
     mark = time.perf_counter()
     outcome = search(
         ctx,
@@ -256,10 +257,10 @@ def clone(
         progress=progress,
         backend=backend,
         time_budget=time_budget,
-        report_all=report_tuned and bool(ctx.eval_sets),
+        report_all=report_all,
     )
     profile["search"] = time.perf_counter() - mark
-    if config.choose == "earliest" and report_tuned and ctx.eval_sets:  # others trained for the report only
+    if config.choose == "earliest" and report_all:  # the others were trained for the report only
         chosen = outcome.best.target_cut
         profile["report_candidates"] = sum(r.seconds for r in outcome.results if r.target_cut != chosen)
         profile["search"] -= profile["report_candidates"]

@@ -34,6 +34,7 @@ from pnc.surgery.branch import Branch
 from pnc.surgery.devices import release_freed_memory
 from pnc.surgery.errors import CutError
 from pnc.surgery.insertion import (
+    CHOOSE_RULES,
     STAGES,
     CandidateResult,
     CandidateTrainer,
@@ -324,7 +325,7 @@ def search(
     every pair is skipped. ``time_budget`` (seconds): no new stage starts once it is spent;
     the best candidate of the furthest stage reached is chosen and ``budget_stopped`` set.
     """
-    if config.choose not in ("loss", "earliest"):
+    if config.choose not in CHOOSE_RULES:
         raise ValueError(f"search needs a resolved config (SearchConfig.resolved), got choose={config.choose!r}")
     backend = backend or InProcess()
     start = time.perf_counter()
