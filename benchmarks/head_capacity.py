@@ -11,7 +11,11 @@ new logits come out, as F_c does. Heads: ``linear`` (F_c's own shape), ``mlp-H``
 ReLU layer of H units). Each is fitted with cross-entropy on the joint labels (Adam, lr 3e-3,
 cosine, batch 64, ``--epochs`` passes, seeded), and scored on the training images and the
 test images (Ori / Tar / Avg, as the tables). A head that fits the training images better
-but not the test images says the features, not F_c, are what the clone lacks. Writes
+but not the test images says the features, not F_c, are what the clone lacks. Row
+``F_c + validation bias``: the tuned F_c unchanged but for a per-class bias (K,) added to the
+cloned logits, fitted with cross-entropy (L-BFGS) on the validation rows the search chose R
+on (10% of each class's training images): does a post-hoc calibration of old against new
+outputs, the way the calibrated ensemble is fitted, move the test Avg? Writes
 ``benchmarks/results/head_capacity-<target>-<scale>.{json,md}``.
 """
 
@@ -99,6 +103,22 @@ def fit_head(train: dict[str, Tensor], labels: Tensor, hidden: int, epochs: int,
     return head.eval()
 
 
+def fit_bias(logits: Tensor, labels: Tensor) -> Tensor:
+    """The per-class bias (K,) minimizing the cross-entropy of ``logits`` (M, K) + bias on
+    ``labels`` (M,) (convex; L-BFGS from zero)."""
+    bias = torch.zeros(logits.shape[1], device=logits.device, requires_grad=True)
+    opt = torch.optim.LBFGS([bias], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(logits + bias, labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return bias.detach()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     target, t_card, source, s_card, splits, budget = zoo_pair(args.zoo_dir, args.target, args.source)
     hiddens = [int(h) for h in args.hidden.split(",")]
@@ -121,6 +141,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         num_old = train["target"].shape[1]
         as_tuned = (scores(train["clone"], inputs["labels"], num_old), scores(test["clone"], test_y, num_old))
         results = {"PNC (tuned F_c)": as_tuned}
+        held_x, held_y = inputs["holdout"]
+        bias = fit_bias(frozen_features(net, held_x)["clone"], held_y)
+        results["F_c + validation bias"] = (
+            scores(train["clone"] + bias, inputs["labels"], num_old),
+            scores(test["clone"] + bias, test_y, num_old),
+        )
         for hidden in hiddens:
             head = fit_head(train, inputs["labels"], hidden, args.epochs, seed)
             with torch.no_grad():
