@@ -4,7 +4,7 @@ the target's logits as F_c does; scores split Ori / Tar by the joint labels."""
 import torch
 from torch import nn
 
-from pnc.bench.head_capacity import RefitHead, fit_head, render, scores
+from pnc.bench.head_capacity import RefitHead, fit_bias, fit_head, render, scores
 
 
 def test_scores_split_old_and_new_labels():
@@ -51,3 +51,14 @@ def test_render_gives_each_heads_means():
     text = render(result)
     assert "| linear | 0 | 90.00 / 80.00 / 86.00 | 88.00 / 78.00 / 84.00 |" in text
     assert "| linear | 86.00 | 84.00 |" in text
+
+
+def test_fit_bias_undoes_a_shift_of_one_class_logits():
+    torch.manual_seed(0)
+    labels = torch.arange(3).repeat(200)
+    logits = 3 * nn.functional.one_hot(labels, 3).float() + torch.randn(600, 3)
+    shifted = logits - torch.tensor([0.0, 0.0, 4.0])  # class 2 almost never wins
+    assert scores(shifted, labels, num_old=2)["tar"] < 20
+    bias = fit_bias(shifted, labels)
+    assert bias[2] - bias[:2].mean() > 3  # the shift comes back, within the noise
+    assert scores(shifted + bias, labels, num_old=2)["avg"] > scores(shifted, labels, num_old=2)["avg"] + 20
