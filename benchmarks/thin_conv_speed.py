@@ -38,7 +38,8 @@ def step_ms(channels: int, size: int, memory_format: torch.memory_format, steps:
     """Median milliseconds of one forward + backward of the convolution."""
     gen = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(memory_format=memory_format)
-    x = torch.randn(BATCH, channels, size, size, generator=gen).to(memory_format=memory_format).requires_grad_()
+    x = torch.randn(BATCH, channels, size, size, generator=gen, device=gen.device)
+    x = x.to(memory_format=memory_format).requires_grad_()
     times = []
     for i in range(steps + 3):  # 3 warm-up steps: oneDNN primitives, allocator
         start = time.perf_counter()
