@@ -1,11 +1,10 @@
 """The chosen branch's tuning: channels-last on the CPU, contiguous tensors after it."""
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 from torch import nn
 
+from pnc.bench.tune_memory_format import nchw, render
 from pnc.surgery import clone, tuning
 from pnc.surgery.insertion import SearchConfig
 from pnc.surgery.tuning import channels_last
@@ -51,11 +50,6 @@ def test_a_tuned_branch_is_contiguous_and_tunes_as_in_nchw(pair, monkeypatch):
     target, source, task = pair
     config = SearchConfig(**QUICK)
     fast = clone(target, source, **task.clone_inputs(), config=config, progress=False)
-
-    @contextmanager
-    def nchw(module, device):
-        yield lambda x: x
-
     monkeypatch.setattr(tuning, "channels_last", nchw)
     plain = clone(target, source, **task.clone_inputs(), config=config, progress=False)
     (branch,), (reference,) = fast.branch_list(), plain.branch_list()
@@ -68,8 +62,6 @@ def test_a_tuned_branch_is_contiguous_and_tunes_as_in_nchw(pair, monkeypatch):
 
 
 def test_tune_memory_format_table_lists_both_formats():
-    from pnc.bench.tune_memory_format import render
-
     row = {"target_cut": "stem_2", "tune_seconds": 60.0, "tune_seconds_per_pass": 20.0, "clone_seconds": 90.0}
     row |= {"probe_ms": 5.0, "ori": 94.5, "tar": 100.0, "avg": 95.42}
     result = {"target": "t", "source": "s", "scale": "S", "seed": 0, "tune_epochs": 3, "max_tensor_difference": 1e-6}
