@@ -38,7 +38,7 @@ from pnc.surgery.insertion import (
 )
 from pnc.surgery.splitting import extract
 
-__all__ = ["channels_last", "train_mode", "tune_branch"]
+__all__ = ["augment", "channels_last", "train_mode", "tune_branch"]
 
 
 @contextmanager
@@ -54,6 +54,22 @@ def channels_last(module: nn.Module, device: torch.device) -> Iterator[Callable[
         yield lambda x: x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
     finally:
         module.to(memory_format=torch.contiguous_format)
+
+
+def augment(x: Tensor, shift: int, flip: bool, gen: torch.Generator) -> Tensor:
+    """Images (B, C, H, W) each translated by a seeded offset in [-shift, shift] per axis
+    (edges replicated) and, with ``flip``, mirrored left-right with probability 1/2."""
+    b, _, h, w = x.shape
+    if shift > 0:
+        padded = F.pad(x, (shift,) * 4, mode="replicate")
+        dy, dx = (torch.randint(0, 2 * shift + 1, (2, b), generator=gen, device=gen.device)).to(x.device)
+        rows = (torch.arange(h, device=x.device) + dy[:, None])[:, :, None]  # (B, H, 1)
+        cols = (torch.arange(w, device=x.device) + dx[:, None])[:, None, :]  # (B, 1, W)
+        x = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        mirrored = (torch.rand(b, generator=gen, device=gen.device) < 0.5).to(x.device)
+        x = torch.where(mirrored[:, None, None, None], x.flip(3), x)
+    return x.contiguous()
 
 
 def train_mode(branch: Branch, batch_stats: bool) -> Branch:
@@ -101,9 +117,16 @@ def _tune(
         f"target:{branch.target_cut}:pool", prefix, partial(ctx.pool.images, ctx.train_x), len(ctx.pool)
     )
 
-    def logits_of(rows: Tensor) -> Tensor:
-        """Cloned logits (B, K) of training images ``rows`` (B,) (pool entries 0..N-1: clean)."""
-        return branch.joint_logits(fast(cuts(rows)), ctx.pool.pre[rows], ctx.pool.logits[rows])
+    frozen = extract(ctx.target, None, [branch.target_cut, ctx.t_cls.input_node, ctx.t_cls.node])
+
+    def logits_of(rows: Tensor, gen: torch.Generator) -> Tensor:
+        """Cloned logits (B, K) of training images ``rows`` (B,) (pool entries 0..N-1: clean),
+        augmented with ``config.tune_shift`` / ``tune_flip`` (the frozen target rerun on them)."""
+        if not (config.tune_shift or config.tune_flip):
+            return branch.joint_logits(fast(cuts(rows)), ctx.pool.pre[rows], ctx.pool.logits[rows])
+        with torch.no_grad():
+            cut, pre, logits = frozen(augment(ctx.train_x[rows], config.tune_shift, config.tune_flip, gen))
+        return branch.joint_logits(fast(cut), pre, logits)
 
     @torch.no_grad()
     def held_out() -> dict[str, float]:
@@ -134,7 +157,7 @@ def _tune(
         for step in range(steps):
             rows = order[step * config.batch_size : (step + 1) * config.batch_size]
             y = ctx.train_y[rows]
-            logits = logits_of(rows)
+            logits = logits_of(rows, gen)
             teacher = joint_teacher(ctx.pool.logits[rows], ctx.pool.source[rows], y)
             loss = kd_loss(logits, teacher, config.temperature) + config.ce_weight * F.cross_entropy(logits, y)
             if not bool(torch.isfinite(loss).all()):

@@ -7,7 +7,7 @@ from torch import nn
 from pnc.bench.tune_memory_format import nchw, render
 from pnc.surgery import clone, tuning
 from pnc.surgery.insertion import SearchConfig
-from pnc.surgery.tuning import channels_last
+from pnc.surgery.tuning import augment, channels_last
 from pnc.zoo import CloneTask, ZooStore, load_dataset
 
 QUICK = dict(loc_epochs=1, joint_epochs=1, binary_epochs=1, min_steps_per_epoch=6, tune_epochs=2)
@@ -38,6 +38,29 @@ def test_channels_last_changes_nothing_off_the_cpu():
         assert fast(x) is x
 
 
+def test_augment_shifts_each_image_within_its_bound_and_flips_some():
+    x = torch.arange(64 * 36, dtype=torch.float32).reshape(64, 1, 6, 6)
+    assert torch.equal(augment(x, 0, False, torch.Generator().manual_seed(0)), x)
+    shifted = augment(x, 1, False, torch.Generator().manual_seed(0))
+    assert torch.equal(shifted, augment(x, 1, False, torch.Generator().manual_seed(0)))  # seeded
+    # the inner 4x4 of a shift within 1 pixel is a window of the original at offsets -1..1
+    offsets = []
+    for image, moved in zip(x, shifted, strict=True):
+        found = [
+            (dy, dx)
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            if torch.equal(moved[:, 1:5, 1:5], image[:, 1 + dy : 5 + dy, 1 + dx : 5 + dx])
+        ]
+        assert len(found) == 1
+        offsets.append(found[0])
+    assert len(set(offsets)) > 3  # per image, not one offset per batch
+    flipped = augment(x, 0, True, torch.Generator().manual_seed(0))
+    mirrored = [torch.equal(f, i.flip(2)) for f, i in zip(flipped, x, strict=True)]
+    kept = [torch.equal(f, i) for f, i in zip(flipped, x, strict=True)]
+    assert all(m != k for m, k in zip(mirrored, kept, strict=True)) and 10 < sum(mirrored) < 54
+
+
 @pytest.fixture(scope="module")
 def pair(tiny_zoo):
     store = ZooStore(tiny_zoo)
@@ -59,6 +82,18 @@ def test_a_tuned_branch_is_contiguous_and_tunes_as_in_nchw(pair, monkeypatch):
     assert any(v.dim() == 4 for v in state.values())  # the branch has convolutions: the format mattered
     for key, value in state.items():  # the same tuning, up to the kernels' rounding
         assert torch.allclose(value.float(), expected[key].float(), rtol=1e-3, atol=1e-4), key
+
+
+def test_an_augmented_tuning_is_seeded_and_differs_from_the_plain_one(pair):
+    target, source, task = pair
+    config = SearchConfig(**QUICK, tune_shift=1)
+    runs = [clone(target, source, **task.clone_inputs(), config=config, progress=False) for _ in range(2)]
+    plain = clone(target, source, **task.clone_inputs(), config=SearchConfig(**QUICK), progress=False)
+    (first,), (second,), (reference,) = (r.branch_list() for r in (*runs, plain))
+    state = first.state_dict()
+    assert all(torch.equal(v, second.state_dict()[k]) for k, v in state.items())
+    assert first.report.tuning["kept"] and reference.report.tuning["kept"]
+    assert any(not torch.equal(v, reference.state_dict()[k]) for k, v in state.items())
 
 
 def test_tune_memory_format_table_lists_both_formats():
