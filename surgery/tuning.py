@@ -56,12 +56,13 @@ def channels_last(module: nn.Module, device: torch.device) -> Iterator[Callable[
         module.to(memory_format=torch.contiguous_format)
 
 
-def augment(x: Tensor, shift: int, flip: bool, gen: torch.Generator) -> Tensor:
+def augment(x: Tensor, shift: int, flip: bool, gen: torch.Generator, pad: str = "replicate") -> Tensor:
     """Images (B, C, H, W) each translated by a seeded offset in [-shift, shift] per axis
-    (edges replicated) and, with ``flip``, mirrored left-right with probability 1/2."""
+    (edges filled by ``F.pad`` mode ``pad``: replicated, or ``"constant"`` zeros) and, with
+    ``flip``, mirrored left-right with probability 1/2."""
     b, _, h, w = x.shape
     if shift > 0:
-        padded = F.pad(x, (shift,) * 4, mode="replicate")
+        padded = F.pad(x, (shift,) * 4, mode=pad)
         dy, dx = (torch.randint(0, 2 * shift + 1, (2, b), generator=gen, device=gen.device)).to(x.device)
         rows = (torch.arange(h, device=x.device) + dy[:, None])[:, :, None]  # (B, H, 1)
         cols = (torch.arange(w, device=x.device) + dx[:, None])[:, None, :]  # (B, 1, W)
@@ -117,12 +118,14 @@ def _tune(
         f"target:{branch.target_cut}:pool", prefix, partial(ctx.pool.images, ctx.train_x), len(ctx.pool)
     )
 
-    frozen = extract(ctx.target, None, [branch.target_cut, ctx.t_cls.input_node, ctx.t_cls.node])
+    # with augmentation: the target's cut, pre-logits and logits in one pass, per augmented batch
+    outputs = [branch.target_cut, ctx.t_cls.input_node, ctx.t_cls.node]
+    frozen = extract(ctx.target, None, outputs) if config.tune_shift or config.tune_flip else None
 
     def logits_of(rows: Tensor, gen: torch.Generator) -> Tensor:
         """Cloned logits (B, K) of training images ``rows`` (B,) (pool entries 0..N-1: clean),
         augmented with ``config.tune_shift`` / ``tune_flip`` (the frozen target rerun on them)."""
-        if not (config.tune_shift or config.tune_flip):
+        if frozen is None:
             return branch.joint_logits(fast(cuts(rows)), ctx.pool.pre[rows], ctx.pool.logits[rows])
         with torch.no_grad():
             cut, pre, logits = frozen(augment(ctx.train_x[rows], config.tune_shift, config.tune_flip, gen))

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from pnc.surgery.devices import DeviceLike, device_of
 from pnc.surgery.errors import DataError, PncError, StoreError, TrainingError, require_finite_images
 from pnc.surgery.io import atomic_write_bytes, atomic_write_text
+from pnc.surgery.tuning import augment
 from pnc.zoo import archs
 from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
 from pnc.zoo.images import ImageFiles, ImageSet, decode_cache_bytes, iter_batches
@@ -61,11 +62,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 def _translate(x: Tensor, gen: torch.Generator) -> Tensor:
     """Random translation by up to H/8 pixels (zero = mean padding): (N, C, H, W) -> same."""
-    n, _, h, w = x.shape
-    pad = max(1, h // 8)
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=gen, device=gen.device).tolist()
-    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    return augment(x, max(1, x.shape[2] // 8), False, gen, pad="constant")
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[Tensor]:
