@@ -23,8 +23,8 @@ import onnx
 
 from pnc.bench.cli import main as pnc
 from pnc.bench.machine import cpu_name
+from pnc.bench.results_files import write_json_md
 from pnc.surgery.errors import ExportError
-from pnc.surgery.io import atomic_write_text
 from pnc.surgery.onnx_attach import attach_model
 from pnc.surgery.onnx_detach import detach_model
 from pnc.zoo.defaults import default_pair, ensure_default
@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         "versions": package_versions(),
     }
     out = Path(args.out)
-    atomic_write_text(out / "attach_identities.json", json.dumps(doc, indent=2))
     lines = [
         "# ONNX attach / detach identities on the default pairs",
         "",
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {doc['machine']}; versions {json.dumps(doc['versions'])}.",
         "",
     ]
-    atomic_write_text(out / "attach_identities.md", "\n".join(lines))
+    write_json_md(out / "attach_identities", doc, "\n".join(lines))
     print("\n".join(lines))
     ok = refused and all(v for r in results for k, v in r.items() if k.endswith(("_export", "_target", "_other")))
     return 0 if ok else 1

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import shlex
 import sys
 import threading
@@ -31,9 +30,9 @@ import torch
 
 from pnc.bench.baselines import _clone, resident_bytes
 from pnc.bench.paper import machine_info
+from pnc.bench.results_files import write_json_md
 from pnc.bench.search_variants import OUT, add_pair_arguments, zoo_pair
 from pnc.surgery import cloning, cut_search, insertion
-from pnc.surgery.io import atomic_write_text
 from pnc.zoo.tasks import CloneTask, shared_validation
 
 
@@ -169,8 +168,7 @@ def main() -> None:
     )
     result = run(args)
     stem = f"clone_memory-{args.target}-{args.source}-{args.scale}" + ("-keep-freed" if args.keep_freed else "")
-    atomic_write_text(OUT / f"{stem}.json", json.dumps(result | {"command": command}, indent=1))
-    atomic_write_text(OUT / f"{stem}.md", render(result, command))
+    write_json_md(OUT / stem, result | {"command": command}, render(result, command))
     print(f"peak {result['peak_mb']:.0f} MiB above the start; wrote {OUT / stem}.md")
 
 

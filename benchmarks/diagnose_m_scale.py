@@ -11,7 +11,6 @@ M = [Sandal, Shirt, Sneaker]; then the same methods on a control 3-class set wit
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from pnc.bench.baselines import run_method
 from pnc.bench.metrics import confusion_matrix, evaluate_clone, logits_of
 from pnc.bench.paper import budget_for, machine_info
-from pnc.surgery.io import atomic_write_text
+from pnc.bench.results_files import write_json_md
 from pnc.zoo.datasets import load_dataset
 from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import CloneTask
@@ -72,8 +71,7 @@ def main() -> None:
         f"Machine: {machine['cpu']}. Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diagnose_m_scale.py`",
         "",
     ]
-    atomic_write_text(OUT / "diagnose-m-scale.json", json.dumps(result, indent=1))
-    atomic_write_text(OUT / "diagnose-m-scale.md", "\n".join(lines))
+    write_json_md(OUT / "diagnose-m-scale", result, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -32,12 +32,12 @@ from torch import Tensor, nn
 
 from pnc.bench.baselines import Budget, budget_fields, search_key
 from pnc.bench.metrics import evaluate_clone, local_model_set
-from pnc.bench.paper import RowCache, jsonable, machine_info
+from pnc.bench.paper import RowCache, machine_info
+from pnc.bench.results_files import write_json_md
 from pnc.surgery.branch import Branch
 from pnc.surgery.cloning import clone
 from pnc.surgery.cuts import classifier_of, cut_points
 from pnc.surgery.devices import DeviceLike, device_of
-from pnc.surgery.io import atomic_write_text
 from pnc.surgery.local_models import occlusion_masks
 from pnc.surgery.splitting import extract
 from pnc.surgery.tracing import trace
@@ -383,11 +383,7 @@ def write_figures(
             )
         lines.append("")
     lines += [f"Command: `{command}`. Machine: {machine_info()['cpu']}.", ""]
-    atomic_write_text(
-        out_dir / f"{stem}.json",
-        json.dumps({"figure3": fig3, "figure4": fig4, "command": command}, indent=1, default=jsonable),
-    )
-    atomic_write_text(out_dir / f"{stem}.md", "\n".join(lines))
+    write_json_md(out_dir / stem, {"figure3": fig3, "figure4": fig4, "command": command}, "\n".join(lines))
 
 
 def run_figures(

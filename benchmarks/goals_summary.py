@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pnc.surgery.io import atomic_write_text
+from pnc.bench.results_files import write_json_md
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -100,8 +100,7 @@ def main() -> None:
     if args.recheck:
         recheck(args.results)
     tables = read_tables(args.results)
-    atomic_write_text(args.results / "goals.json", json.dumps(tables, indent=2) + "\n")
-    atomic_write_text(args.results / "goals.md", markdown(tables))
+    write_json_md(args.results / "goals", tables, markdown(tables))
     print(markdown(tables).splitlines()[2])
 
 

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from pnc.bench.machine import cpu_name
+from pnc.bench.results_files import write_json_md
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("PNC_CACHE_DIR", Path.home() / ".cache" / "pnc")) / "bench" / "image-folders"
@@ -293,12 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(*args.worker)))
         return 0
-    from pnc.surgery.io import atomic_write_text
-
     doc = run(None if args.no_before else args.before)
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_text(RESULTS / "image_folder_memory.json", json.dumps(doc, indent=2) + "\n")
-    atomic_write_text(RESULTS / "image_folder_memory.md", markdown(doc))
+    write_json_md(RESULTS / "image_folder_memory", doc, markdown(doc))
     print(markdown(doc))
     return 0
 

@@ -28,10 +28,10 @@ from torch import nn
 
 from pnc.bench.baselines import Budget, DirectEnsemble, budget_fields, fit_continual, search_key
 from pnc.bench.metrics import inference_macs, logits_of
-from pnc.bench.paper import RowCache, jsonable, machine_info
+from pnc.bench.paper import RowCache, machine_info
+from pnc.bench.results_files import write_json_md
 from pnc.surgery.cloning import clone
 from pnc.surgery.devices import DeviceLike, device_of
-from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import DatasetSplits, ImageData
 from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import CloneTask, select_classes, shared_validation
@@ -223,10 +223,9 @@ def run_incremental(
         "command": command,
     }
     out_dir = Path(out_dir)
-    atomic_write_text(out_dir / f"{stem}.json", json.dumps(result, indent=1, default=jsonable))
-    atomic_write_text(out_dir / f"{stem}.md", _markdown(result, stem))
+    md = write_json_md(out_dir / stem, result, _markdown(result, stem))
     _plot(result, out_dir / f"{stem}.png")
-    return out_dir / f"{stem}.md"
+    return md
 
 
 def _summary(runs: list[dict[str, Any]], methods: list[str], step_sizes: list[int]) -> list[dict[str, Any]]:

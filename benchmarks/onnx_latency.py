@@ -55,9 +55,10 @@ from pnc.bench import cli
 from pnc.bench.cli.clone import plan_clone, run_clone
 from pnc.bench.machine import cpu_name
 from pnc.bench.metrics import clone_accuracy
+from pnc.bench.results_files import write_json_md
 from pnc.surgery.devices import device_of
 from pnc.surgery.insertion import SearchConfig
-from pnc.surgery.io import atomic_write_bytes, atomic_write_text, file_sha256
+from pnc.surgery.io import atomic_write_bytes, file_sha256
 from pnc.surgery.onnx_export import LOGITS, OPSET, to_onnx
 from pnc.surgery.onnx_merge import CLONED_OUTPUT, read_manifest
 from pnc.surgery.onnx_tidy import redundancies
@@ -495,9 +496,7 @@ def main() -> None:
         "goal": GOAL,
         "pairs": pairs,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / "onnx_latency.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(RESULTS / "onnx_latency.md", markdown(result))
+    write_json_md(RESULTS / "onnx_latency", result, markdown(result))
     print(markdown(result))
 
 

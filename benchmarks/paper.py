@@ -30,6 +30,7 @@ import torch
 from pnc.bench.baselines import METHODS, Budget, budget_fields, run_method, search_key
 from pnc.bench.machine import cpu_name
 from pnc.bench.metrics import clone_accuracy, per_class_accuracy, set_logits
+from pnc.bench.results_files import jsonable, write_json_md
 from pnc.surgery.devices import DeviceLike, device_of
 from pnc.surgery.errors import ConfigError, TaskError
 from pnc.surgery.insertion import SearchConfig
@@ -41,7 +42,6 @@ from pnc.zoo.tasks import CloneTask, shared_validation
 __all__ = [
     "TableSpec",
     "RowCache",
-    "jsonable",
     "run_table",
     "summarize",
     "write_table",
@@ -162,15 +162,6 @@ class RowCache:
         kept = {k: v for k, v in on_disk.items() if not (k in self.claimed and self._is_stale(k, v))}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, json.dumps(kept | self.rows, indent=1, default=jsonable))
-
-
-def jsonable(value: Any) -> Any:
-    """``json.dumps(default=...)`` for tensors, tuples and sets (anything else: its str)."""
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return str(value)
 
 
 @functools.lru_cache(maxsize=1)
@@ -922,9 +913,7 @@ def write_table(
 
 def write_result(out_dir: Path, stem: str, result: dict[str, Any]) -> None:
     """``<stem>.json`` and ``<stem>.md`` of a table's ``result`` under ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / f"{stem}.json", json.dumps(result, indent=1, default=jsonable))
-    atomic_write_text(out_dir / f"{stem}.md", render_markdown(result))
+    write_json_md(out_dir / stem, result, render_markdown(result))
 
 
 def recheck_goals(result: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import shutil
@@ -40,9 +39,9 @@ import torch_pruning as tp
 
 from pnc.bench.cli.prune import model_classes, run_prune, share
 from pnc.bench.machine import cpu_name
+from pnc.bench.results_files import write_json_md
 from pnc.surgery.cuts import cut_points, find_cut
 from pnc.surgery.devices import device_of
-from pnc.surgery.io import atomic_write_text
 from pnc.surgery.localization import group_scores, masked_suffix, top_share
 from pnc.surgery.tracing import trace
 from pnc.zoo.datasets import load_dataset
@@ -251,7 +250,6 @@ def summarize(doc: dict) -> tuple[list[dict], list[str]]:
 def write(doc: dict, out: Path) -> None:
     table, goals = summarize(doc)
     doc = {**doc, "summary": table, "goals": goals}
-    atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=2))
     m = doc["machine"]
     lines = [
         "# Class-local pruning: pnc's G-guided masks vs torch-pruning importance",
@@ -298,7 +296,7 @@ def write(doc: dict, out: Path) -> None:
         "method kept that class's logit.",
         "",
     ]
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines))
+    write_json_md(out, doc, "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,6 @@ issue's goals. Rows are cached per setting (``.rows.json`` beside them), so a re
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -29,14 +28,13 @@ from pnc.bench.paper import (
     budget_for,
     goal_checks,
     held_out_images,
-    jsonable,
     machine_info,
     output_class_names,
     run_table,
     selection_regret,
     summarize,
 )
-from pnc.surgery.io import atomic_write_text
+from pnc.bench.results_files import write_json_md
 from pnc.zoo.datasets import load_dataset
 from pnc.zoo.defaults import default_pair, ensure_default
 from pnc.zoo.store import ZooStore, default_zoo_dir
@@ -129,8 +127,7 @@ def main() -> None:
         "machine": machine_info(),
         "command": command.strip(),
     }
-    atomic_write_text(OUT / f"{stem}.json", json.dumps(result, indent=1, default=jsonable))
-    atomic_write_text(OUT / f"{stem}.md", render(result))
+    write_json_md(OUT / stem, result, render(result))
     print(render(result))
 
 

@@ -10,7 +10,6 @@ far their patches differ, and the machine's load while each ran (it may be share
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from pnc.bench.cli.clone import run_clone
 from pnc.bench.paper import machine_info
-from pnc.surgery.io import atomic_write_text
+from pnc.bench.results_files import write_json_md
 from pnc.surgery.patch import read_patch
 from pnc.zoo.defaults import default_pair, ensure_default
 from pnc.zoo.store import ZooStore
@@ -91,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m pnc.bench.ray_backend_bench",
     }
     out_dir = Path(args.out)
-    atomic_write_text(out_dir / "ray_backend.json", json.dumps(doc, indent=2))
-    atomic_write_text(out_dir / "ray_backend.md", render(doc))
+    write_json_md(out_dir / "ray_backend", doc, render(doc))
     print(render(doc))
     return 0 if all(r["same_r"] for r in rows) else 1
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pnc.bench.paper import machine_info
+from pnc.bench.results_files import write_json_md
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {
@@ -158,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     result = collect()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "robustness.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "robustness.md").write_text(render(result))
+    write_json_md(args.out / "robustness", result, render(result))
     print(render(result))
     return 1 if result["failed"] else 0
 

@@ -33,7 +33,7 @@ from pnc.bench.baselines import Budget, _clone
 from pnc.bench.hetero import dataset_of
 from pnc.bench.metrics import clone_accuracy, set_logits
 from pnc.bench.paper import budget_for, machine_info
-from pnc.surgery.io import atomic_write_text
+from pnc.bench.results_files import write_json_md
 from pnc.zoo.datasets import DatasetSplits
 from pnc.zoo.store import ModelCard, ZooStore
 from pnc.zoo.tasks import CloneTask, shared_validation
@@ -165,8 +165,7 @@ def main() -> None:
     )
     result = run(args) | {"command": command}
     stem = f"variants-{args.target}-{args.source}-{args.scale}" + (f"-{args.tag}" if args.tag else "")
-    atomic_write_text(OUT / f"{stem}.json", json.dumps(result, indent=1))
-    atomic_write_text(OUT / f"{stem}.md", render(result, command))
+    write_json_md(OUT / stem, result, render(result, command))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 from pnc.bench.hetero import dataset_of
 from pnc.bench.metrics import set_logits
 from pnc.bench.paper import machine_info
-from pnc.surgery.io import atomic_write_text
+from pnc.bench.results_files import write_json_md
 from pnc.zoo.datasets import ImageData
 from pnc.zoo.store import ZooStore
 from pnc.zoo.tasks import select_classes, validation_rows
@@ -126,8 +126,7 @@ def main() -> None:
         ["OMP_NUM_THREADS=1 .venv/bin/python benchmarks/seen_images.py", *(shlex.quote(a) for a in sys.argv[1:])]
     )
     result = run(args.models.split(","), args.zoo_dir) | {"command": command}
-    atomic_write_text(OUT / "seen_images.json", json.dumps(result, indent=1))
-    atomic_write_text(OUT / "seen_images.md", render(result, command))
+    write_json_md(OUT / "seen_images", result, render(result, command))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pnc.bench.paper import selection_regret, tuned_regret_known
-from pnc.surgery.io import atomic_write_text
+from pnc.bench.results_files import write_json_md
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -118,9 +118,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     result = run(args.results)
-    atomic_write_text(args.results / "selection_criteria.json", json.dumps(result, indent=2) + "\n")
     text = markdown(result)
-    atomic_write_text(args.results / "selection_criteria.md", text)
+    write_json_md(args.results / "selection_criteria", result, text)
     print(text)
 
 

@@ -14,7 +14,6 @@ its unpruned ones. Writes ``benchmarks/results/thin_conv_speed.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -27,7 +26,7 @@ from torch import nn
 
 from pnc.bench.machine import speed_probe
 from pnc.bench.paper import machine_info
-from pnc.surgery.io import atomic_write_text
+from pnc.bench.results_files import write_json_md
 
 OUT = Path(__file__).resolve().parent / "results"
 SHAPES = [(8, 28), (16, 28), (16, 14), (32, 14), (32, 7), (64, 7)]
@@ -94,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     result = run(parser.parse_args(argv).steps)
-    atomic_write_text(OUT / "thin_conv_speed.json", json.dumps(result, indent=1) + "\n")
-    atomic_write_text(OUT / "thin_conv_speed.md", render(result))
+    write_json_md(OUT / "thin_conv_speed", result, render(result))
     print(render(result))
     return 0
 

@@ -31,9 +31,9 @@ from pnc.bench.baselines import _clone
 from pnc.bench.machine import speed_probe
 from pnc.bench.metrics import clone_accuracy, set_logits
 from pnc.bench.paper import machine_info
+from pnc.bench.results_files import write_json_md
 from pnc.bench.search_variants import zoo_pair
 from pnc.surgery import tuning
-from pnc.surgery.io import atomic_write_text
 from pnc.zoo.tasks import CloneTask, shared_validation
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -141,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(args)
     stem = OUT / f"tune_memory_format-{args.target}-{args.scale}"
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
-    atomic_write_text(stem.with_suffix(".md"), render(result))
+    write_json_md(stem, result, render(result))
     print(render(result))
     return 0
 

@@ -32,9 +32,9 @@ import torch
 
 from pnc.bench.metrics import clone_accuracy, set_logits
 from pnc.bench.paper import QUICK_BUDGET, budget_for, machine_info
+from pnc.bench.results_files import write_json_md
 from pnc.surgery.cloning import clone
 from pnc.surgery.insertion import split_holdout
-from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import DatasetSplits, ImageData, load_dataset
 from pnc.zoo.defaults import DEFAULTS
 from pnc.zoo.store import ZooStore
@@ -163,8 +163,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as zoo:
         result = run(args, Path(zoo)) | {"command": command}
     stem = f"unseen_holdout-{args.arch}-{args.scale}{'-quick' if args.quick else ''}"
-    atomic_write_text(OUT / f"{stem}.json", json.dumps(result, indent=1))
-    atomic_write_text(OUT / f"{stem}.md", render(result, command))
+    write_json_md(OUT / stem, result, render(result, command))
 
 
 if __name__ == "__main__":

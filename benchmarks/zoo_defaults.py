@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from pnc.bench.machine import cpu_name
+from pnc.bench.results_files import write_json_md
 from pnc.surgery.errors import StoreError
-from pnc.surgery.io import atomic_write_text
 from pnc.zoo.datasets import load_dataset
 from pnc.zoo.defaults import DEFAULTS, pretrain_defaults
 from pnc.zoo.store import ModelCard, ZooStore, default_zoo_dir, package_versions
@@ -176,9 +176,7 @@ def main() -> None:
     else:
         result = run(args.zoo_dir or "/tmp/pnc-zoo-bench", args.only, args.data_dir)
     result["models"] = merged_rows(RESULTS / "zoo.json", result["models"])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / "zoo.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(RESULTS / "zoo.md", markdown(result))
+    write_json_md(RESULTS / "zoo", result, markdown(result))
 
 
 if __name__ == "__main__":

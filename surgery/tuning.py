@@ -113,23 +113,27 @@ def _tune(
     start = time.perf_counter()
     prefix = extract(ctx.target, None, [branch.target_cut])
     n = len(ctx.train_x)
-    # the L_ins pool's first N entries are the clean training images: its cache serves here too
-    cuts = ctx.activations(
-        f"target:{branch.target_cut}:pool", prefix, partial(ctx.pool.images, ctx.train_x), len(ctx.pool)
-    )
 
-    # with augmentation: the target's cut, pre-logits and logits in one pass, per augmented batch
-    outputs = [branch.target_cut, ctx.t_cls.input_node, ctx.t_cls.node]
-    frozen = extract(ctx.target, None, outputs) if config.tune_shift or config.tune_flip else None
+    if config.tune_shift or config.tune_flip:
+        # the target's cut, pre-logits and logits in one pass, per augmented batch
+        frozen = extract(ctx.target, None, [branch.target_cut, ctx.t_cls.input_node, ctx.t_cls.node])
 
-    def logits_of(rows: Tensor, gen: torch.Generator) -> Tensor:
-        """Cloned logits (B, K) of training images ``rows`` (B,) (pool entries 0..N-1: clean),
-        augmented with ``config.tune_shift`` / ``tune_flip`` (the frozen target rerun on them)."""
-        if frozen is None:
+        def logits_of(rows: Tensor, gen: torch.Generator) -> Tensor:
+            """Cloned logits (B, K) of training images ``rows`` (B,), augmented by
+            ``config.tune_shift`` / ``tune_flip`` (the frozen target rerun on them)."""
+            with torch.no_grad():
+                cut, pre, logits = frozen(augment(ctx.train_x[rows], config.tune_shift, config.tune_flip, gen))
+            return branch.joint_logits(fast(cut), pre, logits)
+
+    else:
+        # the L_ins pool's first N entries are the clean training images: its cache serves here too
+        cuts = ctx.activations(
+            f"target:{branch.target_cut}:pool", prefix, partial(ctx.pool.images, ctx.train_x), len(ctx.pool)
+        )
+
+        def logits_of(rows: Tensor, gen: torch.Generator) -> Tensor:
+            """Cloned logits (B, K) of training images ``rows`` (B,) (pool entries 0..N-1)."""
             return branch.joint_logits(fast(cuts(rows)), ctx.pool.pre[rows], ctx.pool.logits[rows])
-        with torch.no_grad():
-            cut, pre, logits = frozen(augment(ctx.train_x[rows], config.tune_shift, config.tune_flip, gen))
-        return branch.joint_logits(fast(cut), pre, logits)
 
     @torch.no_grad()
     def held_out() -> dict[str, float]:
