@@ -388,12 +388,36 @@ def summarize(per_seed: list[dict[str, Any]], methods: list[str], scales: list[s
                 entry["macs"] = statistics.fmean(r["macs"] for r in rows)
                 entry["params"] = statistics.fmean(r["params"] for r in rows)
                 entry["cuts"] = [r["details"]["report"]["target_cut"] for r in rows]
+            trained = [_trained_macs(r) for r in rows]
+            if all(t is not None for t in trained):
+                entry["trained_macs"] = statistics.fmean(t for t in trained if t is not None)
             out.append(entry)
     for entry in out:
         ref = next((e for e in out if e["method"] == REFERENCE and e["scale"] == entry["scale"]), None)
         if ref is not None:
             entry[f"delta_vs_{REFERENCE}"] = {p: entry[f"{p}_acc"] - ref[f"{p}_acc"] for p in ("ori", "tar", "avg")}
     return out
+
+
+def _trained_macs(row: dict[str, Any]) -> float | None:
+    """Forward MACs a row's training (or, for PNC, its branch's tuning) went through: image
+    passes x MACs per image of what trained, or None when the row does not say. PNC: the
+    training images x the tuning passes (every length tried, every contender tuned) x the
+    branch's MACs (pruned M_f, A, F_c); others: their training images x epochs x their MACs."""
+    details = row.get("details", {})
+    report = details.get("report")
+    if report is not None:
+        tuning, images = report.get("tuning") or {}, report.get("images", {})
+        if "epochs" not in tuning:
+            return None
+        lengths = [int(e) for e in tuning.get("tried", {})] or [tuning["epochs"]]
+        contenders = max(1, len(tuning.get("contenders", {})))
+        passes = (images.get("old_train", 0) + images.get("clone_train", 0)) * sum(lengths) * contenders
+        return float(passes * report["macs_after"])
+    epochs = row.get("hparams", {}).get("epochs")
+    if "train_images" not in details or not isinstance(epochs, int):
+        return None
+    return float(details["train_images"] * epochs * row["macs"])
 
 
 def _at_least(gap: float, bound: float) -> bool:
@@ -561,8 +585,14 @@ def _regret_diagnosis(records: list[dict[str, Any]]) -> str:
 
 def _time_diagnosis(p: dict[str, Any], jf: dict[str, Any], records: list[dict[str, Any]]) -> str:
     """PNC's seconds per phase of its profile and per candidate (means over seeds) against
-    Joint+Full's."""
+    Joint+Full's, and the training MACs of its tuning against Joint+Full's training."""
     text = f"PNC {p['seconds']:.0f} s vs Joint+Full {jf['seconds']:.0f} s"
+    if p.get("trained_macs") and jf.get("trained_macs"):
+        text += (
+            f"; the tuning alone trains {p['trained_macs'] / jf['trained_macs']:.2f}x the forward MACs of "
+            f"Joint+Full's training ({p['trained_macs'] / 1e12:.2f} vs {jf['trained_macs'] / 1e12:.2f} TMAC: "
+            "image passes x MACs of what trains)"
+        )
     profiles = [s["profile"] for s in records if s.get("profile")]
     if not profiles:
         return text

@@ -555,3 +555,35 @@ def test_seconds_from_rows_of_other_machines_are_not_compared_and_the_table_says
     assert _row_cpus({"machine": machine, "per_seed": [row("PNC", 0)]}) == ""  # a table from before: one run
     said = _row_cpus({"machine": machine, "per_seed": [row("Joint+Full", 0), row("PNC", 0, "Intel")]})
     assert said == " Rows cached from other runs: the rows ran on Intel (1), unrecorded (1)."
+
+
+def test_the_time_diagnosis_compares_the_tunings_training_macs_with_joint_full():
+    """PNC's tuning: training images x passes (every length tried) x the branch's MACs;
+    Joint+Full: its training images x epochs x its MACs; rows that do not say get none."""
+    from pnc.bench.paper import goal_checks, summarize
+
+    def row(method, details, hparams, macs):
+        return {
+            "method": method, "scale": "S", "seed": 0, "ori": 0.9, "tar": 0.9, "avg": 0.9, "peak_mb": 1.0,
+            "seconds": 80.0 if method == "PNC" else 100.0, "macs": macs, "params": 1, "details": details,
+            "hparams": hparams, "cpu": "Intel",
+        }  # fmt: skip
+
+    report = {
+        "target_cut": "c", "macs_after": 1_000, "images": {"old_train": 70, "clone_train": 30},
+        "tuning": {"epochs": 4, "tried": {"4": 0.9, "2": 0.8}},
+    }  # fmt: skip
+    per_seed = [
+        row("PNC", {"report": report}, {}, 5_000),
+        row("Joint+Full", {"train_images": 200}, {"epochs": 3}, 4_000),
+        row("Continual", {"train_images": 200}, {}, 4_000),  # no epochs: not counted
+    ]
+    rows = {r["method"]: r for r in summarize(per_seed, ["PNC", "Joint+Full", "Continual"], ["S"])}
+    assert rows["PNC"]["trained_macs"] == 100 * (4 + 2) * 1_000
+    assert rows["Joint+Full"]["trained_macs"] == 200 * 3 * 4_000
+    assert "trained_macs" not in rows["Continual"]
+    check = {c["goal"]: c for c in goal_checks(list(rows.values()))}["seconds(PNC) / seconds(Joint+Full), same run"]
+    assert (
+        not check["met"]
+        and "the tuning alone trains 0.25x the forward MACs of Joint+Full's training" in (check["diagnosis"])
+    )
