@@ -58,6 +58,7 @@ __all__ = [
     "MethodRun",
     "METHODS",
     "CalibratedEnsemble",
+    "lbfgs_minimize",
     "TargetAlone",
     "DirectEnsemble",
     "METHOD_ONLY_FIELDS",
@@ -303,6 +304,21 @@ def direct_ensemble(
     return model, {}, {"params": _count_params(target, source)}
 
 
+@torch.enable_grad()
+def lbfgs_minimize(params: list[Tensor], loss_of: Callable[[], Tensor], lr: float, max_iter: int) -> None:
+    """Minimize ``loss_of()`` (a scalar of ``params``, which require grad) in place with
+    L-BFGS (strong-Wolfe line search), up to ``max_iter`` iterations."""
+    opt = torch.optim.LBFGS(params, lr=lr, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
 class CalibratedEnsemble(nn.Module):
     """The direct ensemble with a per-model temperature and a per-class bias:
     ``[target(x) / tau_t + b_old, source(x)[:, index] / tau_s + b_new]`` (B, |T_t| + |T_s|).
@@ -338,15 +354,8 @@ class CalibratedEnsemble(nn.Module):
             old = torch.cat([self.models[0](xb.to(device)) for xb in x.split(512)])
             new = torch.cat([self.models[1](xb.to(device))[:, self.index] for xb in x.split(512)])
         params = [self.log_temperature, self.bias]
-        opt = torch.optim.LBFGS(params, lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
-
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = F.cross_entropy(self.combine(old, new), y) + weight_decay * sum((p**2).sum() for p in params)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        penalty = lambda: weight_decay * sum((p**2).sum() for p in params)
+        lbfgs_minimize(params, lambda: F.cross_entropy(self.combine(old, new), y) + penalty(), lr=0.5, max_iter=steps)
         return self.requires_grad_(False).eval()
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pnc.bench.baselines import _clone
+from pnc.bench.baselines import _clone, lbfgs_minimize
 from pnc.bench.metrics import clone_accuracy
 from pnc.bench.paper import machine_info
 from pnc.bench.results_files import write_json_md
@@ -107,15 +107,7 @@ def fit_bias(logits: Tensor, labels: Tensor) -> Tensor:
     """The per-class bias (K,) minimizing the cross-entropy of ``logits`` (M, K) + bias on
     ``labels`` (M,) (convex; L-BFGS from zero)."""
     bias = torch.zeros(logits.shape[1], device=logits.device, requires_grad=True)
-    opt = torch.optim.LBFGS([bias], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(logits + bias, labels)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    lbfgs_minimize([bias], lambda: F.cross_entropy(logits + bias, labels), lr=1.0, max_iter=200)
     return bias.detach()
 
 
