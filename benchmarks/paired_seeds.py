@@ -72,7 +72,7 @@ def paired(rows: dict[int, dict[str, dict]], methods: tuple[str, str]) -> dict[s
         summary[m] = {
             "mean": statistics.fmean(values) if values else math.nan,
             "std": std,
-            "se": std / math.sqrt(len(values)),
+            "se": std / math.sqrt(len(values)) if values else math.nan,
             "at_least": sum(v >= 0 for v in values),
         }
     return {"seeds": seeds, "per_seed": per_seed, "summary": summary}

@@ -88,3 +88,8 @@ def test_the_script_writes_its_files_and_names_a_missing_scale(tmp_path: Path) -
     assert "| `table2-p` | S | 1 | 0: +1.00 |" in (tmp_path / "pairs.md").read_text()
     failed = run("--tables", "table2-p")
     assert failed.returncode == 2 and "table2-p:M" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_no_common_seed_is_an_empty_pairing_not_a_crash() -> None:
+    result = paired_seeds.paired({0: {"PNC": row("PNC", 0, 0.9)}}, ("PNC", "Continual+KD"))
+    assert result["seeds"] == [] and math.isnan(result["summary"]["avg"]["se"])
