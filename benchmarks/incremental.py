@@ -212,6 +212,8 @@ def run_incremental(
         "arch": arch,
         "target": target_name,
         "source": source_name,
+        "target_sha256": t_card.sha256,
+        "source_sha256": s_card.sha256,
         "target_classes": t_card.classes,
         "source_classes": s_card.classes,
         "old_fraction": old_fraction,

@@ -28,7 +28,8 @@ from pnc.bench.results_files import write_json_md
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: what must agree between two runs of a table for their seeds to be pooled
-SAME_TASK = ("dataset", "target", "source", "old_fraction", "validation", "fraction")
+#: (the weights' hashes: a table written before they were recorded pools only with another such table)
+SAME_TASK = ("dataset", "target", "source", "target_sha256", "source_sha256", "old_fraction", "validation", "fraction")
 METRICS = ("ori", "tar", "avg")
 
 
@@ -42,7 +43,7 @@ def seed_rows(paths: list[Path], scale: str, methods: tuple[str, str]) -> dict[i
         if differ:
             raise ValueError(
                 f"{path} is another task than {paths[0]} (differs in {', '.join(differ)}): pool only runs of "
-                "the same table, made with the same models and data setting"
+                "the same table, made with the same models (the same weights) and data setting"
             )
     rows: dict[int, dict[str, dict]] = {}
     for table in tables:

@@ -918,6 +918,8 @@ def write_table(
         "source_arch": s_card.arch,
         "target": spec.target,
         "source": spec.source,
+        "target_sha256": t_card.sha256,  # the weights every row ran on (rows of other weights are not reused)
+        "source_sha256": s_card.sha256,
         "target_classes": t_card.classes,
         "source_classes": s_card.classes,
         "clone_classes": clone_classes,

@@ -319,6 +319,8 @@ def test_bench_paper_on_a_pair_trained_with_a_validation_share_chooses_r_on_it(t
     assert main([*argv, "--out", str(out), "--workdir", str(tmp_path / "w"), "--zoo-dir", str(zoo)]) == 0
     doc = json.loads((out / "table1-digits-t-s-quick.json").read_text())
     assert doc["validation"] == 0.2
+    store = ZooStore(zoo)  # the weights the rows ran on, as the cards hash them
+    assert (doc["target_sha256"], doc["source_sha256"]) == (store.card("t").sha256, store.card("s").sha256)
     text = (out / "table1-digits-t-s-quick.md").read_text()
     assert "R is the earliest cut an adapter maps" in text  # the default rule with old-class images
     assert "the validation rows of the task's classes (20% of each class's training images" in text
@@ -481,6 +483,7 @@ def test_bench_incremental_gives_every_method_the_same_images_in_both_settings(b
         assert main([*argv, "--out", str(root / "inc"), "--workdir", str(root / "inc-work")]) == 0
         result = json.loads((root / "inc" / f"{stem}.json").read_text())
         assert result["old_fraction"] == old
+        assert len(result["target_sha256"]) == len(result["source_sha256"]) == 64  # the weights the runs used
         assert {s["method"] for s in result["summary"]} == {"Direct Ensemble", "Continual", "Continual+KD", "PNC"}
         curves[old] = {s["method"]: s["accuracy"] for s in result["summary"]}
         assert all(len(c) == 6 and c[0] == curves[old]["PNC"][0] for c in curves[old].values())

@@ -75,6 +75,17 @@ def test_refuses_to_pool_runs_of_another_task(tmp_path: Path) -> None:
         paired_seeds.seed_rows([tmp_path / "a.json", tmp_path / "b.json"], "M", ("PNC", "Continual+KD"))
 
 
+def test_refuses_to_pool_runs_on_other_weights(tmp_path: Path) -> None:
+    """Zoo models retrained on another CPU have other weights: their seeds are another experiment."""
+    write_table(tmp_path / "a.json", [row("PNC", 0, 0.9), row("Continual+KD", 0, 0.9)], target_sha256="aa")
+    write_table(tmp_path / "b.json", [row("PNC", 1, 0.9), row("Continual+KD", 1, 0.9)], target_sha256="bb")
+    with pytest.raises(ValueError, match="differs in target_sha256"):
+        paired_seeds.seed_rows([tmp_path / "a.json", tmp_path / "b.json"], "M", ("PNC", "Continual+KD"))
+    write_table(tmp_path / "c.json", [row("PNC", 1, 0.9), row("Continual+KD", 1, 0.9)], target_sha256="aa")
+    rows = paired_seeds.seed_rows([tmp_path / "a.json", tmp_path / "c.json"], "M", ("PNC", "Continual+KD"))
+    assert sorted(rows) == [0, 1]
+
+
 def test_the_script_writes_its_files_and_names_a_missing_scale(tmp_path: Path) -> None:
     write_table(tmp_path / "table2-p.json", [row("PNC", 0, 0.94, scale="S"), row("Continual+KD", 0, 0.93, scale="S")])
     script = Path(paired_seeds.__file__)
