@@ -53,11 +53,12 @@ def test_every_step_has_its_own_log_and_every_pnc_command_parses() -> None:
 
 def test_the_paired_seeds_step_reads_tables_the_script_writes() -> None:
     """Its ``--tables`` are among the committed tables, and their seeds 3-5 runs are steps too."""
-    (step,) = [s for s in steps() if s[0] == "paired-seeds"]
+    found = steps()
+    (step,) = [s for s in found if s[0] == "paired-seeds"]
     args = step[3:]
     tables = args[args.index("--tables") + 1 :]
     assert tables and args[args.index("--extra") + 1] == "more_seeds"
-    more = [s for s in steps() if s[0].startswith("more-seeds-")]
+    more = [s for s in found if s[0].startswith("more-seeds-")]
     assert all("benchmarks/results/more_seeds" in s and "3,4,5" in s for s in more)
     assert len(more) == len(tables)
     for spec in tables:
